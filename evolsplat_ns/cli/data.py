@@ -1,0 +1,31 @@
+"""``evolsplat-data``: dataset utilities. ``evolsplat-data inspect --data DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from evolsplat_ns.data.inspect import inspect_dataset
+from evolsplat_ns.data.layout import DatasetError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="evolsplat-data", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="validate a drivestudio-layout dataset and print a summary")
+    p.add_argument("--data", required=True, help="a scene folder or a folder of scene folders")
+    p.add_argument("--segment-length", type=int, default=20)
+    p.add_argument("--segment-stride", type=int, default=10)
+    p.add_argument("--quick", action="store_true", help="read image headers only (no full decode)")
+    args = parser.parse_args(argv)
+    try:
+        report = inspect_dataset(args.data, args.segment_length, args.segment_stride, decode_images=not args.quick)
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+def entrypoint() -> None:
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: the drivestudio layout, synthetic scenes, MultiSceneDataset, RGB point clouds."""

@@ -1,0 +1,329 @@
+"""The drivestudio processed-Waymo layout: one folder per scene, read and written exactly.
+
+::
+
+    scene/
+      images/{t:03d}_{cam}.jpg          cam 0 FRONT, 1 FRONT_LEFT, 2 FRONT_RIGHT, 3 SIDE_LEFT, 4 SIDE_RIGHT
+      intrinsics/{cam}.txt              9 numbers: fu fv cu cv k1 k2 p1 p2 k3 (full-resolution pixels)
+      extrinsics/{cam}.txt              4x4 camera-to-vehicle, Waymo camera axes (x fwd, y left, z up)
+      ego_pose/{t:03d}.txt              4x4 vehicle-to-world
+      lidar/{t:03d}.bin                 float32 N x 14 (see LIDAR_COLUMNS), vehicle frame
+      sky_masks/{t:03d}_{cam}.png       optional, 255 = sky
+      dynamic_masks/{all,human,vehicle}/{t:03d}_{cam}.png   optional, 255 = dynamic
+      instances/instances_info.json     optional, per instance id: class_name, frame_annotations
+      instances/frame_instances.json    optional, frame index -> instance ids
+      depth/{t:03d}_{cam}.npy           optional (evolsplat-ns extension): float32 [H, W] OpenCV
+                                        z-depth in metres at image resolution, 0 = unknown
+      flow/{t:03d}_{cam}.npy            optional (evolsplat-ns extension): float16 [H, W, 2] pixel
+                                        displacement (dx right, dy down) from frame t to t+1, same cam
+
+Distortion: k1 k2 p1 p2 k3 are read and kept (``CameraIntrinsics.distortion``) but not applied;
+images are treated as pinhole. Waymo's cameras have small distortion and drivestudio renders
+them the same way. Downscaling an image by ``f`` scales fu fv cu cv by new_size / old_size.
+
+Every reader raises :class:`DatasetError` naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from evolsplat_ns.geometry import is_rigid
+
+CAMERA_NAMES = {0: "FRONT", 1: "FRONT_LEFT", 2: "FRONT_RIGHT", 3: "SIDE_LEFT", 4: "SIDE_RIGHT"}
+LIDAR_COLUMNS = (
+    "origin_x", "origin_y", "origin_z", "x", "y", "z", "flow_x", "flow_y", "flow_z",
+    "flow_class", "ground", "intensity", "elongation", "laser_id",
+)
+LIDAR_NUM_COLUMNS = len(LIDAR_COLUMNS)
+LIDAR_POINT_BYTES = LIDAR_NUM_COLUMNS * 4
+DYNAMIC_CLASSES = ("all", "human", "vehicle")
+_IMAGE_RE = re.compile(r"^(\d{3,})_(\d+)\.(jpg|jpeg|png)$", re.IGNORECASE)
+
+
+class DatasetError(ValueError):
+    """Invalid data on disk. The message names the file, what is wrong and, where known, the fix."""
+
+    def __init__(self, path: str | os.PathLike, problem: str, fix: str | None = None):
+        self.path = Path(path)
+        msg = f"{self.path}: {problem}"
+        if fix:
+            msg += f" ({fix})"
+        super().__init__(msg)
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def _read_numbers(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise DatasetError(path, "missing file")
+    try:
+        vals = np.array(path.read_text().split(), dtype=np.float64)
+    except ValueError as e:
+        raise DatasetError(path, f"not a list of numbers ({e})") from None
+    if not np.all(np.isfinite(vals)):
+        raise DatasetError(path, "contains NaN or Inf")
+    return vals
+
+
+def read_matrix4(path: str | os.PathLike, rigid: bool = True) -> np.ndarray:
+    """Read a 4x4 matrix written as 16 whitespace-separated numbers (row-major)."""
+    path = Path(path)
+    vals = _read_numbers(path)
+    if vals.size != 16:
+        raise DatasetError(path, f"expected a 4x4 matrix (16 numbers), found {vals.size} numbers")
+    M = vals.reshape(4, 4)
+    if rigid and not is_rigid(M):
+        raise DatasetError(path, "not a rigid transform (rotation not orthonormal, det != 1, "
+                           "or last row != [0 0 0 1])")
+    return M
+
+
+def read_intrinsics(path: str | os.PathLike) -> np.ndarray:
+    """Read ``fu fv cu cv k1 k2 p1 p2 k3`` [9] (full-resolution pixels)."""
+    path = Path(path)
+    vals = _read_numbers(path)
+    if vals.size != 9:
+        raise DatasetError(path, f"expected 9 numbers (fu fv cu cv k1 k2 p1 p2 k3), found {vals.size}")
+    if vals[0] <= 0 or vals[1] <= 0:
+        raise DatasetError(path, f"focal lengths must be positive, got fu={vals[0]} fv={vals[1]}")
+    return vals
+
+
+def read_lidar(path: str | os.PathLike) -> np.ndarray:
+    """Read a LiDAR sweep as float32 [N, 14] (columns in ``LIDAR_COLUMNS``, vehicle frame)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(path, "missing file")
+    size = path.stat().st_size
+    if size % LIDAR_POINT_BYTES:
+        raise DatasetError(path, f"size {size} bytes is not a multiple of {LIDAR_POINT_BYTES} "
+                           f"(14 float32 columns); the file is truncated or not in this format")
+    pts = np.fromfile(path, dtype=np.float32).reshape(-1, LIDAR_NUM_COLUMNS)
+    if not np.all(np.isfinite(pts[:, :6])):
+        raise DatasetError(path, "LiDAR origins or points contain NaN or Inf")
+    return pts
+
+
+def read_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read an RGB image as uint8 [H, W, 3], resized (box filter) to ``size`` = (W, H) if given."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(path, "missing file")
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if size is not None and im.size != tuple(size):
+                im = im.resize(tuple(size), Image.BOX)
+            return np.asarray(im)
+    except (OSError, SyntaxError) as e:
+        raise DatasetError(path, f"unreadable image ({e})") from None
+
+
+def read_image_size(path: str | os.PathLike, decode: bool = True) -> tuple[int, int]:
+    """(W, H) of an image; with ``decode`` the pixels are decoded too (catches truncation)."""
+    from PIL import Image
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            if decode:
+                im.load()
+            return im.size
+    except (OSError, SyntaxError) as e:
+        raise DatasetError(path, f"unreadable image ({e})") from None
+
+
+def read_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a mask PNG as bool [H, W] (pixel > 127), resized (nearest) to ``size`` = (W, H)."""
+    from PIL import Image
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L")
+            if size is not None and im.size != tuple(size):
+                im = im.resize(tuple(size), Image.NEAREST)
+            return np.asarray(im) > 127
+    except (OSError, SyntaxError) as e:
+        raise DatasetError(path, f"unreadable mask ({e})") from None
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DatasetError(path, f"unreadable JSON ({e})") from None
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+def write_matrix4(path: str | os.PathLike, M: np.ndarray) -> None:
+    M = np.asarray(M, dtype=np.float64).reshape(4, 4)
+    _write_text(path, "\n".join(" ".join(f"{v:.10g}" for v in row) for row in M) + "\n")
+
+
+def write_intrinsics(path: str | os.PathLike, values: np.ndarray) -> None:
+    values = np.asarray(values, dtype=np.float64).reshape(9)
+    _write_text(path, "\n".join(f"{v:.10g}" for v in values) + "\n")
+
+
+def write_lidar(path: str | os.PathLike, points: np.ndarray) -> None:
+    points = np.ascontiguousarray(points, dtype=np.float32)
+    assert points.ndim == 2 and points.shape[1] == LIDAR_NUM_COLUMNS, points.shape
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    points.tofile(path)
+
+
+def write_image(path: str | os.PathLike, rgb: np.ndarray, quality: int = 95) -> None:
+    """Write uint8 [H, W, 3] as JPEG (or PNG by extension)."""
+    from PIL import Image
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(path, quality=quality)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(data)
+
+
+def write_mask(path: str | os.PathLike, mask: np.ndarray) -> None:
+    from PIL import Image
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.where(np.asarray(mask), 255, 0).astype(np.uint8)).save(path)
+
+
+def write_json(path: str | os.PathLike, obj: object) -> None:
+    _write_text(path, json.dumps(obj, indent=1))
+
+
+def _write_text(path: str | os.PathLike, text: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+@dataclass
+class SceneLayout:
+    """Paths and indices of one scene folder. Build with :meth:`scan` (validates the structure)."""
+
+    root: Path
+    frames: list[int]
+    cameras: list[int]
+    image_ext: dict[tuple[int, int], str] = field(default_factory=dict, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    def image_path(self, t: int, cam: int) -> Path:
+        return self.root / "images" / f"{t:03d}_{cam}{self.image_ext.get((t, cam), '.jpg')}"
+
+    def intrinsics_path(self, cam: int) -> Path:
+        return self.root / "intrinsics" / f"{cam}.txt"
+
+    def extrinsics_path(self, cam: int) -> Path:
+        return self.root / "extrinsics" / f"{cam}.txt"
+
+    def ego_pose_path(self, t: int) -> Path:
+        return self.root / "ego_pose" / f"{t:03d}.txt"
+
+    def lidar_path(self, t: int) -> Path:
+        return self.root / "lidar" / f"{t:03d}.bin"
+
+    def sky_mask_path(self, t: int, cam: int) -> Path:
+        return self.root / "sky_masks" / f"{t:03d}_{cam}.png"
+
+    def dynamic_mask_path(self, t: int, cam: int, kind: str = "all") -> Path:
+        return self.root / "dynamic_masks" / kind / f"{t:03d}_{cam}.png"
+
+    def depth_path(self, t: int, cam: int) -> Path:
+        return self.root / "depth" / f"{t:03d}_{cam}.npy"
+
+    def flow_path(self, t: int, cam: int) -> Path:
+        return self.root / "flow" / f"{t:03d}_{cam}.npy"
+
+    @property
+    def instances_info_path(self) -> Path:
+        return self.root / "instances" / "instances_info.json"
+
+    @property
+    def frame_instances_path(self) -> Path:
+        return self.root / "instances" / "frame_instances.json"
+
+    def has(self, modality: str) -> bool:
+        """Whether an optional modality is present: lidar, sky_masks, dynamic_masks, instances, depth, flow."""
+        t, c = self.frames[0], self.cameras[0]
+        probe = {
+            "lidar": self.lidar_path(t),
+            "sky_masks": self.sky_mask_path(t, c),
+            "dynamic_masks": self.dynamic_mask_path(t, c),
+            "instances": self.instances_info_path,
+            "depth": self.depth_path(t, c),
+            "flow": self.flow_path(t, c),
+        }[modality]
+        return probe.is_file()
+
+    @classmethod
+    def scan(cls, root: str | os.PathLike) -> "SceneLayout":
+        """Index a scene folder from its ``images/``; checks every frame has the same cameras."""
+        root = Path(root)
+        img_dir = root / "images"
+        if not img_dir.is_dir():
+            raise DatasetError(img_dir, "missing images/ folder",
+                               "a scene folder must hold images/{t:03d}_{cam}.jpg")
+        per_frame: dict[int, set[int]] = {}
+        ext: dict[tuple[int, int], str] = {}
+        for name in os.listdir(img_dir):
+            m = _IMAGE_RE.match(name)
+            if not m:
+                continue
+            t, c = int(m.group(1)), int(m.group(2))
+            per_frame.setdefault(t, set()).add(c)
+            ext[(t, c)] = "." + m.group(3)
+        if not per_frame:
+            raise DatasetError(img_dir, "no images named {t:03d}_{cam}.jpg")
+        frames = sorted(per_frame)
+        cams = sorted(per_frame[frames[0]])
+        for t in frames:
+            if sorted(per_frame[t]) != cams:
+                raise DatasetError(
+                    img_dir, f"camera ids differ between frames: frame {frames[0]} has {cams}, "
+                    f"frame {t} has {sorted(per_frame[t])}", "every frame needs the same cameras")
+        bad = [c for c in cams if c not in CAMERA_NAMES]
+        if bad:
+            raise DatasetError(img_dir, f"unknown camera ids {bad}; expected 0..4 ({CAMERA_NAMES})")
+        return cls(root=root, frames=frames, cameras=cams, image_ext=ext)
+
+
+def find_scenes(data: str | os.PathLike) -> list[Path]:
+    """Scene folders under ``data``: ``data`` itself if it holds images/, else its sub-folders that do.
+
+    Sub-folders are sorted numerically when their names are numbers (drivestudio's 000, 001, ...).
+    """
+    data = Path(data)
+    if not data.is_dir():
+        raise DatasetError(data, "data folder does not exist")
+    if (data / "images").is_dir():
+        return [data]
+    scenes = [p for p in data.iterdir() if p.is_dir() and (p / "images").is_dir()]
+    if not scenes:
+        raise DatasetError(data, "no scene folders found (expected sub-folders with images/, "
+                           "e.g. processed/training/000/images)")
+    return sorted(scenes, key=lambda p: (0, int(p.name), "") if p.name.isdigit() else (1, 0, p.name))

@@ -1,0 +1,171 @@
+"""The RGB point-cloud generator interface and the filtering every generator shares.
+
+A generator turns one segment of a scene into a :class:`PointCloud` in the segment frame:
+background points with colours in [0, 1], plus the points of moving instances in their box-local
+frames. Subclasses only say where raw coloured points come from (:meth:`raw_points`); sparsity,
+dynamic split, crop, voxel downsampling and outlier removal are shared here.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Literal, Sequence, Type
+
+import numpy as np
+import torch
+from nerfstudio.configs.base_config import InstantiateConfig
+
+from evolsplat_ns.data.pointcloud import ops
+from evolsplat_ns.data.scene import SceneData
+from evolsplat_ns.data.types import PointCloud
+
+
+@dataclass
+class PointCloudGeneratorConfig(InstantiateConfig):
+    """Options shared by every generator."""
+
+    _target: Type = field(default_factory=lambda: RGBPointCloudGenerator)
+    frame_stride: int = 1
+    """Use every k-th frame of the segment (2 = EVolSplat's Drop50 sparsity)."""
+    keep_fraction: float = 1.0
+    """Random fraction of points kept after filtering (sparsity experiments)."""
+    filter_sky: bool = True
+    """Drop points that land on sky-mask pixels (when sky masks exist)."""
+    depth_consistency_tol: float | None = None
+    """Relative tolerance against depth maps; points disagreeing more are dropped (None = off)."""
+    voxel_size: float = 0.05
+    """Voxel downsampling in metres (0 = off)."""
+    outlier_removal: Literal["none", "voxel_count", "statistical"] = "voxel_count"
+    """``voxel_count``: drop points in 0.5 m cells holding fewer than ``outlier_min_points``;
+    ``statistical``: open3d statistical outlier removal (``outlier_nb`` neighbours, ``outlier_std``)."""
+    outlier_min_points: int = 2
+    outlier_nb: int = 16
+    outlier_std: float = 2.0
+    crop_radius: float = 60.0
+    """Keep points within this horizontal distance (m) of the segment's ego path (0 = off)."""
+    crop_z: tuple[float, float] = (-5.0, 30.0)
+    """Keep points with z (segment frame, up) in this range."""
+    split_dynamic: bool = True
+    """Move points inside boxes of moving instances to per-instance object-local clouds."""
+    dynamic_motion_threshold: float = 0.5
+    """An instance is moving if its box centre travels more than this (m) within the segment."""
+    device: str = "cpu"
+    seed: int = 0
+
+
+class RGBPointCloudGenerator:
+    """Base generator. Subclasses implement :meth:`raw_points`."""
+
+    config: PointCloudGeneratorConfig
+
+    def __init__(self, config: PointCloudGeneratorConfig):
+        self.config = config
+
+    def raw_points(
+        self, scene: SceneData, frames: Sequence[int], seg_from_world: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Coloured points before shared filtering: xyz [N, 3] (segment frame), rgb [N, 3] in
+        [0, 1], frame index [N]."""
+        raise NotImplementedError(f"{type(self).__name__} must implement raw_points")
+
+    def generate(self, scene: SceneData, frames: Sequence[int]) -> PointCloud:
+        """The point cloud of a segment whose frame is the vehicle frame at ``frames[0]``."""
+        cfg = self.config
+        seg_to_world = scene.ego_to_world[frames[0]]
+        seg_from_world = np.linalg.inv(seg_to_world)
+        used = list(frames)[:: max(1, cfg.frame_stride)]
+        pts, rgb, fids = self.raw_points(scene, used, seg_from_world)
+        n_raw = pts.shape[0]
+        dynamic = {}
+        if cfg.split_dynamic:
+            pts, rgb, fids, dynamic = self._split_dynamic(scene, frames, seg_to_world, pts, rgb, fids)
+        keep = self._crop_mask(scene, frames, seg_from_world, pts)
+        pts, rgb = pts[keep], rgb[keep]
+        pts, rgb = ops.voxel_downsample(pts, rgb, cfg.voxel_size)
+        pts, rgb = self._remove_outliers(pts, rgb)
+        if cfg.keep_fraction < 1.0:
+            g = torch.Generator().manual_seed(cfg.seed)
+            idx = torch.randperm(pts.shape[0], generator=g)[: int(round(cfg.keep_fraction * pts.shape[0]))]
+            pts, rgb = pts[idx.to(pts.device)], rgb[idx.to(pts.device)]
+        if pts.shape[0] == 0:
+            warnings.warn(f"scene {scene.name} frames {frames[0]}..{frames[-1]}: no points survive "
+                          f"point-cloud generation ({n_raw} raw); check LiDAR/depth and crop settings")
+        meta = {"generator": type(self).__name__, "raw_points": n_raw, "points": pts.shape[0],
+                "frames": used, "scene": scene.name}
+        return PointCloud(points=pts.float(), colors=rgb.float().clamp(0, 1), dynamic=dynamic, metadata=meta)
+
+    # -- shared filters -----------------------------------------------------------------------
+
+    def _crop_mask(self, scene: SceneData, frames, seg_from_world, pts: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        keep = (pts[:, 2] >= cfg.crop_z[0]) & (pts[:, 2] <= cfg.crop_z[1])
+        if cfg.crop_radius > 0:
+            path = np.stack([(seg_from_world @ scene.ego_to_world[t])[:3, 3] for t in frames])
+            path_t = torch.as_tensor(path[:, :2], dtype=pts.dtype, device=pts.device)
+            d = torch.cdist(pts[:, :2], path_t).min(dim=1).values
+            keep &= d <= cfg.crop_radius
+        return keep
+
+    def _remove_outliers(self, pts: torch.Tensor, rgb: torch.Tensor):
+        cfg = self.config
+        if cfg.outlier_removal == "voxel_count":
+            keep = ops.sparse_voxel_mask(pts, 0.5, cfg.outlier_min_points)
+        elif cfg.outlier_removal == "statistical" and pts.shape[0] > cfg.outlier_nb:
+            keep = ops.statistical_outlier_mask(pts, cfg.outlier_nb, cfg.outlier_std)
+        else:
+            return pts, rgb
+        return pts[keep], rgb[keep]
+
+    def _split_dynamic(self, scene, frames, seg_to_world, pts, rgb, fids):
+        """Points inside moving instances' boxes -> object-local clouds keyed by instance id."""
+        cfg = self.config
+        dynamic: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        background = torch.ones(pts.shape[0], dtype=torch.bool, device=pts.device)
+        seg_to_world_t = torch.as_tensor(seg_to_world, dtype=pts.dtype, device=pts.device)
+        world_pts = pts @ seg_to_world_t[:3, :3].T + seg_to_world_t[:3, 3]
+        for inst_id, boxes in moving_instances(scene, frames, cfg.dynamic_motion_threshold).items():
+            local_all, rgb_all = [], []
+            for t, (obj_to_world, size) in boxes.items():
+                sel = (fids == t) & background
+                if not sel.any():
+                    continue
+                inside, local = ops.points_in_box(
+                    world_pts[sel], torch.as_tensor(obj_to_world, dtype=pts.dtype, device=pts.device),
+                    torch.as_tensor(size, dtype=pts.dtype, device=pts.device))
+                idx = sel.nonzero().squeeze(1)[inside]
+                background[idx] = False
+                local_all.append(local[inside])
+                rgb_all.append(rgb[idx])
+            if local_all and sum(x.shape[0] for x in local_all):
+                dynamic[str(inst_id)] = (torch.cat(local_all).float(), torch.cat(rgb_all).float())
+        return pts[background], rgb[background], fids[background], dynamic
+
+
+def moving_instances(scene: SceneData, frames: Sequence[int], threshold: float) -> dict[str, dict]:
+    """Instances whose box centre moves more than ``threshold`` m over ``frames``.
+
+    Returns instance id -> {frame: (obj_to_world [4, 4], size [l, w, h])}.
+    """
+    out = {}
+    frame_set = set(frames)
+    for inst_id, info in scene.instances().items():
+        ann = info.get("frame_annotations", {})
+        boxes = {int(t): (np.asarray(T, dtype=np.float64), np.asarray(s, dtype=np.float64))
+                 for t, T, s in zip(ann.get("frame_idx", []), ann.get("obj_to_world", []),
+                                    ann.get("box_size", [])) if int(t) in frame_set}
+        if len(boxes) < 1:
+            continue
+        centres = np.stack([T[:3, 3] for T, _ in boxes.values()])
+        if np.linalg.norm(centres.max(0) - centres.min(0)) > threshold:
+            out[inst_id] = boxes
+    return out
+
+
+def make_generator(name: str, **overrides) -> RGBPointCloudGenerator:
+    """Instantiate the generator registered as ``name`` (entry point) with config ``overrides``."""
+    from evolsplat_ns import registry
+
+    cfg_cls = registry.get("pointcloud_generators", name)
+    cfg = cfg_cls() if isinstance(cfg_cls, type) else cfg_cls
+    return replace(cfg, **overrides).setup()

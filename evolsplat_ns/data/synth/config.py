@@ -1,0 +1,63 @@
+"""``SynthConfig``: every knob of the synthetic driving-scene generator, with validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from evolsplat_ns.data.layout import CAMERA_NAMES
+
+
+@dataclass
+class SynthConfig:
+    """Settings of ``evolsplat-synth``. Units: metres, seconds, degrees, pixels.
+
+    Each field's ``metadata["help"]`` is the CLI help text (the CLI builds its flags from them).
+    """
+
+    scenes: int = field(default=1, metadata={"help": "number of scenes, written as OUT/000, OUT/001, ..."})
+    frames: int = field(default=40, metadata={"help": "frames per scene"})
+    cameras: int = field(default=3, metadata={"help": "cameras 0..C-1: 0 FRONT, 1 FRONT_LEFT, 2 FRONT_RIGHT, "
+                                                       "3 SIDE_LEFT, 4 SIDE_RIGHT (1 to 5)"})
+    width: int = field(default=480, metadata={"help": "image width in pixels"})
+    height: int = field(default=320, metadata={"help": "image height in pixels"})
+    seed: int = field(default=0, metadata={"help": "scene i uses numpy.random.default_rng(seed + i)"})
+    fps: float = field(default=10.0, metadata={"help": "frame rate (Waymo: 10 Hz)"})
+    ego_speed: float = field(default=8.0, metadata={"help": "ego vehicle speed in m/s"})
+    hfov_deg: float = field(default=50.0, metadata={"help": "horizontal field of view of every camera "
+                                                             "(Waymo FRONT: about 50)"})
+    lidar_beams: int = field(default=32, metadata={"help": "LiDAR beams (rows), spread over the elevation range"})
+    lidar_azimuths: int = field(default=1024, metadata={"help": "LiDAR azimuth steps per sweep (columns)"})
+    lidar_range: float = field(default=75.0, metadata={"help": "LiDAR maximum range in metres (Waymo TOP: 75)"})
+    moving_cars: int = field(default=4, metadata={"help": "moving cars per scene (both lanes)"})
+    shadows: bool = field(default=True, metadata={"help": "cast sun shadows from the static scene"})
+    jpeg_quality: int = field(default=95, metadata={"help": "JPEG quality of images/ (1 to 100)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace scene folders that already exist"})
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad setting and its valid range."""
+        rules = {
+            "scenes": (self.scenes >= 1, ">= 1"),
+            "frames": (self.frames >= 1, ">= 1"),
+            "cameras": (1 <= self.cameras <= len(CAMERA_NAMES), f"1 to {len(CAMERA_NAMES)}"),
+            "width": (self.width >= 8, ">= 8"),
+            "height": (self.height >= 8, ">= 8"),
+            "fps": (self.fps > 0, "> 0"),
+            "ego_speed": (0 <= self.ego_speed <= 30, "0 to 30 m/s"),
+            "hfov_deg": (10 <= self.hfov_deg <= 150, "10 to 150 degrees"),
+            "lidar_beams": (self.lidar_beams >= 1, ">= 1"),
+            "lidar_azimuths": (self.lidar_azimuths >= 8, ">= 8"),
+            "lidar_range": (self.lidar_range > 1, "> 1 m"),
+            "moving_cars": (self.moving_cars >= 0, ">= 0"),
+            "jpeg_quality": (1 <= self.jpeg_quality <= 100, "1 to 100"),
+        }
+        for name, (ok, rule) in rules.items():
+            if not ok:
+                raise ValueError(f"SynthConfig.{name}={getattr(self, name)!r} is invalid: must be {rule}")
+
+    @property
+    def dt(self) -> float:
+        """Seconds between consecutive frames."""
+        return 1.0 / self.fps

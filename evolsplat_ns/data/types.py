@@ -1,0 +1,164 @@
+"""Containers passed between data, point clouds and the model. Shapes and frames in each field.
+
+All poses here are **OpenCV camera-to-segment** (x right, y down, z forward), where the segment
+frame is the vehicle frame at the segment's first frame (see :mod:`evolsplat_ns.geometry`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Optional
+
+import torch
+
+
+def _map_tensors(obj, fn):
+    kw = {}
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, torch.Tensor):
+            v = fn(v)
+        elif hasattr(v, "__dataclass_fields__") and hasattr(v, "to"):
+            v = v.to_device_fn(fn)
+        kw[f.name] = v
+    return replace(obj, **kw)
+
+
+@dataclass
+class SegmentKey:
+    """Identifies a segment: a scene name and the segment's index within that scene."""
+
+    scene: str
+    segment: int
+
+    def __str__(self) -> str:
+        return f"{self.scene}/seg{self.segment:03d}"
+
+    def __hash__(self) -> int:
+        return hash((self.scene, self.segment))
+
+
+@dataclass
+class Views:
+    """A batch of V posed camera images of one segment.
+
+    Attributes:
+        images: [V, H, W, 3] float32 RGB in [0, 1].
+        intrinsics: [V, 3, 3] pinhole K in pixels of these (downscaled) images.
+        camtoworlds: [V, 4, 4] OpenCV camera-to-segment-frame.
+        frame_ids: [V] long, scene frame index t.
+        cam_ids: [V] long, camera id (0 FRONT ... 4 SIDE_RIGHT).
+        depths: optional [V, H, W] float32 OpenCV z-depth in metres, 0 = unknown.
+        sky_masks: optional [V, H, W] bool, True = sky.
+        dynamic_masks: optional [V, H, W] bool, True = dynamic object.
+    """
+
+    images: torch.Tensor
+    intrinsics: torch.Tensor
+    camtoworlds: torch.Tensor
+    frame_ids: torch.Tensor
+    cam_ids: torch.Tensor
+    depths: Optional[torch.Tensor] = None
+    sky_masks: Optional[torch.Tensor] = None
+    dynamic_masks: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def height(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.images.shape[2]
+
+    def to_device_fn(self, fn) -> "Views":
+        return _map_tensors(self, fn)
+
+    def to(self, device: torch.device | str) -> "Views":
+        return self.to_device_fn(lambda t: t.to(device))
+
+    def select(self, idx: torch.Tensor | list[int] | slice) -> "Views":
+        """Views at indices ``idx`` (same order)."""
+        return self.to_device_fn(lambda t: t[idx])
+
+
+@dataclass
+class LidarSweep:
+    """LiDAR points of the segment's frames.
+
+    Attributes:
+        points: [N, 3] float32 xyz in the segment frame.
+        origins: [N, 3] float32 sensor origins in the segment frame.
+        frame_ids: [N] long, scene frame index of each point.
+    """
+
+    points: torch.Tensor
+    origins: torch.Tensor
+    frame_ids: torch.Tensor
+
+    def to_device_fn(self, fn) -> "LidarSweep":
+        return _map_tensors(self, fn)
+
+    def to(self, device: torch.device | str) -> "LidarSweep":
+        return self.to_device_fn(lambda t: t.to(device))
+
+
+@dataclass
+class Sample:
+    """One training/eval sample: source and target views of a single segment.
+
+    ``source`` holds ``num_source_keyframes * num_cams`` views, ``target`` holds
+    ``num_target_keyframes * num_cams`` views. ``segment_to_world`` [4, 4] maps the segment frame to
+    the scene's world frame (vehicle-to-world at the segment's first frame).
+    """
+
+    key: SegmentKey
+    source: Views
+    target: Views
+    segment_to_world: torch.Tensor
+    segment_frames: list[int] = field(default_factory=list)
+    lidar: Optional[LidarSweep] = None
+    is_new_segment: bool = False
+
+    def to(self, device: torch.device | str) -> "Sample":
+        return replace(
+            self,
+            source=self.source.to(device),
+            target=self.target.to(device),
+            segment_to_world=self.segment_to_world.to(device),
+            lidar=self.lidar.to(device) if self.lidar is not None else None,
+        )
+
+
+@dataclass
+class PointCloud:
+    """An RGB point cloud of one segment.
+
+    Attributes:
+        points: [N, 3] float32 background xyz in the segment frame (metres).
+        colors: [N, 3] float32 RGB in [0, 1].
+        dynamic: instance id -> (points [M, 3] in object-local box coordinates, colors [M, 3] in [0, 1]).
+        metadata: free-form provenance (generator name, counts before/after filtering, ...).
+    """
+
+    points: torch.Tensor
+    colors: torch.Tensor
+    dynamic: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.points.shape[0]
+
+    def to(self, device: torch.device | str) -> "PointCloud":
+        return replace(
+            self,
+            points=self.points.to(device),
+            colors=self.colors.to(device),
+            dynamic={k: (p.to(device), c.to(device)) for k, (p, c) in self.dynamic.items()},
+        )
+
+    def as_array(self) -> torch.Tensor:
+        """[N, 6] xyz + rgb."""
+        return torch.cat([self.points, self.colors], dim=-1)

@@ -1,0 +1,1 @@
+"""EVolSplat model: Gaussian nodes, sparse volume, projector, heads, renderer."""

@@ -1,0 +1,66 @@
+"""Fast path: gsplat 1.4.0's fused CUDA rasteriser (``gsplat.rasterization``), CUDA tensors only."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+
+@functools.lru_cache(maxsize=1)
+def gsplat_cuda_available() -> bool:
+    """True when CUDA is present and gsplat's compiled ops load (prebuilt or JIT-built)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from gsplat.cuda._backend import _C
+    except Exception:  # a failed JIT build raises anything from OSError to RuntimeError
+        return False
+    return _C is not None
+
+
+def _dense_radii(meta: dict, n_cameras: int, n_gaussians: int) -> Tensor:
+    """Radii [C, N] int32 from gsplat's meta, scattering the packed [nnz] layout if used."""
+    radii = meta["radii"]
+    if meta.get("camera_ids") is None:
+        return radii
+    dense = radii.new_zeros(n_cameras, n_gaussians)
+    dense[meta["camera_ids"], meta["gaussian_ids"]] = radii
+    return dense
+
+
+def rasterize_gsplat(
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    opacities: Tensor,
+    colors: Tensor,
+    viewmats: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    *,
+    sh_degree: int | None = None,
+    backgrounds: Tensor | None = None,
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+    packed: bool = False,
+) -> tuple[Tensor, Tensor, dict]:
+    """``gsplat.rasterization(..., render_mode="RGB+ED")``; inputs as in
+    :func:`evolsplat_ns.model.render.reference.rasterize_reference` (viewmats world-to-camera,
+    OpenCV axes).
+
+    Returns colors [C, H, W, 4] (RGB + expected depth), alphas [C, H, W, 1] and gsplat's meta,
+    whose ``radii`` is made dense [C, N] even when ``packed`` (``means2d`` stays as gsplat gives it,
+    [nnz, 2] when packed, so that its gradient can still be retained for densification).
+    """
+    from gsplat import rasterization
+
+    out, alpha, meta = rasterization(
+        means, quats, scales, opacities, colors, viewmats, Ks, width, height,
+        near_plane=near_plane, far_plane=far_plane, sh_degree=sh_degree,
+        backgrounds=backgrounds, packed=packed, render_mode="RGB+ED",
+    )
+    meta["radii"] = _dense_radii(meta, viewmats.shape[0], means.shape[0])
+    return out, alpha, meta

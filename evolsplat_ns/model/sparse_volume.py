@@ -1,0 +1,219 @@
+"""Sparse 3D feature volume: voxelise a segment's points, run a sparse U-Net, sample features.
+
+Frames: all positions are in the **segment frame** (metres). The voxel grid's origin is the
+minimum corner of the points it is built from (no fixed city box), voxel ``i`` (integer triple)
+covers ``[origin + i*voxel_size, origin + (i+1)*voxel_size)`` and its feature sits at its centre
+``origin + (i + 0.5) * voxel_size``.
+
+The volume is never densified: occupied voxels are kept as sorted int64 linear keys, and
+trilinear sampling looks the 8 corner voxels up with ``torch.searchsorted``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import spconv.pytorch as spconv
+import torch
+from torch import nn
+
+from evolsplat_ns.model.spconv_compat import spconv_device_guard
+
+# The 8 corners of a voxel cell, as (dx, dy, dz) in {0, 1}^3.
+_CORNERS = torch.tensor([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)], dtype=torch.long)
+
+
+@dataclass
+class VoxelGrid:
+    """Occupied voxels of a point set.
+
+    Attributes:
+        origin: [3] segment-frame position of the grid's minimum corner (metres).
+        voxel_size: edge length (metres).
+        shape: (X, Y, Z) number of voxels along each segment-frame axis.
+        coords: [V, 3] long voxel indices (x, y, z), sorted by ``keys``.
+        keys: [V] long sorted linear keys ``(x * Y + y) * Z + z``.
+        features: [V, F] mean input feature (RGB) of the points in each voxel.
+    """
+
+    origin: torch.Tensor
+    voxel_size: float
+    shape: tuple[int, int, int]
+    coords: torch.Tensor
+    keys: torch.Tensor
+    features: torch.Tensor
+
+
+def linear_keys(coords: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Voxel indices [..., 3] (x, y, z) -> int64 linear keys [...] in a grid of ``shape``."""
+    return (coords[..., 0] * shape[1] + coords[..., 1]) * shape[2] + coords[..., 2]
+
+
+def voxelize(points: torch.Tensor, features: torch.Tensor, voxel_size: float) -> VoxelGrid:
+    """Quantise ``points`` [N, 3] (segment frame) into voxels and average ``features`` [N, F] per voxel."""
+    if points.shape[0] == 0:
+        raise ValueError("cannot build a sparse volume from an empty point cloud")
+    if voxel_size <= 0:
+        raise ValueError(f"voxel_size must be positive (metres), got {voxel_size}")
+    points = points.detach()
+    origin = points.min(dim=0).values
+    coords = torch.floor((points - origin) / voxel_size).long()
+    shape = tuple(int(s) for s in coords.max(dim=0).values + 1)
+    keys, inverse = torch.unique(linear_keys(coords, shape), sorted=True, return_inverse=True)
+    counts = torch.bincount(inverse, minlength=keys.shape[0]).clamp(min=1)
+    summed = torch.zeros(keys.shape[0], features.shape[1], dtype=features.dtype, device=features.device)
+    summed.index_add_(0, inverse, features.detach())
+    voxel_coords = torch.stack(
+        [keys // (shape[1] * shape[2]), (keys // shape[2]) % shape[1], keys % shape[2]], dim=-1
+    )
+    return VoxelGrid(origin, float(voxel_size), shape, voxel_coords, keys, summed / counts[:, None])
+
+
+@dataclass
+class SparseVolume:
+    """Output features of the sparse U-Net on the occupied voxels of a :class:`VoxelGrid`.
+
+    Attributes:
+        grid: the voxelisation (origin, size, sorted keys) the features belong to.
+        features: [V, C] feature of each occupied voxel, aligned with ``grid.keys``.
+    """
+
+    grid: VoxelGrid
+    features: torch.Tensor
+
+    @property
+    def out_dim(self) -> int:
+        return self.features.shape[1]
+
+    def detach(self) -> "SparseVolume":
+        """Same volume with features cut from the graph (for caching across steps)."""
+        return SparseVolume(self.grid, self.features.detach())
+
+    def sample(self, xyz: torch.Tensor) -> torch.Tensor:
+        """Trilinearly interpolate voxel features at positions ``xyz`` [M, 3] (segment frame).
+
+        Corners that are unoccupied (or outside the grid) get weight 0 and the remaining weights
+        are renormalised; a position with no occupied corner gets zeros. Differentiable w.r.t.
+        ``features`` and ``xyz``.
+
+        Returns:
+            [M, C] features.
+        """
+        g = self.grid
+        # Continuous coordinate in which voxel centres sit on integers.
+        u = (xyz - g.origin) / g.voxel_size - 0.5
+        base = torch.floor(u.detach()).long()
+        frac = u - base
+        corners = base[:, None, :] + _CORNERS.to(xyz.device)  # [M, 8, 3]
+        shape = torch.tensor(g.shape, device=xyz.device)
+        inside = ((corners >= 0) & (corners < shape)).all(dim=-1)
+        keys = linear_keys(corners.clamp(min=0), g.shape)
+        pos = torch.searchsorted(g.keys, keys).clamp(max=g.keys.shape[0] - 1)
+        found = inside & (g.keys[pos] == keys)
+        corner_w = torch.where(_CORNERS.to(xyz.device).bool(), frac[:, None, :], 1 - frac[:, None, :])
+        weights = corner_w.prod(dim=-1) * found  # [M, 8]
+        total = weights.sum(dim=1, keepdim=True)
+        weights = weights / total.clamp(min=1e-12)
+        return (weights[..., None] * self.features[pos]).sum(dim=1)
+
+
+def _subm_block(cin: int, cout: int, key: str) -> spconv.SparseSequential:
+    return spconv.SparseSequential(
+        spconv.SubMConv3d(cin, cout, 3, padding=1, bias=False, indice_key=key),
+        nn.BatchNorm1d(cout),
+        nn.ReLU(),
+    )
+
+
+def _down_block(cin: int, cout: int, key: str) -> spconv.SparseSequential:
+    return spconv.SparseSequential(
+        spconv.SparseConv3d(cin, cout, 3, stride=2, padding=1, bias=False, indice_key=key),
+        nn.BatchNorm1d(cout),
+        nn.ReLU(),
+    )
+
+
+def _up_block(cin: int, cout: int, key: str) -> spconv.SparseSequential:
+    # Inverse conv with the matching down-block's indice_key returns exactly that block's input
+    # voxels, so skip connections add feature rows that are already aligned.
+    return spconv.SparseSequential(
+        spconv.SparseInverseConv3d(cin, cout, 3, bias=False, indice_key=key),
+        nn.BatchNorm1d(cout),
+        nn.ReLU(),
+    )
+
+
+class SparseCostRegNet(nn.Module):
+    """Sparse 3D U-Net (EVolSplat's volume encoder) on spconv.
+
+    Three stride-2 levels (channels ``out_dim -> 16 -> 32 -> 64``) with SubMConv3d blocks, and
+    SparseInverseConv3d upsampling with additive skip connections back to the input voxels.
+    On CPU it runs inside :func:`spconv_device_guard` (single-threaded, working backward).
+    """
+
+    def __init__(self, in_dim: int = 3, out_dim: int = 32) -> None:
+        super().__init__()
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.stem = _subm_block(in_dim, out_dim, "subm0")
+        self.down1 = spconv.SparseSequential(_down_block(out_dim, 16, "down1"), _subm_block(16, 16, "subm1"))
+        self.down2 = spconv.SparseSequential(_down_block(16, 32, "down2"), _subm_block(32, 32, "subm2"))
+        self.down3 = spconv.SparseSequential(_down_block(32, 64, "down3"), _subm_block(64, 64, "subm3"))
+        self.up3 = _up_block(64, 32, "down3")
+        self.up2 = _up_block(32, 16, "down2")
+        self.up1 = _up_block(16, out_dim, "down1")
+
+    def forward(self, grid: VoxelGrid) -> torch.Tensor:
+        """Features [V, out_dim] of the occupied voxels of ``grid``, in ``grid.keys`` order."""
+        if grid.features.shape[1] != self.in_dim:
+            raise ValueError(f"SparseCostRegNet(in_dim={self.in_dim}) got {grid.features.shape[1]}-dim voxel features")
+        with spconv_device_guard(grid.features.device):
+            batch = torch.zeros_like(grid.coords[:, :1])
+            x = spconv.SparseConvTensor(
+                grid.features.to(self.stem[0].weight.dtype),
+                torch.cat([batch, grid.coords], dim=1).int(),
+                list(grid.shape),
+                batch_size=1,
+            )
+            l0 = self.stem(x)
+            l1 = self.down1(l0)
+            l2 = self.down2(l1)
+            l3 = self.down3(l2)
+            y = self.up3(l3)
+            y = self.up2(y.replace_feature(y.features + l2.features))
+            y = self.up1(y.replace_feature(y.features + l1.features))
+            return y.features + l0.features
+
+
+def build_volume(
+    net: SparseCostRegNet, points: torch.Tensor, colors: torch.Tensor, voxel_size: float = 0.1
+) -> SparseVolume:
+    """Voxelise ``points`` [N, 3] (segment frame) with mean ``colors`` [N, 3] and run ``net`` on them."""
+    grid = voxelize(points, colors, voxel_size)
+    return SparseVolume(grid, net(grid))
+
+
+class FrozenVolumeCache:
+    """Detached :class:`SparseVolume` per segment key, for inference with a frozen volume encoder."""
+
+    def __init__(self) -> None:
+        self._volumes: dict[str, SparseVolume] = {}
+
+    def __contains__(self, key: object) -> bool:
+        return str(key) in self._volumes
+
+    def __len__(self) -> int:
+        return len(self._volumes)
+
+    def get(self, key: object) -> Optional[SparseVolume]:
+        """The cached volume of segment ``key`` (a SegmentKey or its string), or None."""
+        return self._volumes.get(str(key))
+
+    def put(self, key: object, volume: SparseVolume) -> SparseVolume:
+        """Cache a detached copy of ``volume`` under ``key``; returns the cached copy."""
+        frozen = volume.detach()
+        self._volumes[str(key)] = frozen
+        return frozen
+
+    def clear(self) -> None:
+        self._volumes.clear()

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Idempotent set-up of evolsplat-ns on a fresh machine (CPU or CUDA), into ./.venv.
+#
+# Why each step exists (measured facts in docs/install.md):
+# - torch is pinned: an unpinned torch, or anything needing a newer one, pulls the newest CUDA
+#   build plus ~3 GB of nvidia packages. On a machine whose python already has a CUDA torch,
+#   the venv sees it (--system-site-packages) and we never replace it with a CPU build.
+# - sdists (sam2) build with --build-constraint so their isolated build keeps the same torch.
+# - open3d needs libusb-1.0-0 from the OS.
+# - the registry torchvision is a CUDA build; on CPU torch its import fails. We install a
+#   startup hook (.pth) that defines the missing op schemas before torchvision loads.
+# Options: EXTRAS="test" installs test tools (pytest, chromium for the viewer browser test).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PY=${PYTHON:-python3}
+VENV=${EVOLSPLAT_VENV:-$ROOT/.venv}
+EXTRAS=${EXTRAS:-}
+STAMP="$VENV/.evolsplat-setup-$(sha1sum pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)${EXTRAS:+-$EXTRAS}"
+[ -f "$STAMP" ] && exit 0
+
+log() { echo "[setup] $*" >&2; }
+t0=$(date +%s)
+
+apt_install() {  # apt_install PKG... ; only when missing and we are root
+  local missing=()
+  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    log "apt-get install ${missing[*]}"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") >/dev/null
+  else
+    log "WARNING: please install OS packages: ${missing[*]} (need root/apt)"
+  fi
+}
+apt_install libusb-1.0-0
+
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating venv $VENV"
+  "$PY" -m venv --system-site-packages "$VENV"
+fi
+VPY="$VENV/bin/python"
+# --build-constraint (pins torch inside sdist build envs) needs pip >= 25.3
+"$VPY" -m pip install -q --disable-pip-version-check "pip>=25.3" setuptools wheel
+PIP=("$VPY" -m pip install -q --disable-pip-version-check)
+
+CONS="$VENV/constraints.txt"
+if "$VPY" -c "import torch,sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
+  TV=$("$VPY" -c "import torch; print(torch.__version__.split('+')[0])")
+  log "keeping the CUDA torch $TV already installed"
+  echo "torch==$TV" > "$CONS"
+  "$VPY" -c "import torchvision" 2>/dev/null && echo "torchvision==$("$VPY" -c 'import torchvision; print(torchvision.__version__.split("+")[0])')" >> "$CONS"
+else
+  printf 'torch==2.13.0\ntorchvision==0.28.0\n' > "$CONS"
+  "${PIP[@]}" -c "$CONS" torch==2.13.0
+fi
+
+log "installing evolsplat-ns and its dependencies"
+export SAM2_BUILD_CUDA=${SAM2_BUILD_CUDA:-0}
+PIP_EXTRA=""
+[ -n "$EXTRAS" ] && PIP_EXTRA="[$EXTRAS]"
+"${PIP[@]}" -c "$CONS" --build-constraint "$CONS" -e ".$PIP_EXTRA"
+
+if ! "$VPY" -c "import torch,sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
+  SITE=$("$VPY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  echo "import evolsplat_ns._compat.torchvision_cpu as m; m.install()" > "$SITE/evolsplat_torchvision_cpu.pth"
+fi
+
+if [[ ",$EXTRAS," == *",test,"* ]]; then
+  apt_install chromium
+fi
+"$VPY" -c "import torchvision, evolsplat_ns" || { log "import check failed"; exit 1; }
+touch "$STAMP"
+log "done in $(( $(date +%s) - t0 )) s"

@@ -53,11 +53,24 @@ def get(kind: str, name: str) -> Any:
         return _RUNTIME[kind][name]
     for ep in entry_points(group=group):
         if ep.name == name:
-            return ep.load()
+            return _load(ep)
     raise UnknownComponentError(
         f"no {kind[:-1].replace('_', ' ')} named {name!r}; available: {available(kind)}. "
         f"Third-party components register under the entry-point group {group!r}."
     )
+
+
+def _load(ep) -> Any:
+    """Load an entry point; a broken one (missing module or attribute) names itself and its package."""
+    try:
+        return ep.load()
+    except (ImportError, AttributeError) as e:
+        dist = getattr(ep, "dist", None)
+        owner = f" (declared by package {dist.name!r})" if dist is not None else ""
+        raise UnknownComponentError(
+            f"entry point {ep.name!r} = {ep.value!r} in group {ep.group!r}{owner} cannot be loaded: {e}. "
+            f"Fix or reinstall that package."
+        ) from e
 
 
 def register(kind: str, name: str, obj: Any) -> None:

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from evolsplat_ns.data.cache import PointCloudCache
-from evolsplat_ns.data.layout import find_scenes
 from evolsplat_ns.data.pointcloud.base import PointCloudGeneratorConfig, make_generator
 from evolsplat_ns.data.scene import SceneData
+from evolsplat_ns.data.sources import get_source
 from evolsplat_ns.data.scheduler import SegmentScheduler
 from evolsplat_ns.data.segments import (
     SegmentSpec, SelectionMode, eval_frame_mask, nearest_sources, select_train_keyframes, split_segments,
@@ -37,6 +37,8 @@ from evolsplat_ns.data.types import PointCloud, Sample, SegmentKey
 class MultiSceneDatasetConfig:
     data: Path = Path("data/demo")
     """A scene folder, or a folder of scene folders (e.g. drivestudio processed/training)."""
+    data_source: str = "drivestudio"
+    """Registered data source (entry-point group evolsplat_ns.data_sources) that reads ``data``."""
     downscale: float = 1.0
     """Load images at 1/downscale resolution (intrinsics scaled to match)."""
     cameras: Optional[tuple[int, ...]] = None
@@ -79,12 +81,14 @@ class MultiSceneDataset:
 
     def __init__(self, config: MultiSceneDatasetConfig):
         self.config = c = config
-        self.scenes = [SceneData(p, c.downscale, c.cameras) for p in find_scenes(c.data)]
+        source = get_source(c.data_source)
+        self.scenes = [source.open_scene(p, c.downscale, c.cameras) for p in source.find_scenes(Path(c.data))]
         self.eval_scene_ids = self._pick_eval_scenes()
         self.segments: list[SegmentSpec] = []
         self.eval_items: list[tuple[int, int]] = []  # (segment index, held-out frame)
         for si, scene in enumerate(self.scenes):
             self._index_scene(si, scene)
+        self._index_of = {self.key(i): i for i in range(len(self.segments))}
         single = len(self.scenes) == 1
         self.train_segment_ids = [
             i for i, s in enumerate(self.segments)
@@ -120,6 +124,12 @@ class MultiSceneDataset:
             dists = [min(abs(t - f) for f in s.frames) + abs(t - np.mean(s.frames)) * 1e-3
                      for s in self.segments[first:]]
             self.eval_items.append((first + int(np.argmin(dists)), t))
+
+    def segment_index(self, key: SegmentKey) -> int:
+        """Index into ``segments`` of the segment named by ``key``."""
+        if key not in self._index_of:
+            raise KeyError(f"segment {key} is not in the dataset under {self.config.data}")
+        return self._index_of[key]
 
     def key(self, segment_index: int) -> SegmentKey:
         s = self.segments[segment_index]

@@ -97,7 +97,22 @@ def _inspect_scene(root: Path, seg_len: int, seg_stride: int, decode: bool, max_
             rep.lidar_points = (min(n), float(np.mean(n)), max(n))
     if "instances" in rep.modalities:
         check(L.read_json, lay.instances_info_path)
+    _check_per_frame_files(lay, rep, check)
     return rep
+
+
+def _check_per_frame_files(lay: L.SceneLayout, rep: SceneReport, check) -> None:
+    """A modality found on the first frame must exist for every frame and camera: the loaders read
+    it for any frame a segment uses. Flow is from t to t + 1, so the last frame may lack it."""
+    paths = {"sky_masks": lay.sky_mask_path, "dynamic_masks": lay.dynamic_mask_path,
+             "depth": lay.depth_path, "flow": lay.flow_path}
+    for modality in (m for m in paths if m in rep.modalities):
+        frames = lay.frames[:-1] if modality == "flow" else lay.frames
+        for t in frames:
+            for c in lay.cameras:
+                path = paths[modality](t, c)
+                if not path.is_file():
+                    check(_raise, path, f"missing file (other frames have {modality})")
 
 
 def _check_images(lay: L.SceneLayout, rep: SceneReport, check, decode: bool) -> None:

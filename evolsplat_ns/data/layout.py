@@ -113,8 +113,13 @@ def read_lidar(path: str | os.PathLike) -> np.ndarray:
     return pts
 
 
-def read_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
-    """Read an RGB image as uint8 [H, W, 3], resized (box filter) to ``size`` = (W, H) if given."""
+def read_image(path: str | os.PathLike, size: tuple[int, int] | None = None,
+               expect_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read an RGB image as uint8 [H, W, 3], resized (box filter) to ``size`` = (W, H) if given.
+
+    ``expect_size`` = (W, H) is the size the file must have (its camera's, which the intrinsics
+    describe); resizing a mismatched image silently would break its calibration.
+    """
     from PIL import Image
 
     path = Path(path)
@@ -122,6 +127,9 @@ def read_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> 
         raise DatasetError(path, "missing file")
     try:
         with Image.open(path) as im:
+            if expect_size is not None and im.size != tuple(expect_size):
+                raise DatasetError(path, f"image size {im.size[0]}x{im.size[1]} differs from its camera's "
+                                   f"{expect_size[0]}x{expect_size[1]}", "every image of a camera needs one size")
             im = im.convert("RGB")
             if size is not None and im.size != tuple(size):
                 im = im.resize(tuple(size), Image.BOX)
@@ -149,6 +157,8 @@ def read_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> n
     from PIL import Image
 
     path = Path(path)
+    if not path.is_file():
+        raise DatasetError(path, "missing file")
     try:
         with Image.open(path) as im:
             im = im.convert("L")
@@ -172,12 +182,12 @@ def read_json(path: str | os.PathLike) -> dict:
 
 def write_matrix4(path: str | os.PathLike, M: np.ndarray) -> None:
     M = np.asarray(M, dtype=np.float64).reshape(4, 4)
-    _write_text(path, "\n".join(" ".join(f"{v:.10g}" for v in row) for row in M) + "\n")
+    _write_text(path, "\n".join(" ".join(f"{v:.17g}" for v in row) for row in M) + "\n")
 
 
 def write_intrinsics(path: str | os.PathLike, values: np.ndarray) -> None:
     values = np.asarray(values, dtype=np.float64).reshape(9)
-    _write_text(path, "\n".join(f"{v:.10g}" for v in values) + "\n")
+    _write_text(path, "\n".join(f"{v:.17g}" for v in values) + "\n")
 
 
 def write_lidar(path: str | os.PathLike, points: np.ndarray) -> None:

@@ -21,7 +21,7 @@ from evolsplat_ns.geometry import OPENCV2DATASET
 
 @dataclass
 class CameraCalib:
-    """Calibration of one camera at full resolution.
+    """Calibration of one camera: ``K``, ``width`` and ``height`` after downscaling.
 
     ``cam_to_vehicle`` [4, 4] maps **OpenCV** camera axes to the vehicle frame (the file's Waymo-axes
     extrinsic times OPENCV2DATASET). ``distortion`` (k1 k2 p1 p2 k3) is kept but not applied.
@@ -32,6 +32,8 @@ class CameraCalib:
     cam_to_vehicle: np.ndarray
     width: int
     height: int
+    full_size: tuple[int, int]
+    """(W, H) of the image files, before downscaling."""
 
 
 class SceneData:
@@ -66,7 +68,8 @@ class SceneData:
         w, h = max(1, round(W / self.downscale)), max(1, round(H / self.downscale))
         sx, sy = w / W, h / H
         K = np.array([[intr[0] * sx, 0, intr[2] * sx], [0, intr[1] * sy, intr[3] * sy], [0, 0, 1]])
-        return CameraCalib(K=K, distortion=intr[4:], cam_to_vehicle=ext @ OPENCV2DATASET, width=w, height=h)
+        return CameraCalib(K=K, distortion=intr[4:], cam_to_vehicle=ext @ OPENCV2DATASET, width=w, height=h,
+                           full_size=(W, H))
 
     def image_size(self, cam: int) -> tuple[int, int]:
         """(W, H) after downscaling."""
@@ -97,7 +100,8 @@ class SceneData:
                                  f"sizes {sorted(sizes)}", "select cameras of one size (e.g. 0,1,2)")
         size = sizes.pop()
         pairs = [(t, c) for t in frames for c in cams]
-        imgs = np.stack([L.read_image(self.layout.image_path(t, c), size) for t, c in pairs])
+        imgs = np.stack([L.read_image(self.layout.image_path(t, c), size, self.calib[c].full_size)
+                         for t, c in pairs])
         c2w = np.stack([ref_from_world @ self.cam_to_world(t, c) for t, c in pairs])
         Ks = np.stack([self.calib[c].K for _, c in pairs])
         views = Views(

@@ -37,6 +37,8 @@ EPS2D = 0.3
 ALPHA_MAX = 0.999
 ALPHA_MIN = 1.0 / 255.0
 T_MIN = 1e-4
+SIGMA_CAP = 60.0
+LOG_T_FLOOR = math.log(T_MIN) - 10.0
 # ~8 MB per float32 [pixels, Gaussians] temporary; about a dozen of them live at once.
 DEFAULT_CHUNK_ELEMS = 1 << 21
 
@@ -111,54 +113,91 @@ def _plan_chunks(counts: Tensor, chunk_elems: int) -> list[Tensor]:
 
 
 def _tile_pixels(tile_keys: Tensor, tiles_x: int, tiles_y: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Pixels of the given tiles: x, y [T, 256] (integer pixel indices, as float) and
-    camera index [T]."""
-    cam = tile_keys // (tiles_x * tiles_y)
+    """Pixel indices x, y [T, 256] (x right, y down, row-major inside a tile) and tile centres
+    [T, 2] in pixels, for the tiles ``tile_keys`` [T] (see :class:`_TileBins`)."""
     in_image = tile_keys % (tiles_x * tiles_y)
+    corner = torch.stack([in_image % tiles_x, in_image // tiles_x], dim=-1) * TILE_SIZE  # [T, 2]
     offs = torch.arange(TILE_SIZE, device=tile_keys.device)
-    px = ((in_image % tiles_x) * TILE_SIZE)[:, None, None] + offs[None, None, :]
-    py = ((in_image // tiles_x) * TILE_SIZE)[:, None, None] + offs[None, :, None]
-    px, py = torch.broadcast_tensors(px, py)
-    return px.flatten(1), py.flatten(1), cam
+    px = (corner[:, 0, None, None] + offs[None, None, :]).expand(-1, TILE_SIZE, -1)
+    py = (corner[:, 1, None, None] + offs[None, :, None]).expand(-1, -1, TILE_SIZE)
+    return px.flatten(1), py.flatten(1), corner + TILE_SIZE / 2
+
+
+def _quadratic_basis(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """[1, u, v, u^2, v^2, uv] [256, 6] at the pixel centres of a tile, (u, v) relative to the
+    tile centre; the same for every tile."""
+    offs = torch.arange(TILE_SIZE, dtype=dtype, device=device) + 0.5 - TILE_SIZE / 2
+    v, u = torch.meshgrid(offs, offs, indexing="ij")
+    u, v = u.flatten(), v.flatten()
+    return torch.stack([torch.ones_like(u), u, v, u * u, v * v, u * v], dim=-1)
+
+
+def _sigma_coefficients(mean: Tensor, conic: Tensor) -> Tensor:
+    """Coefficients [T, K, 6] of the Mahalanobis half-distance
+    ``0.5 a du^2 + 0.5 c dv^2 + b du dv`` (du = u - mean_u) as a polynomial in the
+    :func:`_quadratic_basis`, for means [T, K, 2] relative to the tile centre and conics
+    (a, b, c) [T, K, 3]. Centring on the tile keeps the terms small, so float32 stays exact."""
+    mu, mv = mean.unbind(-1)
+    a, b, c = conic.unbind(-1)
+    return torch.stack(
+        [
+            0.5 * a * mu * mu + 0.5 * c * mv * mv + b * mu * mv,
+            -(a * mu + b * mv),
+            -(c * mv + b * mu),
+            0.5 * a,
+            0.5 * c,
+            b,
+        ],
+        dim=-1,
+    )
 
 
 def _composite(
-    px: Tensor,
-    py: Tensor,
+    tile_centres: Tensor,
     gauss: Tensor,
-    valid: Tensor,
     means2d: Tensor,
     conics: Tensor,
     opacities: Tensor,
     features: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """Front-to-back compositing of depth-sorted Gaussians over the pixels of a group of tiles.
+) -> Tensor:
+    """Front-to-back compositing of depth-sorted Gaussians over the 256 pixels of each tile.
 
     Args:
-        px, py: [T, P] pixel indices (x right, y down); sampled at the pixel centre.
-        gauss: [T, K] depth-sorted indices into the flattened [C * N] tensors below; padding
-            entries are masked out by ``valid`` [T, K].
-        means2d: [C*N, 2] pixels. conics: [C*N, 3] upper triangle of the inverse 2D covariance.
-        opacities: [C*N]. features: [C*N, D] colours (+ depth channel).
+        tile_centres: [T, 2] pixels.
+        gauss: [T, K] depth-sorted rows of the flattened tensors below; padding points at a
+            Gaussian of opacity 0.
+        means2d: [G, 2] pixels. conics: [G, 3] upper triangle of the inverse 2D covariance.
+        opacities: [G]. features: [G, F] colours, depth and a last column of ones (-> alpha).
     Returns:
-        features [T, P, D] and accumulated alpha [T, P], without background.
+        [T, 256, F] alpha-weighted feature sums (no background).
     """
-    mean = means2d[gauss]
-    conic = conics[gauss]
-    dx = (px + 0.5)[:, :, None] - mean[:, None, :, 0]
-    dy = (py + 0.5)[:, :, None] - mean[:, None, :, 1]
-    sigma = 0.5 * (
-        conic[:, None, :, 0] * dx * dx + conic[:, None, :, 2] * dy * dy
-    ) + conic[:, None, :, 1] * dx * dy
-    alpha = (opacities[gauss][:, None, :] * torch.exp(-sigma)).clamp(max=ALPHA_MAX)
-    used = (sigma >= 0) & (alpha >= ALPHA_MIN) & valid[:, None, :]
-    alpha = torch.where(used, alpha, torch.zeros_like(alpha))
+    mean = means2d[gauss] - tile_centres[:, None, :]
+    coeff = _sigma_coefficients(mean, conics[gauss])
+    sigma = torch.matmul(_quadratic_basis(mean.dtype, mean.device), coeff.transpose(1, 2))
+    # exp(-sigma) below ~1e-38 yields float32 denormals (very slow on CPU); such alphas are
+    # dropped by the 1/255 test anyway, so cap sigma first.
+    alpha = opacities[gauss][:, None, :] * torch.exp(-sigma.clamp(max=SIGMA_CAP))
+    alpha = alpha.clamp(max=ALPHA_MAX)
+    alpha = torch.where((sigma >= 0) & (alpha >= ALPHA_MIN), alpha, torch.zeros_like(alpha))
 
-    trans_after = torch.cumprod(1.0 - alpha, dim=-1)
-    trans_before = torch.cat([torch.ones_like(alpha[..., :1]), trans_after[..., :-1]], dim=-1)
-    # Transmittance only falls, so "every Gaussian so far kept T above T_MIN" is a per-entry test.
-    weights = alpha * trans_before * (trans_after > T_MIN)
-    return torch.bmm(weights, features[gauss]), weights.sum(-1)
+    # Log-space transmittance: a running product would sink into denormals behind opaque
+    # Gaussians. Only entries with T_after > T_MIN are used, so flooring T_before is harmless.
+    log_keep = torch.log1p(-alpha)
+    log_after = torch.cumsum(log_keep, dim=-1)
+    trans_before = torch.exp((log_after - log_keep).clamp(min=LOG_T_FLOOR))
+    alive = log_after > math.log(T_MIN)
+    weights = torch.where(alive, alpha * trans_before, torch.zeros_like(alpha))
+    return torch.bmm(weights, features[gauss])
+
+
+def _with_padding_row(means2d: Tensor, conics: Tensor, opacities: Tensor, features: Tensor
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Flatten [C, N, ...] to [C*N, ...] and append one invisible Gaussian (opacity 0) for the
+    padding slots of the per-tile lists; a ones column is appended to features for alpha."""
+    tensors = (means2d, conics, opacities[..., None], features)
+    flat = [torch.cat([t.flatten(0, 1), t.new_zeros(1, t.shape[-1])]) for t in tensors]
+    ones = flat[3].new_ones(flat[3].shape[0], 1)
+    return flat[0], flat[1], flat[2][:, 0], torch.cat([flat[3], ones], dim=-1)
 
 
 def _rasterize_features(
@@ -181,24 +220,24 @@ def _rasterize_features(
     C, N, D = features.shape
     tiles_x, tiles_y = math.ceil(width / TILE_SIZE), math.ceil(height / TILE_SIZE)
     bins = _bin_tiles(means2d, radii, depths, tiles_x, tiles_y)
-    flat = (means2d.reshape(C * N, 2), conics.reshape(C * N, 3), opacities.reshape(C * N),
-            features.reshape(C * N, D))
+    flat = _with_padding_row(means2d, conics, opacities, features)
+    padding_id = C * N
     chunks = _plan_chunks(bins.counts, chunk_elems)
     recompute = torch.is_grad_enabled() and len(chunks) > 1
 
     pixel_ids, values = [], []
     for tiles in chunks:
-        kmax = int(bins.counts[tiles].max())
-        slot = torch.arange(kmax, device=means2d.device)
+        slot = torch.arange(int(bins.counts[tiles].max()), device=means2d.device)
         valid = slot[None, :] < bins.counts[tiles, None]
-        gauss = bins.gauss_ids[(bins.starts[tiles, None] + slot).clamp(max=bins.gauss_ids.numel() - 1)]
-        gauss = torch.where(valid, gauss, torch.zeros_like(gauss))
-        px, py, cam = _tile_pixels(bins.tile_keys[tiles], tiles_x, tiles_y)
-        args = (px.to(means2d.dtype), py.to(means2d.dtype), gauss, valid, *flat)
-        feat, alpha = checkpoint(_composite, *args, use_reentrant=False) if recompute else _composite(*args)
+        index = (bins.starts[tiles, None] + slot).clamp(max=bins.gauss_ids.numel() - 1)
+        gauss = torch.where(valid, bins.gauss_ids[index], padding_id)
+        px, py, centres = _tile_pixels(bins.tile_keys[tiles], tiles_x, tiles_y)
+        args = (centres.to(means2d.dtype), gauss, *flat)
+        out = checkpoint(_composite, *args, use_reentrant=False) if recompute else _composite(*args)
         inside = (px < width) & (py < height)
-        pixel_ids.append(((cam[:, None] * height + py) * width + px)[inside])
-        values.append(torch.cat([feat, alpha[..., None]], dim=-1)[inside])
+        cam = bins.tile_keys[tiles, None] // (tiles_x * tiles_y)
+        pixel_ids.append(((cam * height + py) * width + px)[inside])
+        values.append(out[inside])
 
     image = features.new_zeros(C * height * width, D + 1)
     if pixel_ids:

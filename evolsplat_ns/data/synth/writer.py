@@ -1,0 +1,85 @@
+"""Writing one synthetic scene in the drivestudio layout (through ``evolsplat_ns.data.layout``)."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from evolsplat_ns.data import layout
+from evolsplat_ns.data.synth.config import SynthConfig
+from evolsplat_ns.data.synth.render import CameraFrame
+from evolsplat_ns.data.synth.sensors import CameraRig
+from evolsplat_ns.data.synth.street import Street
+
+# Everything a scene folder may hold that this writer produces (removed by ``clear``).
+SCENE_ENTRIES = ("images", "intrinsics", "extrinsics", "ego_pose", "lidar", "sky_masks", "dynamic_masks",
+                 "instances", "depth", "flow")
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+class SceneWriter:
+    """Writes the files of one scene folder; paths come from ``layout.SceneLayout``."""
+
+    def __init__(self, root: Path, cfg: SynthConfig):
+        self.cfg = cfg
+        self.layout = layout.SceneLayout(root=Path(root), frames=list(range(cfg.frames)),
+                                         cameras=list(range(cfg.cameras)))
+
+    def clear(self) -> None:
+        """Remove this writer's modality folders from an existing scene folder (``--overwrite``)."""
+        for name in SCENE_ENTRIES:
+            shutil.rmtree(self.layout.root / name, ignore_errors=True)
+
+    def write_calibration(self, rig: CameraRig) -> None:
+        """intrinsics/{cam}.txt (fu fv cu cv 0 0 0 0 0) and extrinsics/{cam}.txt (camera-to-vehicle,
+        Waymo camera axes)."""
+        for cam in self.layout.cameras:
+            layout.write_intrinsics(self.layout.intrinsics_path(cam), rig.intrinsics_row(cam))
+            layout.write_matrix4(self.layout.extrinsics_path(cam), rig.extrinsics[cam])
+
+    def write_frame(self, t: int, vehicle_to_world: np.ndarray, frame: CameraFrame, lidar: np.ndarray) -> None:
+        """Ego pose, LiDAR [N, 14] and every camera's image, depth, flow and masks of frame ``t``."""
+        L = self.layout
+        layout.write_matrix4(L.ego_pose_path(t), vehicle_to_world)
+        layout.write_lidar(L.lidar_path(t), lidar)
+        for cam in L.cameras:
+            layout.write_image(L.image_path(t, cam), frame.rgb[cam], quality=self.cfg.jpeg_quality)
+            layout.write_mask(L.sky_mask_path(t, cam), frame.sky[cam])
+            layout.write_mask(L.dynamic_mask_path(t, cam, "all"), frame.dynamic[cam])
+            layout.write_mask(L.dynamic_mask_path(t, cam, "vehicle"), frame.dynamic[cam])
+            layout.write_mask(L.dynamic_mask_path(t, cam, "human"), np.zeros_like(frame.dynamic[cam]))
+            layout.write_bytes(L.depth_path(t, cam), _npy_bytes(frame.depth[cam]))
+            layout.write_bytes(L.flow_path(t, cam), _npy_bytes(frame.flow[cam]))
+
+    def write_instances(self, street: Street) -> None:
+        """instances/instances_info.json and frame_instances.json (drivestudio format).
+
+        Every car is an instance (parked ones too, static). A car is annotated in the frames where
+        its box centre lies within LiDAR range of the ego, like Waymo's labels.
+        """
+        info: dict[str, dict] = {}
+        per_frame: dict[str, list[int]] = {str(t): [] for t in self.layout.frames}
+        for car_id, car in enumerate(street.cars):
+            ann = {"frame_idx": [], "obj_to_world": [], "box_size": []}
+            for t in self.layout.frames:
+                time = t * self.cfg.dt
+                pose = car.pose(time)
+                ego_xy = street.ego.pose(time)[:2, 3]
+                if np.linalg.norm(pose[:2, 3] - ego_xy) > self.cfg.lidar_range:
+                    continue
+                ann["frame_idx"].append(t)
+                ann["obj_to_world"].append((street.street_to_world @ pose).tolist())
+                ann["box_size"].append([float(v) for v in car.size])
+                per_frame[str(t)].append(car_id)
+            if ann["frame_idx"]:
+                info[str(car_id)] = {"id": car_id, "class_name": "Vehicle", "frame_annotations": ann}
+        layout.write_json(self.layout.instances_info_path, info)
+        layout.write_json(self.layout.frame_instances_path, per_frame)

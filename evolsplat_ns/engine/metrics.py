@@ -1,0 +1,99 @@
+"""Image and depth metrics. LPIPS is only ever computed with pretrained backbone weights.
+
+The ``lpips`` package ships its linear heads but loads the AlexNet backbone through torchvision's
+weight download. We look for those weights where torch keeps them (``$TORCH_HOME/hub/checkpoints``)
+or at ``EVOLSPLAT_LPIPS_BACKBONE``; without them LPIPS is reported as unavailable with the reason,
+never computed on a random backbone.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+from pytorch_msssim import ssim
+
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
+
+
+def psnr(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """PSNR (dB) of images in [0, 1], any matching shape."""
+    mse = torch.mean((pred - gt) ** 2)
+    return -10.0 * torch.log10(mse.clamp(min=1e-10))
+
+
+def ssim_value(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """SSIM of [H, W, 3] images in [0, 1]."""
+    w = min(11, pred.shape[0], pred.shape[1])
+    w = w if w % 2 else w - 1
+    return ssim(pred.permute(2, 0, 1)[None], gt.permute(2, 0, 1)[None], data_range=1.0, win_size=w)
+
+
+def alexnet_weights_path() -> Path | None:
+    """Pretrained AlexNet weights for LPIPS if present locally (never downloaded)."""
+    env = os.environ.get("EVOLSPLAT_LPIPS_BACKBONE")
+    if env:
+        return Path(env) if Path(env).is_file() else None
+    p = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
+    return p if p.is_file() else None
+
+
+@functools.lru_cache(maxsize=1)
+def _lpips_net(device: str):
+    import lpips
+    import torchvision
+
+    path = alexnet_weights_path()
+    net = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
+    alex = torchvision.models.alexnet()
+    alex.load_state_dict(torch.load(path, map_location="cpu"))
+    # lpips' alexnet wrapper slices torchvision's feature extractor into 5 stages.
+    feats = alex.features
+    for stage, (a, b) in zip([net.net.slice1, net.net.slice2, net.net.slice3, net.net.slice4, net.net.slice5],
+                             [(0, 2), (2, 5), (5, 8), (8, 10), (10, 12)]):
+        for i in range(a, b):
+            stage._modules[str(i)].load_state_dict(feats[i].state_dict())
+    return net.eval().to(device)
+
+
+def lpips_status() -> tuple[bool, str]:
+    """(available, reason)."""
+    if alexnet_weights_path() is None:
+        return False, (f"LPIPS unavailable: pretrained AlexNet weights ({ALEXNET_FILE}) not found in "
+                       f"{Path(torch.hub.get_dir()) / 'checkpoints'} nor at $EVOLSPLAT_LPIPS_BACKBONE; "
+                       "a random backbone would give meaningless numbers, so none is reported")
+    return True, "lpips (AlexNet, pretrained)"
+
+
+@torch.no_grad()
+def lpips_value(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """LPIPS of [H, W, 3] images in [0, 1]; call only when :func:`lpips_status` is available."""
+    net = _lpips_net(str(pred.device))
+    to = lambda x: x.permute(2, 0, 1)[None] * 2 - 1  # noqa: E731
+    return net(to(pred), to(gt)).reshape(())
+
+
+def image_metrics(pred: torch.Tensor, gt: torch.Tensor, lpips: bool = True) -> dict[str, float]:
+    """psnr, ssim and (when pretrained weights exist) lpips of [H, W, 3] images in [0, 1]."""
+    out = {"psnr": float(psnr(pred, gt)), "ssim": float(ssim_value(pred, gt))}
+    if lpips and lpips_status()[0]:
+        out["lpips"] = float(lpips_value(pred, gt))
+    return out
+
+
+def depth_metrics(pred_depth: torch.Tensor, uv: torch.Tensor, gt_depth: torch.Tensor) -> dict[str, float]:
+    """Depth error at LiDAR points: abs rel and RMSE (metres).
+
+    Args:
+        pred_depth: [H, W, 1] rendered OpenCV z-depth; uv: [N, 2] pixel coordinates of the LiDAR
+            points in this camera; gt_depth: [N] their camera z.
+    """
+    H, W = pred_depth.shape[:2]
+    ix, iy = uv[:, 0].long(), uv[:, 1].long()
+    ok = (gt_depth > 0.5) & (ix >= 0) & (ix < W) & (iy >= 0) & (iy < H)
+    if not ok.any():
+        return {}
+    p, g = pred_depth[iy[ok], ix[ok], 0], gt_depth[ok]
+    return {"depth_abs_rel": float(((p - g).abs() / g).mean()), "depth_rmse": float(((p - g) ** 2).mean().sqrt())}

@@ -1,0 +1,222 @@
+"""EVolSplat as a nerfstudio ``Model``: per-segment Gaussian nodes, feed-forward prediction, render.
+
+The model owns the networks (:class:`GaussianPredictor`), the per-segment nodes with their offset
+caches, and a *context*: the segment currently shown (node + a pool of posed source views). With
+a context set, :meth:`get_outputs_for_camera` renders any nerfstudio camera with no batch, which is
+what the viewer and ns-eval need.
+
+Frames: nerfstudio ``Cameras`` carry OpenGL camera-to-world poses; here they are in the segment
+frame of the current context and are converted to OpenCV at :func:`camera_to_opencv`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Type
+
+import torch
+from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.models.base_model import Model, ModelConfig
+from nerfstudio.utils.colormaps import apply_depth_colormap
+from torch.nn import Parameter
+
+from evolsplat_ns.data.types import PointCloud, Views
+from evolsplat_ns.engine.losses import entropy_loss, l1_ssim_loss
+from evolsplat_ns.engine.metrics import image_metrics
+from evolsplat_ns.geometry import opengl_to_opencv
+from evolsplat_ns.model.node import GaussianNode
+from evolsplat_ns.model.predictor import GaussianPredictor, PredictorConfig
+from evolsplat_ns.model.render import rasterize
+
+
+@dataclass
+class EVolSplatModelConfig(ModelConfig):
+    """EVolSplat hyper-parameters (defaults as the paper's design)."""
+
+    _target: Type = field(default_factory=lambda: EVolSplatModel)
+    sparseConv_outdim: int = 32
+    """Channels of the sparse 3D volume's output features."""
+    local_radius: int = 1
+    """Window radius r: (2r+1)^2 colours sampled per source view."""
+    offset_max: float = 0.1
+    """Largest position offset (metres) the offset head may predict per step."""
+    num_neighbour_select: int = 4
+    """Source views used per target (nearest by pose)."""
+    sh_degree: int = 1
+    voxel_size: float = 0.1
+    """Voxel size (metres) of the sparse volume."""
+    freeze_volume: bool = False
+    """Cache each segment's volume (inference; the volume net then gets no gradient)."""
+    enable_background: bool = True
+    """Sky/background Gaussians composited behind the foreground."""
+    ssim_lambda: float = 0.2
+    entropy_loss: float = 0.1
+    """Weight of the accumulation entropy loss (applied every ``entropy_loss_every`` steps)."""
+    entropy_loss_every: int = 10
+    scale_init: float = 0.0
+    """Initial Gaussian scale in metres; 0 = mean distance to the 3 nearest neighbours."""
+    min_views: int = 1
+    """Gaussians seen by fewer source views are dropped for that step."""
+    renderer: Literal["auto", "gsplat", "reference"] = "auto"
+    """Rasteriser: gsplat (CUDA), the PyTorch reference, or auto (gsplat when on CUDA)."""
+    max_gaussians_per_segment: int = 0
+    """Randomly subsample a segment's points to at most this many Gaussians (0 = all)."""
+
+
+@dataclass
+class SegmentContext:
+    """What the model renders when asked for a camera without a batch."""
+
+    key: str
+    node: GaussianNode
+    sources: Views
+    """Candidate source views (OpenCV camera-to-segment poses), on the model's device."""
+
+
+def camera_to_opencv(camera: Cameras) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """A single nerfstudio camera -> (OpenCV camera-to-world [4, 4], K [3, 3], W, H)."""
+    c2w = torch.eye(4, device=camera.camera_to_worlds.device)
+    c2w[:3, :4] = camera.camera_to_worlds.reshape(-1, 3, 4)[0]
+    K = torch.eye(3, device=c2w.device)
+    K[0, 0], K[1, 1] = camera.fx.reshape(-1)[0], camera.fy.reshape(-1)[0]
+    K[0, 2], K[1, 2] = camera.cx.reshape(-1)[0], camera.cy.reshape(-1)[0]
+    return opengl_to_opencv(c2w), K, int(camera.width.reshape(-1)[0]), int(camera.height.reshape(-1)[0])
+
+
+class EVolSplatModel(Model):
+    config: EVolSplatModelConfig
+
+    def populate_modules(self) -> None:
+        c = self.config
+        self.predictor = GaussianPredictor(PredictorConfig(
+            sparseConv_outdim=c.sparseConv_outdim, local_radius=c.local_radius, offset_max=c.offset_max,
+            num_neighbour_select=c.num_neighbour_select, sh_degree=c.sh_degree, voxel_size=c.voxel_size,
+            enable_background=c.enable_background, min_views=c.min_views, freeze_volume=c.freeze_volume,
+        ))
+        self.nodes: dict[str, GaussianNode] = {}
+        self.context: Optional[SegmentContext] = None
+        self.step = 0
+
+    def get_param_groups(self) -> dict[str, list[Parameter]]:
+        return {"networks": list(self.predictor.parameters())}
+
+    # -- segment state ---------------------------------------------------------------------------
+
+    def node_for(self, key: str, point_cloud: Optional[PointCloud]) -> GaussianNode:
+        """The segment's node (built from ``point_cloud`` the first time)."""
+        if key not in self.nodes:
+            if point_cloud is None:
+                raise KeyError(f"segment {key} has no node yet and no point cloud was given")
+            if len(point_cloud) == 0:
+                raise ValueError(f"segment {key}: the point cloud is empty, nothing to reconstruct")
+            pc = _subsample(point_cloud, self.config.max_gaussians_per_segment, _stable_seed(key))
+            scale = "knn" if self.config.scale_init <= 0 else self.config.scale_init
+            self.nodes[key] = GaussianNode.from_point_cloud(
+                pc.to(self.device), scale_init=scale, sh_degree=self.config.sh_degree, seed=_stable_seed(key))
+        return self.nodes[key]
+
+    def set_context(self, key: str, sources: Views, point_cloud: Optional[PointCloud] = None) -> SegmentContext:
+        """Make segment ``key`` (with candidate ``sources``) the one rendered for bare cameras."""
+        self.context = SegmentContext(key, self.node_for(key, point_cloud), sources.to(self.device))
+        return self.context
+
+    # -- prediction and rendering ----------------------------------------------------------------
+
+    def encode(self, sources: Optional[Views] = None):
+        """Shared per-step state of the context segment (volume, window features, offsets)."""
+        ctx = self._require_context()
+        return self.predictor.encode(ctx.node, sources if sources is not None else ctx.sources, key=ctx.key)
+
+    def render(self, state, c2w: torch.Tensor, K: torch.Tensor, width: int, height: int) -> dict[str, torch.Tensor]:
+        """Predict Gaussians for an OpenCV camera-to-segment pose and render them.
+
+        Returns rgb [H, W, 3], depth [H, W, 1] (OpenCV z, metres), accumulation [H, W, 1] and the
+        predicted params under ``gaussians`` (for the offset cache and export).
+        """
+        params = self.predictor.predict(state, c2w, K)
+        viewmat = torch.linalg.inv(c2w)[None]
+        # Rasterisation is numerically delicate (covariance inversion, compositing): always fp32.
+        with torch.autocast(device_type=c2w.device.type, enabled=False):
+            fg = rasterize(params.means.float(), params.quats.float(), params.scales.float(),
+                           params.opacities.float(), params.sh.float(), viewmat.float(), K[None].float(),
+                           width, height, sh_degree=self.config.sh_degree, backend=self.config.renderer)
+            rgb, alpha = fg.rgb[0], fg.alpha[0]
+            if self.config.enable_background:
+                bg = self.predictor.predict_background(state, c2w, K)
+                bg_out = rasterize(bg.means.float(), bg.quats.float(), bg.scales.float(), bg.opacities.float(),
+                                   bg.sh.float(), viewmat.float(), K[None].float(), width, height,
+                                   sh_degree=self.config.sh_degree, backend=self.config.renderer)
+                rgb = rgb + (1.0 - alpha) * bg_out.rgb[0]
+        return {"rgb": rgb, "depth": fg.depth[0], "accumulation": alpha, "gaussians": params}
+
+    @torch.no_grad()
+    def get_outputs_for_camera(self, camera: Cameras, obb_box=None) -> dict[str, torch.Tensor]:
+        """Render a nerfstudio camera (OpenGL, segment frame) of the current context; no batch."""
+        c2w, K, W, H = camera_to_opencv(camera.to(self.device))
+        ctx = self._require_context()
+        state = self.encode(self.predictor.select_sources(ctx.sources, c2w))
+        out = self.render(state, c2w, K, W, H)
+        return {k: v for k, v in out.items() if k != "gaussians"}
+
+    def get_outputs(self, ray_bundle) -> dict[str, torch.Tensor]:
+        if isinstance(ray_bundle, Cameras):
+            return self.get_outputs_for_camera(ray_bundle)
+        raise TypeError("EVolSplatModel renders whole cameras; ray bundles are not supported")
+
+    # -- losses and metrics ----------------------------------------------------------------------
+
+    def view_loss(self, outputs: dict[str, torch.Tensor], gt: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        """Loss of one target view: photometric (+ entropy on accumulation every N steps)."""
+        losses = {"rgb_loss": l1_ssim_loss(outputs["rgb"], gt, self.config.ssim_lambda)}
+        if self.config.entropy_loss > 0 and step % self.config.entropy_loss_every == 0:
+            losses["entropy_loss"] = self.config.entropy_loss * entropy_loss(outputs["accumulation"])
+        return losses
+
+    def get_metrics_dict(self, outputs, batch) -> dict[str, torch.Tensor]:
+        return {"psnr": image_metrics(outputs["rgb"], batch["image"].to(self.device), lpips=False)["psnr"]}
+
+    def get_loss_dict(self, outputs, batch, metrics_dict=None) -> dict[str, torch.Tensor]:
+        return self.view_loss(outputs, batch["image"].to(self.device), self.step)
+
+    def get_image_metrics_and_images(self, outputs, batch) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        gt = batch["image"].to(self.device)[..., :3]
+        pred = outputs["rgb"].clamp(0, 1)
+        metrics = image_metrics(pred, gt)
+        err = (pred - gt).abs().mean(-1, keepdim=True).expand_as(pred)
+        images = {"img": torch.cat([pred, gt, err], dim=1),
+                  "depth": apply_depth_colormap(outputs["depth"], accumulation=outputs["accumulation"]),
+                  "accumulation": outputs["accumulation"].expand_as(pred)}
+        return metrics, images
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def get_extra_state(self) -> dict:
+        """Nodes (anchors + offset caches) and frozen volumes travel in nerfstudio checkpoints."""
+        return {"nodes": {k: n.state_dict() for k, n in self.nodes.items()},
+                "frozen_volumes": self.predictor.frozen_state_dict(), "step": self.step}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.nodes = {k: GaussianNode.from_state_dict(v).to(self.device) for k, v in state["nodes"].items()}
+        self.predictor.load_frozen_state_dict(state.get("frozen_volumes", {}))
+        self.step = state.get("step", 0)
+
+    def _require_context(self) -> SegmentContext:
+        if self.context is None:
+            raise RuntimeError("no segment selected: call set_context(...) (the pipeline does this "
+                               "when training, evaluating or when the viewer picks a segment)")
+        return self.context
+
+
+def _stable_seed(key: str) -> int:
+    """Process-independent seed from a segment key (Python's hash() is salted per process)."""
+    import zlib
+
+    return zlib.crc32(key.encode()) & 0x7FFFFFFF
+
+
+def _subsample(pc: PointCloud, max_points: int, seed: int) -> PointCloud:
+    if max_points <= 0 or len(pc) <= max_points:
+        return pc
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(pc), generator=g)[:max_points].to(pc.points.device)
+    return PointCloud(pc.points[idx], pc.colors[idx], pc.dynamic, {**pc.metadata, "subsampled_to": max_points})

@@ -20,6 +20,22 @@ from conftest import TINY_SYNTH
 BROKEN_SCENE = "001"
 
 
+@pytest.fixture
+def data_with_broken_scene(tiny_dataset, tmp_path) -> Path:
+    """A dataset folder whose scene ``BROKEN_SCENE`` is a private copy a test may break; the other
+    scenes link to the shared (read-only by convention) ones, which keeps setup fast."""
+    import shutil
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for scene in sorted(tiny_dataset.iterdir()):
+        if scene.name == BROKEN_SCENE:
+            shutil.copytree(scene, data / scene.name)
+        else:
+            (data / scene.name).symlink_to(scene, target_is_directory=True)
+    return data
+
+
 def run_inspect(capsys, data: Path, *args: str) -> tuple[int, str, str]:
     """Exit code, stdout and stderr of ``evolsplat-data inspect --data DATA ARGS``."""
     rc = main(["inspect", "--data", str(data), *args])
@@ -62,10 +78,10 @@ def test_single_scene_folder_and_quick_mode(capsys, tiny_dataset):
     assert "1 scene(s)" in out and "scene 002:" in out
 
 
-def test_minimal_scene_without_optional_modalities(capsys, dataset_copy):
+def test_minimal_scene_without_optional_modalities(capsys, data_with_broken_scene):
     import shutil
 
-    root = dataset_copy / "000"
+    root = data_with_broken_scene / BROKEN_SCENE
     for name in ("lidar", "sky_masks", "dynamic_masks", "instances", "depth", "flow"):
         shutil.rmtree(root / name)
     rc, out, _ = run_inspect(capsys, root)
@@ -145,13 +161,13 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_input_is_named_by_file_and_problem(capsys, dataset_copy, case):
+def test_bad_input_is_named_by_file_and_problem(capsys, data_with_broken_scene, case):
     breaker, problem = BAD_INPUTS[case]
-    scene = dataset_copy / BROKEN_SCENE
+    scene = data_with_broken_scene / BROKEN_SCENE
     rel = breaker(scene)
     # "camera ids differ" is reported on the images/ folder, everything else on the file itself.
     named = scene / "images" if case == "camera ids differ" else scene / rel
-    rc, out, err = run_inspect(capsys, dataset_copy)
+    rc, out, err = run_inspect(capsys, data_with_broken_scene)
     assert rc == 1, out
     assert "Traceback" not in out + err
     assert re.search(rf"    ERROR {re.escape(str(named))}: {problem}", out), out
@@ -161,9 +177,9 @@ def test_bad_input_is_named_by_file_and_problem(capsys, dataset_copy, case):
 
 
 @pytest.mark.parametrize("case", sorted(set(BAD_INPUTS) - {"broken instances json"}))
-def test_loaders_refuse_the_same_bad_input(dataset_copy, case):
+def test_loaders_refuse_the_same_bad_input(data_with_broken_scene, case):
     breaker, problem = BAD_INPUTS[case]
-    scene = dataset_copy / BROKEN_SCENE
+    scene = data_with_broken_scene / BROKEN_SCENE
     breaker(scene)
     with pytest.raises(L.DatasetError) as err:
         load_everything(scene)
@@ -171,10 +187,10 @@ def test_loaders_refuse_the_same_bad_input(dataset_copy, case):
     assert re.search(problem, str(err.value)), str(err.value)
 
 
-def test_all_problems_are_listed_in_one_run(capsys, dataset_copy):
-    scene = dataset_copy / BROKEN_SCENE
+def test_all_problems_are_listed_in_one_run(capsys, data_with_broken_scene):
+    scene = data_with_broken_scene / BROKEN_SCENE
     broken = [BAD_INPUTS[c][0](scene) for c in ("missing ego pose", "truncated lidar", "non-rigid pose")]
-    rc, out, _ = run_inspect(capsys, dataset_copy)
+    rc, out, _ = run_inspect(capsys, data_with_broken_scene)
     assert rc == 1
     for rel in broken:
         assert f"ERROR {scene / rel}: " in out

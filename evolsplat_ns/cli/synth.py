@@ -11,6 +11,7 @@ Existing non-empty scene folders are never replaced unless ``--overwrite`` is gi
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from dataclasses import MISSING, fields
@@ -18,21 +19,24 @@ from pathlib import Path
 
 from evolsplat_ns.data.synth.config import SynthConfig
 
+# SynthConfig's field annotations are strings (postponed evaluation); these are the ones it uses.
+_FIELD_TYPES = {"int": int, "float": float, "bool": bool}
+
 
 def build_parser() -> argparse.ArgumentParser:
     """Parser with ``--out`` plus one flag per ``SynthConfig`` field (help from field metadata)."""
     parser = argparse.ArgumentParser(
-        prog="evolsplat-synth", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="evolsplat-synth", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Write synthetic driving scenes (ray-cast procedural streets) in the drivestudio layout.")
     parser.add_argument("--out", type=Path, required=True, help="dataset folder; scenes go to OUT/000, ...")
     for f in fields(SynthConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
-        if f.type in ("bool", bool):
+        kind = _FIELD_TYPES[f.type]
+        if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=f.metadata["help"])
         else:
-            kind = {"int": int, "float": float}.get(f.type, f.type)
             parser.add_argument(flag, type=kind, default=default, help=f.metadata["help"])
     return parser
 
@@ -45,8 +49,9 @@ def entrypoint(argv: list[str] | None = None) -> None:
     out = args.pop("out")
     try:
         cfg = SynthConfig(**args)
-    except ValueError as e:
-        sys.exit(f"evolsplat-synth: {e}")
+    except ValueError as e:  # name the flag, not the dataclass field
+        flag = re.sub(r"SynthConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e))
+        sys.exit(f"evolsplat-synth: {flag}")
     start = time.perf_counter()
     try:
         scenes = generate_dataset(cfg, out)

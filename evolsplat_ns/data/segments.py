@@ -48,6 +48,9 @@ def eval_frame_mask(frames: Sequence[int], interval: int) -> np.ndarray:
     Offsetting keeps held-out frames away from segment ends, so they lie between source frames.
     ``interval <= 0`` holds out nothing.
     """
+    if interval == 1:  # nothing would be left to build segments and source views from
+        raise ValueError("eval_frame_interval=1 holds out every frame of eval scenes; use 0 (hold out "
+                         "nothing) or >= 2")
     n = len(frames)
     mask = np.zeros(n, dtype=bool)
     if interval > 0:
@@ -87,6 +90,9 @@ def select_train_keyframes(
             return window[:num_source], window[num_source:]
         return window[num_target:], window[:num_target]
     if mode == "between":
+        if num_source < 2:  # one source cannot enclose a target
+            raise ValueError(f"selection 'between' needs >= 2 source keyframes, got {num_source}; "
+                             f"use 'beside' or 'nearest' for a single source")
         src_pos = np.unique(np.round(np.linspace(0, need - 1, num_source)).astype(int))
         sources = [window[i] for i in src_pos]
         inner = [f for f in window if f not in sources]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -46,13 +47,20 @@ def generate_scene(cfg: SynthConfig, scene_index: int, out_dir: Path) -> Path:
     writer = SceneWriter(root, cfg)
     writer.clear()
     writer.write_calibration(rig)
-    for t in range(cfg.frames):
-        time = t * cfg.dt
-        next_time = time + cfg.dt if t + 1 < cfg.frames else None
-        caster.set_time(time)
-        frame = render_cameras(street, rig, caster, time, next_time, cfg.shadows)
-        lidar = lidar_sweep(street, caster, lidar_dirs, time, cfg.lidar_range)
-        writer.write_frame(t, street.street_to_world @ street.ego.pose(time), frame, lidar)
+    # Files of frame t are encoded and written on a thread while frame t+1 renders.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: Future | None = None
+        for t in range(cfg.frames):
+            time = t * cfg.dt
+            next_time = time + cfg.dt if t + 1 < cfg.frames else None
+            caster.set_time(time)
+            frame = render_cameras(street, rig, caster, time, next_time, cfg.shadows)
+            lidar = lidar_sweep(street, caster, lidar_dirs, time, cfg.lidar_range)
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(writer.write_frame, t, street.street_to_world @ street.ego.pose(time),
+                                  frame, lidar)
+        pending.result()
     writer.write_instances(street)
     return root
 

@@ -96,10 +96,11 @@ def render_cameras(street: Street, rig: CameraRig, caster: Raycaster, time: floa
     rays = rig.rays(street.ego.pose(time)).reshape(-1, 6)
     hits = caster.cast(rays)
     poses = street.car_poses(time)
-    rgb = sky_colour(rays[:, 3:])
+    hit = np.isfinite(hits.t)
+    rgb = np.empty((len(rays), 3), np.float32)
+    rgb[~hit] = sky_colour(rays[~hit, 3:])
     surf_albedo = albedo(hits.material, hit_surfaces(hits, poses), street.noise)
     rgb[hits.index] = shade(street, caster, hits, surf_albedo, shadows)
-    hit = np.isfinite(hits.t)
     moving = np.array([c.moving for c in street.cars] + [False], bool)  # index -1 -> not a car
     dynamic = np.zeros(len(rays), bool)
     dynamic[hits.index] = moving[hits.car]
@@ -121,14 +122,12 @@ def _camera_flow(street: Street, rig: CameraRig, rays: np.ndarray, hits: Hits, p
     """[C * H * W, 2] pixel motion to ``next_time``: surface points move with their car (or stay),
     sky directions are points at infinity, and the camera moves with the ego."""
     C, n = rig.num_cameras, rig.height * rig.width
-    points = np.zeros((len(rays), 3))
-    points[hits.index] = _advance(hits, poses, street.car_poses(next_time))
-    next_pose = street.ego.pose(next_time)
-    uv_point, z_point = rig.project(points.reshape(C, n, 3), next_pose)
-    uv_sky, z_sky = rig.project(rays[:, 3:].reshape(C, n, 3), next_pose, at_infinity=True)
-    hit = np.isfinite(hits.t).reshape(C, n)
-    uv = np.where(hit[..., None], uv_point, uv_sky)
-    ahead = np.where(hit, z_point, z_sky) > 1e-6
+    # Homogeneous targets: sky rays keep their direction with w = 0 (a point at infinity).
+    target = np.concatenate([rays[:, 3:], np.zeros((len(rays), 1), np.float32)], 1).astype(np.float64)
+    target[hits.index, :3] = _advance(hits, poses, street.car_poses(next_time))
+    target[hits.index, 3] = 1.0
+    uv, depth = rig.project(target.reshape(C, n, 4), street.ego.pose(next_time))
+    ahead = depth > 1e-6
     u, v = np.meshgrid(np.arange(rig.width) + 0.5, np.arange(rig.height) + 0.5)
     flow = uv - np.stack([u, v], -1).reshape(1, n, 2)
     # A point that ends up behind the camera has no image position; its flow is 0 by convention.

@@ -86,19 +86,19 @@ class CameraRig:
         rays = np.concatenate([o, d], -1).astype(np.float32)
         return rays.reshape(self.num_cameras, self.height, self.width, 6)
 
-    def project(self, points: np.ndarray, vehicle_to_street: np.ndarray,
-                at_infinity: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Project street-frame points [C, N, 3] into each camera (or directions if ``at_infinity``).
+    def project(self, points: np.ndarray, vehicle_to_street: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Project homogeneous street-frame points [C, N, 4] into each camera.
+
+        ``w = 1`` rows are points, ``w = 0`` rows are directions (points at infinity, e.g. sky).
 
         Returns:
-            uv: [C, N, 2] continuous pixel coordinates (x right, y down); depth: [C, N] z (metres).
+            uv: [C, N, 2] continuous pixel coordinates (x right, y down); depth: [C, N] z (metres,
+            or the direction's z component for ``w = 0``).
         """
         s2c = np.linalg.inv(vehicle_to_street @ self.cam_to_vehicle)      # [C, 4, 4]
-        cam = points @ s2c[:, :3, :3].transpose(0, 2, 1)
-        if not at_infinity:
-            cam = cam + s2c[:, None, :3, 3]
-        depth = cam[..., 2]
-        pix = cam @ self.K.transpose(0, 2, 1)
+        P = self.K @ s2c[:, :3, :]                                        # [C, 3, 4]
+        pix = points @ P.transpose(0, 2, 1)
+        depth = pix[..., 2]
         with np.errstate(divide="ignore", invalid="ignore"):
             uv = pix[..., :2] / depth[..., None]
         return uv, depth

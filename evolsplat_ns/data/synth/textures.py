@@ -33,7 +33,6 @@ class Material(IntEnum):
 
 
 GROUND_MATERIALS = (Material.GROUND, Material.SIDEWALK)
-CAR_MATERIALS = (Material.CAR_BODY, Material.CAR_CABIN, Material.WHEEL)
 
 
 @dataclass
@@ -116,8 +115,8 @@ def _mix(a: np.ndarray, b, m: np.ndarray) -> np.ndarray:
 def _ground(s: Surface, nb: NoiseBank) -> np.ndarray:
     x, y = s.pos[:, 0], s.pos[:, 1]
     road_half, lane, cross_x, cross_len = s.params.T
-    grain = 0.75 + 0.5 * nb.sample(nb.fine, x, y, 0.06)
-    patches = 0.85 + 0.3 * nb.sample(nb.coarse, x, y, 0.25)
+    grain = 0.8 + 0.4 * nb.sample(nb.fine, x, y, 0.05)
+    patches = 0.9 + 0.2 * nb.sample(nb.coarse, x, y, 0.25)
     asphalt = np.array([0.27, 0.27, 0.29], np.float32) * (grain * patches)[:, None]
     grass = (np.array([0.22, 0.32, 0.12], np.float32)
              * (0.6 + 0.8 * nb.sample(nb.coarse, x, y, 0.08))[:, None])
@@ -149,7 +148,7 @@ def _facade(s: Surface, nb: NoiseBank) -> np.ndarray:
     u = np.where(along_x, x, y) - origin
     fu, fz = np.mod(u / spacing, 1.0), np.mod(z / floor_h, 1.0)
     col, floor = np.floor(u / spacing), np.floor(z / floor_h)
-    wall = s.colour * (0.85 + 0.3 * nb.sample(nb.fine, u, z, 0.05))[:, None]
+    wall = s.colour * (0.9 + 0.2 * nb.sample(nb.fine, u, z, 0.04))[:, None]
     wall = _mix(wall, wall * 0.78, fz < 0.06)  # floor ledge
     shop = (floor == 0) & (fu > 0.08) & (fu < 0.92) & (fz > 0.12) & (fz < 0.78)
     upper = (floor > 0) & (fu > 0.28) & (fu < 0.72)

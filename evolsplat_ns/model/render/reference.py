@@ -9,7 +9,7 @@ binning and front-to-back alpha compositing. It follows gsplat's CUDA rasteriser
 - a Gaussian only reaches the 16x16 tiles overlapped by its radius box (so pixels just outside the
   box but inside a covered tile still see it, as on the GPU);
 - per pixel, Gaussians are taken in increasing camera depth, ``alpha = min(0.999, o * exp(-s))``,
-  ``alpha < 1/255`` (or ``s < 0``) is skipped, and compositing stops *before* the Gaussian that
+  ``alpha < 1/255`` is skipped, and compositing stops *before* the Gaussian that
   would bring the transmittance to <= 1e-4.
 
 Memory is bounded by compositing groups of tiles of similar Gaussian count, at most
@@ -39,8 +39,8 @@ ALPHA_MIN = 1.0 / 255.0
 T_MIN = 1e-4
 SIGMA_CAP = 60.0
 LOG_T_FLOOR = math.log(T_MIN) - 10.0
-# ~8 MB per float32 [pixels, Gaussians] temporary; about a dozen of them live at once.
-DEFAULT_CHUNK_ELEMS = 1 << 21
+# ~4 MB per float32 [pixels, Gaussians] temporary; about twenty of them live at once.
+DEFAULT_CHUNK_ELEMS = 1 << 20
 
 
 @dataclass
@@ -48,8 +48,8 @@ class _TileBins:
     """Gaussians binned into image tiles, depth-sorted within each tile.
 
     ``gauss_ids`` [M] index the flattened [C * N] camera-Gaussian pairs, grouped by tile and in
-    increasing depth inside a group; tile ``i`` owns ``gauss_ids[starts[i] : starts[i] + counts[i]]``
-    and sits at ``tile_keys[i] = camera * tiles_per_image + row * tiles_x + col``.
+    increasing depth inside a group; tile ``i`` owns ``gauss_ids[starts[i]:][:counts[i]]`` and
+    sits at ``tile_keys[i] = camera * tiles_per_image + row * tiles_x + col``.
     """
 
     gauss_ids: Tensor
@@ -136,7 +136,7 @@ def _sigma_coefficients(mean: Tensor, conic: Tensor) -> Tensor:
     """Coefficients [T, K, 6] of the Mahalanobis half-distance
     ``0.5 a du^2 + 0.5 c dv^2 + b du dv`` (du = u - mean_u) as a polynomial in the
     :func:`_quadratic_basis`, for means [T, K, 2] relative to the tile centre and conics
-    (a, b, c) [T, K, 3]. Centring on the tile keeps the terms small, so float32 stays exact."""
+    (a, b, c) [T, K, 3]. Centring on the tile keeps the terms small: float32 rounding ~1e-6."""
     mu, mv = mean.unbind(-1)
     a, b, c = conic.unbind(-1)
     return torch.stack(
@@ -174,11 +174,13 @@ def _composite(
     mean = means2d[gauss] - tile_centres[:, None, :]
     coeff = _sigma_coefficients(mean, conics[gauss])
     sigma = torch.matmul(_quadratic_basis(mean.dtype, mean.device), coeff.transpose(1, 2))
-    # exp(-sigma) below ~1e-38 yields float32 denormals (very slow on CPU); such alphas are
-    # dropped by the 1/255 test anyway, so cap sigma first.
-    alpha = opacities[gauss][:, None, :] * torch.exp(-sigma.clamp(max=SIGMA_CAP))
+    # The dilated conic is positive definite, so sigma >= 0 and gsplat's "skip sigma < 0" never
+    # fires there; here the polynomial form rounds to tiny negatives at the mean, hence the floor.
+    # The cap keeps exp(-sigma) out of float32 denormals (very slow on CPU); such alphas are
+    # below 1/255 and dropped anyway.
+    alpha = opacities[gauss][:, None, :] * torch.exp(-sigma.clamp(min=0.0, max=SIGMA_CAP))
     alpha = alpha.clamp(max=ALPHA_MAX)
-    alpha = torch.where((sigma >= 0) & (alpha >= ALPHA_MIN), alpha, torch.zeros_like(alpha))
+    alpha = torch.where(alpha >= ALPHA_MIN, alpha, torch.zeros_like(alpha))
 
     # Log-space transmittance: a running product would sink into denormals behind opaque
     # Gaussians. Only entries with T_after > T_MIN are used, so flooring T_before is harmless.
@@ -263,6 +265,39 @@ def _evaluate_colors(
     return (_spherical_harmonics(sh_degree, dirs, shs) + 0.5).clamp(min=0.0)
 
 
+def _project(
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    viewmats: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    near_plane: float,
+    far_plane: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """gsplat's PyTorch projection, one camera at a time: radii [C, N] int32, means2d [C, N, 2]
+    pixels, depths [C, N] OpenCV camera z, conics [C, N, 3].
+
+    Gaussians within ``near_plane`` of a camera's z = 0 plane are culled for that camera anyway;
+    they are first moved (detached) to z = -1 there, because the projection divides by z and at
+    z = 0 their zero gradient would come back as 0 * inf = NaN.
+    """
+    covars, _ = _quat_scale_to_covar_preci(quats, scales, compute_preci=False)
+    per_camera = []
+    for viewmat, K in zip(viewmats, Ks):
+        axis = viewmat[2, :3]  # camera z axis in world coordinates (row of world-to-camera)
+        z = (means @ axis + viewmat[2, 3]).detach()
+        behind = means.detach() - (z + 1.0)[:, None] * axis / axis.dot(axis)
+        safe = torch.where((z.abs() < near_plane)[:, None], behind, means)
+        radii, means2d, depths, conics, _ = _fully_fused_projection(
+            safe, covars, viewmat[None], K[None], width, height, eps2d=EPS2D,
+            near_plane=near_plane, far_plane=far_plane,
+        )
+        per_camera.append((radii, means2d, depths, conics))
+    return tuple(torch.cat(parts) for parts in zip(*per_camera))
+
+
 def rasterize_reference(
     means: Tensor,
     quats: Tensor,
@@ -294,10 +329,8 @@ def rasterize_reference(
         alphas [C, H, W, 1], and meta with radii [C, N] int32, means2d [C, N, 2], depths [C, N],
         conics [C, N, 3].
     """
-    covars, _ = _quat_scale_to_covar_preci(quats, scales, compute_preci=False)
-    radii, means2d, depths, conics, _ = _fully_fused_projection(
-        means, covars, viewmats, Ks, width, height, eps2d=EPS2D,
-        near_plane=near_plane, far_plane=far_plane,
+    radii, means2d, depths, conics = _project(
+        means, quats, scales, viewmats, Ks, width, height, near_plane, far_plane
     )
     rgb = _evaluate_colors(colors, means, viewmats, sh_degree)
     features = torch.cat([rgb, depths[..., None]], dim=-1)

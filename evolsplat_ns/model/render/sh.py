@@ -20,10 +20,10 @@ def num_sh_bases(degree: int) -> int:
 
 
 def rgb_to_sh0(rgb: Tensor) -> Tensor:
-    """RGB [..., 3] in [0, 1] -> degree-0 SH coefficients [..., 3] that gsplat renders as ``rgb``."""
+    """RGB [..., 3] in [0, 1] -> degree-0 SH coefficients [..., 3] that gsplat renders as rgb."""
     return (rgb - 0.5) / C0
 
 
 def sh0_to_rgb(sh0: Tensor) -> Tensor:
-    """Degree-0 SH coefficients [..., 3] -> the RGB [..., 3] gsplat renders (before clamping at 0)."""
+    """Degree-0 SH coefficients [..., 3] -> the RGB [..., 3] gsplat renders (before the clamp)."""
     return sh0 * C0 + 0.5

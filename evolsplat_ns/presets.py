@@ -147,7 +147,8 @@ def _child(node: Any, key: Any, source: str, path: tuple[str, ...]) -> tuple[Any
     valid = _settable_keys(node)
     if key not in valid:
         level = f"under '{_dotted(path[:-1])}'" if len(path) > 1 else "at the top level"
-        raise PresetError(f"{source}: unknown key '{_dotted(path)}'; valid keys {level}: {', '.join(valid) or '(none)'}")
+        raise PresetError(f"{source}: unknown key '{_dotted(path)}'; "
+                          f"valid keys {level}: {', '.join(valid) or '(none)'}")
     if isinstance(node, dict):
         current = node[key]
         return current, Any if current is None else type(current)

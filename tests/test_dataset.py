@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from evolsplat_ns.data import layout as L
 from evolsplat_ns.data.cache import PointCloudCache, point_cloud_nbytes
 from evolsplat_ns.data.dataset import MultiSceneDataset, MultiSceneDatasetConfig
 from evolsplat_ns.data.scheduler import SegmentScheduler
@@ -311,6 +312,10 @@ def test_train_samples_shapes_and_flags(base_config):
             assert not set(src.frame_ids.tolist()) & set(tgt.frame_ids.tolist())
             assert _frames_of(s) <= set(s.segment_frames)
             assert s.segment_to_world.shape == (4, 4)
+        layout = next(sc.layout for sc in ds.scenes if sc.name == s.key.scene)
+        for i, (t, cam) in enumerate(zip(src.frame_ids.tolist(), src.cam_ids.tolist())):  # the right files
+            np.testing.assert_array_equal((src.images[i] * 255).round().byte().numpy(),
+                                          L.read_image(layout.image_path(t, cam)))
         assert ds.scheduler.epoch == 0 and ds.scheduler.next().epoch == 1  # one epoch = every segment
     finally:
         ds.close()
@@ -398,6 +403,17 @@ def test_point_clouds_come_from_the_cache_and_preload(base_config):
         pc = ds.point_cloud(nxt)
         assert ds.cache.builds == 1 and ds.point_cloud(nxt) is pc
         assert pc.metadata["frames"] == ds.segments[nxt].frames and len(pc) > 0
+    finally:
+        ds.close()
+
+
+def test_single_scene_trains_on_its_context_frames(base_config, tiny_dataset):
+    ds = MultiSceneDataset(replace(base_config, data=tiny_dataset / "001"))
+    try:
+        assert ds.eval_scene_ids == {0} and ds.num_train_segments == len(ds.segments) == 2
+        assert sorted(t for _, t in ds.eval_items) == HELD_OUT
+        for _ in range(4):
+            assert not _frames_of(ds.next_train_sample()) & set(HELD_OUT)
     finally:
         ds.close()
 

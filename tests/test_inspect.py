@@ -206,3 +206,10 @@ def test_no_dataset_exits_2_with_message(capsys, tmp_path, make):
     assert rc == 2 and out == ""
     expected = "data folder does not exist" if make == "missing" else "no scene folders found"
     assert err.startswith(f"error: {data}: {expected}")
+
+
+def test_bad_setting_is_a_usage_error(capsys, tiny_dataset):
+    with pytest.raises(SystemExit) as exit_:
+        main(["inspect", "--data", str(tiny_dataset), "--segment-stride", "0"])
+    assert exit_.value.code == 2
+    assert "argument --segment-stride: must be >= 1, got 0" in capsys.readouterr().err

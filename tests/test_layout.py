@@ -135,24 +135,26 @@ def test_scene_calibration_matches_files(tiny_dataset):
         assert (calib.width, calib.height) == calib.full_size == (TINY_SYNTH["width"], TINY_SYNTH["height"])
 
 
-@pytest.mark.parametrize("scene_name", ["000", "002"])
-def test_lidar_projects_onto_synthetic_depth(tiny_dataset, scene_name):
+@pytest.mark.parametrize("scene_name, downscale", [("000", 1.0), ("002", 1.0), ("001", 2.0)])
+def test_lidar_projects_onto_synthetic_depth(tiny_dataset, scene_name, downscale):
     """LiDAR points (vehicle frame) moved to the world by ego_pose and projected into each camera with
-    SceneData's OpenCV camera-to-world land where the rendered z-depth says, for most points (the
-    rest are seen by the roof LiDAR but hidden from the lower camera)."""
-    scene = SceneData(tiny_dataset / scene_name)
+    SceneData's OpenCV camera-to-world (and downscaled intrinsics) land where the rendered z-depth
+    says, for most points (the rest are seen by the roof LiDAR but hidden from the lower camera)."""
+    scene = SceneData(tiny_dataset / scene_name, downscale=downscale)
     for t in (0, TINY_SYNTH["frames"] - 1):
         raw = L.read_lidar(scene.layout.lidar_path(t))
-        world = torch.from_numpy(scene.load_lidar([t], np.eye(4)).points.numpy()).double()
-        np.testing.assert_allclose(world[:, :3].numpy(), raw[:, 3:6] @ scene.ego_to_world[t][:3, :3].T
+        world = scene.load_lidar([t], np.eye(4)).points.double()
+        np.testing.assert_allclose(world.numpy(), raw[:, 3:6] @ scene.ego_to_world[t][:3, :3].T
                                    + scene.ego_to_world[t][:3, 3], rtol=1e-6, atol=1e-3)
         views = scene.load_views([t], np.eye(4), depth=True, sky=True)
         uv, z = project_points(world, views.intrinsics.double(), invert_rigid(views.camtoworlds.double()))
         for c in range(len(views)):
             ix, iy = uv[c, :, 0].floor().long(), uv[c, :, 1].floor().long()
             inside = (z[c] > 0) & (ix >= 0) & (ix < views.width) & (iy >= 0) & (iy < views.height)
-            assert inside.sum() > 200, f"camera {c} sees too few LiDAR points"
+            assert inside.sum() > 200 / downscale, f"camera {c} sees too few LiDAR points"
             gt = views.depths[c][iy[inside], ix[inside]].double()
-            agree = ((z[c][inside] - gt).abs() < 0.05 * gt).double().mean()
-            assert agree > 0.85, f"frame {t} camera {c}: only {agree:.0%} of LiDAR points match the depth map"
+            # Downscaled depth maps are nearest-resized: on the steep ground of a 32x24 image each
+            # pixel spans more depth, hence the looser bounds.
+            agree = ((z[c][inside] - gt).abs() < 0.05 * downscale * gt).double().mean()
+            assert agree > (0.85 if downscale == 1 else 0.8), f"frame {t} camera {c}: only {agree:.0%} of LiDAR points match the depth map"
             assert not views.sky_masks[c][iy[inside], ix[inside]].any()  # LiDAR never hits the sky

@@ -27,15 +27,7 @@ def test_builtin_generators_are_listed_and_build():
         assert gen.config.voxel_size == 0.2
 
 
-# pyproject declares drivestudio = "evolsplat_ns.data.layout:DrivestudioSource", which does not exist
-# yet; strict xfail turns red once it does, so this marker gets removed then.
-_BROKEN_KINDS = {"data_sources": "pyproject's 'drivestudio' data source names a missing DrivestudioSource"}
-
-
-@pytest.mark.parametrize("kind", [
-    pytest.param(k, marks=pytest.mark.xfail(reason=_BROKEN_KINDS[k], strict=True)) if k in _BROKEN_KINDS else k
-    for k in sorted(registry.GROUPS)
-])
+@pytest.mark.parametrize("kind", sorted(registry.GROUPS))
 def test_every_registered_builtin_loads(kind):
     for name in registry.available(kind):
         assert registry.get(kind, name) is not None, f"{kind}/{name}"

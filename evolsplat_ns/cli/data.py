@@ -9,13 +9,20 @@ from evolsplat_ns.data.inspect import inspect_dataset
 from evolsplat_ns.data.layout import DatasetError
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="evolsplat-data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="validate a drivestudio-layout dataset and print a summary")
     p.add_argument("--data", required=True, help="a scene folder or a folder of scene folders")
-    p.add_argument("--segment-length", type=int, default=20)
-    p.add_argument("--segment-stride", type=int, default=10)
+    p.add_argument("--segment-length", type=int, default=20, help="frames per segment (0 = whole scene)")
+    p.add_argument("--segment-stride", type=_positive_int, default=10, help="frames between segment starts")
     p.add_argument("--quick", action="store_true", help="read image headers only (no full decode)")
     args = parser.parse_args(argv)
     try:

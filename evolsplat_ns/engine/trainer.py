@@ -63,8 +63,7 @@ class EVolSplatTrainer(Trainer):
         self.grad_scaler.update()
         if scale <= self.grad_scaler.get_scale():
             self.optimizers.scheduler_step_all(step)
-        model.commit_offsets(state)
-        metrics["num_gaussians"] = torch.tensor(float(state.num_gaussians))
+        model.commit_offsets(state, metrics.pop("projected_index"))
         return loss, loss_dict, metrics
 
     def _forward_backward(self, sample: Sample, batch: dict, step: int):
@@ -78,6 +77,7 @@ class EVolSplatTrainer(Trainer):
         n = len(tgt)
         totals: dict[str, torch.Tensor] = defaultdict(float)
         psnr = 0.0
+        projected = []
         for v in range(n):
             with torch.autocast(device_type=device_type, enabled=self.mixed_precision):
                 out = model.render(state, tgt.camtoworlds[v], tgt.intrinsics[v], tgt.width, tgt.height)
@@ -89,10 +89,14 @@ class EVolSplatTrainer(Trainer):
             for k, val in losses.items():
                 totals[k] = totals[k] + val.detach()
             psnr += float(-10 * torch.log10(((out["rgb"].detach().float() - tgt.images[v]) ** 2).mean())) / n
+            projected.append(out["gaussians"].index)
             del out, losses, loss_v  # free this target's graph before the next
         state.backward_shared()
         loss = sum(totals.values())
-        return loss, dict(totals), {"psnr": torch.tensor(psnr)}, state
+        index = torch.unique(torch.cat(projected))
+        metrics = {"psnr": torch.tensor(psnr), "num_gaussians": torch.tensor(float(index.numel())),
+                   "projected_index": index}
+        return loss, dict(totals), metrics, state
 
     def _skip(self, step: int, reason: str, message: str):
         """Drop this step's gradients, count it, warn, and keep training."""

@@ -142,12 +142,17 @@ class EVolSplatModel(Model):
                            width, height, sh_degree=self.config.sh_degree, backend=self.config.renderer)
             rgb, alpha = fg.rgb[0], fg.alpha[0]
             if self.config.enable_background:
-                bg = self.predictor.predict_background(state, c2w, K)
+                bg = self.predictor.predict_background(state)
                 bg_out = rasterize(bg.means.float(), bg.quats.float(), bg.scales.float(), bg.opacities.float(),
                                    bg.sh.float(), viewmat.float(), K[None].float(), width, height,
                                    sh_degree=self.config.sh_degree, backend=self.config.renderer)
                 rgb = rgb + (1.0 - alpha) * bg_out.rgb[0]
         return {"rgb": rgb, "depth": fg.depth[0], "accumulation": alpha, "gaussians": params}
+
+    def commit_offsets(self, state, index: torch.Tensor) -> None:
+        """Write this step's predicted offsets of node Gaussians ``index`` [M] into the segment's
+        cache, so the next step on this segment starts from means + offset (recursive refinement)."""
+        state.node.update_offset(index, state.offset.detach()[index])
 
     @torch.no_grad()
     def get_outputs_for_camera(self, camera: Cameras, obb_box=None) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Gaussian nodes: the per-segment point set the predictor decorates with Gaussian attributes.
+"""Gaussian containers: per-segment anchor nodes and the predicted Gaussian parameters.
 
 A :class:`GaussianNode` is plain data (no ``nn.Parameter``): EVolSplat predicts every Gaussian
 attribute with networks, so the only per-point state that persists across training steps is the
@@ -10,7 +10,7 @@ All positions are in the **segment frame** (vehicle frame at the segment's first
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -44,7 +44,9 @@ def _knn_brute(
     out = [
         # k+1 smallest includes the zero self-distance; a duplicate point counts as a neighbour
         # at distance 0 (duplicated returns should get tiny Gaussians).
-        torch.cdist(block, points, compute_mode="donot_use_mm_for_euclid_dist").topk(k + 1, dim=1, largest=False).values[:, 1:]
+        torch.cdist(block, points, compute_mode="donot_use_mm_for_euclid_dist")
+        .topk(k + 1, dim=1, largest=False)
+        .values[:, 1:]
         for block in queries.split(rows)
     ]
     return torch.cat(out) if out else queries.new_zeros(0, k)
@@ -84,7 +86,8 @@ def _knn_in_cells(
         cnt = counts[rows].reshape(-1)
         owner = torch.repeat_interleave(rows.repeat_interleave(27), cnt)
         seg_start = torch.repeat_interleave(torch.cumsum(cnt, 0) - cnt, cnt)
-        pos = torch.repeat_interleave(starts[rows].reshape(-1), cnt) + torch.arange(cnt.sum(), device=points.device) - seg_start
+        within = torch.arange(cnt.sum(), device=points.device) - seg_start
+        pos = torch.repeat_interleave(starts[rows].reshape(-1), cnt) + within
         cand = order[pos]
         dist = (points[queries[owner]] - points[cand]).norm(dim=-1)
         dist = torch.where(cand == queries[owner], float("inf"), dist)
@@ -245,3 +248,33 @@ class GaussianNode:
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name).to(device))
         return self
+
+
+@dataclass
+class GaussianParams:
+    """Gaussians ready for rasterisation (segment frame).
+
+    Attributes:
+        means: [M, 3] centres (segment frame, metres).
+        quats: [M, 4] unit quaternions, wxyz.
+        scales: [M, 3] linear scales (metres).
+        opacities: [M] in (0, 1).
+        sh: [M, (sh_degree+1)^2, 3] SH colour coefficients (gsplat layout, DC first).
+        index: [M] long, which node Gaussians these are (None for Gaussians not from a node).
+        offset: [M, 3] detached predicted offsets for :meth:`GaussianNode.update_offset` (or None).
+    """
+
+    means: torch.Tensor
+    quats: torch.Tensor
+    scales: torch.Tensor
+    opacities: torch.Tensor
+    sh: torch.Tensor
+    index: Optional[torch.Tensor] = None
+    offset: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def sh_degree(self) -> int:
+        return int(round(self.sh.shape[1] ** 0.5)) - 1

@@ -71,7 +71,9 @@ def to_grid(uv: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return uv * scale - 1.0
 
 
-def zbuffer_depth(uv: torch.Tensor, depth: torch.Tensor, valid: torch.Tensor, hw: tuple[int, int], downscale: int) -> torch.Tensor:
+def zbuffer_depth(
+    uv: torch.Tensor, depth: torch.Tensor, valid: torch.Tensor, hw: tuple[int, int], downscale: int
+) -> torch.Tensor:
     """Nearest point depth at each point's own cell of a coarse z-buffer of the points themselves.
 
     Args:
@@ -101,7 +103,13 @@ class Projector:
         zbuffer_downscale: cell size (pixels) of the point z-buffer used when views carry no depth.
     """
 
-    def __init__(self, local_radius: int = 1, num_neighbour_select: int = 4, min_views: int = 1, zbuffer_downscale: int = 4) -> None:
+    def __init__(
+        self,
+        local_radius: int = 1,
+        num_neighbour_select: int = 4,
+        min_views: int = 1,
+        zbuffer_downscale: int = 4,
+    ) -> None:
         if local_radius < 0 or num_neighbour_select < 1 or min_views < 1:
             raise ValueError("Projector needs local_radius >= 0, num_neighbour_select >= 1, min_views >= 1")
         self.local_radius = local_radius
@@ -126,7 +134,9 @@ class Projector:
         by_dist = torch.argsort(torch.round(dist[by_angle] * 1e4), stable=True)
         return by_angle[by_dist][: self.num_neighbour_select]
 
-    def __call__(self, points: torch.Tensor, source: Views, target_c2w: torch.Tensor | None = None) -> ProjectedFeatures:
+    def __call__(
+        self, points: torch.Tensor, source: Views, target_c2w: torch.Tensor | None = None
+    ) -> ProjectedFeatures:
         """Features of ``points`` [M, 3] (segment frame) in the source views (all of them, or the
         nearest ``num_neighbour_select`` to ``target_c2w`` [4, 4] OpenCV camera-to-segment)."""
         if target_c2w is not None:
@@ -143,7 +153,8 @@ class Projector:
         points = points.detach()
         height, width = views.height, views.width
         uv, depth = project_points(points, views.intrinsics, invert_rigid(views.camtoworlds))
-        valid = (depth > 0) & (uv[..., 0] >= 0) & (uv[..., 0] < width) & (uv[..., 1] >= 0) & (uv[..., 1] < height)
+        in_x = (uv[..., 0] >= 0) & (uv[..., 0] < width)
+        valid = (depth > 0) & in_x & (uv[..., 1] >= 0) & (uv[..., 1] < height)
         colors = self._sample_windows(views.images, uv)
         occlusion = torch.where(valid, depth - self._surface_depth(views, uv, depth, valid), 0.0)
         view_dirs = F.normalize(points[None] - views.camtoworlds[:, None, :3, 3], dim=-1)
@@ -169,7 +180,9 @@ class Projector:
         )  # [V, 3, M, P]
         return sampled.permute(2, 0, 3, 1)
 
-    def _surface_depth(self, views: Views, uv: torch.Tensor, depth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def _surface_depth(
+        self, views: Views, uv: torch.Tensor, depth: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
         """[V, M] depth of the surface each source sees at the points' projections (see module doc)."""
         if views.depths is None:
             return zbuffer_depth(uv, depth, valid, (views.height, views.width), self.zbuffer_downscale)

@@ -166,7 +166,9 @@ class SparseCostRegNet(nn.Module):
     def forward(self, grid: VoxelGrid) -> torch.Tensor:
         """Features [V, out_dim] of the occupied voxels of ``grid``, in ``grid.keys`` order."""
         if grid.features.shape[1] != self.in_dim:
-            raise ValueError(f"SparseCostRegNet(in_dim={self.in_dim}) got {grid.features.shape[1]}-dim voxel features")
+            raise ValueError(
+                f"SparseCostRegNet(in_dim={self.in_dim}) got {grid.features.shape[1]}-dim voxel features"
+            )
         with spconv_device_guard(grid.features.device):
             batch = torch.zeros_like(grid.coords[:, :1])
             x = spconv.SparseConvTensor(
@@ -217,3 +219,32 @@ class FrozenVolumeCache:
 
     def clear(self) -> None:
         self._volumes.clear()
+
+    def state_dict(self) -> dict[str, dict]:
+        """Plain tensors/numbers per segment key, for checkpoints."""
+        return {
+            key: {
+                "origin": v.grid.origin,
+                "voxel_size": v.grid.voxel_size,
+                "shape": list(v.grid.shape),
+                "coords": v.grid.coords,
+                "keys": v.grid.keys,
+                "voxel_features": v.grid.features,
+                "features": v.features,
+            }
+            for key, v in self._volumes.items()
+        }
+
+    def load_state_dict(self, state: dict[str, dict], device: torch.device | str = "cpu") -> None:
+        """Replace the cache with the volumes of a :meth:`state_dict`, moved to ``device``."""
+        self._volumes = {}
+        for key, s in state.items():
+            grid = VoxelGrid(
+                s["origin"].to(device),
+                float(s["voxel_size"]),
+                tuple(int(d) for d in s["shape"]),
+                s["coords"].to(device),
+                s["keys"].to(device),
+                s["voxel_features"].to(device),
+            )
+            self._volumes[key] = SparseVolume(grid, s["features"].to(device))

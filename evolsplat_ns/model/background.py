@@ -1,0 +1,127 @@
+"""Sky/background model: a dome of Gaussians around the segment, coloured from the source views.
+
+Frames: the dome lives in the **segment frame** (vehicle frame, z up), centred on the point
+cloud's bounding-box centre with a radius ``radius_scale`` times the box's half-diagonal, so it
+sits behind every foreground point. It covers elevations from ``min_elevation_deg`` (slightly below
+the horizon, where distant buildings/trees meet the sky) up to the zenith. Source cameras are
+OpenCV camera-to-segment.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evolsplat_ns.data.types import Views
+from evolsplat_ns.geometry import invert_rigid, project_points
+from evolsplat_ns.model.heads import mlp
+from evolsplat_ns.model.node import GaussianParams, num_sh_bases, rgb_to_sh0
+from evolsplat_ns.model.projector import to_grid
+
+
+@dataclass
+class SkyDome:
+    """Dome Gaussians of one step with their colours from the sources (no grad).
+
+    Attributes:
+        means: [B, 3] positions (segment frame).
+        dirs: [B, 3] unit directions from the dome centre.
+        rgb: [B, 3] colour from the first source view that sees the point (else the mean colour).
+        seen: [B] bool, some source view saw the point.
+        log_scale: float, isotropic log scale matching the point spacing on the dome.
+    """
+
+    means: torch.Tensor
+    dirs: torch.Tensor
+    rgb: torch.Tensor
+    seen: torch.Tensor
+    log_scale: float
+
+
+def dome_directions(n: int, min_elevation_deg: float, device: torch.device) -> torch.Tensor:
+    """[n, 3] evenly spread unit vectors (z up) with elevation >= ``min_elevation_deg``.
+
+    Fibonacci spiral on the spherical cap: equal z steps give equal areas (Archimedes).
+    """
+    z0 = math.sin(math.radians(min_elevation_deg))
+    i = torch.arange(n, device=device, dtype=torch.float32) + 0.5
+    z = z0 + (1.0 - z0) * i / n
+    azimuth = i * math.pi * (3.0 - math.sqrt(5.0))
+    r = (1.0 - z**2).clamp(min=0).sqrt()
+    return torch.stack([r * azimuth.cos(), r * azimuth.sin(), z], dim=-1)
+
+
+def first_view_colors(points: torch.Tensor, source: Views) -> tuple[torch.Tensor, torch.Tensor]:
+    """Colour [B, 3] of ``points`` [B, 3] (segment frame) in the first source view that sees each one,
+    and a mask [B] of points seen by any view; unseen points get the mean source colour."""
+    uv, depth = project_points(points, source.intrinsics, invert_rigid(source.camtoworlds))
+    h, w = source.height, source.width
+    valid = (depth > 0) & (uv[..., 0] >= 0) & (uv[..., 0] < w) & (uv[..., 1] >= 0) & (uv[..., 1] < h)
+    sampled = F.grid_sample(
+        source.images.permute(0, 3, 1, 2), to_grid(uv[:, :, None], h, w), align_corners=False
+    )[..., 0].permute(0, 2, 1)  # [V, B, 3]
+    first = valid.float().argmax(dim=0)  # first True view (0 if none)
+    rgb = sampled[first, torch.arange(points.shape[0], device=points.device)]
+    seen = valid.any(dim=0)
+    mean_rgb = source.images.reshape(-1, 3).mean(dim=0)
+    return torch.where(seen[:, None], rgb, mean_rgb), seen
+
+
+class BackgroundModel(nn.Module):
+    """Sky dome Gaussians whose source-view colours and scale are refined by a small MLP.
+
+    Args:
+        num_points: dome Gaussians.
+        radius_scale: dome radius / half-diagonal of the point cloud's bounding box.
+        min_elevation_deg: lowest dome elevation (segment-frame z up).
+        hidden: MLP width.
+        sh_degree: SH degree of the output (bands above 0 are zero: the sky is view-independent).
+    """
+
+    def __init__(
+        self,
+        num_points: int = 2048,
+        radius_scale: float = 2.0,
+        min_elevation_deg: float = -10.0,
+        hidden: int = 64,
+        sh_degree: int = 1,
+    ) -> None:
+        super().__init__()
+        self.num_points = num_points
+        self.radius_scale = radius_scale
+        self.min_elevation_deg = min_elevation_deg
+        self.num_bases = num_sh_bases(sh_degree)
+        # In: rgb (3), seen flag (1), direction (3). Out: SH-DC residual (3), log-scale residual (1).
+        self.refine = mlp(7, hidden, 4, num_layers=3)
+
+    @torch.no_grad()
+    def build_dome(self, points: torch.Tensor, source: Views) -> SkyDome:
+        """Place the dome around ``points`` [N, 3] (segment frame) and colour it from ``source``."""
+        lo, hi = points.min(dim=0).values, points.max(dim=0).values
+        radius = self.radius_scale * 0.5 * (hi - lo).norm().clamp(min=1.0)
+        dirs = dome_directions(self.num_points, self.min_elevation_deg, points.device)
+        means = 0.5 * (lo + hi) + radius * dirs
+        rgb, seen = first_view_colors(means, source)
+        cap_area = 2 * math.pi * radius.item() ** 2 * (1 - math.sin(math.radians(self.min_elevation_deg)))
+        return SkyDome(means, dirs, rgb, seen, math.log(math.sqrt(cap_area / self.num_points)))
+
+    def forward(self, dome: SkyDome) -> GaussianParams:
+        """Opaque, isotropic dome Gaussians [B] with refined colour (SH [B, bases, 3]) and scale."""
+        out = self.refine(torch.cat([dome.rgb, dome.seen[:, None].float(), dome.dirs], dim=-1))
+        n = dome.means.shape[0]
+        sh = torch.zeros(n, self.num_bases, 3, device=out.device, dtype=out.dtype)
+        sh = torch.cat([(rgb_to_sh0(dome.rgb) + out[:, :3])[:, None], sh[:, 1:]], dim=1)
+        scales = torch.exp(dome.log_scale + torch.tanh(out[:, 3:4])).expand(n, 3)
+        quats = torch.zeros(n, 4, device=out.device, dtype=out.dtype)
+        quats[:, 0] = 1.0
+        return GaussianParams(
+            means=dome.means,
+            quats=quats,
+            scales=scales,
+            opacities=torch.ones(n, device=out.device, dtype=out.dtype),
+            sh=sh,
+        )

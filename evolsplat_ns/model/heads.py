@@ -1,0 +1,137 @@
+"""MLP heads that decode per-Gaussian features into Gaussian attributes, one module per attribute.
+
+Inputs are per-Gaussian feature rows; "view features" describe the **target** camera as seen from
+the Gaussian (segment frame): unit direction camera-centre -> Gaussian (3), log distance (1) and log
+pixel footprint ``distance / focal`` (1, metres per target pixel at that depth).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from evolsplat_ns.model.node import num_sh_bases
+
+VIEW_FEATURE_DIM = 5
+
+
+def mlp(
+    in_dim: int, hidden: int, out_dim: int, num_layers: int = 3, activation: type[nn.Module] = nn.ReLU
+) -> nn.Sequential:
+    """``num_layers`` linear layers (``num_layers - 1`` hidden of width ``hidden``) with ``activation``."""
+    dims = [in_dim] + [hidden] * (num_layers - 1) + [out_dim]
+    layers: list[nn.Module] = []
+    for i in range(num_layers):
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < num_layers - 1:
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
+def view_features(points: torch.Tensor, target_c2w: torch.Tensor, target_K: torch.Tensor) -> torch.Tensor:
+    """[M, 5] target-view features of ``points`` [M, 3] (segment frame).
+
+    Args:
+        target_c2w: [4, 4] OpenCV camera-to-segment of the target camera.
+        target_K: [3, 3] target pinhole intrinsics (pixels).
+    """
+    ray = points - target_c2w[:3, 3]
+    dist = ray.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+    focal = 0.5 * (target_K[0, 0] + target_K[1, 1])
+    return torch.cat([ray / dist, dist.log(), (dist / focal).log()], dim=-1)
+
+
+def aggregate_views(
+    colors: torch.Tensor, occlusion: torch.Tensor, valid: torch.Tensor, occlusion_tau: float
+) -> torch.Tensor:
+    """Visibility-weighted mean and variance across source views.
+
+    Each view's weight is ``valid * exp(-max(occlusion, 0) / occlusion_tau)`` (views in which the
+    Gaussian sits behind the visible surface count less), normalised over views.
+
+    Args:
+        colors: [M, S, P, 3] window colours; occlusion: [M, S, 1] metres; valid: [M, S] bool.
+    Returns:
+        [M, 2 * (3P + 1)] weighted mean then variance of the per-view rows [colours, occlusion].
+    """
+    per_view = torch.cat([colors.flatten(2), occlusion], dim=-1)  # [M, S, 3P+1]
+    weight = valid.to(per_view.dtype)[..., None] * torch.exp(-occlusion.clamp(min=0) / occlusion_tau)
+    weight = weight / weight.sum(dim=1, keepdim=True).clamp(min=1e-6)
+    mean = (weight * per_view).sum(dim=1)
+    var = (weight * (per_view - mean[:, None]) ** 2).sum(dim=1)
+    return torch.cat([mean, var], dim=-1)
+
+
+def aggregated_dim(window_size: int) -> int:
+    """Width of :func:`aggregate_views`' output for windows of ``window_size`` pixels."""
+    return 2 * (3 * window_size + 1)
+
+
+class ColorHead(nn.Module):
+    """SH colour [M, (sh_degree+1)^2, 3] from aggregated image windows, volume feature and target view.
+
+    The output is a residual on the anchor colour: the DC band adds to the node's ``features_dc``,
+    so an untrained head already renders the point-cloud colours.
+    """
+
+    def __init__(self, window_size: int, volume_dim: int, sh_degree: int = 1, hidden: int = 128) -> None:
+        super().__init__()
+        self.num_bases = num_sh_bases(sh_degree)
+        in_dim = aggregated_dim(window_size) + volume_dim + VIEW_FEATURE_DIM
+        self.net = mlp(in_dim, hidden, 3 * self.num_bases)
+
+    def forward(
+        self,
+        image_feat: torch.Tensor,
+        volume_feat: torch.Tensor,
+        view_feat: torch.Tensor,
+        anchor_dc: torch.Tensor,
+    ) -> torch.Tensor:
+        """[M, A] aggregated windows, [M, C] volume, [M, 5] view, [M, 3] anchor DC -> SH [M, bases, 3]."""
+        sh = self.net(torch.cat([image_feat, volume_feat, view_feat], dim=-1)).reshape(-1, self.num_bases, 3)
+        return torch.cat([sh[:, :1] + anchor_dc[:, None], sh[:, 1:]], dim=1)
+
+
+class ScaleRotationHead(nn.Module):
+    """Linear scales [M, 3] (residual on the node's log scale) and unit wxyz quaternions [M, 4]."""
+
+    _IDENTITY = (1.0, 0.0, 0.0, 0.0)
+
+    def __init__(self, volume_dim: int, hidden: int = 64, max_log_residual: float = 3.0) -> None:
+        super().__init__()
+        self.max_log_residual = max_log_residual
+        self.net = mlp(volume_dim + VIEW_FEATURE_DIM, hidden, 7, num_layers=2)
+
+    def forward(
+        self, volume_feat: torch.Tensor, view_feat: torch.Tensor, base_log_scale: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[M, C] volume, [M, 5] view, [M, 3] node log scale -> scales [M, 3], quats [M, 4]."""
+        out = self.net(torch.cat([volume_feat, view_feat], dim=-1))
+        # Bounded residual: an unbounded exp() blows single Gaussians up to cover the image.
+        log_scale = base_log_scale + self.max_log_residual * torch.tanh(out[:, :3] / self.max_log_residual)
+        # Bias towards identity so near-zero outputs don't normalise to arbitrary rotations.
+        quats = out[:, 3:] + out.new_tensor(self._IDENTITY)
+        return log_scale.exp(), quats / quats.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+
+
+class OpacityHead(nn.Module):
+    """Opacity [M] in (0, 1) from volume feature and target view."""
+
+    def __init__(self, volume_dim: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.net = mlp(volume_dim + VIEW_FEATURE_DIM, hidden, 1, num_layers=2)
+
+    def forward(self, volume_feat: torch.Tensor, view_feat: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(torch.cat([volume_feat, view_feat], dim=-1)))[:, 0]
+
+
+class OffsetHead(nn.Module):
+    """Position offset [M, 3] (segment frame, metres) in ``(-offset_max, offset_max)``, from [M, C]."""
+
+    def __init__(self, volume_dim: int, hidden: int = 64, offset_max: float = 0.1) -> None:
+        super().__init__()
+        self.offset_max = offset_max
+        self.net = mlp(volume_dim, hidden, 3, num_layers=2)
+
+    def forward(self, volume_feat: torch.Tensor) -> torch.Tensor:
+        return self.offset_max * torch.tanh(self.net(volume_feat))

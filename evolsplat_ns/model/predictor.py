@@ -1,0 +1,236 @@
+"""EVolSplat's feed-forward Gaussian predictor: node + source views -> Gaussians for a target camera.
+
+One training step is ``state = encode(node, source)`` (shared work: sparse volume, volume features,
+offsets, source-view window features, sky dome), then for every target ``predict(state, c2w, K)``
+(view-dependent heads only) and ``predict_background(state)``.
+
+Per-target backward without ``retain_graph``: ``encode`` cuts its differentiable outputs (volume
+features and offsets) at a ``detach().requires_grad_()`` boundary. Each target's ``loss.backward()``
+then frees only its own small graph and accumulates gradients on the boundary tensors;
+``state.backward_shared()`` pushes the accumulated gradients through the shared graph (sparse U-Net,
+offset head) once at the end. By linearity of the chain rule this equals one backward of the summed
+loss, while the expensive shared part is computed and backpropagated once per step. With
+``encode(..., split_backward=False)`` there is no boundary (one combined loss, a single backward).
+
+Frames: node positions and Gaussians in the **segment frame**; cameras OpenCV camera-to-segment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from evolsplat_ns.data.types import Views
+from evolsplat_ns.model.background import BackgroundModel, SkyDome
+from evolsplat_ns.model.heads import (
+    ColorHead,
+    OffsetHead,
+    OpacityHead,
+    ScaleRotationHead,
+    aggregate_views,
+    view_features,
+)
+from evolsplat_ns.model.node import GaussianNode, GaussianParams
+from evolsplat_ns.model.projector import ProjectedFeatures, Projector
+from evolsplat_ns.model.sparse_volume import FrozenVolumeCache, SparseCostRegNet, SparseVolume, build_volume
+
+
+@dataclass
+class PredictorConfig:
+    """Hyper-parameters of :class:`GaussianPredictor` (EVolSplat defaults)."""
+
+    sparseConv_outdim: int = 32
+    """Channels of the sparse volume's output features."""
+    local_radius: int = 1
+    """Image windows are (2r+1)^2 pixels."""
+    offset_max: float = 0.1
+    """Largest position offset per axis (metres)."""
+    num_neighbour_select: int = 4
+    """Source views used per target (nearest cameras)."""
+    sh_degree: int = 1
+    voxel_size: float = 0.1
+    """Sparse volume voxel edge (metres)."""
+    enable_background: bool = True
+    min_views: int = 1
+    """Gaussians seen by fewer selected source views are dropped for that target."""
+    freeze_volume: bool = False
+    """Build each segment's volume once and reuse it detached (inference)."""
+    color_hidden: int = 128
+    geometry_hidden: int = 64
+    background_hidden: int = 64
+    background_points: int = 2048
+    occlusion_tau: float = 1.0
+    """Metres of occlusion cue over which a source view's weight falls by 1/e."""
+
+
+@dataclass
+class SharedState:
+    """Target-independent results of :meth:`GaussianPredictor.encode` for one step.
+
+    Attributes:
+        node: the node the state was built from.
+        anchors: [N, 3] node means (no grad), segment frame.
+        volume: the sparse feature volume.
+        volume_feat: [N, C] volume features at means + cached offset (boundary leaf when split).
+        offset: [N, 3] predicted offsets (boundary leaf when split).
+        projected: source-view features of every node Gaussian in every source view.
+        source_c2w: [V, 4, 4] OpenCV camera-to-segment of the sources.
+        dome: sky dome (None when the background is disabled).
+    """
+
+    node: GaussianNode
+    anchors: torch.Tensor
+    volume: SparseVolume
+    volume_feat: torch.Tensor
+    offset: torch.Tensor
+    projected: ProjectedFeatures
+    source_c2w: torch.Tensor
+    dome: Optional[SkyDome] = None
+    _boundary: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
+
+    def backward_shared(self) -> None:
+        """Backpropagate the gradients accumulated on the boundary through the shared graph (once).
+
+        Call after the last per-target ``backward()`` of the step; a no-op when ``encode`` ran with
+        ``split_backward=False`` or without grad, or when no target loss reached the boundary.
+        """
+        pairs = [(graph, leaf.grad) for graph, leaf in self._boundary if leaf.grad is not None]
+        self._boundary = []
+        if pairs:
+            torch.autograd.backward([g for g, _ in pairs], [d for _, d in pairs])
+
+
+def _boundary_leaf(t: torch.Tensor, boundary: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """A leaf copy of ``t`` that collects gradients; records (graph, leaf) in ``boundary``.
+
+    ``t`` is returned as is when nothing upstream needs gradients (e.g. a frozen volume)."""
+    if not t.requires_grad:
+        return t
+    leaf = t.detach().requires_grad_(True)
+    boundary.append((t, leaf))
+    return leaf
+
+
+class GaussianPredictor(nn.Module):
+    """Sparse volume + projector + MLP heads (+ background) predicting Gaussians for target views."""
+
+    def __init__(self, config: PredictorConfig | None = None) -> None:
+        super().__init__()
+        self.config = c = config or PredictorConfig()
+        self.projector = Projector(c.local_radius, c.num_neighbour_select, c.min_views)
+        self.volume_net = SparseCostRegNet(in_dim=3, out_dim=c.sparseConv_outdim)
+        self.color_head = ColorHead(
+            self.projector.window_size, c.sparseConv_outdim, c.sh_degree, c.color_hidden
+        )
+        self.scale_rotation_head = ScaleRotationHead(c.sparseConv_outdim, c.geometry_hidden)
+        self.opacity_head = OpacityHead(c.sparseConv_outdim, c.geometry_hidden)
+        self.offset_head = OffsetHead(c.sparseConv_outdim, c.geometry_hidden, c.offset_max)
+        self.background = (
+            BackgroundModel(c.background_points, hidden=c.background_hidden, sh_degree=c.sh_degree)
+            if c.enable_background
+            else None
+        )
+        self.frozen_volumes = FrozenVolumeCache()
+
+    def _volume(self, node: GaussianNode, positions: torch.Tensor, key: object | None) -> SparseVolume:
+        if self.config.freeze_volume and key is not None:
+            cached = self.frozen_volumes.get(key)
+            if cached is not None:
+                return cached
+        volume = build_volume(self.volume_net, positions, node.rgb(), self.config.voxel_size)
+        if self.config.freeze_volume and key is not None:
+            volume = self.frozen_volumes.put(key, volume)
+        return volume
+
+    def select_sources(self, source: Views, target_c2w: torch.Tensor) -> Views:
+        """The ``num_neighbour_select`` sources nearest to ``target_c2w`` [4, 4] (OpenCV cam-to-segment)."""
+        return source.select(self.projector.select_views(target_c2w, source.camtoworlds))
+
+    def frozen_state_dict(self) -> dict[str, dict]:
+        """The frozen-volume cache as plain tensors (checkpoints)."""
+        return self.frozen_volumes.state_dict()
+
+    def load_frozen_state_dict(self, state: dict[str, dict]) -> None:
+        """Restore the frozen-volume cache onto this module's device."""
+        device = next(self.parameters()).device
+        self.frozen_volumes.load_state_dict(state, device)
+
+    def encode(
+        self,
+        node: GaussianNode,
+        source: Views,
+        key: object | None = None,
+        split_backward: bool = True,
+    ) -> SharedState:
+        """Target-independent work of one step.
+
+        Args:
+            node: anchor Gaussians (segment frame); ``node.offset`` is the cache from the last step.
+            source: source views (OpenCV camera-to-segment), images [V, H, W, 3].
+            key: segment key for the frozen-volume cache (used when ``freeze_volume``).
+            split_backward: cut the shared outputs at a grad boundary (see module doc).
+        """
+        if source.images.shape[0] == 0:
+            raise ValueError("encode needs at least one source view")
+        positions = node.current_means().detach()
+        volume = self._volume(node, positions, key)
+        volume_feat = volume.sample(positions)
+        offset = self.offset_head(volume_feat)
+        boundary: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if split_backward and torch.is_grad_enabled():
+            # offset is cut as well: its graph runs through volume_feat's, which a per-target
+            # backward would otherwise free.
+            volume_feat, offset = _boundary_leaf(volume_feat, boundary), _boundary_leaf(offset, boundary)
+        return SharedState(
+            node=node,
+            anchors=node.means.detach(),
+            volume=volume,
+            volume_feat=volume_feat,
+            offset=offset,
+            projected=self.projector.sample(positions, source),
+            source_c2w=source.camtoworlds,
+            dome=self.background.build_dome(positions, source) if self.background is not None else None,
+            _boundary=boundary,
+        )
+
+    def predict(self, state: SharedState, target_c2w: torch.Tensor, target_K: torch.Tensor) -> GaussianParams:
+        """Gaussians for one target: ``target_c2w`` [4, 4] OpenCV camera-to-segment, ``target_K`` [3, 3].
+
+        Only node Gaussians seen by at least ``min_views`` of the ``num_neighbour_select`` sources
+        nearest to the target are returned (``index`` says which).
+        """
+        views = self.projector.select_views(target_c2w, state.source_c2w)
+        proj = state.projected.select_views(views, self.config.min_views)
+        index = proj.keep.nonzero()[:, 0]
+        offset = state.offset[index]
+        means = state.anchors[index] + offset
+        volume_feat = state.volume_feat[index]
+        # View features from the detached position: geometry heads should not move Gaussians
+        # through the view-direction input.
+        view_feat = view_features(means.detach(), target_c2w, target_K)
+        image_feat = aggregate_views(
+            proj.colors[index], proj.occlusion[index], proj.valid[index], self.config.occlusion_tau
+        )
+        sh = self.color_head(image_feat, volume_feat, view_feat, state.node.features_dc[index])
+        scales, quats = self.scale_rotation_head(volume_feat, view_feat, state.node.scales[index])
+        return GaussianParams(
+            means=means,
+            quats=quats,
+            scales=scales,
+            opacities=self.opacity_head(volume_feat, view_feat),
+            sh=sh,
+            index=index,
+            offset=offset.detach(),
+        )
+
+    def predict_background(self, state: SharedState) -> Optional[GaussianParams]:
+        """Sky-dome Gaussians to rasterise behind the foreground, or None without a background.
+
+        Recomputed per call (a tiny MLP) so each target's backward owns its graph.
+        """
+        if self.background is None or state.dome is None:
+            return None
+        return self.background(state.dome)

@@ -12,13 +12,13 @@ from dataclasses import replace
 
 from nerfstudio.configs.base_config import ViewerConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
-from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
 from nerfstudio.plugins.types import MethodSpecification
 
 from evolsplat_ns.data.dataset import MultiSceneDatasetConfig
 from evolsplat_ns.data.pointcloud.base import PointCloudGeneratorConfig
 from evolsplat_ns.engine.datamanager import EVolSplatDataManagerConfig
 from evolsplat_ns.engine.pipeline import EVolSplatPipelineConfig
+from evolsplat_ns.engine.schedulers import FloatExponentialDecaySchedulerConfig
 from evolsplat_ns.engine.trainer import EVolSplatTrainerConfig
 from evolsplat_ns.model.evolsplat_model import EVolSplatModelConfig
 
@@ -26,7 +26,7 @@ from evolsplat_ns.model.evolsplat_model import EVolSplatModelConfig
 def _optimizers(lr: float, lr_final: float, steps: int) -> dict:
     return {"networks": {
         "optimizer": AdamOptimizerConfig(lr=lr, eps=1e-15),
-        "scheduler": ExponentialDecaySchedulerConfig(lr_final=lr_final, max_steps=steps),
+        "scheduler": FloatExponentialDecaySchedulerConfig(lr_final=lr_final, max_steps=steps),
     }}
 
 

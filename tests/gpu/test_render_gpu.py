@@ -47,12 +47,13 @@ def _render_both(scene, **kwargs):
 
 
 def _assert_images_agree(ref, fast) -> None:
-    assert (ref.rgb - fast.rgb).abs().mean() < 1e-3
-    assert (ref.alpha - fast.alpha).abs().mean() < 1e-3
+    # Measured on an H200: mean differences ~1.5e-7, depth relative ~2e-7 (float rounding only).
+    assert (ref.rgb - fast.rgb).abs().mean() < 1e-5
+    assert (ref.alpha - fast.alpha).abs().mean() < 1e-5
     solid = (ref.alpha > 0.5) & (fast.alpha > 0.5)
     assert solid.float().mean() > 0.3  # the comparison covers a good part of the image
     rel = ((ref.depth - fast.depth).abs() / fast.depth)[solid]
-    assert rel.median() < 1e-4 and rel.mean() < 1e-3
+    assert rel.median() < 1e-5 and rel.mean() < 1e-4
 
 
 def test_auto_picks_gsplat_on_cuda():
@@ -77,7 +78,11 @@ def test_packed_layout_gives_the_same_images():
     dense = rasterize(*scene, W, H, backend="gsplat")
     packed = rasterize(*scene, W, H, backend="gsplat", packed=True)
     torch.testing.assert_close(packed.rgb, dense.rgb, atol=1e-5, rtol=0)
-    assert torch.equal(packed.meta["radii"], dense.meta["radii"])
+    # gsplat 1.4.0's packed kernel clamps the eigenvalue term at 0.1 instead of 0.01: radii may
+    # grow by a pixel, never shrink to culled.
+    radius_change = packed.meta["radii"] - dense.meta["radii"]
+    assert radius_change.min() >= 0 and radius_change.max() <= 1
+    assert not (dense.meta["visible"] & ~packed.meta["visible"]).any()
 
 
 def test_reference_gradients_match_gsplat():
@@ -96,4 +101,4 @@ def test_reference_gradients_match_gsplat():
     for name, g_ref, g_fast in zip(["means", "quats", "scales", "opacities", "colors"], *grads):
         cos = torch.nn.functional.cosine_similarity(g_ref, g_fast, dim=0)
         ratio = g_ref.norm() / g_fast.norm()
-        assert cos > 0.99 and abs(ratio - 1) < 0.05, (name, float(cos), float(ratio))
+        assert cos > 0.999 and abs(ratio - 1) < 0.01, (name, float(cos), float(ratio))

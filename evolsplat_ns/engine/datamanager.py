@@ -39,10 +39,21 @@ class SegmentImages:
     def __init__(self, sample: Sample):
         self.sample = sample
         self.cameras = views_to_cameras(sample.source)
+        self.segment_index: Optional[int] = None
+        """Index of the shown segment in ``MultiSceneDataset.segments`` (set by :meth:`of_segment`)."""
         pts = sample.source.camtoworlds[:, :3, 3]
         lo, hi = pts.min(0).values - 50.0, pts.max(0).values + 50.0
         self.scene_box = SceneBox(aabb=torch.stack([lo, hi]))
         self.metadata: dict = {}
+
+    @classmethod
+    def of_segment(cls, dataset: MultiSceneDataset, segment_index: int) -> "SegmentImages":
+        """All keyframe views of segment ``segment_index`` (the sample's sources; its one target is
+        the first keyframe, unused), i.e. the pool a viewer picks nearest sources from."""
+        kf = dataset.keyframes(segment_index)
+        images = cls(dataset.load_sample(segment_index, kf, kf[:1]))
+        images.segment_index = segment_index
+        return images
 
     def __len__(self) -> int:
         return len(self.sample.source)
@@ -81,9 +92,7 @@ class EVolSplatDataManager(DataManager):
         if config.data is not None:
             config.dataset.data = Path(config.data)
         self.dataset = MultiSceneDataset(config.dataset)
-        first = self.dataset.train_segment_ids[0]
-        kf = self.dataset.keyframes(first)
-        self.train_dataset = SegmentImages(self.dataset.load_sample(first, kf, kf[:1]))
+        self.train_dataset = SegmentImages.of_segment(self.dataset, self.dataset.train_segment_ids[0])
         self.eval_dataset = EvalViews(self.dataset) if self.dataset.eval_items else None
         self._eval_cursor = 0
         super().__init__()

@@ -34,7 +34,7 @@ class EVolSplatPipeline(VanillaPipeline):
 
     def sample_loss(self, sample: Sample, step: int) -> tuple[dict, dict]:
         """Losses over all target views of ``sample`` in one graph (mean over targets)."""
-        state = self.model.encode()
+        state = self.model.encode(split_backward=False)
         tgt = sample.target.to(self.device)
         losses: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         psnrs = []

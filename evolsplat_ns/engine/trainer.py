@@ -7,8 +7,14 @@ without ``retain_graph``, so each target's graph is freed before the next; backp
 shared part once; clip (nerfstudio unscales first under AMP); one optimizer step; write the
 predicted offsets into the segment's cache (recursive refinement).
 
-A non-finite loss skips the step (counted, warned); CUDA out-of-memory on one segment skips that
-step too, frees the cache and carries on, so a long run is never killed silently by one segment.
+Nothing on one segment kills a long run silently; each case is warned, counted (``skipped/*`` in
+the logs and ``trainer.skipped_steps``) and skipped:
+
+- ``empty_segment``: the segment's point cloud has no points -> the step is skipped.
+- ``no_visible``: a target view sees none of the Gaussians -> that target is left out of the step
+  (the step is skipped if no target remains).
+- ``nonfinite``: NaN/Inf in the loss -> no optimizer step, gradients dropped.
+- ``oom``: CUDA out of memory on a segment -> step skipped, CUDA cache emptied.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from nerfstudio.utils import writer
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from evolsplat_ns.data.types import Sample
+from evolsplat_ns.model.evolsplat_model import EmptySegmentError
 
 
 @dataclass
@@ -56,6 +63,10 @@ class EVolSplatTrainer(Trainer):
             loss, loss_dict, metrics, state = self._forward_backward(sample, batch, step)
         except torch.cuda.OutOfMemoryError:
             return self._skip(step, "oom", f"CUDA out of memory on segment {sample.key}")
+        except EmptySegmentError as e:
+            return self._skip(step, "empty_segment", str(e))
+        if state is None:
+            return self._skip(step, "no_visible_step", f"no target view of segment {sample.key} sees any Gaussian")
         if not math.isfinite(float(loss)):
             return self._skip(step, "nonfinite", f"non-finite loss {float(loss)} on segment {sample.key}")
         self.optimizers.optimizer_scaler_step_all(self.grad_scaler)
@@ -81,6 +92,9 @@ class EVolSplatTrainer(Trainer):
         for v in range(n):
             with torch.autocast(device_type=device_type, enabled=self.mixed_precision):
                 out = model.render(state, tgt.camtoworlds[v], tgt.intrinsics[v], tgt.width, tgt.height)
+                if len(out["gaussians"]) == 0:
+                    self._count("no_visible", step, f"target {v} of segment {sample.key} sees no Gaussian; left out")
+                    continue
                 losses = {k: val / n for k, val in model.view_loss(out, tgt.images[v], step).items()}
                 loss_v = sum(losses.values())
             if not torch.isfinite(loss_v):
@@ -91,6 +105,8 @@ class EVolSplatTrainer(Trainer):
             psnr += float(-10 * torch.log10(((out["rgb"].detach().float() - tgt.images[v]) ** 2).mean())) / n
             projected.append(out["gaussians"].index)
             del out, losses, loss_v  # free this target's graph before the next
+        if not projected:
+            return torch.zeros(()), {}, {}, None
         state.backward_shared()
         loss = sum(totals.values())
         index = torch.unique(torch.cat(projected))
@@ -98,14 +114,16 @@ class EVolSplatTrainer(Trainer):
                    "projected_index": index}
         return loss, dict(totals), metrics, state
 
+    def _count(self, reason: str, step: int, message: str) -> None:
+        self.skipped_steps[reason] += 1
+        CONSOLE.print(f"[yellow]step {step}: {message} ({self.skipped_steps[reason]} {reason} so far)")
+        writer.put_scalar(name=f"skipped/{reason}", scalar=self.skipped_steps[reason], step=step)
+
     def _skip(self, step: int, reason: str, message: str):
         """Drop this step's gradients, count it, warn, and keep training."""
         self.optimizers.zero_grad_all()
-        self.skipped_steps[reason] += 1
         if reason == "oom":
             torch.cuda.empty_cache()
-        CONSOLE.print(f"[yellow]step {step}: {message}; step skipped "
-                      f"({self.skipped_steps[reason]} {reason} skip(s) so far)")
-        writer.put_scalar(name=f"skipped_steps/{reason}", scalar=self.skipped_steps[reason], step=step)
+        self._count(reason, step, f"{message}; step skipped")
         nan = torch.tensor(float("nan"))
         return nan, {"rgb_loss": nan}, {"skipped": torch.tensor(1.0)}

@@ -27,6 +27,7 @@ from evolsplat_ns.geometry import opengl_to_opencv
 from evolsplat_ns.model.node import GaussianNode
 from evolsplat_ns.model.predictor import GaussianPredictor, PredictorConfig
 from evolsplat_ns.model.render import rasterize
+from evolsplat_ns.viewer.state_cache import EncodedStateCache, neighbour_count
 
 
 @dataclass
@@ -63,6 +64,10 @@ class EVolSplatModelConfig(ModelConfig):
     """Randomly subsample a segment's points to at most this many Gaussians (0 = all)."""
 
 
+class EmptySegmentError(ValueError):
+    """A segment whose point cloud has no points (the trainer skips it, counted and warned)."""
+
+
 @dataclass
 class SegmentContext:
     """What the model renders when asked for a camera without a batch."""
@@ -71,6 +76,9 @@ class SegmentContext:
     node: GaussianNode
     sources: Views
     """Candidate source views (OpenCV camera-to-segment poses), on the model's device."""
+    encoded: EncodedStateCache = field(default_factory=EncodedStateCache, repr=False)
+    """Encoded states of this context's chosen sources, reused by :meth:`EVolSplatModel.get_outputs_for_camera`
+    (a new context, made by every ``set_context``, starts empty)."""
 
 
 def camera_to_opencv(camera: Cameras) -> tuple[torch.Tensor, torch.Tensor, int, int]:
@@ -85,6 +93,8 @@ def camera_to_opencv(camera: Cameras) -> tuple[torch.Tensor, torch.Tensor, int, 
 
 class EVolSplatModel(Model):
     config: EVolSplatModelConfig
+    render_num_sources: Optional[int] = None
+    """Source views per bare-camera render (the viewer's slider); None = ``num_neighbour_select``."""
 
     def populate_modules(self) -> None:
         c = self.config
@@ -108,7 +118,8 @@ class EVolSplatModel(Model):
             if point_cloud is None:
                 raise KeyError(f"segment {key} has no node yet and no point cloud was given")
             if len(point_cloud) == 0:
-                raise ValueError(f"segment {key}: the point cloud is empty, nothing to reconstruct")
+                raise EmptySegmentError(f"segment {key}: its point cloud is empty (no LiDAR/depth points "
+                                        "survived filtering), so there is nothing to reconstruct")
             pc = _subsample(point_cloud, self.config.max_gaussians_per_segment, _stable_seed(key))
             scale = "knn" if self.config.scale_init <= 0 else self.config.scale_init
             self.nodes[key] = GaussianNode.from_point_cloud(
@@ -116,16 +127,24 @@ class EVolSplatModel(Model):
         return self.nodes[key]
 
     def set_context(self, key: str, sources: Views, point_cloud: Optional[PointCloud] = None) -> SegmentContext:
-        """Make segment ``key`` (with candidate ``sources``) the one rendered for bare cameras."""
+        """Make segment ``key`` (with candidate ``sources``) the one rendered for bare cameras.
+
+        Always a fresh context, so encoded states cached for rendering never outlive a training step.
+        """
         self.context = SegmentContext(key, self.node_for(key, point_cloud), sources.to(self.device))
         return self.context
 
     # -- prediction and rendering ----------------------------------------------------------------
 
-    def encode(self, sources: Optional[Views] = None):
-        """Shared per-step state of the context segment (volume, window features, offsets)."""
+    def encode(self, sources: Optional[Views] = None, split_backward: bool = True):
+        """Shared per-step state of the context segment (volume, window features, offsets).
+
+        With ``split_backward`` the shared outputs sit behind a gradient boundary: per-target
+        backward passes stop there and ``state.backward_shared()`` finishes the step.
+        """
         ctx = self._require_context()
-        return self.predictor.encode(ctx.node, sources if sources is not None else ctx.sources, key=ctx.key)
+        sources = sources if sources is not None else ctx.sources
+        return self.predictor.encode(ctx.node, sources, key=ctx.key, split_backward=split_backward)
 
     def render(self, state, c2w: torch.Tensor, K: torch.Tensor, width: int, height: int) -> dict[str, torch.Tensor]:
         """Predict Gaussians for an OpenCV camera-to-segment pose and render them.
@@ -156,12 +175,25 @@ class EVolSplatModel(Model):
 
     @torch.no_grad()
     def get_outputs_for_camera(self, camera: Cameras, obb_box=None) -> dict[str, torch.Tensor]:
-        """Render a nerfstudio camera (OpenGL, segment frame) of the current context; no batch."""
+        """Render a nerfstudio camera (OpenGL camera-to-segment of the current context); no batch.
+
+        Uses the ``render_num_sources`` context sources nearest to the camera. Their encoded state
+        is cached on the context, so while those sources stay the nearest (a viewer moving the
+        camera) a frame only re-runs ``predict`` and rasterisation.
+        Returns rgb [H, W, 3], depth [H, W, 1] (OpenCV z, metres), accumulation [H, W, 1].
+        """
         c2w, K, W, H = camera_to_opencv(camera.to(self.device))
         ctx = self._require_context()
-        state = self.encode(self.predictor.select_sources(ctx.sources, c2w))
-        out = self.render(state, c2w, K, W, H)
+        with neighbour_count(self.predictor.projector, self.render_num_sources):
+            out = self.render(self._encode_nearest(ctx, c2w), c2w, K, W, H)
         return {k: v for k, v in out.items() if k != "gaussians"}
+
+    def _encode_nearest(self, ctx: SegmentContext, c2w: torch.Tensor):
+        """Encoded state of ``ctx``'s sources nearest to ``c2w`` [4, 4] (OpenCV camera-to-segment),
+        from the context's cache when the same sources were encoded at this step before."""
+        chosen = self.predictor.projector.select_views(c2w, ctx.sources.camtoworlds).sort().values
+        key = (self.step, tuple(chosen.tolist()))
+        return ctx.encoded.get_or_build(key, lambda: self.encode(ctx.sources.select(chosen)))
 
     def get_outputs(self, ray_bundle) -> dict[str, torch.Tensor]:
         if isinstance(ray_bundle, Cameras):

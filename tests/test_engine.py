@@ -1,0 +1,137 @@
+"""The EVolSplat training step: per-target backward, checkpoints and resume, skipped steps."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from evolsplat_ns.data.types import PointCloud
+from evolsplat_ns.method_configs import evolsplat_lite_config
+
+
+def make_trainer(data: Path, out: Path, load_dir: Path | None = None):
+    """A CPU evolsplat-lite trainer on ``data``, set up (pipeline, optimizers), seeded."""
+    torch.manual_seed(0)
+    cfg = evolsplat_lite_config()
+    cfg.data = data
+    cfg.pipeline.datamanager.data = data
+    cfg.pipeline.datamanager.dataset.preload = False
+    cfg.pipeline.model.max_gaussians_per_segment = 1500
+    cfg.output_dir = out
+    cfg.timestamp = "run"
+    cfg.vis = "tensorboard"
+    cfg.machine.device_type = "cpu"
+    cfg.load_dir = load_dir
+    trainer = cfg.setup(local_rank=0, world_size=1)
+    trainer.setup()
+    return trainer
+
+
+def params_vector(trainer) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in trainer.pipeline.model.parameters()])
+
+
+@pytest.fixture(scope="module")
+def trainer(tiny_dataset, tmp_path_factory):
+    return make_trainer(tiny_dataset, tmp_path_factory.mktemp("runs"))
+
+
+def test_per_target_backward_matches_single_graph(trainer):
+    """One backward per target (graphs freed in between) gives the single-graph gradients."""
+    pipeline, model = trainer.pipeline, trainer.pipeline.model
+    model.eval()  # BatchNorm statistics must not change between the two passes
+    sample, batch = pipeline.datamanager.next_train(0)
+    sample.target = sample.target.select([0, 1])  # two targets exercise the accumulation
+
+    trainer.optimizers.zero_grad_all()
+    trainer._forward_backward(sample, batch, step=1)
+    split = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    trainer.optimizers.zero_grad_all()
+    pipeline.prepare(sample, batch)
+    losses, _ = pipeline.sample_loss(sample, step=1)
+    sum(losses.values()).backward()
+    joint = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.train()
+
+    assert split.keys() == joint.keys() and len(split) > 10
+    assert any(k.startswith("predictor.volume_net") for k in split)
+    for name in split:
+        torch.testing.assert_close(split[name], joint[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_step_updates_weights_and_offset_cache(trainer):
+    before = params_vector(trainer)
+    loss, loss_dict, metrics = trainer.train_iteration(2)
+    assert math.isfinite(float(loss)) and "rgb_loss" in loss_dict and metrics["num_gaussians"] > 0
+    assert not torch.equal(before, params_vector(trainer))
+    node = trainer.pipeline.model.context.node
+    assert node.offset.abs().sum() > 0, "predicted offsets are cached for the next step"
+    assert node.offset.abs().max() <= trainer.pipeline.model.config.offset_max + 1e-6
+
+
+def test_nonfinite_loss_skips_step(trainer, monkeypatch):
+    model = trainer.pipeline.model
+    before = params_vector(trainer)
+    monkeypatch.setattr(model, "view_loss", lambda out, gt, step: {"rgb_loss": out["rgb"].sum() * float("nan")})
+    loss, _, metrics = trainer.train_iteration(3)
+    assert math.isnan(float(loss)) and metrics["skipped"] == 1
+    assert trainer.skipped_steps["nonfinite"] == 1
+    assert torch.equal(before, params_vector(trainer)), "no optimizer step on a NaN loss"
+
+
+def test_oom_on_a_segment_skips_step(trainer, monkeypatch):
+    def oom():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(trainer.pipeline.model, "encode", oom)
+    trainer.train_iteration(4)
+    assert trainer.skipped_steps["oom"] == 1
+
+
+def test_empty_segment_is_skipped_with_message(trainer, monkeypatch, capsys):
+    dm = trainer.pipeline.datamanager
+    empty = PointCloud(torch.zeros(0, 3), torch.zeros(0, 3))
+    trainer.pipeline.model.nodes.clear()
+    monkeypatch.setattr(dm, "point_cloud_for", lambda sample: empty)
+    real_next = dm.next_train
+    monkeypatch.setattr(dm, "next_train", lambda step: (real_next(step)[0], {"point_cloud": empty}))
+    trainer.train_iteration(5)
+    assert trainer.skipped_steps["empty_segment"] == 1
+    assert "point cloud is empty" in capsys.readouterr().out
+
+
+def test_resume_gives_identical_next_loss(tiny_dataset, tmp_path):
+    """Stop at step k, resume with --load-dir: step k+1 has the uninterrupted run's loss."""
+    k = 2
+    straight = make_trainer(tiny_dataset, tmp_path / "a")
+    losses = [float(straight.train_iteration(s)[0]) for s in range(k + 2)]
+
+    first = make_trainer(tiny_dataset, tmp_path / "b")
+    for s in range(k + 1):
+        first.train_iteration(s)
+    first.save_checkpoint(k)
+    ckpt_dir = first.checkpoint_dir
+    assert (ckpt_dir / f"step-{k:09d}.ckpt").is_file()
+
+    resumed = make_trainer(tiny_dataset, tmp_path / "c", load_dir=ckpt_dir)
+    assert resumed._start_step == k + 1
+    assert resumed.pipeline.model.nodes, "segment nodes (offset caches) travel in the checkpoint"
+    assert float(resumed.train_iteration(k + 1)[0]) == pytest.approx(losses[k + 1], rel=1e-5)
+
+
+def test_model_only_checkpoint_loads_for_inference(trainer, tmp_path):
+    """A checkpoint holding only the pipeline (no optimizer state) renders after loading."""
+    state = {"pipeline": trainer.pipeline.state_dict(), "step": 7}
+    path = tmp_path / "model_only.ckpt"
+    torch.save(state, path)
+    fresh = evolsplat_lite_config().pipeline
+    fresh.datamanager.data = trainer.config.pipeline.datamanager.data
+    pipe = fresh.setup(device="cpu", test_mode="inference")
+    pipe.load_pipeline(torch.load(path, map_location="cpu")["pipeline"], 7)
+    assert pipe.model.nodes.keys() == trainer.pipeline.model.nodes.keys()
+    metrics, images = pipe.get_eval_image_metrics_and_images(step=7)
+    assert math.isfinite(metrics["psnr"]) and images["img"].ndim == 3

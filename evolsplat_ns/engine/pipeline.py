@@ -9,15 +9,17 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Type
+from typing import Any, Literal, Optional, Type
 
 import numpy as np
 import torch
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 
 from evolsplat_ns.data.types import Sample
+from evolsplat_ns.engine.datamanager import SegmentImages
 from evolsplat_ns.engine.metrics import depth_metrics, lpips_status
 from evolsplat_ns.geometry import invert_rigid, project_points
+from evolsplat_ns.viewer.controls import SegmentControls
 
 
 @dataclass
@@ -27,6 +29,36 @@ class EVolSplatPipelineConfig(VanillaPipelineConfig):
 
 class EVolSplatPipeline(VanillaPipeline):
     config: EVolSplatPipelineConfig
+
+    def __init__(self, config: EVolSplatPipelineConfig, device: str,
+                 test_mode: Literal["test", "val", "inference"] = "val", world_size: int = 1,
+                 local_rank: int = 0, grad_scaler: Optional[Any] = None) -> None:
+        super().__init__(config, device, test_mode, world_size, local_rank, grad_scaler)
+        # A viewer renders bare cameras as soon as a browser connects (before any training step,
+        # or right after ns-viewer loads a checkpoint), so there is always a context to render.
+        self.shown: SegmentImages = self.datamanager.train_dataset
+        self._show(self.shown)
+        self.segments = SegmentControls(self.datamanager.dataset, self.show_segment, self._set_render_num_sources,
+                                        self.shown, self.model.config.num_neighbour_select)
+
+    def show_segment(self, segment_index: int) -> SegmentImages:
+        """Make segment ``segment_index`` (of ``datamanager.dataset.segments``) the rendered context,
+        with all its keyframe views as the source pool; returns those views (viewer frustums)."""
+        self._show(SegmentImages.of_segment(self.datamanager.dataset, segment_index))
+        return self.shown
+
+    def _show(self, images: SegmentImages) -> None:
+        point_cloud = self.datamanager.dataset.point_cloud(images.segment_index)
+        self.prepare(images.sample, {"point_cloud": point_cloud})
+        self.shown = images
+
+    def _set_render_num_sources(self, count: int) -> None:
+        self.model.render_num_sources = count
+
+    def load_pipeline(self, loaded_state: dict[str, Any], step: int) -> None:
+        """Load a checkpoint, then rebuild the shown context on the loaded segment nodes."""
+        super().load_pipeline(loaded_state, step)
+        self._show(self.shown)
 
     def prepare(self, sample: Sample, batch: dict) -> None:
         """Make ``sample``'s segment the model's context (node built from the batch's point cloud)."""

@@ -31,6 +31,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 
 from evolsplat_ns.data.types import Sample
 from evolsplat_ns.model.evolsplat_model import EmptySegmentError
+from evolsplat_ns.utils.timing import phase
 
 
 @dataclass
@@ -57,7 +58,8 @@ class EVolSplatTrainer(Trainer):
     def train_iteration(self, step: int):
         self.optimizers.zero_grad_all()
         pipeline, model = self.pipeline, self.pipeline.model
-        sample, batch = pipeline.datamanager.next_train(step)
+        with phase("data"):
+            sample, batch = pipeline.datamanager.next_train(step)
         model.step = step
         try:
             loss, loss_dict, metrics, state = self._forward_backward(sample, batch, step)
@@ -82,7 +84,8 @@ class EVolSplatTrainer(Trainer):
         pipeline, model = self.pipeline, self.pipeline.model
         device_type = self.device.split(":")[0]
         with torch.autocast(device_type=device_type, enabled=self.mixed_precision):
-            pipeline.prepare(sample, batch)
+            with phase("prepare"):
+                pipeline.prepare(sample, batch)
             state = model.encode()
         tgt = sample.target.to(self.device)
         n = len(tgt)
@@ -99,7 +102,8 @@ class EVolSplatTrainer(Trainer):
                 loss_v = sum(losses.values())
             if not torch.isfinite(loss_v):
                 return loss_v.detach(), {}, {}, state
-            self.grad_scaler.scale(loss_v).backward()
+            with phase("backward"):
+                self.grad_scaler.scale(loss_v).backward()
             for k, val in losses.items():
                 totals[k] = totals[k] + val.detach()
             psnr += float(-10 * torch.log10(((out["rgb"].detach().float() - tgt.images[v]) ** 2).mean())) / n
@@ -107,7 +111,8 @@ class EVolSplatTrainer(Trainer):
             del out, losses, loss_v  # free this target's graph before the next
         if not projected:
             return torch.zeros(()), {}, {}, None
-        state.backward_shared()
+        with phase("backward"):
+            state.backward_shared()
         loss = sum(totals.values())
         index = torch.unique(torch.cat(projected))
         metrics = {"psnr": torch.tensor(psnr), "num_gaussians": torch.tensor(float(index.numel())),

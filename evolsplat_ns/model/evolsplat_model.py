@@ -27,6 +27,7 @@ from evolsplat_ns.geometry import opengl_to_opencv
 from evolsplat_ns.model.node import GaussianNode
 from evolsplat_ns.model.predictor import GaussianPredictor, PredictorConfig
 from evolsplat_ns.model.render import rasterize
+from evolsplat_ns.utils.timing import phase
 from evolsplat_ns.viewer.state_cache import EncodedStateCache, neighbour_count
 
 
@@ -152,10 +153,11 @@ class EVolSplatModel(Model):
         Returns rgb [H, W, 3], depth [H, W, 1] (OpenCV z, metres), accumulation [H, W, 1] and the
         predicted params under ``gaussians`` (for the offset cache and export).
         """
-        params = self.predictor.predict(state, c2w, K)
+        with phase("heads"):
+            params = self.predictor.predict(state, c2w, K)
         viewmat = torch.linalg.inv(c2w)[None]
         # Rasterisation is numerically delicate (covariance inversion, compositing): always fp32.
-        with torch.autocast(device_type=c2w.device.type, enabled=False):
+        with torch.autocast(device_type=c2w.device.type, enabled=False), phase("render"):
             fg = rasterize(params.means.float(), params.quats.float(), params.scales.float(),
                            params.opacities.float(), params.sh.float(), viewmat.float(), K[None].float(),
                            width, height, sh_degree=self.config.sh_degree, backend=self.config.renderer)
@@ -242,6 +244,13 @@ class EVolSplatModel(Model):
             raise RuntimeError("no segment selected: call set_context(...) (the pipeline does this "
                                "when training, evaluating or when the viewer picks a segment)")
         return self.context
+
+    def forget_segments(self) -> None:
+        """Drop every segment's node, frozen volume and the context, so scenes loaded afterwards
+        start from their own point clouds even if their keys repeat a training scene's (zero-shot)."""
+        self.nodes.clear()
+        self.predictor.frozen_volumes.clear()
+        self.context = None
 
 
 def _stable_seed(key: str) -> int:

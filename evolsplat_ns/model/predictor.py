@@ -36,6 +36,7 @@ from evolsplat_ns.model.heads import (
 from evolsplat_ns.model.node import GaussianNode, GaussianParams
 from evolsplat_ns.model.projector import ProjectedFeatures, Projector
 from evolsplat_ns.model.sparse_volume import FrozenVolumeCache, SparseCostRegNet, SparseVolume, build_volume
+from evolsplat_ns.utils.timing import phase
 
 
 @dataclass
@@ -176,23 +177,28 @@ class GaussianPredictor(nn.Module):
         if source.images.shape[0] == 0:
             raise ValueError("encode needs at least one source view")
         positions = node.current_means().detach()
-        volume = self._volume(node, positions, key)
-        volume_feat = volume.sample(positions)
-        offset = self.offset_head(volume_feat)
+        with phase("volume"):
+            volume = self._volume(node, positions, key)
+            volume_feat = volume.sample(positions)
+        with phase("heads"):
+            offset = self.offset_head(volume_feat)
         boundary: list[tuple[torch.Tensor, torch.Tensor]] = []
         if split_backward and torch.is_grad_enabled():
             # offset is cut as well: its graph runs through volume_feat's, which a per-target
             # backward would otherwise free.
             volume_feat, offset = _boundary_leaf(volume_feat, boundary), _boundary_leaf(offset, boundary)
+        with phase("projector"):
+            projected = self.projector.sample(positions, source)
+            dome = self.background.build_dome(positions, source) if self.background is not None else None
         return SharedState(
             node=node,
             anchors=node.means.detach(),
             volume=volume,
             volume_feat=volume_feat,
             offset=offset,
-            projected=self.projector.sample(positions, source),
+            projected=projected,
             source_c2w=source.camtoworlds,
-            dome=self.background.build_dome(positions, source) if self.background is not None else None,
+            dome=dome,
             _boundary=boundary,
         )
 

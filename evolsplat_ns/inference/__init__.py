@@ -1,0 +1,1 @@
+"""Inference without training: loading a run, zero-shot evaluation on new scenes, camera-path videos."""

@@ -1,0 +1,92 @@
+"""Load a trained run (its ``config.yml`` + latest checkpoint) as an EVolSplat pipeline, optionally
+over a different dataset and optionally with fresh, untrained weights.
+
+This is nerfstudio's ``eval_setup`` with two additions: dataset overrides applied before the data
+manager is built, and ``untrained`` (same architecture, no checkpoint) for baselines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+
+
+@dataclass
+class DatasetOverrides:
+    """Changes to the run's ``MultiSceneDatasetConfig`` (None = keep the run's value)."""
+
+    data: Optional[Path] = None
+    """Dataset folder to use instead of the run's."""
+    all_scenes_eval: bool = False
+    """Treat every scene as an eval scene (zero-shot evaluation of new scenes)."""
+    eval_frame_interval: Optional[int] = None
+    """Hold out every k-th frame of eval scenes."""
+
+
+def _apply_overrides(config, o: DatasetOverrides) -> None:
+    """Edit the trainer config's dataset settings in place (before the data manager is built)."""
+    dm = config.pipeline.datamanager
+    ds = dm.dataset
+    if o.data is not None:
+        if not Path(o.data).is_dir():
+            raise FileNotFoundError(f"--data {o.data} is not a folder of scenes (or a scene folder)")
+        dm.data = Path(o.data)
+        ds.data = Path(o.data)
+    if o.eval_frame_interval is not None:
+        ds.eval_frame_interval = o.eval_frame_interval
+    if o.all_scenes_eval:
+        from evolsplat_ns.data.sources import get_source
+
+        ds.eval_scenes = ()
+        ds.num_eval_scenes = len(get_source(ds.data_source).find_scenes(Path(ds.data)))
+        # The data manager needs one "train" segment for the viewer's image set; nothing trains.
+        ds.train_on_eval_scenes = True
+        if ds.eval_frame_interval <= 0:
+            raise ValueError("the run's dataset.eval_frame_interval is 0 (no held-out frames): pass "
+                             "--eval-frame-interval K to hold out every K-th frame")
+    ds.preload = False  # no training loop to overlap point-cloud building with
+
+
+def load_pipeline(config_path: Path, overrides: DatasetOverrides = DatasetOverrides(), untrained: bool = False,
+                  device: Optional[str] = None):
+    """The run's pipeline in eval mode.
+
+    Args:
+        config_path: a run's ``config.yml`` (written by ns-train).
+        overrides: dataset changes (new data, all scenes held out).
+        untrained: skip the checkpoint: freshly initialised weights (seeded by the run's
+            ``machine.seed``), for "trained vs untrained" comparisons.
+        device: torch device; default CUDA when available, else CPU (as nerfstudio's eval_setup).
+    Returns:
+        (trainer config, EVolSplatPipeline, checkpoint path or None).
+    """
+    from nerfstudio.engine.trainer import TrainerConfig
+    from nerfstudio.utils.eval_utils import eval_load_checkpoint
+
+    config_path = Path(config_path)
+    if not config_path.is_file():
+        raise FileNotFoundError(f"--load-config {config_path} does not exist (a run's config.yml)")
+    config = yaml.load(config_path.read_text(), Loader=yaml.Loader)
+    if not isinstance(config, TrainerConfig):
+        raise ValueError(f"{config_path} is not a nerfstudio trainer config")
+    _apply_overrides(config, overrides)
+    config.load_dir = config.get_checkpoint_dir()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(config.machine.seed)
+    pipeline = config.pipeline.setup(device=device, test_mode="test")
+    pipeline.eval()
+    checkpoint = None
+    if not untrained:
+        if not Path(config.load_dir).is_dir():
+            raise FileNotFoundError(f"no checkpoints at {config.load_dir} (from {config_path}); "
+                                    "train first or pass --untrained")
+        checkpoint, _ = eval_load_checkpoint(config, pipeline)
+    if overrides.data is not None:
+        # Checkpointed per-segment nodes belong to the training scenes; new scenes may reuse their
+        # names (000, 001, ...), so keep none of them.
+        pipeline.model.forget_segments()
+    return config, pipeline, checkpoint

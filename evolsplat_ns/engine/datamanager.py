@@ -18,6 +18,7 @@ from nerfstudio.data.datamanagers.base_datamanager import DataManager, DataManag
 from nerfstudio.data.scene_box import SceneBox
 
 from evolsplat_ns.data.dataset import MultiSceneDataset, MultiSceneDatasetConfig
+from evolsplat_ns.data.prefetch import Prefetcher
 from evolsplat_ns.data.types import Sample
 from evolsplat_ns.engine.cameras import views_to_cameras
 
@@ -28,6 +29,8 @@ class EVolSplatDataManagerConfig(DataManagerConfig):
     data: Optional[Path] = None
     """Dataset folder (ns-train's --data sets this); overrides dataset.data."""
     dataset: MultiSceneDatasetConfig = field(default_factory=MultiSceneDatasetConfig)
+    prefetch: bool = True
+    """Draw the next training sample in a background thread while the current step runs."""
 
 
 class SegmentImages:
@@ -95,6 +98,8 @@ class EVolSplatDataManager(DataManager):
         self.train_dataset = SegmentImages.of_segment(self.dataset, self.dataset.train_segment_ids[0])
         self.eval_dataset = EvalViews(self.dataset) if self.dataset.eval_items else None
         self._eval_cursor = 0
+        self._train_stream = Prefetcher(self._draw_train, self.dataset.state_dict, self.dataset.load_state_dict,
+                                        enabled=config.prefetch and test_mode == "val")
         super().__init__()
 
     @property
@@ -112,6 +117,9 @@ class EVolSplatDataManager(DataManager):
 
     def next_train(self, step: int) -> tuple[Sample, dict]:
         self.train_count += 1
+        return self._train_stream.next()
+
+    def _draw_train(self) -> tuple[Sample, dict]:
         sample = self.dataset.next_train_sample()
         return sample, {"point_cloud": self.point_cloud_for(sample)}
 
@@ -146,7 +154,10 @@ class EVolSplatDataManager(DataManager):
 
     def get_extra_state(self) -> dict:
         """The data stream's position, so a resumed run draws the same next sample."""
-        return self.dataset.state_dict()
+        return self._train_stream.state_dict()
 
     def set_extra_state(self, state: dict) -> None:
-        self.dataset.load_state_dict(state)
+        """Restore the stream when training resumes; evaluation and inference (possibly on other
+        data, e.g. zero-shot scenes) have no stream to restore."""
+        if self.test_mode == "val":
+            self._train_stream.load_state_dict(state)

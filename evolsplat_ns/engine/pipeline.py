@@ -56,9 +56,17 @@ class EVolSplatPipeline(VanillaPipeline):
         self.model.render_num_sources = count
 
     def load_pipeline(self, loaded_state: dict[str, Any], step: int) -> None:
-        """Load a checkpoint, then rebuild the shown context on the loaded segment nodes."""
+        """Load a checkpoint, then show a segment on the loaded nodes: the one shown before if the
+        checkpoint has its node, else the first segment it has one for. Loading adds no node: with
+        none in the checkpoint, the context made at construction (its node built from the point
+        cloud) stays as it is."""
         super().load_pipeline(loaded_state, step)
-        self._show(self.shown)
+        dataset = self.datamanager.dataset
+        with_node = [i for i in range(len(dataset.segments)) if str(dataset.key(i)) in self.model.nodes]
+        if self.shown.segment_index in with_node:
+            self._show(self.shown)
+        elif with_node:
+            self.show_segment(with_node[0])
 
     def prepare(self, sample: Sample, batch: dict) -> None:
         """Make ``sample``'s segment the model's context (node built from the batch's point cloud)."""

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from evolsplat_ns.data.dataset import MultiSceneDataset
 from evolsplat_ns.data.types import SegmentKey
 from evolsplat_ns.export.segment import predict_segment_gaussians, splat_comments
 from evolsplat_ns.export.splat import save_splat
+
+if TYPE_CHECKING:
+    from evolsplat_ns.model.evolsplat_model import EVolSplatModel
 
 
 def select_segments(dataset: MultiSceneDataset, selectors: Sequence[str]) -> list[int]:
@@ -35,7 +38,7 @@ def splat_filename(key: SegmentKey) -> str:
     return f"{key.scene}_seg{key.segment:03d}.ply"
 
 
-def export_splats(model, dataset: MultiSceneDataset, segments: Sequence[int], output_dir: Path,
+def export_splats(model: EVolSplatModel, dataset: MultiSceneDataset, segments: Sequence[int], output_dir: Path,
                   include_background: bool = False, overwrite: bool = False,
                   on_written: Optional[Callable[[Path, int], None]] = None) -> list[Path]:
     """Write one PLY per segment in ``segments`` under ``output_dir``; returns the paths.
@@ -47,7 +50,7 @@ def export_splats(model, dataset: MultiSceneDataset, segments: Sequence[int], ou
     targets = [output_dir / splat_filename(dataset.key(i)) for i in segments]
     existing = [str(p) for p in targets if p.exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{', '.join(existing)} exist; pass --overwrite to replace them")
+        raise FileExistsError(f"refusing to replace existing {', '.join(existing)}: pass --overwrite")
     output_dir.mkdir(parents=True, exist_ok=True)
     for i, path in zip(segments, targets):
         seg = predict_segment_gaussians(model, dataset, i, include_background)

@@ -11,6 +11,7 @@ frame: x forward, y left, z up, metres); ``segment_to_world`` places it in the s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -19,6 +20,9 @@ from evolsplat_ns.data.segments import nearest_sources
 from evolsplat_ns.data.types import SegmentKey, Views
 from evolsplat_ns.export.splat import concat_gaussians
 from evolsplat_ns.model.node import GaussianParams
+
+if TYPE_CHECKING:
+    from evolsplat_ns.model.evolsplat_model import EVolSplatModel
 
 FRONT_CAMERA = 0
 
@@ -43,16 +47,21 @@ class SegmentGaussians:
     reference: tuple[int, int]
 
 
+def front_camera(camera_ids: Sequence[int]) -> int:
+    """The FRONT camera (id 0) if among ``camera_ids``, else the lowest id."""
+    return FRONT_CAMERA if FRONT_CAMERA in camera_ids else min(camera_ids)
+
+
 def reference_view(views: Views) -> int:
-    """Index in ``views`` of the FRONT camera (id 0), else of the lowest camera id."""
+    """Index in ``views`` of the first view of the :func:`front_camera`."""
     ids = views.cam_ids.tolist()
-    return ids.index(FRONT_CAMERA) if FRONT_CAMERA in ids else ids.index(min(ids))
+    return ids.index(front_camera(ids))
 
 
 @torch.no_grad()
-def predict_segment_gaussians(model, dataset: MultiSceneDataset, segment_index: int,
+def predict_segment_gaussians(model: EVolSplatModel, dataset: MultiSceneDataset, segment_index: int,
                               include_background: bool = False) -> SegmentGaussians:
-    """Gaussians of segment ``segment_index`` of ``dataset`` as ``model`` (an EVolSplatModel) predicts
+    """Gaussians of segment ``segment_index`` of ``dataset`` as ``model`` predicts
     them for the reference camera; sets the model's context to that segment."""
     keyframes = dataset.keyframes(segment_index)
     scene = dataset.scenes[dataset.segments[segment_index].scene_index]

@@ -2,17 +2,23 @@
 over a different dataset and optionally with fresh, untrained weights.
 
 This is nerfstudio's ``eval_setup`` with two additions: dataset overrides applied before the data
-manager is built, and ``untrained`` (same architecture, no checkpoint) for baselines.
+manager is built, and ``untrained`` (same architecture, no checkpoint) for baselines. It does not
+import ``nerfstudio.utils.eval_utils``, whose import of every registered method costs seconds.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import yaml
+
+if TYPE_CHECKING:
+    from nerfstudio.engine.trainer import TrainerConfig
+
+    from evolsplat_ns.engine.pipeline import EVolSplatPipeline
 
 
 @dataclass
@@ -27,7 +33,7 @@ class DatasetOverrides:
     """Hold out every k-th frame of eval scenes."""
 
 
-def _apply_overrides(config, o: DatasetOverrides) -> None:
+def _apply_overrides(config: TrainerConfig, o: DatasetOverrides) -> None:
     """Edit the trainer config's dataset settings in place (before the data manager is built)."""
     dm = config.pipeline.datamanager
     ds = dm.dataset
@@ -51,13 +57,13 @@ def _apply_overrides(config, o: DatasetOverrides) -> None:
     ds.preload = False  # no training loop to overlap point-cloud building with
 
 
-def load_pipeline(config_path: Path, overrides: DatasetOverrides = DatasetOverrides(), untrained: bool = False,
-                  device: Optional[str] = None):
+def load_pipeline(config_path: Path, overrides: Optional[DatasetOverrides] = None, untrained: bool = False,
+                  device: Optional[str] = None) -> tuple[TrainerConfig, EVolSplatPipeline, Optional[Path]]:
     """The run's pipeline in eval mode.
 
     Args:
         config_path: a run's ``config.yml`` (written by ns-train).
-        overrides: dataset changes (new data, all scenes held out).
+        overrides: dataset changes (new data, all scenes held out); None = the run's dataset.
         untrained: skip the checkpoint: freshly initialised weights (seeded by the run's
             ``machine.seed``), for "trained vs untrained" comparisons.
         device: torch device; default CUDA when available, else CPU (as nerfstudio's eval_setup).
@@ -65,7 +71,6 @@ def load_pipeline(config_path: Path, overrides: DatasetOverrides = DatasetOverri
         (trainer config, EVolSplatPipeline, checkpoint path or None).
     """
     from nerfstudio.engine.trainer import TrainerConfig
-    from nerfstudio.utils.eval_utils import eval_load_checkpoint
 
     config_path = Path(config_path)
     if not config_path.is_file():
@@ -73,20 +78,28 @@ def load_pipeline(config_path: Path, overrides: DatasetOverrides = DatasetOverri
     config = yaml.load(config_path.read_text(), Loader=yaml.Loader)
     if not isinstance(config, TrainerConfig):
         raise ValueError(f"{config_path} is not a nerfstudio trainer config")
+    overrides = overrides or DatasetOverrides()
     _apply_overrides(config, overrides)
     config.load_dir = config.get_checkpoint_dir()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(config.machine.seed)
     pipeline = config.pipeline.setup(device=device, test_mode="test")
     pipeline.eval()
-    checkpoint = None
-    if not untrained:
-        if not Path(config.load_dir).is_dir():
-            raise FileNotFoundError(f"no checkpoints at {config.load_dir} (from {config_path}); "
-                                    "train first or pass --untrained")
-        checkpoint, _ = eval_load_checkpoint(config, pipeline)
+    checkpoint = None if untrained else load_latest_checkpoint(Path(config.load_dir), pipeline)
     if overrides.data is not None:
         # Checkpointed per-segment nodes belong to the training scenes; new scenes may reuse their
         # names (000, 001, ...), so keep none of them.
         pipeline.model.forget_segments()
     return config, pipeline, checkpoint
+
+
+def load_latest_checkpoint(checkpoint_dir: Path, pipeline: EVolSplatPipeline) -> Path:
+    """Load the highest-step ``step-*.ckpt`` of ``checkpoint_dir`` into ``pipeline``; returns its path."""
+    # ns-train zero-pads the step (step-000000009.ckpt), so name order is step order.
+    checkpoints = sorted(Path(checkpoint_dir).glob("step-*.ckpt"))
+    if not checkpoints:
+        raise FileNotFoundError(f"no step-*.ckpt checkpoints in {checkpoint_dir}: train first (ns-train "
+                                "saves every steps_per_save steps) or pass --untrained")
+    state = torch.load(checkpoints[-1], map_location="cpu")
+    pipeline.load_pipeline(state["pipeline"], state["step"])
+    return checkpoints[-1]

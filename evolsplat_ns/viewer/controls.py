@@ -65,7 +65,7 @@ class SegmentControls(nn.Module):
                                     hint="Scene to reconstruct (eval = never trained on)")
         self.segment = ViewerDropdown("Segment", label, list(self._menu[scene]), cb_hook=self._on_segment,
                                       hint="Segment of the scene; poses are in its first frame's vehicle frame")
-        self.num_sources = ViewerSlider("Source views", min(num_sources, MAX_SOURCE_VIEWS), 1, MAX_SOURCE_VIEWS,
+        self.source_views = ViewerSlider("Source views", min(num_sources, MAX_SOURCE_VIEWS), 1, MAX_SOURCE_VIEWS,
                                         step=1, cb_hook=self._on_num_sources,
                                         hint="Nearest keyframe views fed to the network per frame")
         self.frustums = SegmentScene()

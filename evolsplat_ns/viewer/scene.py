@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
 LOOK_AHEAD_M = 10.0
 """Distance (metres) in front of the first view where a new client's orbit centre is put."""
+CHASE_BACK_M, CHASE_UP_M = 2.0, 0.5
+"""A new client starts this far behind and above the first view, so that view's frustum (drawn
+with its image, which would hide the render) is in sight but small."""
 
 
 class SegmentScene(ViewerControl):
@@ -54,11 +57,12 @@ class SegmentScene(ViewerControl):
 
 
 def look_from(client: viser.ClientHandle, c2w_opengl: np.ndarray) -> None:
-    """Put ``client``'s camera at an OpenGL camera-to-segment pose [3, 4] (orbiting a point
-    ``LOOK_AHEAD_M`` ahead, with the camera's up as the orbit's up)."""
-    centre = c2w_opengl[:3, 3] * VISER_NERFSTUDIO_SCALE_RATIO
+    """Put ``client``'s camera behind and above an OpenGL camera-to-segment pose [3, 4], looking at
+    a point ``LOOK_AHEAD_M`` in front of it, with that camera's up as the orbit's up."""
     forward, up = -c2w_opengl[:3, 2], c2w_opengl[:3, 1]  # OpenGL cameras look down -z, y up
+    centre = c2w_opengl[:3, 3]
+    eye = centre - CHASE_BACK_M * forward + CHASE_UP_M * up
     with client.atomic():
-        client.camera.position = centre
-        client.camera.look_at = centre + forward * LOOK_AHEAD_M * VISER_NERFSTUDIO_SCALE_RATIO
+        client.camera.position = eye * VISER_NERFSTUDIO_SCALE_RATIO
+        client.camera.look_at = (centre + LOOK_AHEAD_M * forward) * VISER_NERFSTUDIO_SCALE_RATIO
         client.camera.up_direction = up

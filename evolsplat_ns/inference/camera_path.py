@@ -1,0 +1,101 @@
+"""Camera paths for videos: one camera riding along the ego trajectory of a scene, interpolated.
+
+Poses are OpenCV camera-to-world (the scene's world frame) along the path and OpenCV
+camera-to-segment when rendered; rotations are interpolated by quaternion slerp and positions
+linearly between consecutive frames (nerfstudio's camera_utils do the quaternion maths).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional
+
+import numpy as np
+import torch
+from nerfstudio.cameras.camera_utils import quaternion_from_matrix, quaternion_matrix, quaternion_slerp
+
+from evolsplat_ns.data.dataset import MultiSceneDataset
+from evolsplat_ns.data.scene import SceneData
+from evolsplat_ns.data.segments import nearest_sources
+from evolsplat_ns.export.segment import front_camera
+
+if TYPE_CHECKING:
+    from evolsplat_ns.model.evolsplat_model import EVolSplatModel
+
+
+@dataclass
+class PathPose:
+    """One pose of a camera path.
+
+    Attributes:
+        nearest_frame: the scene frame closest in time (picks the segment and source views).
+        cam_to_world: [4, 4] float64 OpenCV camera-to-world.
+    """
+
+    nearest_frame: int
+    cam_to_world: np.ndarray
+
+
+def interpolate_pose(a: np.ndarray, b: np.ndarray, fraction: float) -> np.ndarray:
+    """[4, 4] rigid pose ``fraction`` of the way from ``a`` to ``b`` (slerp rotation, lerp position)."""
+    q = quaternion_slerp(quaternion_from_matrix(a[:3, :3]), quaternion_from_matrix(b[:3, :3]), fraction)
+    out = np.eye(4)
+    out[:3, :3] = quaternion_matrix(q)[:3, :3]
+    out[:3, 3] = (1.0 - fraction) * a[:3, 3] + fraction * b[:3, 3]
+    return out
+
+
+def ego_camera_path(scene: SceneData, num_poses: int, cam: Optional[int] = None) -> list[PathPose]:
+    """``num_poses`` poses of camera ``cam`` (default FRONT) evenly spaced in time along the scene's
+    ego trajectory, from its first to its last frame."""
+    if num_poses < 1:
+        raise ValueError(f"a camera path needs at least one pose, got {num_poses}")
+    cam = front_camera(scene.cameras) if cam is None else cam
+    frames = scene.frames
+    poses = []
+    for u in np.linspace(0.0, len(frames) - 1, num_poses):
+        i = min(int(np.floor(u)), len(frames) - 2) if len(frames) > 1 else 0
+        a, b = frames[i], frames[min(i + 1, len(frames) - 1)]
+        pose = interpolate_pose(scene.cam_to_world(a, cam), scene.cam_to_world(b, cam), float(u - i))
+        poses.append(PathPose(frames[int(round(u))], pose))
+    return poses
+
+
+def segment_for_frame(dataset: MultiSceneDataset, scene_index: int, frame: int) -> int:
+    """Index of the scene's segment whose frames are nearest to ``frame`` (ties: nearest centre),
+    the rule the dataset uses to attach held-out frames to segments."""
+    candidates = [i for i, s in enumerate(dataset.segments) if s.scene_index == scene_index]
+    if not candidates:
+        raise ValueError(f"scene {dataset.scenes[scene_index].name} has no segments")
+    cost = [min(abs(frame - f) for f in dataset.segments[i].frames)
+            + 1e-3 * abs(frame - np.mean(dataset.segments[i].frames)) for i in candidates]
+    return candidates[int(np.argmin(cost))]
+
+
+@torch.no_grad()
+def render_camera_path(model: EVolSplatModel, dataset: MultiSceneDataset, scene_index: int, path: Iterable[PathPose],
+                       cam: Optional[int] = None) -> Iterator[np.ndarray]:
+    """Render ``path`` (a camera of scene ``scene_index``) with ``model``; yields uint8 [H, W, 3].
+
+    Each pose uses the segment nearest in time and that segment's ``num_source_keyframes``
+    keyframes nearest to it as sources; the encoded state is reused while those stay the same.
+    """
+    scene = dataset.scenes[scene_index]
+    cam = front_camera(scene.cameras) if cam is None else cam
+    K = torch.from_numpy(scene.calib[cam].K).float().to(model.device)
+    width, height = scene.image_size(cam)
+    encoded_for, state, seg_from_world = None, None, None
+    for pose in path:
+        seg = segment_for_frame(dataset, scene_index, pose.nearest_frame)
+        sources = nearest_sources(dataset.keyframes(seg), [pose.nearest_frame],
+                                  dataset.config.num_source_keyframes, scene.ego_to_world)
+        if encoded_for != (seg, tuple(sources)):
+            # The sample's target is irrelevant here; its first source frame keeps it cheap.
+            sample = dataset.load_sample(seg, sources, sources[:1])
+            model.set_context(str(sample.key), sample.source, dataset.point_cloud(seg))
+            state = model.encode(split_backward=False)
+            seg_from_world = torch.linalg.inv(sample.segment_to_world.double())
+            encoded_for = (seg, tuple(sources))
+        c2w = (seg_from_world @ torch.from_numpy(pose.cam_to_world)).float().to(model.device)
+        rgb = model.render(state, c2w, K, width, height)["rgb"]
+        yield (rgb.clamp(0, 1) * 255).round().byte().cpu().numpy()

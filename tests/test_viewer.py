@@ -1,0 +1,162 @@
+"""The viewer surface without a browser: a checkpoint loaded in inference mode renders bare
+cameras at once, the encoded-state cache, and the scene / segment / source-count controls."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from viewer_checkpoint import tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_dataset, tmp_path_factory):
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    _, pipeline, _, _ = eval_setup(tiny_checkpoint(tiny_dataset, tmp_path_factory), test_mode="inference")
+    return pipeline
+
+
+@pytest.fixture
+def first_segment(pipeline):
+    """The segment shown after loading (shown again, with default settings, after each test)."""
+    shown = pipeline.shown
+    yield shown
+    pipeline.show_segment(shown.segment_index)
+    pipeline.model.render_num_sources = None
+
+
+def viewer_camera(images, view: int = 0, height: int = 36, aspect: float = 1.5, shift=(0.0, 0.0, 0.0)):
+    """The nerfstudio camera the viewer builds for a client at keyframe view ``view`` (OpenGL
+    camera-to-segment), optionally moved by ``shift`` metres in the segment frame."""
+    from nerfstudio.viewer.utils import CameraState, get_camera
+    from nerfstudio.cameras.cameras import CameraType
+
+    c2w = images.cameras.camera_to_worlds[view].clone()
+    c2w[:, 3] += torch.tensor(shift)
+    state = CameraState(fov=math.radians(60), aspect=aspect, c2w=c2w, camera_type=CameraType.PERSPECTIVE)
+    return get_camera(state, height, int(height * aspect))
+
+
+def count_encodes(model, monkeypatch) -> list[int]:
+    """Records the number of source views of every ``model.encode`` call."""
+    calls: list[int] = []
+    encode = model.encode
+
+    def counting(sources=None):
+        calls.append(len(sources) if sources is not None else -1)
+        return encode(sources)
+
+    monkeypatch.setattr(model, "encode", counting)
+    return calls
+
+
+def test_loaded_checkpoint_has_a_context_and_renders_a_bare_camera(pipeline, first_segment):
+    model, dataset = pipeline.model, pipeline.datamanager.dataset
+    ctx = model.context
+    assert ctx.key in model.nodes and ctx.node is model.nodes[ctx.key], "the context uses the checkpoint's node"
+    seg = first_segment.segment_index
+    assert ctx.key == str(dataset.key(seg))
+    assert len(ctx.sources) == len(dataset.keyframes(seg)) * len(dataset.scenes[0].cameras)
+
+    out = model.get_outputs_for_camera(viewer_camera(first_segment))
+    assert out.keys() == {"rgb", "depth", "accumulation"}
+    assert out["rgb"].shape == (36, 54, 3) and out["depth"].shape == out["accumulation"].shape == (36, 54, 1)
+    assert all(torch.isfinite(v).all() for v in out.values())
+    assert out["accumulation"].mean() > 0.1 and out["rgb"].std() > 0.01, "the view sees the segment's Gaussians"
+
+
+def test_encode_is_reused_until_the_nearest_sources_change(pipeline, first_segment, monkeypatch):
+    model = pipeline.model
+    calls = count_encodes(model, monkeypatch)
+    model.get_outputs_for_camera(viewer_camera(first_segment, view=0))
+    model.get_outputs_for_camera(viewer_camera(first_segment, view=0, shift=(0.0, 0.0, 0.02)))
+    assert len(calls) == 1, "a small move keeps the nearest sources, so nothing is re-encoded"
+    far = len(first_segment) - 1  # the last keyframe's last camera: other nearest sources
+    model.get_outputs_for_camera(viewer_camera(first_segment, view=far))
+    assert len(calls) == 2
+    first_segment_again = pipeline.show_segment(first_segment.segment_index)
+    model.get_outputs_for_camera(viewer_camera(first_segment_again, view=0))
+    assert len(calls) == 3, "a new context (as every training step makes) starts with an empty cache"
+
+
+def test_cached_render_equals_a_fresh_one(pipeline, first_segment):
+    model = pipeline.model
+    camera = viewer_camera(first_segment, view=1)
+    cached = model.get_outputs_for_camera(camera)
+    cached = model.get_outputs_for_camera(camera)
+    assert model.context.encoded.hits >= 1
+    pipeline.show_segment(first_segment.segment_index)
+    fresh = model.get_outputs_for_camera(camera)
+    for k in fresh:
+        torch.testing.assert_close(cached[k], fresh[k])
+
+
+def test_controls_switch_scene_and_segment(pipeline, first_segment):
+    from nerfstudio.viewer.utils import parse_object
+    from nerfstudio.viewer.viewer_elements import ViewerControl, ViewerElement
+
+    controls, dataset, model = pipeline.segments, pipeline.datamanager.dataset, pipeline.model
+    elements = {path for path, _ in parse_object(pipeline, ViewerElement, "Custom Elements")}
+    assert elements == {"Custom Elements/segments/scene", "Custom Elements/segments/segment",
+                        "Custom Elements/segments/source_views"}
+    assert [c for _, c in parse_object(pipeline, ViewerControl, "Custom Elements")] == [controls.frustums]
+    assert not any(k.startswith("segments.") for k in pipeline.state_dict()), "controls add nothing to checkpoints"
+
+    eval_scene = next(s for s in controls.scene.options if s.endswith("(eval)"))
+    controls.scene.value = eval_scene
+    controls.scene.cb_hook(controls.scene)
+    seg = controls.selected_segment()
+    assert dataset.scenes[dataset.segments[seg].scene_index].name == eval_scene.split()[0]
+    assert model.context.key == str(dataset.key(seg)) and controls.frustums.images.segment_index == seg
+    out = model.get_outputs_for_camera(viewer_camera(controls.frustums.images))
+    assert out["accumulation"].mean() > 0.1, "an unseen (eval) scene renders feed-forward"
+
+    train_scene = controls.scene.options[0]
+    controls.scene.value = train_scene
+    controls.scene.cb_hook(controls.scene)
+    for label in controls.segment.options:
+        controls.segment.value = label
+        controls.segment.cb_hook(controls.segment)
+        assert model.context.key == str(dataset.key(controls.selected_segment()))
+
+
+def test_source_view_slider_sets_the_sources_per_frame(pipeline, first_segment, monkeypatch):
+    model, controls = pipeline.model, pipeline.segments
+    configured = model.predictor.projector.num_neighbour_select
+    calls = count_encodes(model, monkeypatch)
+    for count in (1, configured + 2):
+        controls.source_views.value = count
+        controls.source_views.cb_hook(controls.source_views)
+        model.get_outputs_for_camera(viewer_camera(first_segment))
+        assert calls[-1] == count
+    assert model.predictor.projector.num_neighbour_select == configured, "training's setting is untouched"
+
+
+def test_default_start_pose_looks_along_the_first_view():
+    """The pose a new browser gets: behind and above view 0, looking the same way (OpenGL)."""
+    from evolsplat_ns.viewer.scene import CHASE_BACK_M, LOOK_AHEAD_M, look_from
+    from nerfstudio.viewer.viewer import VISER_NERFSTUDIO_SCALE_RATIO as S
+
+    class Camera:
+        position = look_at = up_direction = None
+
+    class Client:
+        camera = Camera()
+
+        def atomic(self):
+            import contextlib
+
+            return contextlib.nullcontext()
+
+    c2w = np.array([[0.0, 0, -1, 1], [-1, 0, 0, 0], [0, 1, 0, 2]])  # OpenGL camera looking along +x, z up
+    client = Client()
+    look_from(client, c2w)
+    direction = client.camera.look_at - client.camera.position
+    np.testing.assert_allclose(direction / np.linalg.norm(direction), [1, 0, 0], atol=0.05)
+    np.testing.assert_allclose(client.camera.up_direction, [0, 0, 1])
+    assert client.camera.position[0] == pytest.approx((1 - CHASE_BACK_M) * S)
+    assert client.camera.look_at[0] == pytest.approx((1 + LOOK_AHEAD_M) * S)

@@ -53,7 +53,7 @@ def evolsplat_config() -> EVolSplatTrainerConfig:
 
 def evolsplat_lite_config() -> EVolSplatTrainerConfig:
     """CPU-sized settings for the demo and tests: small images, few Gaussians, short schedule."""
-    steps = 300
+    steps = 500
     cfg = evolsplat_config()
     cfg.method_name = "evolsplat-lite"
     cfg.max_num_iterations = steps

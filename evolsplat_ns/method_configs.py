@@ -46,7 +46,7 @@ def evolsplat_config() -> EVolSplatTrainerConfig:
             model=EVolSplatModelConfig(),
         ),
         optimizers=_optimizers(1e-3, 1e-4, steps),
-        viewer=ViewerConfig(num_rays_per_chunk=1 << 15),
+        viewer=ViewerConfig(num_rays_per_chunk=1 << 15, camera_frustum_scale=1.0),  # street scale (m)
         vis="viewer",
     )
 

@@ -10,24 +10,7 @@ import torch
 
 from evolsplat_ns.data.types import PointCloud
 from evolsplat_ns.method_configs import evolsplat_lite_config
-
-
-def make_trainer(data: Path, out: Path, load_dir: Path | None = None):
-    """A CPU evolsplat-lite trainer on ``data``, set up (pipeline, optimizers), seeded."""
-    torch.manual_seed(0)
-    cfg = evolsplat_lite_config()
-    cfg.data = data
-    cfg.pipeline.datamanager.data = data
-    cfg.pipeline.datamanager.dataset.preload = False
-    cfg.pipeline.model.max_gaussians_per_segment = 1500
-    cfg.output_dir = out
-    cfg.timestamp = "run"
-    cfg.vis = "tensorboard"
-    cfg.machine.device_type = "cpu"
-    cfg.load_dir = load_dir
-    trainer = cfg.setup(local_rank=0, world_size=1)
-    trainer.setup()
-    return trainer
+from tiny_run import lite_trainer as make_trainer
 
 
 def params_vector(trainer) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from evolsplat_ns.export.ply import PlyError, read_ply, write_ply
 from evolsplat_ns.export.splat import from_splat_array, load_splat, save_splat, to_splat_array
 from evolsplat_ns.model.node import GaussianParams
-from viewer_checkpoint import tiny_checkpoint
+from tiny_run import tiny_checkpoint
 
 
 def random_gaussians(n: int, sh_degree: int = 1, seed: int = 0) -> GaussianParams:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from viewer_checkpoint import tiny_checkpoint
+from tiny_run import tiny_checkpoint
 
 # Two scenes the run never saw (other seeds than the training data); 8 frames hold out 2 each.
 NEW_SCENES = dict(scenes=2, frames=8, cameras=3, width=64, height=48, lidar_beams=16, lidar_azimuths=256,

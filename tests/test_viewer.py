@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from viewer_checkpoint import tiny_checkpoint
+from tiny_run import tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from viewer_checkpoint import tiny_checkpoint
+from tiny_run import tiny_checkpoint
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "viewer_browser"

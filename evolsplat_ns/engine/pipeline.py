@@ -133,14 +133,14 @@ class EVolSplatPipeline(VanillaPipeline):
             self.prepare(sample, {"point_cloud": self.datamanager.point_cloud_for(sample)})
             outputs = self.model.get_outputs_for_camera(camera)
             metrics, images = self.model.get_image_metrics_and_images(outputs, batch)
-            metrics.update(self._lidar_depth_metrics(sample, batch["view"], outputs["depth"]))
+            metrics.update(self.lidar_depth_metrics(sample, batch["view"], outputs["depth"]))
             per_scene[sample.key.scene].append(metrics)
             if output_path is not None:
                 self._save_grid(output_path, sample, batch["view"], images["img"])
         self.train()
         return summarise(per_scene, get_std)
 
-    def _lidar_depth_metrics(self, sample: Sample, v: int, depth: torch.Tensor) -> dict:
+    def lidar_depth_metrics(self, sample: Sample, v: int, depth: torch.Tensor) -> dict:
         if sample.lidar is None:
             return {}
         t = int(sample.target.frame_ids[v])

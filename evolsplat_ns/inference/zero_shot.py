@@ -74,7 +74,7 @@ def evaluate_held_out(pipeline: EVolSplatPipeline, max_grid_rows: int = 8, progr
             with timer("render_ms"):
                 out = model.render(state, target.camtoworlds[v], target.intrinsics[v], target.width, target.height)
             metrics, images = model.get_image_metrics_and_images(out, {"image": target.images[v]})
-            metrics.update(pipeline._lidar_depth_metrics(sample, v, out["depth"]))
+            metrics.update(pipeline.lidar_depth_metrics(sample, v, out["depth"]))
             per_scene[sample.key.scene].append(metrics)
             if view_counter in picks:
                 rows.append((images["img"].clamp(0, 1) * 255).round().byte().cpu().numpy())

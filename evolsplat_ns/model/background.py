@@ -19,7 +19,8 @@ from torch import nn
 from evolsplat_ns.data.types import Views
 from evolsplat_ns.geometry import invert_rigid, project_points
 from evolsplat_ns.model.heads import mlp
-from evolsplat_ns.model.node import GaussianParams, num_sh_bases, rgb_to_sh0
+from evolsplat_ns.model.node import GaussianParams
+from evolsplat_ns.model.render.sh import num_sh_bases, rgb_to_sh0
 from evolsplat_ns.model.projector import to_grid
 
 

@@ -11,7 +11,7 @@ frame of the current context and are converted to OpenCV at :func:`camera_to_ope
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal, Optional, Type
 
 import torch
@@ -32,33 +32,18 @@ from evolsplat_ns.viewer.state_cache import EncodedStateCache, neighbour_count
 
 
 @dataclass
-class EVolSplatModelConfig(ModelConfig):
-    """EVolSplat hyper-parameters (defaults as the paper's design)."""
+class EVolSplatModelConfig(ModelConfig, PredictorConfig):
+    """EVolSplat hyper-parameters (defaults as the paper's design). The network's own fields
+    (sparseConv_outdim, local_radius, offset_max, num_neighbour_select, sh_degree, voxel_size,
+    freeze_volume, enable_background, min_views, ...) come from :class:`PredictorConfig`."""
 
     _target: Type = field(default_factory=lambda: EVolSplatModel)
-    sparseConv_outdim: int = 32
-    """Channels of the sparse 3D volume's output features."""
-    local_radius: int = 1
-    """Window radius r: (2r+1)^2 colours sampled per source view."""
-    offset_max: float = 0.1
-    """Largest position offset (metres) the offset head may predict per step."""
-    num_neighbour_select: int = 4
-    """Source views used per target (nearest by pose)."""
-    sh_degree: int = 1
-    voxel_size: float = 0.1
-    """Voxel size (metres) of the sparse volume."""
-    freeze_volume: bool = False
-    """Cache each segment's volume (inference; the volume net then gets no gradient)."""
-    enable_background: bool = True
-    """Sky/background Gaussians composited behind the foreground."""
     ssim_lambda: float = 0.2
     entropy_loss: float = 0.1
     """Weight of the accumulation entropy loss (applied every ``entropy_loss_every`` steps)."""
     entropy_loss_every: int = 10
     scale_init: float = 0.0
     """Initial Gaussian scale in metres; 0 = mean distance to the 3 nearest neighbours."""
-    min_views: int = 1
-    """Gaussians seen by fewer source views are dropped for that step."""
     renderer: Literal["auto", "gsplat", "reference"] = "auto"
     """Rasteriser: gsplat (CUDA), the PyTorch reference, or auto (gsplat when on CUDA)."""
     max_gaussians_per_segment: int = 0
@@ -98,12 +83,8 @@ class EVolSplatModel(Model):
     """Source views per bare-camera render (the viewer's slider); None = ``num_neighbour_select``."""
 
     def populate_modules(self) -> None:
-        c = self.config
         self.predictor = GaussianPredictor(PredictorConfig(
-            sparseConv_outdim=c.sparseConv_outdim, local_radius=c.local_radius, offset_max=c.offset_max,
-            num_neighbour_select=c.num_neighbour_select, sh_degree=c.sh_degree, voxel_size=c.voxel_size,
-            enable_background=c.enable_background, min_views=c.min_views, freeze_volume=c.freeze_volume,
-        ))
+            **{f.name: getattr(self.config, f.name) for f in fields(PredictorConfig)}))
         self.nodes: dict[str, GaussianNode] = {}
         self.context: Optional[SegmentContext] = None
         self.step = 0

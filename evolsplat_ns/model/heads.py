@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from evolsplat_ns.model.node import num_sh_bases
+from evolsplat_ns.model.render.sh import num_sh_bases
 
 VIEW_FEATURE_DIM = 5
 

@@ -15,25 +15,7 @@ from typing import Optional, Union
 import torch
 
 from evolsplat_ns.data.types import PointCloud
-
-# Zeroth-order real spherical-harmonic basis constant, 1 / (2 sqrt(pi)).
-SH_C0 = 0.28209479177387814
-
-
-def rgb_to_sh0(rgb: torch.Tensor) -> torch.Tensor:
-    """RGB in [0, 1] [..., 3] -> SH degree-0 coefficients [..., 3] (gsplat's convention)."""
-    return (rgb - 0.5) / SH_C0
-
-
-def sh0_to_rgb(sh0: torch.Tensor) -> torch.Tensor:
-    """SH degree-0 coefficients [..., 3] -> RGB [..., 3] (inverse of :func:`rgb_to_sh0`)."""
-    return sh0 * SH_C0 + 0.5
-
-
-def num_sh_bases(sh_degree: int) -> int:
-    """Number of SH coefficients per colour channel for ``sh_degree``."""
-    return (sh_degree + 1) ** 2
-
+from evolsplat_ns.model.render.sh import num_sh_bases, rgb_to_sh0, sh0_to_rgb
 
 def _knn_brute(
     queries: torch.Tensor, points: torch.Tensor, k: int, max_block_elems: int = 2**24

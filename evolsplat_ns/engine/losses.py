@@ -1,4 +1,9 @@
-"""Photometric and regularisation losses of EVolSplat, registered as plugins (group ``losses``)."""
+"""Photometric and regularisation losses of EVolSplat.
+
+Photometric losses are plugins (entry-point group ``evolsplat_ns.losses``, chosen by the model's
+``rgb_loss`` setting) with the signature ``loss(pred, gt, ssim_lambda) -> scalar`` for images
+[H, W, 3] in [0, 1]; the built-ins ``l1_ssim`` and ``l1`` register through that same group.
+"""
 
 from __future__ import annotations
 
@@ -20,10 +25,15 @@ def _win(img: torch.Tensor) -> int:
 
 def l1_ssim_loss(pred: torch.Tensor, gt: torch.Tensor, ssim_lambda: float = 0.2) -> torch.Tensor:
     """(1 - ssim_lambda) * L1 + ssim_lambda * (1 - SSIM); images [H, W, 3] in [0, 1]."""
-    l1 = (pred - gt).abs().mean()
+    l1 = l1_loss(pred, gt)
     if ssim_lambda == 0:
         return l1
     return (1.0 - ssim_lambda) * l1 + ssim_lambda * ssim_map_loss(pred, gt)
+
+
+def l1_loss(pred: torch.Tensor, gt: torch.Tensor, ssim_lambda: float = 0.0) -> torch.Tensor:
+    """Mean absolute error of images [H, W, 3]; ``ssim_lambda`` is accepted and ignored."""
+    return (pred - gt).abs().mean()
 
 
 def entropy_loss(accumulation: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -20,8 +20,9 @@ from nerfstudio.models.base_model import Model, ModelConfig
 from nerfstudio.utils.colormaps import apply_depth_colormap
 from torch.nn import Parameter
 
+from evolsplat_ns import registry
 from evolsplat_ns.data.types import PointCloud, Views
-from evolsplat_ns.engine.losses import entropy_loss, l1_ssim_loss
+from evolsplat_ns.engine.losses import entropy_loss
 from evolsplat_ns.engine.metrics import image_metrics
 from evolsplat_ns.geometry import opengl_to_opencv
 from evolsplat_ns.model.node import GaussianNode
@@ -38,6 +39,8 @@ class EVolSplatModelConfig(ModelConfig, PredictorConfig):
     freeze_volume, enable_background, min_views, ...) come from :class:`PredictorConfig`."""
 
     _target: Type = field(default_factory=lambda: EVolSplatModel)
+    rgb_loss: str = "l1_ssim"
+    """Photometric loss, by registered name (entry-point group evolsplat_ns.losses)."""
     ssim_lambda: float = 0.2
     entropy_loss: float = 0.1
     """Weight of the accumulation entropy loss (applied every ``entropy_loss_every`` steps)."""
@@ -85,6 +88,7 @@ class EVolSplatModel(Model):
     def populate_modules(self) -> None:
         self.predictor = GaussianPredictor(PredictorConfig(
             **{f.name: getattr(self.config, f.name) for f in fields(PredictorConfig)}))
+        self.rgb_loss = registry.get("losses", self.config.rgb_loss)
         self.nodes: dict[str, GaussianNode] = {}
         self.context: Optional[SegmentContext] = None
         self.step = 0
@@ -187,7 +191,7 @@ class EVolSplatModel(Model):
 
     def view_loss(self, outputs: dict[str, torch.Tensor], gt: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         """Loss of one target view: photometric (+ entropy on accumulation every N steps)."""
-        losses = {"rgb_loss": l1_ssim_loss(outputs["rgb"], gt, self.config.ssim_lambda)}
+        losses = {"rgb_loss": self.rgb_loss(outputs["rgb"], gt, self.config.ssim_lambda)}
         if self.config.entropy_loss > 0 and step % self.config.entropy_loss_every == 0:
             losses["entropy_loss"] = self.config.entropy_loss * entropy_loss(outputs["accumulation"])
         return losses

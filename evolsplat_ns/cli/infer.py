@@ -49,7 +49,8 @@ def _print_summary(report: dict) -> None:
     if not m["lpips_available"]:
         print(f"  {m['lpips_note']}")
     for stage, label in (("encode_ms", "feed-forward reconstruction per segment (encode)"),
-                         ("render_ms", "render per frame (predict + rasterise)")):
+                         ("render_ms", "render per frame (predict + rasterise)"),
+                         ("rasterize_ms", "rasterise per frame, Gaussians already predicted")):
         print(f"  {label}: mean {t[stage]['mean_ms']:.1f} ms, median {t[stage]['median_ms']:.1f} ms "
               f"over {t[stage]['count']} on {t['device']}")
 

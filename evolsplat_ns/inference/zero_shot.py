@@ -29,7 +29,7 @@ class ZeroShotResult:
 
     Attributes:
         metrics: ``summarise`` output: mean metrics, ``per_scene``, ``num_views``, LPIPS availability.
-        timing: per stage (``segment_setup_ms``, ``encode_ms``, ``render_ms``) mean/median/min/max/count.
+        timing: per stage (``segment_setup_ms``, ``encode_ms``, ``render_ms``, ``rasterize_ms``) mean/median/min/max/count.
         grid_rows: uint8 [H, 3W, 3] prediction | ground truth | error of up to ``max_grid_rows`` views.
     """
 
@@ -73,6 +73,10 @@ def evaluate_held_out(pipeline: EVolSplatPipeline, max_grid_rows: int = 8, progr
         for v in range(len(target)):
             with timer("render_ms"):
                 out = model.render(state, target.camtoworlds[v], target.intrinsics[v], target.width, target.height)
+            background = model.predictor.predict_background(state)
+            with timer("rasterize_ms"):  # the Gaussians exist now: rasterisation alone
+                model.rasterize_gaussians(out["gaussians"], background, target.camtoworlds[v],
+                                          target.intrinsics[v], target.width, target.height)
             metrics, images = model.get_image_metrics_and_images(out, {"image": target.images[v]})
             metrics.update(pipeline.lidar_depth_metrics(sample, v, out["depth"]))
             per_scene[sample.key.scene].append(metrics)

@@ -25,7 +25,7 @@ from evolsplat_ns.data.types import PointCloud, Views
 from evolsplat_ns.engine.losses import entropy_loss
 from evolsplat_ns.engine.metrics import image_metrics
 from evolsplat_ns.geometry import opengl_to_opencv
-from evolsplat_ns.model.node import GaussianNode
+from evolsplat_ns.model.node import GaussianNode, GaussianParams
 from evolsplat_ns.model.predictor import GaussianPredictor, PredictorConfig
 from evolsplat_ns.model.render import rasterize
 from evolsplat_ns.utils.timing import phase
@@ -140,20 +140,29 @@ class EVolSplatModel(Model):
         """
         with phase("heads"):
             params = self.predictor.predict(state, c2w, K)
-        viewmat = torch.linalg.inv(c2w)[None]
+            background = self.predictor.predict_background(state) if self.config.enable_background else None
+        out = self.rasterize_gaussians(params, background, c2w, K, width, height)
+        out["gaussians"] = params
+        return out
+
+    def rasterize_gaussians(self, params: GaussianParams, background: Optional[GaussianParams], c2w: torch.Tensor,
+                            K: torch.Tensor, width: int, height: int) -> dict[str, torch.Tensor]:
+        """Rasterise existing Gaussians (segment frame) for an OpenCV camera-to-segment pose,
+        with ``background`` composited behind. Returns rgb, depth, accumulation as :meth:`render`."""
+        viewmat = torch.linalg.inv(c2w)[None].float()
+
+        def draw(g: GaussianParams):
+            return rasterize(g.means.float(), g.quats.float(), g.scales.float(), g.opacities.float(),
+                             g.sh.float(), viewmat, K[None].float(), width, height,
+                             sh_degree=self.config.sh_degree, backend=self.config.renderer)
+
         # Rasterisation is numerically delicate (covariance inversion, compositing): always fp32.
         with torch.autocast(device_type=c2w.device.type, enabled=False), phase("render"):
-            fg = rasterize(params.means.float(), params.quats.float(), params.scales.float(),
-                           params.opacities.float(), params.sh.float(), viewmat.float(), K[None].float(),
-                           width, height, sh_degree=self.config.sh_degree, backend=self.config.renderer)
+            fg = draw(params)
             rgb, alpha = fg.rgb[0], fg.alpha[0]
-            if self.config.enable_background:
-                bg = self.predictor.predict_background(state)
-                bg_out = rasterize(bg.means.float(), bg.quats.float(), bg.scales.float(), bg.opacities.float(),
-                                   bg.sh.float(), viewmat.float(), K[None].float(), width, height,
-                                   sh_degree=self.config.sh_degree, backend=self.config.renderer)
-                rgb = rgb + (1.0 - alpha) * bg_out.rgb[0]
-        return {"rgb": rgb, "depth": fg.depth[0], "accumulation": alpha, "gaussians": params}
+            if background is not None:
+                rgb = rgb + (1.0 - alpha) * draw(background).rgb[0]
+        return {"rgb": rgb, "depth": fg.depth[0], "accumulation": alpha}
 
     def commit_offsets(self, state, index: torch.Tensor) -> None:
         """Write this step's predicted offsets of node Gaussians ``index`` [M] into the segment's

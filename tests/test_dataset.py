@@ -423,3 +423,12 @@ def test_bad_dataset_settings(base_config):
         MultiSceneDataset(replace(base_config, eval_scenes=("nope",)))
     with pytest.raises(ValueError, match="no training segments"):
         MultiSceneDataset(replace(base_config, num_eval_scenes=3))
+
+
+def test_too_short_segments_fail_at_start_up(tiny_dataset):
+    from evolsplat_ns.data.dataset import MultiSceneDataset, MultiSceneDatasetConfig
+
+    cfg = MultiSceneDatasetConfig(data=tiny_dataset, segment_length=4, segment_stride=4,
+                                  num_source_keyframes=3, num_target_keyframes=2, preload=False)
+    with pytest.raises(ValueError, match=r"fewer keyframes than num_source_keyframes \+ num_target_keyframes = 5"):
+        MultiSceneDataset(cfg)

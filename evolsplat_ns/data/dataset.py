@@ -94,6 +94,7 @@ class MultiSceneDataset:
             i for i, s in enumerate(self.segments)
             if s.scene_index not in self.eval_scene_ids or c.train_on_eval_scenes or single
         ]
+        self._check_keyframe_counts()
         self.rng = np.random.default_rng(c.seed)
         self.scheduler = SegmentScheduler(len(self.train_segment_ids), c.iters_per_segment, c.segment_order, c.seed)
         self.cache = PointCloudCache(self._build_point_cloud, int(c.cache_max_mb * 2**20), c.preload)
@@ -124,6 +125,19 @@ class MultiSceneDataset:
             dists = [min(abs(t - f) for f in s.frames) + abs(t - np.mean(s.frames)) * 1e-3
                      for s in self.segments[first:]]
             self.eval_items.append((first + int(np.argmin(dists)), t))
+
+    def _check_keyframe_counts(self) -> None:
+        """Fail at start-up, not at the first sample, if a training segment is too short."""
+        c = self.config
+        need = c.num_source_keyframes + c.num_target_keyframes
+        short = [(str(self.key(i)), len(self.keyframes(i))) for i in self.train_segment_ids
+                 if len(self.keyframes(i)) < need]
+        if short:
+            raise ValueError(
+                f"{len(short)} training segment(s) have fewer keyframes than num_source_keyframes + "
+                f"num_target_keyframes = {need}, e.g. {short[:3]} (segment, keyframes); lower those "
+                f"settings or keyframe_interval ({c.keyframe_interval}), or raise segment_length "
+                f"({c.segment_length})")
 
     def segment_index(self, key: SegmentKey) -> int:
         """Index into ``segments`` of the segment named by ``key``."""

@@ -116,8 +116,14 @@ class EVolSplatModel(Model):
         """Make segment ``key`` (with candidate ``sources``) the one rendered for bare cameras.
 
         Always a fresh context, so encoded states cached for rendering never outlive a training step.
+        Only the context's node lives on the model's device; the others wait in host memory, so GPU
+        memory does not grow with the number of segments a long multi-scene run has visited.
         """
-        self.context = SegmentContext(key, self.node_for(key, point_cloud), sources.to(self.device))
+        previous = self.context
+        node = self.node_for(key, point_cloud).to(self.device)
+        if previous is not None and previous.key != key and previous.key in self.nodes:
+            previous.node.to("cpu")
+        self.context = SegmentContext(key, node, sources.to(self.device))
         return self.context
 
     # -- prediction and rendering ----------------------------------------------------------------
@@ -229,7 +235,9 @@ class EVolSplatModel(Model):
                 "frozen_volumes": self.predictor.frozen_state_dict(), "step": self.step}
 
     def set_extra_state(self, state: dict) -> None:
-        self.nodes = {k: GaussianNode.from_state_dict(v).to(self.device) for k, v in state["nodes"].items()}
+        self.nodes = {k: GaussianNode.from_state_dict(v).to("cpu") for k, v in state["nodes"].items()}
+        if self.context is not None and self.context.key in self.nodes:  # keep the shown segment renderable
+            self.context.node = self.nodes[self.context.key].to(self.device)
         self.predictor.load_frozen_state_dict(state.get("frozen_volumes", {}))
         self.step = state.get("step", 0)
 

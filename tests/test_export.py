@@ -146,3 +146,17 @@ def test_cli_exports_all_segments_and_refuses_to_overwrite(run_config, tmp_path)
         main(args + ["--segment", "nope", "--overwrite"])
     [again] = main(args + ["--segment", str(paths[0].stem.replace("_seg", "/seg")), "--overwrite"])
     assert again == paths[0]
+
+
+def test_stock_ns_export_writes_the_shown_segment(run_config, pipeline, tmp_path):
+    """nerfstudio's own ``ns-export gaussian-splat`` accepts the model and writes the Gaussians of
+    the shown segment in the standard layout (values equal the model's snapshot)."""
+    from nerfstudio.scripts.exporter import ExportGaussianSplat
+
+    ExportGaussianSplat(load_config=run_config, output_dir=tmp_path).main()
+    back, raw, _ = load_splat(tmp_path / "splat.ply")
+    check_splat_values(raw)
+    expected = pipeline.model.snapshot_gaussians()  # same checkpoint, same shown segment
+    assert len(raw) == len(expected) > 0
+    torch.testing.assert_close(back.means, expected.means.cpu(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(back.sh, expected.sh.cpu(), rtol=1e-4, atol=1e-4)

@@ -16,7 +16,7 @@ from typing import Literal, Optional, Type
 
 import torch
 from nerfstudio.cameras.cameras import Cameras
-from nerfstudio.models.base_model import Model, ModelConfig
+from nerfstudio.models.base_model import ModelConfig
 from nerfstudio.utils.colormaps import apply_depth_colormap
 from torch.nn import Parameter
 
@@ -28,6 +28,7 @@ from evolsplat_ns.geometry import opengl_to_opencv
 from evolsplat_ns.model.node import GaussianNode, GaussianParams
 from evolsplat_ns.model.predictor import GaussianPredictor, PredictorConfig
 from evolsplat_ns.model.render import rasterize
+from evolsplat_ns.model.splatfacto_compat import SplatfactoSurface
 from evolsplat_ns.utils.timing import phase
 from evolsplat_ns.viewer.state_cache import EncodedStateCache, neighbour_count
 
@@ -65,6 +66,8 @@ class SegmentContext:
     node: GaussianNode
     sources: Views
     """Candidate source views (OpenCV camera-to-segment poses), on the model's device."""
+    snapshot: Optional[tuple[int, GaussianParams]] = field(default=None, repr=False)
+    """(model step, Gaussians) of :meth:`EVolSplatModel.snapshot_gaussians`."""
     encoded: EncodedStateCache = field(default_factory=EncodedStateCache, repr=False)
     """Encoded states of this context's chosen sources, reused by :meth:`EVolSplatModel.get_outputs_for_camera`
     (a new context, made by every ``set_context``, starts empty)."""
@@ -80,7 +83,10 @@ def camera_to_opencv(camera: Cameras) -> tuple[torch.Tensor, torch.Tensor, int, 
     return opengl_to_opencv(c2w), K, int(camera.width.reshape(-1)[0]), int(camera.height.reshape(-1)[0])
 
 
-class EVolSplatModel(Model):
+class EVolSplatModel(SplatfactoSurface):
+    """EVolSplat. Derives from nerfstudio's ``Model`` through :class:`SplatfactoSurface` only so
+    that nerfstudio's Gaussian-splatting tools (``ns-export gaussian-splat``, viewer) accept it."""
+
     config: EVolSplatModelConfig
     render_num_sources: Optional[int] = None
     """Source views per bare-camera render (the viewer's slider); None = ``num_neighbour_select``."""
@@ -246,6 +252,20 @@ class EVolSplatModel(Model):
             raise RuntimeError("no segment selected: call set_context(...) (the pipeline does this "
                                "when training, evaluating or when the viewer picks a segment)")
         return self.context
+
+    @torch.no_grad()
+    def snapshot_gaussians(self) -> GaussianParams:
+        """Foreground Gaussians of the shown segment, predicted for its reference view (first FRONT
+        source view); cached until the context or the training step changes."""
+        from evolsplat_ns.export.segment import reference_view
+
+        ctx = self._require_context()
+        if ctx.snapshot is None or ctx.snapshot[0] != self.step:
+            v = reference_view(ctx.sources)
+            c2w, K = ctx.sources.camtoworlds[v], ctx.sources.intrinsics[v]
+            state = self.encode(self.predictor.select_sources(ctx.sources, c2w), split_backward=False)
+            ctx.snapshot = (self.step, self.predictor.predict(state, c2w, K))
+        return ctx.snapshot[1]
 
     def forget_segments(self) -> None:
         """Drop every segment's node, frozen volume and the context, so scenes loaded afterwards

@@ -110,7 +110,7 @@ def test_spconv_cpu_backward_matches_dense_conv3d():
     coords = (torch.rand(D, D, D, generator=g) < 0.4).nonzero()
     feats = torch.randn(coords.shape[0], 2, generator=g, dtype=torch.float64, requires_grad=True)
     conv = spconv.SubMConv3d(2, 3, 3, padding=1, bias=False).double()
-    with spconv_device_guard(torch.device("cpu")):
+    with spconv_device_guard(torch.device("cpu"), conv):
         x = spconv.SparseConvTensor(feats, F.pad(coords, (1, 0)).int(), [D, D, D], 1)
         out = conv(x).features
     assert torch.get_num_threads() == 2

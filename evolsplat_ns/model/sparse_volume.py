@@ -169,7 +169,7 @@ class SparseCostRegNet(nn.Module):
             raise ValueError(
                 f"SparseCostRegNet(in_dim={self.in_dim}) got {grid.features.shape[1]}-dim voxel features"
             )
-        with spconv_device_guard(grid.features.device):
+        with spconv_device_guard(grid.features.device, self):
             batch = torch.zeros_like(grid.coords[:, :1])
             x = spconv.SparseConvTensor(
                 grid.features.to(self.stem[0].weight.dtype),

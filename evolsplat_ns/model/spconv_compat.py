@@ -10,6 +10,10 @@ Two defects of the CPU-only ``spconv`` 2.3.x build (measured, see shared/ENVIRON
 2. **Wrong results with several torch threads**: the CPU gather/scatter-add kernels race when torch
    runs multi-threaded (tens of wrong voxels of 40k, different every run). One thread is correct.
 
+3. **CUDA builds on CPU tensors** (``spconv-cu12x`` on a GPU workstation running a CPU test):
+   their layers default to implicit-GEMM kernels, which exist only for CUDA ("implicit gemm only
+   support cuda"); the native algorithm runs on both.
+
 Fix: :func:`cpu_spconv_context` runs a block with one torch thread and a CPU-safe stream getter in
 ``spconv.pytorch.ops``; :func:`install_cpu_backward_guard` wraps ``ops.indice_conv_backward`` once so
 that every spconv backward on CPU tensors runs inside that context too (autograd calls it long after
@@ -23,7 +27,9 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import torch
+from spconv.core import ConvAlgo
 from spconv.pytorch import ops as spconv_ops
+from spconv.pytorch.conv import SparseConvolution
 
 _GUARD_ATTR = "_evolsplat_cpu_guard"
 
@@ -75,11 +81,30 @@ def install_cpu_backward_guard() -> None:
 
 
 @contextmanager
-def spconv_device_guard(device: torch.device) -> Iterator[None]:
-    """Context for a block of spconv calls on ``device``: the CPU workarounds on CPU, nothing on CUDA."""
+def native_algorithm(module: torch.nn.Module) -> Iterator[None]:
+    """Run ``module``'s sparse convolutions with spconv's native algorithm (defect 3) in this block."""
+    convs = [m for m in module.modules() if isinstance(m, SparseConvolution)]
+    saved = [m.algo for m in convs]
+    for m in convs:
+        m.algo = ConvAlgo.Native
+    try:
+        yield
+    finally:
+        for m, algo in zip(convs, saved):
+            m.algo = algo
+
+
+@contextmanager
+def spconv_device_guard(device: torch.device, module: torch.nn.Module | None = None) -> Iterator[None]:
+    """Context for a block of spconv calls on ``device`` (of ``module``'s layers, if given): the CPU
+    workarounds on CPU, nothing on CUDA."""
     if device.type == "cuda":
         yield
         return
     install_cpu_backward_guard()
     with cpu_spconv_context():
-        yield
+        if module is None:
+            yield
+        else:
+            with native_algorithm(module):
+                yield

@@ -12,9 +12,9 @@ OUT=${OUT:-outputs/demo}
 PY=.venv/bin/python
 BIN=.venv/bin
 if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  METHOD=evolsplat DEVICE=cuda W=960 H=640 SCENES=6 FRAMES=40
+  METHOD=evolsplat DEVICE=cuda W=960 H=640 SCENES=6 FRAMES=40 ITERS=${ITERS:-5000}
 else
-  METHOD=evolsplat-lite DEVICE=cpu W=192 H=128 SCENES=4 FRAMES=24
+  METHOD=evolsplat-lite DEVICE=cpu W=192 H=128 SCENES=4 FRAMES=24 ITERS=${ITERS:-500}
 fi
 DATA="$OUT/data-${W}x${H}"
 if [ ! -f "$DATA/.complete" ]; then
@@ -25,7 +25,7 @@ $BIN/evolsplat-data inspect --data "$DATA" --quick --segment-length 12 --segment
 
 STAMP=$(date +%Y-%m-%d_%H%M%S)
 time $BIN/ns-train $METHOD --data "$DATA" --output-dir "$OUT/runs" --timestamp "$STAMP" \
-  --vis tensorboard --machine.device-type $DEVICE
+  --vis tensorboard --machine.device-type $DEVICE --max-num-iterations $ITERS
 CONFIG="$OUT/runs/$(basename "$DATA")/$METHOD/$STAMP/config.yml"
 
 # The last scene is the run's held-out scene (num_eval_scenes = 1): never trained on.

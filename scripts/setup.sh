@@ -61,7 +61,19 @@ PIP_EXTRA=""
 [ -n "$EXTRAS" ] && PIP_EXTRA="[$EXTRAS]"
 "${PIP[@]}" -c "$CONS" --build-constraint "$CONS" -e ".$PIP_EXTRA"
 
-if ! "$VPY" -c "import torch,sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
+CUDA_VER=$("$VPY" -c "import torch; print(torch.version.cuda or '')" 2>/dev/null || true)
+if [ -n "$CUDA_VER" ]; then
+  # The CPU spconv build (a plain dependency) cannot run CUDA tensors: swap in the CUDA build
+  # closest below the torch CUDA version (spconv-cu120 has no wheel past Python 3.11).
+  case "$CUDA_VER" in 12.[6-9]*|1[3-9].*) SPC=cu126 ;; 12.[45]*) SPC=cu124 ;; *) SPC=cu121 ;; esac
+  if ! "$VPY" -m pip show -q "spconv-$SPC" >/dev/null 2>&1; then
+    log "CUDA $CUDA_VER: installing spconv-$SPC instead of the CPU spconv build"
+    "$VPY" -m pip uninstall -y -q spconv || true
+    "${PIP[@]}" -c "$CONS" "spconv-$SPC" "cumm-$SPC<0.8"
+  fi
+fi
+
+if [ -z "$CUDA_VER" ]; then
   SITE=$("$VPY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
   echo "import evolsplat_ns._compat.torchvision_cpu as m; m.install()" > "$SITE/evolsplat_torchvision_cpu.pth"
 fi

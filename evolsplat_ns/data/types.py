@@ -13,15 +13,8 @@ import torch
 
 
 def _map_tensors(obj, fn):
-    kw = {}
-    for f in fields(obj):
-        v = getattr(obj, f.name)
-        if isinstance(v, torch.Tensor):
-            v = fn(v)
-        elif hasattr(v, "__dataclass_fields__") and hasattr(v, "to"):
-            v = v.to_device_fn(fn)
-        kw[f.name] = v
-    return replace(obj, **kw)
+    """A copy of dataclass ``obj`` with ``fn`` applied to every tensor field (None stays None)."""
+    return replace(obj, **{f.name: fn(v) for f in fields(obj) if isinstance(v := getattr(obj, f.name), torch.Tensor)})
 
 
 @dataclass

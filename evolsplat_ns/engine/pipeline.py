@@ -128,9 +128,12 @@ class EVolSplatPipeline(VanillaPipeline):
         """
         self.eval()
         per_scene: dict[str, list[dict]] = defaultdict(list)
+        prepared = None
         for camera, batch in self.datamanager.fixed_indices_eval_dataloader:
             sample: Sample = batch["sample"]
-            self.prepare(sample, {"point_cloud": self.datamanager.point_cloud_for(sample)})
+            if sample is not prepared:  # one context per sample: its views share the encoded state
+                self.prepare(sample, {"point_cloud": self.datamanager.point_cloud_for(sample)})
+                prepared = sample
             outputs = self.model.get_outputs_for_camera(camera)
             metrics, images = self.model.get_image_metrics_and_images(outputs, batch)
             metrics.update(self.lidar_depth_metrics(sample, batch["view"], outputs["depth"]))

@@ -1,6 +1,6 @@
 """Training throughput of the evolsplat method: iterations/s, ms per phase, peak memory.
 
-Runs real training iterations (EVolSplatTrainer.train_iteration) on a dataset and prints:
+Runs real training iterations (EVolSplatTrainer.train_step) on a dataset and prints:
 iterations/s, ms per phase (data, prepare, volume, projector, heads, render, backward, other),
 peak GPU memory and Gaussians per segment. Default shape: 960x640 images, 3 source views,
 4 target views (one camera, 3 source + 4 target keyframes).
@@ -61,7 +61,7 @@ def main() -> None:
     trainer = build_trainer(args)
     cuda = torch.cuda.is_available()
     for step in range(args.warmup):  # first visits build nodes (kNN), JIT kernels, caches
-        trainer.train_iteration(step)
+        trainer.train_step(step)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -69,14 +69,14 @@ def main() -> None:
     timing.reset()
     t0 = time.perf_counter()
     for step in range(args.warmup, args.warmup + args.iters):
-        trainer.train_iteration(step)
+        trainer.train_step(step)
     if cuda:
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     timing.enable(False)
     phases = {k: 1000 * v / args.iters for k, v in timing.totals().items()}
     phases["other"] = 1000 * wall / args.iters - sum(phases.values())
-    nodes = trainer.pipeline.model.nodes
+    segments = trainer.pipeline.model.segments
     sample = trainer.pipeline.model.context.sources
     result = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
@@ -87,7 +87,7 @@ def main() -> None:
         "ms_per_iteration": 1000 * wall / args.iters,
         "ms_per_phase": dict(sorted(phases.items(), key=lambda kv: -kv[1])),
         "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-        "gaussians_per_segment": {k: len(n) for k, n in nodes.items()},
+        "gaussians_per_segment": {str(k): len(segments.get(k).node) for k in segments.keys()},
         "amp": args.amp,
         "skipped_steps": dict(trainer.skipped_steps),
     }

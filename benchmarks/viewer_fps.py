@@ -103,7 +103,7 @@ def main() -> None:
     cams = fly_through(start, args.frames + 1, args.step, args.width / args.height, args.height, args.fov)
     times = timed_renders(model, cams)
     steady = sorted(times[1:])
-    cache = model.context.encoded
+    cache = model.context.segment.encoded
     print(f"device={model.device} threads={torch.get_num_threads()} segment={model.context.key} "
           f"gaussians={len(model.context.node.means)} sources/frame="
           f"{model.render_num_sources or model.config.num_neighbour_select} {args.width}x{args.height}")

@@ -21,6 +21,7 @@ from evolsplat_ns.engine.pipeline import EVolSplatPipelineConfig
 from evolsplat_ns.engine.schedulers import FloatExponentialDecaySchedulerConfig
 from evolsplat_ns.engine.trainer import EVolSplatTrainerConfig
 from evolsplat_ns.model.evolsplat_model import EVolSplatModelConfig
+from evolsplat_ns.viewer.controls import SegmentControlsConfig
 
 
 def _optimizers(lr: float, lr_final: float, steps: int) -> dict:
@@ -44,6 +45,7 @@ def evolsplat_config() -> EVolSplatTrainerConfig:
         pipeline=EVolSplatPipelineConfig(
             datamanager=EVolSplatDataManagerConfig(dataset=MultiSceneDatasetConfig()),
             model=EVolSplatModelConfig(),
+            viewer_controls=SegmentControlsConfig(),
         ),
         optimizers=_optimizers(1e-3, 1e-4, steps),
         viewer=ViewerConfig(num_rays_per_chunk=1 << 15, camera_frustum_scale=1.0),  # street scale (m)

@@ -30,12 +30,11 @@ def test_per_target_backward_matches_single_graph(trainer):
     sample.target = sample.target.select([0, 1])  # two targets exercise the accumulation
 
     trainer.optimizers.zero_grad_all()
-    trainer._forward_backward(sample, batch, step=1)
+    trainer._sample_loss(sample, batch, step=1)
     split = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     trainer.optimizers.zero_grad_all()
-    pipeline.prepare(sample, batch)
-    losses, _ = pipeline.sample_loss(sample, step=1)
+    losses, _ = pipeline.sample_loss(sample, batch, step=1)
     sum(losses.values()).backward()
     joint = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.train()
@@ -48,7 +47,7 @@ def test_per_target_backward_matches_single_graph(trainer):
 
 def test_step_updates_weights_and_offset_cache(trainer):
     before = params_vector(trainer)
-    loss, loss_dict, metrics = trainer.train_iteration(2)
+    loss, loss_dict, metrics = trainer.train_step(2)
     assert math.isfinite(float(loss)) and "rgb_loss" in loss_dict and metrics["num_gaussians"] > 0
     assert not torch.equal(before, params_vector(trainer))
     node = trainer.pipeline.model.context.node
@@ -60,29 +59,29 @@ def test_nonfinite_loss_skips_step(trainer, monkeypatch):
     model = trainer.pipeline.model
     before = params_vector(trainer)
     monkeypatch.setattr(model, "view_loss", lambda out, gt, step: {"rgb_loss": out["rgb"].sum() * float("nan")})
-    loss, _, metrics = trainer.train_iteration(3)
+    loss, _, metrics = trainer.train_step(3)
     assert math.isnan(float(loss)) and metrics["skipped"] == 1
     assert trainer.skipped_steps["nonfinite"] == 1
     assert torch.equal(before, params_vector(trainer)), "no optimizer step on a NaN loss"
 
 
 def test_oom_on_a_segment_skips_step(trainer, monkeypatch):
-    def oom():
+    def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(trainer.pipeline.model, "encode", oom)
-    trainer.train_iteration(4)
+    trainer.train_step(4)
     assert trainer.skipped_steps["oom"] == 1
 
 
 def test_empty_segment_is_skipped_with_message(trainer, monkeypatch, capsys):
     dm = trainer.pipeline.datamanager
     empty = PointCloud(torch.zeros(0, 3), torch.zeros(0, 3))
-    trainer.pipeline.model.nodes.clear()
+    trainer.pipeline.model.forget_segments()
     monkeypatch.setattr(dm, "point_cloud_for", lambda sample: empty)
     real_next = dm.next_train
     monkeypatch.setattr(dm, "next_train", lambda step: (real_next(step)[0], {"point_cloud": empty}))
-    trainer.train_iteration(5)
+    trainer.train_step(5)
     assert trainer.skipped_steps["empty_segment"] == 1
     assert "point cloud is empty" in capsys.readouterr().out
 
@@ -91,19 +90,19 @@ def test_resume_gives_identical_next_loss(tiny_dataset, tmp_path):
     """Stop at step k, resume with --load-dir: step k+1 has the uninterrupted run's loss."""
     k = 2
     straight = make_trainer(tiny_dataset, tmp_path / "a")
-    losses = [float(straight.train_iteration(s)[0]) for s in range(k + 2)]
+    losses = [float(straight.train_step(s)[0]) for s in range(k + 2)]
 
     first = make_trainer(tiny_dataset, tmp_path / "b")
     for s in range(k + 1):
-        first.train_iteration(s)
+        first.train_step(s)
     first.save_checkpoint(k)
     ckpt_dir = first.checkpoint_dir
     assert (ckpt_dir / f"step-{k:09d}.ckpt").is_file()
 
     resumed = make_trainer(tiny_dataset, tmp_path / "c", load_dir=ckpt_dir)
     assert resumed._start_step == k + 1
-    assert resumed.pipeline.model.nodes, "segment nodes (offset caches) travel in the checkpoint"
-    assert float(resumed.train_iteration(k + 1)[0]) == pytest.approx(losses[k + 1], rel=1e-5)
+    assert len(resumed.pipeline.model.segments) > 0, "segment nodes (offset caches) travel in the checkpoint"
+    assert float(resumed.train_step(k + 1)[0]) == pytest.approx(losses[k + 1], rel=1e-5)
 
 
 def test_model_only_checkpoint_loads_for_inference(trainer, tmp_path):
@@ -115,6 +114,6 @@ def test_model_only_checkpoint_loads_for_inference(trainer, tmp_path):
     fresh.datamanager.data = trainer.config.pipeline.datamanager.data
     pipe = fresh.setup(device="cpu", test_mode="inference")
     pipe.load_pipeline(torch.load(path, map_location="cpu")["pipeline"], 7)
-    assert pipe.model.nodes.keys() == trainer.pipeline.model.nodes.keys()
+    assert pipe.model.segments.keys() == trainer.pipeline.model.segments.keys()
     metrics, images = pipe.get_eval_image_metrics_and_images(step=7)
     assert math.isfinite(metrics["psnr"]) and images["img"].ndim == 3

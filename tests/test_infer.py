@@ -79,7 +79,7 @@ def test_new_scenes_never_reuse_training_nodes(run_config, new_scenes):
 
     _, pipeline, _ = load_pipeline(run_config, DatasetOverrides(data=new_scenes, all_scenes_eval=True))
     try:
-        assert pipeline.model.nodes == {} and pipeline.model.context is None
+        assert len(pipeline.model.segments) == 0 and pipeline.model.context is None
         dataset = pipeline.datamanager.dataset
         assert dataset.eval_scene_ids == {0, 1}  # every new scene is an eval scene ...
         assert {dataset.segments[i].scene_index for i, _ in dataset.eval_items} == {0, 1}  # ... and scored

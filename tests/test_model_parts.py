@@ -53,19 +53,17 @@ def test_knn_scale_matches_brute_force():
 
 def test_node_from_point_cloud_and_state_dict():
     pc = make_cloud(50)
-    node = GaussianNode.from_point_cloud(pc, scale_init="knn", sh_degree=1)
+    node = GaussianNode.from_point_cloud(pc, scale_init="knn")
     assert torch.equal(node.means, pc.points)
     assert torch.allclose(node.features_dc, rgb_to_sh0(pc.colors)) and torch.allclose(node.rgb(), pc.colors, atol=1e-6)
-    assert node.features_rest.shape == (50, 3, 3) and node.offset.abs().sum() == 0
-    assert torch.allclose(node.quats.norm(dim=-1), torch.ones(50))
-    assert torch.allclose(torch.sigmoid(node.opacities), torch.full((50,), 0.1))
+    assert node.offset.abs().sum() == 0
     assert torch.allclose(node.scales[:, 0].exp(), knn_mean_distance(pc.points).clamp(1e-3, 1.0))
     fixed = GaussianNode.from_point_cloud(pc, scale_init=0.05)
     assert torch.allclose(fixed.scales.exp(), torch.full((50, 3), 0.05))
     node.update_offset(torch.tensor([0, 2]), torch.ones(2, 3))
     assert torch.equal(node.current_means()[2], pc.points[2] + 1)
     restored = GaussianNode.from_state_dict(copy.deepcopy(node.state_dict()))
-    assert torch.equal(restored.offset, node.offset) and restored.sh_degree == 1
+    assert torch.equal(restored.offset, node.offset)
     with pytest.raises(ValueError, match="scale_init"):
         GaussianNode.from_point_cloud(pc, scale_init="nope")
 
@@ -156,7 +154,6 @@ def test_projector_samples_known_pixel_and_validity():
     assert torch.allclose(out.colors[0, 0], window, atol=1e-5)
     assert out.valid[:, 0].tolist() == [True, False, False]
     assert out.keep.tolist() == [True, False, False]
-    assert torch.allclose(out.view_dirs[0, 0], F.normalize(point[0], dim=0))
 
 
 def test_projector_occlusion_sign():
@@ -265,18 +262,22 @@ def test_gradients_reach_every_head_and_split_backward_matches_combined():
 
 
 def test_frozen_volume_cache_reused_and_checkpointed():
+    from evolsplat_ns.data.types import SegmentKey
+    from evolsplat_ns.model.segment_store import SegmentState, SegmentStore
+
     model, node, source = tiny_setup()
-    model.config.freeze_volume = True
-    first = model.encode(node, source, key="scene/seg000")
-    second = model.encode(node, source, key="scene/seg000")
-    assert "scene/seg000" in model.frozen_volumes and second.volume is first.volume
+    store, key = SegmentStore(), SegmentKey("scene", 0)
+    segment = store.put(key, SegmentState(node, frozen_volume=model.build_volume(node).detach()))
+    first = model.encode(node, source, volume=store.get(key).frozen_volume)
+    second = model.encode(node, source, volume=store.get(key).frozen_volume)
+    assert key in store and second.volume is first.volume is segment.frozen_volume
     assert not second.volume.features.requires_grad
     c2w, K = targets()[0]
     surrogate_loss(model.predict(second, c2w, K), 1.0).backward()
     second.backward_shared()  # only the offset head lies behind the boundary now
     assert model.offset_head.net[0].weight.grad is not None and model.volume_net.stem[0].weight.grad is None
-    other = GaussianPredictor(model.config)
-    other.load_frozen_state_dict(model.frozen_state_dict())
-    restored = other.frozen_volumes.get("scene/seg000")
+    other = SegmentStore()
+    other.load_state_dict(copy.deepcopy(store.state_dict()))
+    restored = other.get(key).frozen_volume
     assert torch.equal(restored.features, first.volume.features)
     assert torch.equal(restored.sample(node.means), first.volume.sample(node.means))

@@ -57,9 +57,9 @@ def count_encodes(model, monkeypatch) -> list[int]:
 def test_loaded_checkpoint_has_a_context_and_renders_a_bare_camera(pipeline, first_segment):
     model, dataset = pipeline.model, pipeline.datamanager.dataset
     ctx = model.context
-    assert ctx.key in model.nodes and ctx.node is model.nodes[ctx.key], "the context uses the checkpoint's node"
+    assert ctx.key in model.segments and ctx.node is model.segments.get(ctx.key).node, "the context uses the checkpoint's node"
     seg = first_segment.segment_index
-    assert ctx.key == str(dataset.key(seg))
+    assert ctx.key == dataset.key(seg)
     assert len(ctx.sources) == len(dataset.keyframes(seg)) * len(dataset.scenes[0].cameras)
 
     out = model.get_outputs_for_camera(viewer_camera(first_segment))
@@ -88,7 +88,7 @@ def test_cached_render_equals_a_fresh_one(pipeline, first_segment):
     camera = viewer_camera(first_segment, view=1)
     cached = model.get_outputs_for_camera(camera)
     cached = model.get_outputs_for_camera(camera)
-    assert model.context.encoded.hits >= 1
+    assert model.context.segment.encoded.hits >= 1
     pipeline.show_segment(first_segment.segment_index)
     fresh = model.get_outputs_for_camera(camera)
     for k in fresh:
@@ -111,7 +111,7 @@ def test_controls_switch_scene_and_segment(pipeline, first_segment):
     controls.scene.cb_hook(controls.scene)
     seg = controls.selected_segment()
     assert dataset.scenes[dataset.segments[seg].scene_index].name == eval_scene.split()[0]
-    assert model.context.key == str(dataset.key(seg)) and controls.frustums.images.segment_index == seg
+    assert model.context.key == dataset.key(seg) and controls.frustums.images.segment_index == seg
     out = model.get_outputs_for_camera(viewer_camera(controls.frustums.images))
     assert out["accumulation"].mean() > 0.1, "an unseen (eval) scene renders feed-forward"
 
@@ -121,7 +121,7 @@ def test_controls_switch_scene_and_segment(pipeline, first_segment):
     for label in controls.segment.options:
         controls.segment.value = label
         controls.segment.cb_hook(controls.segment)
-        assert model.context.key == str(dataset.key(controls.selected_segment()))
+        assert model.context.key == dataset.key(controls.selected_segment())
 
 
 def test_source_view_slider_sets_the_sources_per_frame(pipeline, first_segment, monkeypatch):

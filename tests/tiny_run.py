@@ -43,7 +43,7 @@ def tiny_checkpoint(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
         return config_path
     trainer = lite_trainer(data, out, experiment="tiny")
     for step in range(TRAIN_STEPS):
-        trainer.train_iteration(step)
+        trainer.train_step(step)
     trainer.save_checkpoint(TRAIN_STEPS - 1)
     trainer.config.save_config()
     trainer.pipeline.datamanager.dataset.close()

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     from evolsplat_ns.inference.loading import DatasetOverrides, load_pipeline
     from evolsplat_ns.inference.outputs import InferOutputs, save_grid, save_metrics
     from evolsplat_ns.inference.video import write_video
-    from evolsplat_ns.inference.zero_shot import evaluate_held_out
+    from evolsplat_ns.inference.zero_shot import evaluate_zero_shot
 
     args = build_parser().parse_args(argv)
     outputs = InferOutputs(args.output_dir)
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = pipeline.datamanager.dataset
     try:
         start = time.perf_counter()
-        result = evaluate_held_out(pipeline, args.max_grid_rows, progress=not args.no_progress)
+        result = evaluate_zero_shot(pipeline, args.max_grid_rows, progress=not args.no_progress)
         save_grid(result.grid_rows, outputs.grid)
         video = None
         if args.video_frames > 0:

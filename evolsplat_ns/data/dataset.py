@@ -70,9 +70,14 @@ class MultiSceneDatasetConfig:
     preload: bool = True
     """Build the next segment's point cloud in a background thread."""
     load_depth: bool = False
-    load_sky_masks: bool = True
+    """Load depth maps into samples (the depth point-cloud generator reads them on its own)."""
+    load_sky_masks: bool = False
+    """Load sky masks into samples (nothing in the model reads them; the point-cloud generators'
+    sky filter reads them on its own)."""
     load_dynamic_masks: bool = False
+    """Load dynamic-object masks into samples."""
     load_lidar_for_eval: bool = True
+    """Load the held-out frames' LiDAR for the depth metrics."""
     seed: int = 0
 
 

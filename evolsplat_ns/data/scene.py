@@ -136,17 +136,15 @@ class SceneData:
         return d
 
     def load_lidar(self, frames: Sequence[int], ref_from_world: np.ndarray) -> LidarSweep:
-        """LiDAR points and sensor origins of ``frames``, moved from the vehicle frame to ``ref``."""
-        pts, origins, fids = [], [], []
+        """LiDAR points of ``frames``, moved from the vehicle frame to ``ref``."""
+        pts, fids = [], []
         for t in frames:
             raw = L.read_lidar(self.layout.lidar_path(t))
             T = ref_from_world @ self.ego_to_world[t]
             pts.append(raw[:, 3:6] @ T[:3, :3].T + T[:3, 3])
-            origins.append(raw[:, 0:3] @ T[:3, :3].T + T[:3, 3])
             fids.append(np.full(len(raw), t))
         return LidarSweep(
             points=torch.from_numpy(np.concatenate(pts)).float(),
-            origins=torch.from_numpy(np.concatenate(origins)).float(),
             frame_ids=torch.from_numpy(np.concatenate(fids)).long(),
         )
 

@@ -27,6 +27,14 @@ class SegmentKey:
     def __str__(self) -> str:
         return f"{self.scene}/seg{self.segment:03d}"
 
+    @classmethod
+    def parse(cls, text: str) -> "SegmentKey":
+        """The key printed as ``SCENE/segNNN`` (checkpoints, PLY comments, CLI selectors)."""
+        scene, sep, seg = text.rpartition("/seg")
+        if not sep or not seg.isdigit():
+            raise ValueError(f"{text!r} is not a segment key of the form SCENE/segNNN")
+        return cls(scene, int(seg))
+
     def __hash__(self) -> int:
         return hash((self.scene, self.segment))
 
@@ -83,12 +91,10 @@ class LidarSweep:
 
     Attributes:
         points: [N, 3] float32 xyz in the segment frame.
-        origins: [N, 3] float32 sensor origins in the segment frame.
         frame_ids: [N] long, scene frame index of each point.
     """
 
     points: torch.Tensor
-    origins: torch.Tensor
     frame_ids: torch.Tensor
 
     def to_device_fn(self, fn) -> "LidarSweep":

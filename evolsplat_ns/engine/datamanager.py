@@ -2,8 +2,8 @@
 
 Train batches are whole samples (source + target views of one segment) plus the segment's point
 cloud; eval items are held-out frames of held-out scenes. ``fixed_indices_eval_dataloader`` yields
-``(camera, batch)`` per held-out view for ns-eval, with ``batch["eval_index"]`` telling the
-pipeline which sample's sources to use.
+``(camera, batch)`` per held-out view (nerfstudio's interface; our own evaluation runs the
+held-out loop of :mod:`evolsplat_ns.engine.evaluation` instead).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from nerfstudio.data.scene_box import SceneBox
 from evolsplat_ns.data.dataset import MultiSceneDataset, MultiSceneDatasetConfig
 from evolsplat_ns.data.prefetch import Prefetcher
 from evolsplat_ns.data.types import Sample
-from evolsplat_ns.engine.cameras import views_to_cameras
+from evolsplat_ns.data.cameras import views_to_cameras
 
 
 @dataclass
@@ -80,8 +80,7 @@ class EvalViews:
             sample = self.dataset.eval_sample(i)
             cams = views_to_cameras(sample.target)
             for v in range(len(sample.target)):
-                yield cams[v : v + 1], {"image": sample.target.images[v], "eval_index": i, "view": v,
-                                        "sample": sample}
+                yield cams[v : v + 1], {"image": sample.target.images[v], "view": v, "sample": sample}
 
 
 class EVolSplatDataManager(DataManager):

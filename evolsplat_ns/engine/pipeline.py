@@ -1,30 +1,35 @@
-"""The EVolSplat pipeline: connects the data manager's samples to the model's segment context.
+"""The EVolSplat pipeline: connects the data manager's samples to the model.
 
-Training's inner loop (one backward per target view) lives in :mod:`evolsplat_ns.engine.trainer`;
-this class prepares segments and runs evaluation (per held-out view, per scene and mean).
+Training's inner loop (one backward per target view) is the model's ``sample_loss`` driven by
+:mod:`evolsplat_ns.engine.trainer`; this class keeps a segment shown for bare-camera renders
+(viewer, ``ns-render``), offers the single-graph loss, and evaluates through the one held-out loop
+of :mod:`evolsplat_ns.engine.evaluation`.
+
+The viewer's GUI is injected, not imported: ``viewer_controls`` is a config whose ``setup`` builds
+the controls (``evolsplat_ns.viewer.controls.SegmentControlsConfig`` in the method configs), so
+this engine layer never imports the viewer layer above it.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Type
 
-import numpy as np
 import torch
+from nerfstudio.configs.base_config import InstantiateConfig
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 
 from evolsplat_ns.data.types import Sample
 from evolsplat_ns.engine.datamanager import SegmentImages
-from evolsplat_ns.engine.metrics import depth_metrics, lpips_status
-from evolsplat_ns.geometry import invert_rigid, project_points
-from evolsplat_ns.viewer.controls import SegmentControls
+from evolsplat_ns.engine.evaluation import HeldOutView, evaluate_held_out, score_view
 
 
 @dataclass
 class EVolSplatPipelineConfig(VanillaPipelineConfig):
     _target: Type = field(default_factory=lambda: EVolSplatPipeline)
+    viewer_controls: Optional[InstantiateConfig] = None
+    """GUI elements for the nerfstudio viewer, built with ``setup(pipeline=...)`` (None = none)."""
 
 
 class EVolSplatPipeline(VanillaPipeline):
@@ -38,8 +43,8 @@ class EVolSplatPipeline(VanillaPipeline):
         # or right after ns-viewer loads a checkpoint), so there is always a context to render.
         self.shown: SegmentImages = self.datamanager.train_dataset
         self._show(self.shown)
-        self.segments = SegmentControls(self.datamanager.dataset, self.show_segment, self._set_render_num_sources,
-                                        self.shown, self.model.config.num_neighbour_select)
+        if config.viewer_controls is not None:
+            self.segments = config.viewer_controls.setup(pipeline=self)
 
     def show_segment(self, segment_index: int) -> SegmentImages:
         """Make segment ``segment_index`` (of ``datamanager.dataset.segments``) the rendered context,
@@ -49,10 +54,11 @@ class EVolSplatPipeline(VanillaPipeline):
 
     def _show(self, images: SegmentImages) -> None:
         point_cloud = self.datamanager.dataset.point_cloud(images.segment_index)
-        self.prepare(images.sample, {"point_cloud": point_cloud})
+        self.model.set_context(images.sample.key, images.sample.source, point_cloud)
         self.shown = images
 
-    def _set_render_num_sources(self, count: int) -> None:
+    def set_render_num_sources(self, count: int) -> None:
+        """How many nearest source views each bare-camera render uses (the viewer's slider)."""
         self.model.render_num_sources = count
 
     def load_pipeline(self, loaded_state: dict[str, Any], step: int) -> None:
@@ -62,61 +68,41 @@ class EVolSplatPipeline(VanillaPipeline):
         cloud) stays as it is."""
         super().load_pipeline(loaded_state, step)
         dataset = self.datamanager.dataset
-        with_node = [i for i in range(len(dataset.segments)) if str(dataset.key(i)) in self.model.nodes]
+        with_node = [i for i in range(len(dataset.segments)) if dataset.key(i) in self.model.segments]
         if self.shown.segment_index in with_node:
             self._show(self.shown)
         elif with_node:
             self.show_segment(with_node[0])
 
-    def prepare(self, sample: Sample, batch: dict) -> None:
-        """Make ``sample``'s segment the model's context (node built from the batch's point cloud)."""
-        self.model.set_context(str(sample.key), sample.source, batch.get("point_cloud"))
-
-    def sample_loss(self, sample: Sample, step: int) -> tuple[dict, dict]:
+    def sample_loss(self, sample: Sample, batch: dict, step: int) -> tuple[dict, dict]:
         """Losses over all target views of ``sample`` in one graph (mean over targets)."""
-        state = self.model.encode(split_backward=False)
-        tgt = sample.target.to(self.device)
-        losses: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
-        psnrs = []
-        for v in range(len(tgt)):
-            out = self.model.render(state, tgt.camtoworlds[v], tgt.intrinsics[v], tgt.width, tgt.height)
-            for k, val in self.model.view_loss(out, tgt.images[v], step).items():
-                losses[k] = losses[k] + val / len(tgt)
-            psnrs.append(-10 * torch.log10(((out["rgb"].detach() - tgt.images[v]) ** 2).mean()))
-        return dict(losses), {"psnr": torch.stack(psnrs).mean()}
+        result = self.model.sample_loss(sample, batch.get("point_cloud"), step)
+        return result.losses, {"psnr": result.psnr}
 
     def get_train_loss_dict(self, step: int):
         """Single-graph variant of a training step's losses (the trainer uses per-target backward)."""
         sample, batch = self.datamanager.next_train(step)
-        self.prepare(sample, batch)
-        losses, metrics = self.sample_loss(sample, step)
+        losses, metrics = self.sample_loss(sample, batch, step)
         return {}, losses, metrics
 
     @torch.no_grad()
     def get_eval_loss_dict(self, step: int):
         self.eval()
         sample, batch = self.datamanager.next_eval(step)
-        self.prepare(sample, batch)
-        losses, metrics = self.sample_loss(sample, step)
+        losses, metrics = self.sample_loss(sample, batch, step)
         self.train()
         return {}, losses, metrics
 
     @torch.no_grad()
     def get_eval_image_metrics_and_images(self, step: int):
+        """The first view of the next eval sample, scored as the held-out loop scores it."""
         self.eval()
         sample, batch = self.datamanager.next_eval_image(step)
-        self.prepare(sample, batch)
-        cam, img = self._target_camera(sample, 0)
-        outputs = self.model.get_outputs_for_camera(cam)
-        metrics, images = self.model.get_image_metrics_and_images(outputs, {"image": img})
-        metrics["num_rays"] = img.shape[0] * img.shape[1]
+        self.model.set_context(sample.key, sample.source, batch.get("point_cloud"))
+        view = score_view(self.model, sample, self.model.encode(split_backward=False), 0)
+        view.metrics["num_rays"] = sample.target.height * sample.target.width
         self.train()
-        return metrics, images
-
-    def _target_camera(self, sample: Sample, v: int):
-        from evolsplat_ns.engine.cameras import views_to_cameras
-
-        return views_to_cameras(sample.target)[v : v + 1], sample.target.images[v]
+        return view.metrics, view.images
 
     @torch.no_grad()
     def get_average_eval_image_metrics(
@@ -126,60 +112,13 @@ class EVolSplatPipeline(VanillaPipeline):
 
         With ``output_path``, writes ``{scene}_{frame}_{cam}.png`` grids (prediction | GT | error).
         """
-        self.eval()
-        per_scene: dict[str, list[dict]] = defaultdict(list)
-        prepared = None
-        for camera, batch in self.datamanager.fixed_indices_eval_dataloader:
-            sample: Sample = batch["sample"]
-            if sample is not prepared:  # one context per sample: its views share the encoded state
-                self.prepare(sample, {"point_cloud": self.datamanager.point_cloud_for(sample)})
-                prepared = sample
-            outputs = self.model.get_outputs_for_camera(camera)
-            metrics, images = self.model.get_image_metrics_and_images(outputs, batch)
-            metrics.update(self.lidar_depth_metrics(sample, batch["view"], outputs["depth"]))
-            per_scene[sample.key.scene].append(metrics)
-            if output_path is not None:
-                self._save_grid(output_path, sample, batch["view"], images["img"])
-        self.train()
-        return summarise(per_scene, get_std)
-
-    def lidar_depth_metrics(self, sample: Sample, v: int, depth: torch.Tensor) -> dict:
-        if sample.lidar is None:
-            return {}
-        t = int(sample.target.frame_ids[v])
-        pts = sample.lidar.points[sample.lidar.frame_ids == t].to(depth.device)
-        w2c = invert_rigid(sample.target.camtoworlds[v : v + 1].to(depth.device))
-        uv, z = project_points(pts, sample.target.intrinsics[v : v + 1].to(depth.device), w2c)
-        return depth_metrics(depth, uv[0], z[0])
-
-    @staticmethod
-    def _save_grid(folder: Path, sample: Sample, v: int, grid: torch.Tensor) -> None:
-        from PIL import Image
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        name = f"{sample.key.scene}_{int(sample.target.frame_ids[v]):03d}_{int(sample.target.cam_ids[v])}.png"
-        Image.fromarray((grid.clamp(0, 1) * 255).byte().cpu().numpy()).save(folder / name)
+        on_view = (lambda view: _save_grid(Path(output_path), view)) if output_path is not None else None
+        return evaluate_held_out(self, on_view, get_std=get_std)
 
 
-def summarise(per_scene: dict[str, list[dict]], get_std: bool = False) -> dict:
-    """Mean (and std) of every metric per scene and over all views, plus LPIPS availability."""
-    def agg(rows: list[dict]) -> dict:
-        keys = sorted({k for r in rows for k in r if isinstance(r[k], (int, float))})
-        out = {}
-        for k in keys:
-            vals = np.array([r[k] for r in rows if k in r], dtype=np.float64)
-            out[k] = float(vals.mean())
-            if get_std:
-                out[f"{k}_std"] = float(vals.std())
-        out["num_views"] = len(rows)
-        return out
+def _save_grid(folder: Path, view: HeldOutView) -> None:
+    from PIL import Image
 
-    all_rows = [r for rows in per_scene.values() for r in rows]
-    result = agg(all_rows)
-    result["per_scene"] = {s: agg(rows) for s, rows in per_scene.items()}
-    ok, reason = lpips_status()
-    result["lpips_available"] = ok
-    if not ok:
-        result["lpips_note"] = reason
-    return result
+    folder.mkdir(parents=True, exist_ok=True)
+    grid = view.images["img"]
+    Image.fromarray((grid.clamp(0, 1) * 255).byte().cpu().numpy()).save(folder / f"{view.name}.png")

@@ -1,11 +1,12 @@
 """EVolSplat's training step as a nerfstudio ``Trainer``.
 
-One iteration: zero grads; fetch a sample and make its segment the model's context; run the
-shared feature extraction once (sparse volume, 2D window sampling); then for each target view
-predict Gaussians, render foreground + background, ``loss_v / num_targets`` and ``backward()``
-without ``retain_graph``, so each target's graph is freed before the next; backpropagate the
-shared part once; clip (nerfstudio unscales first under AMP); one optimizer step; write the
-predicted offsets into the segment's cache (recursive refinement).
+One iteration: zero grads; fetch a sample; the model's one loss loop (``EVolSplatModel.sample_loss``)
+makes its segment the context, runs the shared feature extraction once (sparse volume, 2D window
+sampling), then for each target view predicts Gaussians, renders foreground + background and
+back-propagates ``loss_v / num_targets`` without ``retain_graph`` (each target's graph freed before
+the next), then the shared part once; clip (nerfstudio unscales first under AMP); one optimizer step.
+The predicted offsets are staged and written into the segment's cache by the model's
+``TrainingCallback`` after the iteration (recursive refinement).
 
 Nothing on one segment kills a long run silently; each case is warned, counted (``skipped/*`` in
 the logs and ``trainer.skipped_steps``) and skipped:
@@ -22,15 +23,16 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Optional, Type
+from typing import Literal, Optional, Type
 
 import torch
+from nerfstudio.engine.callbacks import TrainingCallbackLocation
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from nerfstudio.utils import writer
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from evolsplat_ns.data.types import Sample
-from evolsplat_ns.model.evolsplat_model import EmptySegmentError
+from evolsplat_ns.model.evolsplat_model import EmptySegmentError, SampleLoss
 from evolsplat_ns.utils.timing import phase
 
 
@@ -55,19 +57,38 @@ class EVolSplatTrainer(Trainer):
         super().__init__(config, local_rank, world_size)
         self.skipped_steps: dict[str, int] = defaultdict(int)
 
+    def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
+        super().setup(test_mode)
+        # Segments beyond the host-memory bound spill under the run folder, not a system temp dir.
+        self.pipeline.model.segments.set_spill_dir(self.base_dir / "segments")
+
+    def train_step(self, step: int):
+        """One iteration as nerfstudio's training loop runs it: callbacks before, ``train_iteration``,
+        callbacks after (the offset commit is one). For drivers other than ``Trainer.train``."""
+        for callback in self.callbacks:
+            callback.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
+        out = self.train_iteration(step)
+        for callback in self.callbacks:
+            callback.run_callback_at_location(step, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
+        return out
+
     def train_iteration(self, step: int):
         self.optimizers.zero_grad_all()
-        pipeline, model = self.pipeline, self.pipeline.model
+        model = self.pipeline.model
+        model.offsets.discard()
         with phase("data"):
-            sample, batch = pipeline.datamanager.next_train(step)
+            sample, batch = self.pipeline.datamanager.next_train(step)
         model.step = step
         try:
-            loss, loss_dict, metrics, state = self._forward_backward(sample, batch, step)
+            result = self._sample_loss(sample, batch, step)
         except torch.cuda.OutOfMemoryError:
             return self._skip(step, "oom", f"CUDA out of memory on segment {sample.key}")
         except EmptySegmentError as e:
             return self._skip(step, "empty_segment", str(e))
-        if state is None:
+        for v in result.dropped_targets:
+            self._count("no_visible", step, f"target {v} of segment {sample.key} sees no Gaussian; left out")
+        loss = result.total
+        if result.projected_index.numel() == 0 and not result.nonfinite:
             return self._skip(step, "no_visible_step", f"no target view of segment {sample.key} sees any Gaussian")
         if not math.isfinite(float(loss)):
             return self._skip(step, "nonfinite", f"non-finite loss {float(loss)} on segment {sample.key}")
@@ -76,48 +97,17 @@ class EVolSplatTrainer(Trainer):
         self.grad_scaler.update()
         if scale <= self.grad_scaler.get_scale():
             self.optimizers.scheduler_step_all(step)
-        model.commit_offsets(state, metrics.pop("projected_index"))
-        return loss, loss_dict, metrics
+        model.offsets.stage(result.state, result.projected_index)
+        metrics = {"psnr": result.psnr, "num_gaussians": torch.tensor(float(result.projected_index.numel()))}
+        return loss, result.losses, metrics
 
-    def _forward_backward(self, sample: Sample, batch: dict, step: int):
-        """Shared encode once, then one forward + backward per target view."""
-        pipeline, model = self.pipeline, self.pipeline.model
+    def _sample_loss(self, sample: Sample, batch: dict, step: int) -> SampleLoss:
+        """The model's one loss loop with per-target backward (graphs freed between targets)."""
         device_type = self.device.split(":")[0]
-        with torch.autocast(device_type=device_type, enabled=self.mixed_precision):
-            with phase("prepare"):
-                pipeline.prepare(sample, batch)
-            state = model.encode()
-        tgt = sample.target.to(self.device)
-        n = len(tgt)
-        totals: dict[str, torch.Tensor] = defaultdict(float)
-        psnr = 0.0
-        projected = []
-        for v in range(n):
-            with torch.autocast(device_type=device_type, enabled=self.mixed_precision):
-                out = model.render(state, tgt.camtoworlds[v], tgt.intrinsics[v], tgt.width, tgt.height)
-                if len(out["gaussians"]) == 0:
-                    self._count("no_visible", step, f"target {v} of segment {sample.key} sees no Gaussian; left out")
-                    continue
-                losses = {k: val / n for k, val in model.view_loss(out, tgt.images[v], step).items()}
-                loss_v = sum(losses.values())
-            if not torch.isfinite(loss_v):
-                return loss_v.detach(), {}, {}, state
-            with phase("backward"):
-                self.grad_scaler.scale(loss_v).backward()
-            for k, val in losses.items():
-                totals[k] = totals[k] + val.detach()
-            psnr += float(-10 * torch.log10(((out["rgb"].detach().float() - tgt.images[v]) ** 2).mean())) / n
-            projected.append(out["gaussians"].index)
-            del out, losses, loss_v  # free this target's graph before the next
-        if not projected:
-            return torch.zeros(()), {}, {}, None
-        with phase("backward"):
-            state.backward_shared()
-        loss = sum(totals.values())
-        index = torch.unique(torch.cat(projected))
-        metrics = {"psnr": torch.tensor(psnr), "num_gaussians": torch.tensor(float(index.numel())),
-                   "projected_index": index}
-        return loss, dict(totals), metrics, state
+        return self.pipeline.model.sample_loss(
+            sample, batch.get("point_cloud"), step,
+            backward=lambda loss: self.grad_scaler.scale(loss).backward(),
+            autocast=lambda: torch.autocast(device_type=device_type, enabled=self.mixed_precision))
 
     def _count(self, reason: str, step: int, message: str) -> None:
         self.skipped_steps[reason] += 1

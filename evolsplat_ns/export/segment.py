@@ -11,20 +11,19 @@ frame: x forward, y left, z up, metres); ``segment_to_world`` places it in the s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
+from evolsplat_ns.data.cameras import reference_view
 from evolsplat_ns.data.dataset import MultiSceneDataset
 from evolsplat_ns.data.segments import nearest_sources
-from evolsplat_ns.data.types import SegmentKey, Views
+from evolsplat_ns.data.types import SegmentKey
 from evolsplat_ns.export.splat import concat_gaussians
 from evolsplat_ns.model.node import GaussianParams
 
 if TYPE_CHECKING:
     from evolsplat_ns.model.evolsplat_model import EVolSplatModel
-
-FRONT_CAMERA = 0
 
 
 @dataclass
@@ -47,17 +46,6 @@ class SegmentGaussians:
     reference: tuple[int, int]
 
 
-def front_camera(camera_ids: Sequence[int]) -> int:
-    """The FRONT camera (id 0) if among ``camera_ids``, else the lowest id."""
-    return FRONT_CAMERA if FRONT_CAMERA in camera_ids else min(camera_ids)
-
-
-def reference_view(views: Views) -> int:
-    """Index in ``views`` of the first view of the :func:`front_camera`."""
-    ids = views.cam_ids.tolist()
-    return ids.index(front_camera(ids))
-
-
 @torch.no_grad()
 def predict_segment_gaussians(model: EVolSplatModel, dataset: MultiSceneDataset, segment_index: int,
                               include_background: bool = False) -> SegmentGaussians:
@@ -68,7 +56,7 @@ def predict_segment_gaussians(model: EVolSplatModel, dataset: MultiSceneDataset,
     ref_frame = keyframes[0]
     sources = nearest_sources(keyframes, [ref_frame], dataset.config.num_source_keyframes, scene.ego_to_world)
     sample = dataset.load_sample(segment_index, sources, [ref_frame])
-    ctx = model.set_context(str(sample.key), sample.source, dataset.point_cloud(segment_index))
+    ctx = model.set_context(sample.key, sample.source, dataset.point_cloud(segment_index))
     v = reference_view(sample.target)
     c2w = sample.target.camtoworlds[v].to(model.device)
     K = sample.target.intrinsics[v].to(model.device)

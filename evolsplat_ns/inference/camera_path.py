@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from nerfstudio.cameras.camera_utils import quaternion_from_matrix, quaternion_matrix, quaternion_slerp
 
+from evolsplat_ns.data.cameras import front_camera
 from evolsplat_ns.data.dataset import MultiSceneDataset
 from evolsplat_ns.data.scene import SceneData
 from evolsplat_ns.data.segments import nearest_sources
-from evolsplat_ns.export.segment import front_camera
 
 if TYPE_CHECKING:
     from evolsplat_ns.model.evolsplat_model import EVolSplatModel
@@ -92,7 +92,7 @@ def render_camera_path(model: EVolSplatModel, dataset: MultiSceneDataset, scene_
         if encoded_for != (seg, tuple(sources)):
             # The sample's target is irrelevant here; its first source frame keeps it cheap.
             sample = dataset.load_sample(seg, sources, sources[:1])
-            model.set_context(str(sample.key), sample.source, dataset.point_cloud(seg))
+            model.set_context(sample.key, sample.source, dataset.point_cloud(seg))
             state = model.encode(split_backward=False)
             seg_from_world = torch.linalg.inv(sample.segment_to_world.double())
             encoded_for = (seg, tuple(sources))

@@ -1,23 +1,20 @@
 """Zero-shot evaluation: render the held-out frames of scenes the model never trained on.
 
-For every eval item (one held-out frame of one segment) the segment's Gaussians are reconstructed
-feed-forward from the item's source views (``encode``), then each target camera is predicted and
-rasterised (``render``). Metrics follow ns-eval (the model's image metrics, LiDAR depth where
-present, aggregated by the pipeline's ``summarise``); stage timings are collected on the way.
+This is the held-out loop of :mod:`evolsplat_ns.engine.evaluation` (the one ``ns-eval`` runs, so
+both report the same numbers) with stage timings and a few prediction | ground truth | error rows
+collected on the way.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from evolsplat_ns.engine.pipeline import summarise
-from evolsplat_ns.inference.timing import StageTimer
+from evolsplat_ns.engine.evaluation import HeldOutView, evaluate_held_out
+from evolsplat_ns.utils.timing import StageTimer
 
 if TYPE_CHECKING:
     from evolsplat_ns.engine.pipeline import EVolSplatPipeline
@@ -25,7 +22,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class ZeroShotResult:
-    """Outcome of :func:`evaluate_held_out`.
+    """Outcome of :func:`evaluate_zero_shot`.
 
     Attributes:
         metrics: ``summarise`` output: mean metrics, ``per_scene``, ``num_views``, LPIPS availability.
@@ -44,43 +41,18 @@ def _grid_picks(total: int, count: int) -> set[int]:
 
 
 @torch.no_grad()
-def evaluate_held_out(pipeline: EVolSplatPipeline, max_grid_rows: int = 8, progress: bool = True) -> ZeroShotResult:
-    """Render and score every held-out view of ``pipeline``'s dataset (its eval items).
-
-    Segments are reconstructed from their own point clouds and source views only (nodes of
-    segments already known to the model are reused; :func:`load_pipeline` clears them for new data).
-    """
+def evaluate_zero_shot(pipeline: EVolSplatPipeline, max_grid_rows: int = 8, progress: bool = True) -> ZeroShotResult:
+    """Render and score every held-out view of ``pipeline``'s dataset, timed, with grid rows."""
     dataset, model = pipeline.datamanager.dataset, pipeline.model
-    if not dataset.eval_items:
-        raise ValueError(f"no held-out frames in {dataset.config.data}: all scenes must be eval scenes "
-                         "with eval_frame_interval > 0")
+    total = sum(len(dataset.scenes[dataset.segments[s].scene_index].cameras) for s, _ in dataset.eval_items)
+    picks = _grid_picks(total, max_grid_rows)
     timer = StageTimer(model.device)
-    num_cams = len(dataset.scenes[0].cameras)
-    picks = _grid_picks(len(dataset.eval_items) * num_cams, max_grid_rows)
-    per_scene: dict[str, list[dict]] = defaultdict(list)
-    rows, view_counter = [], 0
-    for i in tqdm(range(len(dataset.eval_items)), desc="held-out frames", disable=not progress):
-        sample = dataset.eval_sample(i)
-        key, seg = str(sample.key), dataset.segment_index(sample.key)
-        if key in model.nodes:
-            model.set_context(key, sample.source)
-        else:
-            with timer("segment_setup_ms"):  # point cloud + anchor Gaussians, once per segment
-                model.set_context(key, sample.source, dataset.point_cloud(seg))
-        with timer("encode_ms"):
-            state = model.encode(split_backward=False)
-        target = sample.target.to(model.device)
-        for v in range(len(target)):
-            with timer("render_ms"):
-                out = model.render(state, target.camtoworlds[v], target.intrinsics[v], target.width, target.height)
-            background = model.predictor.predict_background(state)
-            with timer("rasterize_ms"):  # the Gaussians exist now: rasterisation alone
-                model.rasterize_gaussians(out["gaussians"], background, target.camtoworlds[v],
-                                          target.intrinsics[v], target.width, target.height)
-            metrics, images = model.get_image_metrics_and_images(out, {"image": target.images[v]})
-            metrics.update(pipeline.lidar_depth_metrics(sample, v, out["depth"]))
-            per_scene[sample.key.scene].append(metrics)
-            if view_counter in picks:
-                rows.append((images["img"].clamp(0, 1) * 255).round().byte().cpu().numpy())
-            view_counter += 1
-    return ZeroShotResult(summarise(per_scene), timer.summary(), rows)
+    rows: list[np.ndarray] = []
+    counter = iter(range(total))
+
+    def keep_row(view: HeldOutView) -> None:
+        if next(counter) in picks:
+            rows.append((view.images["img"].clamp(0, 1) * 255).round().byte().cpu().numpy())
+
+    metrics = evaluate_held_out(pipeline, keep_row, timer, progress)
+    return ZeroShotResult(metrics, timer.summary(), rows)

@@ -1,36 +1,42 @@
 """EVolSplat as a nerfstudio ``Model``: per-segment Gaussian nodes, feed-forward prediction, render.
 
-The model owns the networks (:class:`GaussianPredictor`), the per-segment nodes with their offset
-caches, and a *context*: the segment currently shown (node + a pool of posed source views). With
-a context set, :meth:`get_outputs_for_camera` renders any nerfstudio camera with no batch, which is
-what the viewer and ns-eval need.
+The model owns the networks (:class:`GaussianPredictor`), the :class:`SegmentStore` (every
+segment's node, offset cache, frozen volume and render caches) and a *context*: the segment
+currently shown, with its pool of posed source views. A training or eval :class:`Sample` enters
+through one route, :meth:`EVolSplatModel.sample_loss` (sources and targets together); bare cameras
+(viewer, ``ns-render``) render through :meth:`get_outputs_for_camera` in the current context.
 
-Frames: nerfstudio ``Cameras`` carry OpenGL camera-to-world poses; here they are in the segment
-frame of the current context and are converted to OpenCV at :func:`camera_to_opencv`.
+Frames: nerfstudio ``Cameras`` carry OpenGL camera-to-segment poses of the current context; they
+are converted to OpenCV at :func:`evolsplat_ns.data.cameras.camera_to_opencv`. Everything else
+here is OpenCV camera-to-segment and the segment frame.
 """
 
 from __future__ import annotations
 
+import zlib
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
-from typing import Literal, Optional, Type
+from typing import Callable, ContextManager, Literal, Optional, Type
 
 import torch
 from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
 from nerfstudio.models.base_model import ModelConfig
 from nerfstudio.utils.colormaps import apply_depth_colormap
 from torch.nn import Parameter
 
 from evolsplat_ns import registry
-from evolsplat_ns.data.types import PointCloud, Views
-from evolsplat_ns.engine.losses import entropy_loss
-from evolsplat_ns.engine.metrics import image_metrics
-from evolsplat_ns.geometry import opengl_to_opencv
+from evolsplat_ns.data.cameras import camera_to_opencv, reference_view
+from evolsplat_ns.data.types import PointCloud, Sample, SegmentKey, Views
+from evolsplat_ns.model.losses import entropy_loss
+from evolsplat_ns.model.metrics import image_metrics, psnr
 from evolsplat_ns.model.node import GaussianNode, GaussianParams
-from evolsplat_ns.model.predictor import GaussianPredictor, PredictorConfig
+from evolsplat_ns.model.predictor import GaussianPredictor, PredictorConfig, SharedState
 from evolsplat_ns.model.render import rasterize
+from evolsplat_ns.model.segment_store import SegmentState, SegmentStore
 from evolsplat_ns.model.splatfacto_compat import SplatfactoSurface
+from evolsplat_ns.model.state_cache import neighbour_count
 from evolsplat_ns.utils.timing import phase
-from evolsplat_ns.viewer.state_cache import EncodedStateCache, neighbour_count
 
 
 @dataclass
@@ -43,15 +49,21 @@ class EVolSplatModelConfig(ModelConfig, PredictorConfig):
     rgb_loss: str = "l1_ssim"
     """Photometric loss, by registered name (entry-point group evolsplat_ns.losses)."""
     ssim_lambda: float = 0.2
+    """Weight of the (1 - SSIM) term in the photometric loss."""
     entropy_loss: float = 0.1
     """Weight of the accumulation entropy loss (applied every ``entropy_loss_every`` steps)."""
     entropy_loss_every: int = 10
+    """Steps between entropy-loss applications."""
     scale_init: float = 0.0
     """Initial Gaussian scale in metres; 0 = mean distance to the 3 nearest neighbours."""
     renderer: Literal["auto", "gsplat", "reference"] = "auto"
     """Rasteriser: gsplat (CUDA), the PyTorch reference, or auto (gsplat when on CUDA)."""
     max_gaussians_per_segment: int = 0
     """Randomly subsample a segment's points to at most this many Gaussians (0 = all)."""
+    segment_store_mb: float = 4096.0
+    """Host memory (MiB) for the state of segments not being trained or shown; beyond it the least
+    recently used spill to disk under the run folder (``segments/``) and load back when revisited
+    (0 = unbounded)."""
 
 
 class EmptySegmentError(ValueError):
@@ -60,27 +72,80 @@ class EmptySegmentError(ValueError):
 
 @dataclass
 class SegmentContext:
-    """What the model renders when asked for a camera without a batch."""
+    """What the model renders when asked for a camera without a batch.
 
-    key: str
-    node: GaussianNode
+    Attributes:
+        key: the shown segment.
+        sources: candidate source views (OpenCV camera-to-segment), on the model's device.
+        segment: that segment's state, owned by the model's :class:`SegmentStore` (pinned there).
+    """
+
+    key: SegmentKey
     sources: Views
-    """Candidate source views (OpenCV camera-to-segment poses), on the model's device."""
-    snapshot: Optional[tuple[int, GaussianParams]] = field(default=None, repr=False)
-    """(model step, Gaussians) of :meth:`EVolSplatModel.snapshot_gaussians`."""
-    encoded: EncodedStateCache = field(default_factory=EncodedStateCache, repr=False)
-    """Encoded states of this context's chosen sources, reused by :meth:`EVolSplatModel.get_outputs_for_camera`
-    (a new context, made by every ``set_context``, starts empty)."""
+    segment: SegmentState = field(repr=False)
+
+    @property
+    def node(self) -> GaussianNode:
+        return self.segment.node
 
 
-def camera_to_opencv(camera: Cameras) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """A single nerfstudio camera -> (OpenCV camera-to-world [4, 4], K [3, 3], W, H)."""
-    c2w = torch.eye(4, device=camera.camera_to_worlds.device)
-    c2w[:3, :4] = camera.camera_to_worlds.reshape(-1, 3, 4)[0]
-    K = torch.eye(3, device=c2w.device)
-    K[0, 0], K[1, 1] = camera.fx.reshape(-1)[0], camera.fy.reshape(-1)[0]
-    K[0, 2], K[1, 2] = camera.cx.reshape(-1)[0], camera.cy.reshape(-1)[0]
-    return opengl_to_opencv(c2w), K, int(camera.width.reshape(-1)[0]), int(camera.height.reshape(-1)[0])
+@dataclass
+class TargetLoss:
+    """One target view's losses (already divided by the number of targets) and what it saw."""
+
+    losses: dict[str, torch.Tensor]
+    psnr: torch.Tensor
+    """Detached PSNR (dB) of the rendered view."""
+    index: torch.Tensor
+    """[M] node indices of the Gaussians rendered for this target."""
+
+
+@dataclass
+class SampleLoss:
+    """Outcome of :meth:`EVolSplatModel.sample_loss` over every target view of one sample.
+
+    Attributes:
+        losses: per-term totals; detached when each target was back-propagated on its own,
+            with their graph in the single-graph mode.
+        psnr: mean PSNR (dB) over the targets that rendered.
+        projected_index: [M] unique node indices seen by any target (the offsets to commit).
+        dropped_targets: target indices that saw no Gaussian (left out of the loss).
+        nonfinite: a target's loss was NaN/Inf (back-propagation stopped there).
+        state: the encoded shared state of the step.
+    """
+
+    losses: dict[str, torch.Tensor]
+    psnr: torch.Tensor
+    projected_index: torch.Tensor
+    dropped_targets: list[int]
+    nonfinite: bool
+    state: SharedState
+
+    @property
+    def total(self) -> torch.Tensor:
+        return sum(self.losses.values()) if self.losses else torch.zeros(())
+
+
+class PendingOffsets:
+    """This step's predicted offsets, written to the segment's cache after the optimizer step by a
+    ``TrainingCallback`` (so the per-step extra lives in nerfstudio's callback list, not the trainer)."""
+
+    def __init__(self) -> None:
+        self._pending: Optional[tuple[SharedState, torch.Tensor]] = None
+
+    def stage(self, state: SharedState, index: torch.Tensor) -> None:
+        """Offsets of node Gaussians ``index`` [M] in ``state`` become the next commit."""
+        self._pending = (state, index)
+
+    def commit(self, step: int) -> None:
+        """Write the staged offsets into the node's cache (recursive refinement); no-op if none."""
+        if self._pending is not None:
+            state, index = self._pending
+            state.node.update_offset(index, state.offset.detach()[index])
+            self._pending = None
+
+    def discard(self) -> None:
+        self._pending = None
 
 
 class EVolSplatModel(SplatfactoSurface):
@@ -95,46 +160,54 @@ class EVolSplatModel(SplatfactoSurface):
         self.predictor = GaussianPredictor(PredictorConfig(
             **{f.name: getattr(self.config, f.name) for f in fields(PredictorConfig)}))
         self.rgb_loss = registry.get("losses", self.config.rgb_loss)
-        self.nodes: dict[str, GaussianNode] = {}
+        self.segments = SegmentStore(self.config.segment_store_mb)
         self.context: Optional[SegmentContext] = None
+        self.offsets = PendingOffsets()
         self.step = 0
 
     def get_param_groups(self) -> dict[str, list[Parameter]]:
         return {"networks": list(self.predictor.parameters())}
 
+    def get_training_callbacks(self, training_callback_attributes: TrainingCallbackAttributes) -> list[TrainingCallback]:
+        """After each training iteration: commit the step's predicted offsets to the node cache."""
+        return [TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], self.offsets.commit)]
+
     # -- segment state ---------------------------------------------------------------------------
 
-    def node_for(self, key: str, point_cloud: Optional[PointCloud]) -> GaussianNode:
-        """The segment's node (built from ``point_cloud`` the first time)."""
-        if key not in self.nodes:
-            if point_cloud is None:
-                raise KeyError(f"segment {key} has no node yet and no point cloud was given")
-            if len(point_cloud) == 0:
-                raise EmptySegmentError(f"segment {key}: its point cloud is empty (no LiDAR/depth points "
-                                        "survived filtering), so there is nothing to reconstruct")
-            pc = _subsample(point_cloud, self.config.max_gaussians_per_segment, _stable_seed(key))
-            scale = "knn" if self.config.scale_init <= 0 else self.config.scale_init
-            self.nodes[key] = GaussianNode.from_point_cloud(
-                pc.to(self.device), scale_init=scale, sh_degree=self.config.sh_degree, seed=_stable_seed(key))
-        return self.nodes[key]
+    def segment_for(self, key: SegmentKey, point_cloud: Optional[PointCloud]) -> SegmentState:
+        """The segment's stored state (its node built from ``point_cloud`` the first time)."""
+        state = self.segments.get(key)
+        if state is not None:
+            return state
+        if point_cloud is None:
+            raise KeyError(f"segment {key} has no node yet and no point cloud was given")
+        if len(point_cloud) == 0:
+            raise EmptySegmentError(f"segment {key}: its point cloud is empty (no LiDAR/depth points "
+                                    "survived filtering), so there is nothing to reconstruct")
+        pc = _subsample(point_cloud, self.config.max_gaussians_per_segment, _stable_seed(key))
+        scale = "knn" if self.config.scale_init <= 0 else self.config.scale_init
+        return self.segments.put(key, SegmentState(GaussianNode.from_point_cloud(pc.to(self.device), scale_init=scale)))
 
-    def set_context(self, key: str, sources: Views, point_cloud: Optional[PointCloud] = None) -> SegmentContext:
+    def set_context(self, key: SegmentKey, sources: Views, point_cloud: Optional[PointCloud] = None) -> SegmentContext:
         """Make segment ``key`` (with candidate ``sources``) the one rendered for bare cameras.
 
-        Always a fresh context, so encoded states cached for rendering never outlive a training step.
-        Only the context's node lives on the model's device; the others wait in host memory, so GPU
-        memory does not grow with the number of segments a long multi-scene run has visited.
+        Its render caches start empty, so encoded states never outlive a training step. Only the
+        context's segment lives on the model's device; the store keeps the others in host memory
+        (or on disk), so memory does not grow with the number of segments a long run has visited.
         """
-        previous = self.context
-        node = self.node_for(key, point_cloud).to(self.device)
-        if previous is not None and previous.key != key and previous.key in self.nodes:
-            previous.node.to("cpu")
-        self.context = SegmentContext(key, node, sources.to(self.device))
+        self.segment_for(key, point_cloud)
+        self.context = SegmentContext(key, sources.to(self.device), self.segments.activate(key, self.device))
         return self.context
+
+    def forget_segments(self) -> None:
+        """Drop every segment's state and the context, so scenes loaded afterwards start from their
+        own point clouds even if their keys repeat a training scene's (zero-shot)."""
+        self.segments.forget()
+        self.context = None
 
     # -- prediction and rendering ----------------------------------------------------------------
 
-    def encode(self, sources: Optional[Views] = None, split_backward: bool = True):
+    def encode(self, sources: Optional[Views] = None, split_backward: bool = True) -> SharedState:
         """Shared per-step state of the context segment (volume, window features, offsets).
 
         With ``split_backward`` the shared outputs sit behind a gradient boundary: per-target
@@ -142,9 +215,18 @@ class EVolSplatModel(SplatfactoSurface):
         """
         ctx = self._require_context()
         sources = sources if sources is not None else ctx.sources
-        return self.predictor.encode(ctx.node, sources, key=ctx.key, split_backward=split_backward)
+        return self.predictor.encode(ctx.node, sources, self._frozen_volume(ctx.segment), split_backward)
 
-    def render(self, state, c2w: torch.Tensor, K: torch.Tensor, width: int, height: int) -> dict[str, torch.Tensor]:
+    def _frozen_volume(self, segment: SegmentState):
+        """The segment's frozen volume (built once) when ``freeze_volume``, else None (rebuilt per step)."""
+        if not self.config.freeze_volume:
+            return None
+        if segment.frozen_volume is None:
+            with phase("volume"):
+                segment.frozen_volume = self.predictor.build_volume(segment.node).detach()
+        return segment.frozen_volume
+
+    def render(self, state: SharedState, c2w: torch.Tensor, K: torch.Tensor, width: int, height: int) -> dict[str, torch.Tensor]:
         """Predict Gaussians for an OpenCV camera-to-segment pose and render them.
 
         Returns rgb [H, W, 3], depth [H, W, 1] (OpenCV z, metres), accumulation [H, W, 1] and the
@@ -176,17 +258,76 @@ class EVolSplatModel(SplatfactoSurface):
                 rgb = rgb + (1.0 - alpha) * draw(background).rgb[0]
         return {"rgb": rgb, "depth": fg.depth[0], "accumulation": alpha}
 
-    def commit_offsets(self, state, index: torch.Tensor) -> None:
-        """Write this step's predicted offsets of node Gaussians ``index`` [M] into the segment's
-        cache, so the next step on this segment starts from means + offset (recursive refinement)."""
-        state.node.update_offset(index, state.offset.detach()[index])
+    # -- the training/eval route: one sample, one loss loop ----------------------------------------
+
+    def sample_loss(self, sample: Sample, point_cloud: Optional[PointCloud], step: int,
+                    backward: Optional[Callable[[torch.Tensor], None]] = None,
+                    autocast: Callable[[], ContextManager] = nullcontext) -> SampleLoss:
+        """Losses of every target view of ``sample`` (its segment becomes the context).
+
+        With ``backward`` (e.g. ``lambda loss: scaler.scale(loss).backward()``) each target's loss is
+        back-propagated on its own and its graph freed before the next, then the shared encode part
+        once (``state.backward_shared``); without it every target stays in one graph (the caller
+        back-propagates ``result.total``). Both give the same gradients (chain rule linearity).
+        ``autocast`` wraps the forward passes (mixed precision); rasterisation stays fp32.
+        """
+        with autocast():
+            with phase("prepare"):
+                self.set_context(sample.key, sample.source, point_cloud)
+            state = self.encode(split_backward=backward is not None)
+        targets = sample.target.to(self.device)
+        totals: dict[str, torch.Tensor] = {}
+        psnrs, seen, dropped = [], [], []
+        for v in range(len(targets)):
+            with autocast():
+                result = self.target_loss(state, targets, v, step)
+            if result is None:
+                dropped.append(v)
+                continue
+            loss_v = sum(result.losses.values())
+            if backward is not None:
+                if not torch.isfinite(loss_v):
+                    return SampleLoss({"rgb_loss": loss_v.detach()}, result.psnr, result.index, dropped, True, state)
+                with phase("backward"):
+                    backward(loss_v)
+                result.losses = {k: val.detach() for k, val in result.losses.items()}
+            for k, val in result.losses.items():
+                totals[k] = totals[k] + val if k in totals else val
+            psnrs.append(result.psnr)
+            seen.append(result.index)
+            del result, loss_v  # free this target's graph before the next
+        if backward is not None and seen:
+            with phase("backward"):
+                state.backward_shared()
+        index = torch.unique(torch.cat(seen)) if seen else torch.zeros(0, dtype=torch.long, device=self.device)
+        mean_psnr = torch.stack(psnrs).mean() if psnrs else torch.tensor(float("nan"))
+        return SampleLoss(totals, mean_psnr, index, dropped, False, state)
+
+    def target_loss(self, state: SharedState, targets: Views, v: int, step: int) -> Optional[TargetLoss]:
+        """Render target view ``v`` of ``targets`` and score it against its image; None when it sees
+        no Gaussian. Losses are divided by ``len(targets)`` (a step's loss is the mean over targets)."""
+        out = self.render(state, targets.camtoworlds[v], targets.intrinsics[v], targets.width, targets.height)
+        if len(out["gaussians"]) == 0:
+            return None
+        gt = targets.images[v]
+        losses = {k: val / len(targets) for k, val in self.view_loss(out, gt, step).items()}
+        return TargetLoss(losses, psnr(out["rgb"].detach().float(), gt), out["gaussians"].index)
+
+    def view_loss(self, outputs: dict[str, torch.Tensor], gt: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        """Loss of one target view: photometric (+ entropy on accumulation every N steps)."""
+        losses = {"rgb_loss": self.rgb_loss(outputs["rgb"], gt, self.config.ssim_lambda)}
+        if self.config.entropy_loss > 0 and step % self.config.entropy_loss_every == 0:
+            losses["entropy_loss"] = self.config.entropy_loss * entropy_loss(outputs["accumulation"])
+        return losses
+
+    # -- bare cameras (viewer, ns-render, ns-eval's single images) -------------------------------
 
     @torch.no_grad()
     def get_outputs_for_camera(self, camera: Cameras, obb_box=None) -> dict[str, torch.Tensor]:
         """Render a nerfstudio camera (OpenGL camera-to-segment of the current context); no batch.
 
         Uses the ``render_num_sources`` context sources nearest to the camera. Their encoded state
-        is cached on the context, so while those sources stay the nearest (a viewer moving the
+        is cached on the segment, so while those sources stay the nearest (a viewer moving the
         camera) a frame only re-runs ``predict`` and rasterisation.
         Returns rgb [H, W, 3], depth [H, W, 1] (OpenCV z, metres), accumulation [H, W, 1].
         """
@@ -196,26 +337,19 @@ class EVolSplatModel(SplatfactoSurface):
             out = self.render(self._encode_nearest(ctx, c2w), c2w, K, W, H)
         return {k: v for k, v in out.items() if k != "gaussians"}
 
-    def _encode_nearest(self, ctx: SegmentContext, c2w: torch.Tensor):
+    def _encode_nearest(self, ctx: SegmentContext, c2w: torch.Tensor) -> SharedState:
         """Encoded state of ``ctx``'s sources nearest to ``c2w`` [4, 4] (OpenCV camera-to-segment),
-        from the context's cache when the same sources were encoded at this step before."""
+        from the segment's render cache when the same sources were encoded at this step before."""
         chosen = self.predictor.projector.select_views(c2w, ctx.sources.camtoworlds).sort().values
         key = (self.step, tuple(chosen.tolist()))
-        return ctx.encoded.get_or_build(key, lambda: self.encode(ctx.sources.select(chosen)))
+        return ctx.segment.encoded.get_or_build(key, lambda: self.encode(ctx.sources.select(chosen)))
 
     def get_outputs(self, ray_bundle) -> dict[str, torch.Tensor]:
         if isinstance(ray_bundle, Cameras):
             return self.get_outputs_for_camera(ray_bundle)
         raise TypeError("EVolSplatModel renders whole cameras; ray bundles are not supported")
 
-    # -- losses and metrics ----------------------------------------------------------------------
-
-    def view_loss(self, outputs: dict[str, torch.Tensor], gt: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-        """Loss of one target view: photometric (+ entropy on accumulation every N steps)."""
-        losses = {"rgb_loss": self.rgb_loss(outputs["rgb"], gt, self.config.ssim_lambda)}
-        if self.config.entropy_loss > 0 and step % self.config.entropy_loss_every == 0:
-            losses["entropy_loss"] = self.config.entropy_loss * entropy_loss(outputs["accumulation"])
-        return losses
+    # -- nerfstudio's metric hooks -----------------------------------------------------------------
 
     def get_metrics_dict(self, outputs, batch) -> dict[str, torch.Tensor]:
         return {"psnr": image_metrics(outputs["rgb"], batch["image"].to(self.device), lpips=False)["psnr"]}
@@ -236,15 +370,15 @@ class EVolSplatModel(SplatfactoSurface):
     # -- checkpoints -----------------------------------------------------------------------------
 
     def get_extra_state(self) -> dict:
-        """Nodes (anchors + offset caches) and frozen volumes travel in nerfstudio checkpoints."""
-        return {"nodes": {k: n.state_dict() for k, n in self.nodes.items()},
-                "frozen_volumes": self.predictor.frozen_state_dict(), "step": self.step}
+        """Every segment's state (node + offset cache, frozen volume) travels in checkpoints."""
+        return {"segments": self.segments.state_dict(), "step": self.step}
 
     def set_extra_state(self, state: dict) -> None:
-        self.nodes = {k: GaussianNode.from_state_dict(v).to("cpu") for k, v in state["nodes"].items()}
-        if self.context is not None and self.context.key in self.nodes:  # keep the shown segment renderable
-            self.context.node = self.nodes[self.context.key].to(self.device)
-        self.predictor.load_frozen_state_dict(state.get("frozen_volumes", {}))
+        self.segments.load_state_dict(state["segments"] if "segments" in state else _legacy_segments(state))
+        if self.context is not None and self.context.key in self.segments:  # keep the shown segment renderable
+            self.set_context(self.context.key, self.context.sources)
+        # Otherwise the shown segment is not in the checkpoint: it keeps rendering from the state it
+        # was built with (loading adds no segment) until another segment is shown.
         self.step = state.get("step", 0)
 
     def _require_context(self) -> SegmentContext:
@@ -257,29 +391,24 @@ class EVolSplatModel(SplatfactoSurface):
     def snapshot_gaussians(self) -> GaussianParams:
         """Foreground Gaussians of the shown segment, predicted for its reference view (first FRONT
         source view); cached until the context or the training step changes."""
-        from evolsplat_ns.export.segment import reference_view
-
         ctx = self._require_context()
-        if ctx.snapshot is None or ctx.snapshot[0] != self.step:
+        if ctx.segment.snapshot is None or ctx.segment.snapshot[0] != self.step:
             v = reference_view(ctx.sources)
             c2w, K = ctx.sources.camtoworlds[v], ctx.sources.intrinsics[v]
             state = self.encode(self.predictor.select_sources(ctx.sources, c2w), split_backward=False)
-            ctx.snapshot = (self.step, self.predictor.predict(state, c2w, K))
-        return ctx.snapshot[1]
-
-    def forget_segments(self) -> None:
-        """Drop every segment's node, frozen volume and the context, so scenes loaded afterwards
-        start from their own point clouds even if their keys repeat a training scene's (zero-shot)."""
-        self.nodes.clear()
-        self.predictor.frozen_volumes.clear()
-        self.context = None
+            ctx.segment.snapshot = (self.step, self.predictor.predict(state, c2w, K))
+        return ctx.segment.snapshot[1]
 
 
-def _stable_seed(key: str) -> int:
+def _legacy_segments(state: dict) -> dict[str, dict]:
+    """Checkpoints written before the segment store kept nodes and frozen volumes apart."""
+    volumes = state.get("frozen_volumes", {})
+    return {key: {"node": node, "frozen_volume": volumes.get(key)} for key, node in state.get("nodes", {}).items()}
+
+
+def _stable_seed(key: SegmentKey) -> int:
     """Process-independent seed from a segment key (Python's hash() is salted per process)."""
-    import zlib
-
-    return zlib.crc32(key.encode()) & 0x7FFFFFFF
+    return zlib.crc32(str(key).encode()) & 0x7FFFFFFF
 
 
 def _subsample(pc: PointCloud, max_points: int, seed: int) -> PointCloud:

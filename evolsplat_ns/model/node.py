@@ -15,7 +15,7 @@ from typing import Optional, Union
 import torch
 
 from evolsplat_ns.data.types import PointCloud
-from evolsplat_ns.model.render.sh import num_sh_bases, rgb_to_sh0, sh0_to_rgb
+from evolsplat_ns.model.render.sh import rgb_to_sh0, sh0_to_rgb
 
 def _knn_brute(
     queries: torch.Tensor, points: torch.Tensor, k: int, max_block_elems: int = 2**24
@@ -116,31 +116,20 @@ def knn_mean_distance(
     return dists.mean(dim=1)
 
 
-def random_unit_quats(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """[n, 4] uniformly random unit quaternions, wxyz."""
-    q = torch.randn(n, 4, generator=generator)
-    return q / q.norm(dim=-1, keepdim=True)
-
-
 @dataclass
 class GaussianNode:
     """Anchor Gaussians of one segment (segment frame). Plain tensors, never trained directly.
 
     Attributes:
         means: [N, 3] anchor positions (point-cloud coordinates), no grad.
-        features_dc: [N, 3] SH degree-0 anchor colour, ``(rgb - 0.5) / SH_C0``.
-        features_rest: [N, (sh_degree+1)^2 - 1, 3] higher SH bands (zeros at init).
-        quats: [N, 4] wxyz unit quaternions (random; only an init, heads predict rotations).
-        opacities: [N] opacity logits (logit(0.1); only an init).
+        features_dc: [N, 3] SH degree-0 anchor colour, ``(rgb - 0.5) / SH_C0`` (the colour head's
+            base and the volume's input colour).
         scales: [N, 3] log scales (base the scale head adds its residual to).
         offset: [N, 3] cached position offset predicted at the last step (zeros at init).
     """
 
     means: torch.Tensor
     features_dc: torch.Tensor
-    features_rest: torch.Tensor
-    quats: torch.Tensor
-    opacities: torch.Tensor
     scales: torch.Tensor
     offset: torch.Tensor
 
@@ -149,9 +138,7 @@ class GaussianNode:
         cls,
         pc: PointCloud,
         scale_init: Union[str, float] = "knn",
-        sh_degree: int = 1,
         scale_range: tuple[float, float] = (1e-3, 1.0),
-        seed: int = 0,
     ) -> "GaussianNode":
         """Anchor Gaussians at the points of ``pc`` (segment frame).
 
@@ -159,10 +146,8 @@ class GaussianNode:
             pc: points [N, 3] (segment frame, metres) and colours [N, 3] in [0, 1].
             scale_init: ``"knn"`` = log of the mean distance to the 3 nearest neighbours, or a
                 float = that isotropic scale in metres for every Gaussian.
-            sh_degree: SH degree of ``features_rest``.
             scale_range: (min, max) metres the knn scale is clamped to, so isolated points don't
                 become huge blobs and duplicates don't get zero-size Gaussians.
-            seed: seed of the random initial rotations.
         """
         points = pc.points.detach().float()
         colors = pc.colors.detach().float()
@@ -178,23 +163,15 @@ class GaussianNode:
             dist = torch.full((n,), float(scale_init), device=points.device)
         else:
             raise ValueError(f"scale_init must be 'knn' or a positive float (metres), got {scale_init!r}")
-        gen = torch.Generator().manual_seed(seed)
         return cls(
             means=points.clone(),
             features_dc=rgb_to_sh0(colors),
-            features_rest=torch.zeros(n, num_sh_bases(sh_degree) - 1, 3, device=points.device),
-            quats=random_unit_quats(n, gen).to(points.device),
-            opacities=torch.full((n,), torch.logit(torch.tensor(0.1)).item(), device=points.device),
             scales=dist.log()[:, None].repeat(1, 3),
             offset=torch.zeros_like(points),
         )
 
     def __len__(self) -> int:
         return self.means.shape[0]
-
-    @property
-    def sh_degree(self) -> int:
-        return int(round((self.features_rest.shape[1] + 1) ** 0.5)) - 1
 
     def rgb(self) -> torch.Tensor:
         """[N, 3] anchor colour in [0, 1]."""
@@ -222,8 +199,13 @@ class GaussianNode:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "GaussianNode":
-        """A node rebuilt from a :meth:`state_dict` checkpoint."""
+        """A node rebuilt from a :meth:`state_dict` checkpoint (fields of older checkpoints that
+        the node no longer has are ignored)."""
         return cls(**{f.name: state[f.name] for f in fields(cls)})
+
+    def nbytes(self) -> int:
+        """Bytes held by the node's tensors."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
     def to(self, device: torch.device | str) -> "GaussianNode":
         """Move every tensor in place to ``device``; returns self."""

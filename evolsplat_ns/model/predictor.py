@@ -35,7 +35,7 @@ from evolsplat_ns.model.heads import (
 )
 from evolsplat_ns.model.node import GaussianNode, GaussianParams
 from evolsplat_ns.model.projector import ProjectedFeatures, Projector
-from evolsplat_ns.model.sparse_volume import FrozenVolumeCache, SparseCostRegNet, SparseVolume, build_volume
+from evolsplat_ns.model.sparse_volume import SparseCostRegNet, SparseVolume, build_volume
 from evolsplat_ns.utils.timing import phase
 
 
@@ -134,36 +134,20 @@ class GaussianPredictor(nn.Module):
             if c.enable_background
             else None
         )
-        self.frozen_volumes = FrozenVolumeCache()
 
-    def _volume(self, node: GaussianNode, positions: torch.Tensor, key: object | None) -> SparseVolume:
-        if self.config.freeze_volume and key is not None:
-            cached = self.frozen_volumes.get(key)
-            if cached is not None:
-                return cached
-        volume = build_volume(self.volume_net, positions, node.rgb(), self.config.voxel_size)
-        if self.config.freeze_volume and key is not None:
-            volume = self.frozen_volumes.put(key, volume)
-        return volume
+    def build_volume(self, node: GaussianNode) -> SparseVolume:
+        """The node's sparse feature volume at its current means (segment frame)."""
+        return build_volume(self.volume_net, node.current_means().detach(), node.rgb(), self.config.voxel_size)
 
     def select_sources(self, source: Views, target_c2w: torch.Tensor) -> Views:
         """The ``num_neighbour_select`` sources nearest to ``target_c2w`` [4, 4] (OpenCV cam-to-segment)."""
         return source.select(self.projector.select_views(target_c2w, source.camtoworlds))
 
-    def frozen_state_dict(self) -> dict[str, dict]:
-        """The frozen-volume cache as plain tensors (checkpoints)."""
-        return self.frozen_volumes.state_dict()
-
-    def load_frozen_state_dict(self, state: dict[str, dict]) -> None:
-        """Restore the frozen-volume cache onto this module's device."""
-        device = next(self.parameters()).device
-        self.frozen_volumes.load_state_dict(state, device)
-
     def encode(
         self,
         node: GaussianNode,
         source: Views,
-        key: object | None = None,
+        volume: Optional[SparseVolume] = None,
         split_backward: bool = True,
     ) -> SharedState:
         """Target-independent work of one step.
@@ -171,14 +155,15 @@ class GaussianPredictor(nn.Module):
         Args:
             node: anchor Gaussians (segment frame); ``node.offset`` is the cache from the last step.
             source: source views (OpenCV camera-to-segment), images [V, H, W, 3].
-            key: segment key for the frozen-volume cache (used when ``freeze_volume``).
+            volume: a prebuilt (frozen, detached) volume of this node to use instead of running
+                the sparse U-Net; its owner (the segment store) keeps it across steps.
             split_backward: cut the shared outputs at a grad boundary (see module doc).
         """
         if source.images.shape[0] == 0:
             raise ValueError("encode needs at least one source view")
         positions = node.current_means().detach()
         with phase("volume"):
-            volume = self._volume(node, positions, key)
+            volume = volume if volume is not None else self.build_volume(node)
             volume_feat = volume.sample(positions)
         with phase("heads"):
             offset = self.offset_head(volume_feat)

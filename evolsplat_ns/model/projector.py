@@ -35,14 +35,12 @@ class ProjectedFeatures:
             dy outer, dx inner); window pixels past the border repeat the edge pixel.
         occlusion: [M, S, 1] projected depth minus the source's surface depth (metres, 0 if invalid).
         valid: [M, S] bool, projection centre inside the image and in front of the camera.
-        view_dirs: [M, S, 3] unit vectors from each source camera centre to the point (segment frame).
         keep: [M] bool, seen by at least ``min_views`` of these S views.
     """
 
     colors: torch.Tensor
     occlusion: torch.Tensor
     valid: torch.Tensor
-    view_dirs: torch.Tensor
     keep: torch.Tensor
 
     def select_views(self, idx: torch.Tensor, min_views: int) -> "ProjectedFeatures":
@@ -53,7 +51,6 @@ class ProjectedFeatures:
             colors=self.colors[:, idx],
             occlusion=self.occlusion[:, idx],
             valid=valid,
-            view_dirs=self.view_dirs[:, idx],
             keep=valid.sum(dim=1) >= min_views,
         )
 
@@ -157,13 +154,11 @@ class Projector:
         valid = (depth > 0) & in_x & (uv[..., 1] >= 0) & (uv[..., 1] < height)
         colors = self._sample_windows(views.images, uv)
         occlusion = torch.where(valid, depth - self._surface_depth(views, uv, depth, valid), 0.0)
-        view_dirs = F.normalize(points[None] - views.camtoworlds[:, None, :3, 3], dim=-1)
         valid_t = valid.T
         return ProjectedFeatures(
             colors=colors,
             occlusion=occlusion.T[..., None],
             valid=valid_t,
-            view_dirs=view_dirs.transpose(0, 1),
             keep=valid_t.sum(dim=1) >= self.min_views,
         )
 

@@ -90,6 +90,28 @@ class SparseVolume:
         """Same volume with features cut from the graph (for caching across steps)."""
         return SparseVolume(self.grid, self.features.detach())
 
+    def state_dict(self) -> dict:
+        """Plain tensors/numbers (checkpoints, spill files)."""
+        g = self.grid
+        return {"origin": g.origin, "voxel_size": g.voxel_size, "shape": list(g.shape), "coords": g.coords,
+                "keys": g.keys, "voxel_features": g.features, "features": self.features}
+
+    @classmethod
+    def from_state_dict(cls, s: dict, device: torch.device | str = "cpu") -> "SparseVolume":
+        """The volume of a :meth:`state_dict`, on ``device``."""
+        grid = VoxelGrid(s["origin"].to(device), float(s["voxel_size"]), tuple(int(d) for d in s["shape"]),
+                         s["coords"].to(device), s["keys"].to(device), s["voxel_features"].to(device))
+        return cls(grid, s["features"].to(device))
+
+    def to(self, device: torch.device | str) -> "SparseVolume":
+        """A copy on ``device``."""
+        return SparseVolume.from_state_dict(self.state_dict(), device)
+
+    def nbytes(self) -> int:
+        """Bytes held by the volume's tensors."""
+        g = self.grid
+        return sum(t.numel() * t.element_size() for t in (g.origin, g.coords, g.keys, g.features, self.features))
+
     def sample(self, xyz: torch.Tensor) -> torch.Tensor:
         """Trilinearly interpolate voxel features at positions ``xyz`` [M, 3] (segment frame).
 
@@ -193,58 +215,3 @@ def build_volume(
     """Voxelise ``points`` [N, 3] (segment frame) with mean ``colors`` [N, 3] and run ``net`` on them."""
     grid = voxelize(points, colors, voxel_size)
     return SparseVolume(grid, net(grid))
-
-
-class FrozenVolumeCache:
-    """Detached :class:`SparseVolume` per segment key, for inference with a frozen volume encoder."""
-
-    def __init__(self) -> None:
-        self._volumes: dict[str, SparseVolume] = {}
-
-    def __contains__(self, key: object) -> bool:
-        return str(key) in self._volumes
-
-    def __len__(self) -> int:
-        return len(self._volumes)
-
-    def get(self, key: object) -> Optional[SparseVolume]:
-        """The cached volume of segment ``key`` (a SegmentKey or its string), or None."""
-        return self._volumes.get(str(key))
-
-    def put(self, key: object, volume: SparseVolume) -> SparseVolume:
-        """Cache a detached copy of ``volume`` under ``key``; returns the cached copy."""
-        frozen = volume.detach()
-        self._volumes[str(key)] = frozen
-        return frozen
-
-    def clear(self) -> None:
-        self._volumes.clear()
-
-    def state_dict(self) -> dict[str, dict]:
-        """Plain tensors/numbers per segment key, for checkpoints."""
-        return {
-            key: {
-                "origin": v.grid.origin,
-                "voxel_size": v.grid.voxel_size,
-                "shape": list(v.grid.shape),
-                "coords": v.grid.coords,
-                "keys": v.grid.keys,
-                "voxel_features": v.grid.features,
-                "features": v.features,
-            }
-            for key, v in self._volumes.items()
-        }
-
-    def load_state_dict(self, state: dict[str, dict], device: torch.device | str = "cpu") -> None:
-        """Replace the cache with the volumes of a :meth:`state_dict`, moved to ``device``."""
-        self._volumes = {}
-        for key, s in state.items():
-            grid = VoxelGrid(
-                s["origin"].to(device),
-                float(s["voxel_size"]),
-                tuple(int(d) for d in s["shape"]),
-                s["coords"].to(device),
-                s["keys"].to(device),
-                s["voxel_features"].to(device),
-            )
-            self._volumes[key] = SparseVolume(grid, s["features"].to(device))

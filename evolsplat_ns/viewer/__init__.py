@@ -1,9 +1,6 @@
 """nerfstudio viewer surface of EVolSplat.
 
-- :mod:`.controls`: the pipeline's GUI (scene / segment dropdowns, source-view slider).
+- :mod:`.controls`: the pipeline's GUI (scene / segment dropdowns, source-view slider), built by the
+  pipeline from its ``viewer_controls`` config.
 - :mod:`.scene`: the shown segment's camera frustums and a new browser's starting viewpoint.
-- :mod:`.state_cache`: reuse of the encoded shared state between frames (used by the model).
-
-Nothing is imported here: the model imports :mod:`.state_cache` while :mod:`.controls` imports the
-engine, so eager imports would be circular.
 """

@@ -3,8 +3,10 @@
 nerfstudio's Viewer finds custom GUI elements by walking the pipeline's ``nn.Module`` tree
 (``parse_object``: attributes that are ``ViewerElement`` / ``ViewerControl``, recursing only into
 ``nn.Module`` attributes). :class:`SegmentControls` is therefore a parameter-free ``nn.Module`` that
-the pipeline holds as an attribute; it adds nothing to checkpoints. It talks back to the pipeline
-through callables only: holding the pipeline or model would register them as its submodules.
+the pipeline holds as an attribute; it adds nothing to checkpoints. The pipeline builds it from its
+``viewer_controls`` config (:class:`SegmentControlsConfig`, set by the method configs), so the
+engine never imports this module. It talks back to the pipeline through callables only: holding
+the pipeline or model would register them as its submodules.
 
 Element callbacks run under the viewer's train lock (nerfstudio wraps them), so switching segments
 never interleaves with a render or a training step. During ``ns-train --vis viewer`` every training
@@ -13,14 +15,19 @@ step makes its own sample the rendered segment; pause training to look at a chos
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Type
 
+from nerfstudio.configs.base_config import InstantiateConfig
 from nerfstudio.viewer.viewer_elements import ViewerDropdown, ViewerSlider
 from torch import nn
 
 from evolsplat_ns.data.dataset import MultiSceneDataset
 from evolsplat_ns.engine.datamanager import SegmentImages
 from evolsplat_ns.viewer.scene import SegmentScene
+
+if TYPE_CHECKING:
+    from evolsplat_ns.engine.pipeline import EVolSplatPipeline
 
 MAX_SOURCE_VIEWS = 12
 """Slider limit: encoded features grow linearly with the number of sources (N x S x window)."""
@@ -43,23 +50,29 @@ def segment_menu(dataset: MultiSceneDataset) -> dict[str, dict[str, int]]:
     return menu
 
 
+@dataclass
+class SegmentControlsConfig(InstantiateConfig):
+    """The viewer's segment pickers and source-view slider (``setup(pipeline=...)`` builds them)."""
+
+    _target: Type = field(default_factory=lambda: SegmentControls)
+
+
 class SegmentControls(nn.Module):
     """Scene / segment pickers and the number of source views per rendered frame.
 
     Args:
-        dataset: the datamanager's dataset (segments, scene names).
-        show_segment: makes a segment index the model's context; returns its keyframe views.
-        set_num_sources: sets how many nearest source views each render uses.
-        shown: the segment shown at start (its keyframe views).
-        num_sources: the slider's starting value (the model's ``num_neighbour_select``).
+        config: this element's config (no settings yet).
+        pipeline: the pipeline to steer; only its dataset, its ``show_segment`` and
+            ``set_render_num_sources`` callables, the shown segment and the model's
+            ``num_neighbour_select`` (the slider's start) are taken, never the pipeline itself.
     """
 
-    def __init__(self, dataset: MultiSceneDataset, show_segment: Callable[[int], SegmentImages],
-                 set_num_sources: Callable[[int], None], shown: SegmentImages, num_sources: int) -> None:
+    def __init__(self, config: SegmentControlsConfig, pipeline: EVolSplatPipeline) -> None:
         super().__init__()
-        self._menu = segment_menu(dataset)
-        self._show_segment = show_segment
-        self._set_num_sources = set_num_sources
+        shown, num_sources = pipeline.shown, pipeline.model.config.num_neighbour_select
+        self._menu = segment_menu(pipeline.datamanager.dataset)
+        self._show_segment: Callable[[int], SegmentImages] = pipeline.show_segment
+        self._set_num_sources: Callable[[int], None] = pipeline.set_render_num_sources
         scene, label = self._locate(shown.segment_index)
         self.scene = ViewerDropdown("Scene", scene, list(self._menu), cb_hook=self._on_scene,
                                     hint="Scene to reconstruct (eval = never trained on)")
@@ -96,3 +109,4 @@ class SegmentControls(nn.Module):
 
     def _show(self, segment_index: int) -> None:
         self.frustums.show(self._show_segment(segment_index))
+

@@ -1,0 +1,53 @@
+"""Camera conventions shared by every layer: the reference-camera rule and the one place where
+evolsplat ``Views`` (OpenCV) meet nerfstudio ``Cameras`` (OpenGL).
+
+Frames: ``Views.camtoworlds`` are OpenCV camera-to-segment (x right, y down, z forward); nerfstudio
+``Cameras.camera_to_worlds`` are OpenGL camera-to-segment (x right, y up, z backward). The segment
+frame itself is the same on both sides; only the camera axes flip (``geometry.opencv_to_opengl``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from nerfstudio.cameras.cameras import Cameras, CameraType
+
+from evolsplat_ns.data.types import Views
+from evolsplat_ns.geometry import opencv_to_opengl, opengl_to_opencv
+
+FRONT_CAMERA = 0
+"""Camera id of the forward-facing camera (drivestudio/Waymo order)."""
+
+
+def front_camera(camera_ids: Sequence[int]) -> int:
+    """The FRONT camera (id 0) if among ``camera_ids``, else the lowest id."""
+    return FRONT_CAMERA if FRONT_CAMERA in camera_ids else min(camera_ids)
+
+
+def reference_view(views: Views) -> int:
+    """Index in ``views`` of the first view of the :func:`front_camera` (export, snapshots)."""
+    ids = views.cam_ids.tolist()
+    return ids.index(front_camera(ids))
+
+
+def views_to_cameras(views: Views, metadata: dict | None = None) -> Cameras:
+    """nerfstudio Cameras [V] for ``views``: OpenGL camera-to-world in the views' (segment) frame."""
+    c2w = opencv_to_opengl(views.camtoworlds)[:, :3, :4]
+    K = views.intrinsics
+    return Cameras(
+        camera_to_worlds=c2w, fx=K[:, 0, 0:1], fy=K[:, 1, 1:2], cx=K[:, 0, 2:3], cy=K[:, 1, 2:3],
+        width=torch.full((len(views), 1), views.width, dtype=torch.long),
+        height=torch.full((len(views), 1), views.height, dtype=torch.long),
+        camera_type=CameraType.PERSPECTIVE, metadata=metadata,
+    )
+
+
+def camera_to_opencv(camera: Cameras) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """A single nerfstudio camera -> (OpenCV camera-to-world [4, 4], K [3, 3], W, H)."""
+    c2w = torch.eye(4, device=camera.camera_to_worlds.device)
+    c2w[:3, :4] = camera.camera_to_worlds.reshape(-1, 3, 4)[0]
+    K = torch.eye(3, device=c2w.device)
+    K[0, 0], K[1, 1] = camera.fx.reshape(-1)[0], camera.fy.reshape(-1)[0]
+    K[0, 2], K[1, 2] = camera.cx.reshape(-1)[0], camera.cy.reshape(-1)[0]
+    return opengl_to_opencv(c2w), K, int(camera.width.reshape(-1)[0]), int(camera.height.reshape(-1)[0])

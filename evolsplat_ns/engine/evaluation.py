@@ -1,0 +1,155 @@
+"""The one held-out evaluation loop, shared by ``ns-eval`` (the pipeline) and ``evolsplat-infer``.
+
+For every eval item (one held-out frame of one segment) the segment is made the model's context
+with the item's source views, the shared state is encoded once from all of them (as in training),
+and each target camera is predicted and rasterised (``EVolSplatModel.render``: the
+``num_neighbour_select`` sources nearest to the target feed its heads). Each view is scored by the
+model's image metrics plus LiDAR depth error where the sample has LiDAR; :func:`summarise`
+aggregates per scene and overall. Because both tools run exactly this loop, they report the same
+numbers on the same checkpoint and views.
+
+Frames: targets are OpenCV camera-to-segment; LiDAR points are in the segment frame.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from evolsplat_ns.data.types import Sample
+from evolsplat_ns.geometry import invert_rigid, project_points
+from evolsplat_ns.model.metrics import depth_metrics, lpips_status
+from evolsplat_ns.model.predictor import SharedState
+from evolsplat_ns.utils.timing import StageTimer
+
+if TYPE_CHECKING:
+    from evolsplat_ns.engine.pipeline import EVolSplatPipeline
+    from evolsplat_ns.model.evolsplat_model import EVolSplatModel
+
+
+@dataclass
+class HeldOutView:
+    """One scored held-out view.
+
+    Attributes:
+        sample: the eval sample (its ``target`` holds the view).
+        view: index of the view in ``sample.target``.
+        outputs: rgb [H, W, 3], depth [H, W, 1], accumulation [H, W, 1], gaussians.
+        metrics: psnr, ssim (lpips when available), LiDAR depth errors when the sample has LiDAR.
+        images: ``img`` (prediction | ground truth | error), ``depth`` (colour-mapped), ``accumulation``.
+    """
+
+    sample: Sample
+    view: int
+    outputs: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+    images: dict[str, torch.Tensor]
+
+    @property
+    def name(self) -> str:
+        """``{scene}_{frame:03d}_{cam}``: the view's file stem in rendered outputs."""
+        t = self.sample.target
+        return f"{self.sample.key.scene}_{int(t.frame_ids[self.view]):03d}_{int(t.cam_ids[self.view])}"
+
+
+def lidar_depth_metrics(sample: Sample, v: int, depth: torch.Tensor) -> dict[str, float]:
+    """Depth error of ``depth`` [H, W, 1] (OpenCV z, metres) against the LiDAR points of target
+    ``v``'s frame projected into it; empty when the sample has no LiDAR."""
+    if sample.lidar is None:
+        return {}
+    t = int(sample.target.frame_ids[v])
+    pts = sample.lidar.points[sample.lidar.frame_ids == t].to(depth.device)
+    w2c = invert_rigid(sample.target.camtoworlds[v : v + 1].to(depth.device))
+    uv, z = project_points(pts, sample.target.intrinsics[v : v + 1].to(depth.device), w2c)
+    return depth_metrics(depth, uv[0], z[0])
+
+
+def score_view(model: EVolSplatModel, sample: Sample, state: SharedState, v: int,
+               timer: Optional[StageTimer] = None) -> HeldOutView:
+    """Render target ``v`` of ``sample`` from ``state`` and score it (optionally timed)."""
+    timed = timer if timer is not None else (lambda stage: nullcontext())
+    target = sample.target.to(model.device)
+    c2w, K = target.camtoworlds[v], target.intrinsics[v]
+    with timed("render_ms"):
+        out = model.render(state, c2w, K, target.width, target.height)
+    if timer is not None:
+        background = model.predictor.predict_background(state)
+        with timer("rasterize_ms"):  # the Gaussians exist now: rasterisation alone
+            model.rasterize_gaussians(out["gaussians"], background, c2w, K, target.width, target.height)
+    metrics, images = model.get_image_metrics_and_images(out, {"image": target.images[v]})
+    metrics.update(lidar_depth_metrics(sample, v, out["depth"]))
+    return HeldOutView(sample, v, out, metrics, images)
+
+
+@torch.no_grad()
+def held_out_views(pipeline: EVolSplatPipeline, timer: Optional[StageTimer] = None,
+                   progress: bool = False) -> Iterator[HeldOutView]:
+    """Every held-out view of every eval scene of ``pipeline``'s dataset, scored, in dataset order.
+
+    Segments are reconstructed from their own point clouds and source views only (states of
+    segments already known to the model are reused).
+    """
+    dataset, model = pipeline.datamanager.dataset, pipeline.model
+    if not dataset.eval_items:
+        raise ValueError(f"no held-out frames in {dataset.config.data}: set dataset.eval_frame_interval > 0 "
+                         "and at least one eval scene")
+    timed: Callable[[str], ContextManager] = timer if timer is not None else (lambda stage: nullcontext())
+    for i in tqdm(range(len(dataset.eval_items)), desc="held-out frames", disable=not progress):
+        sample = dataset.eval_sample(i)
+        if sample.key in model.segments:
+            model.set_context(sample.key, sample.source)
+        else:
+            with timed("segment_setup_ms"):  # point cloud + anchor Gaussians, once per segment
+                model.set_context(sample.key, sample.source, pipeline.datamanager.point_cloud_for(sample))
+        with timed("encode_ms"):
+            state = model.encode(split_backward=False)
+        for v in range(len(sample.target)):
+            yield score_view(model, sample, state, v, timer)
+
+
+def evaluate_held_out(pipeline: EVolSplatPipeline, on_view: Optional[Callable[[HeldOutView], None]] = None,
+                      timer: Optional[StageTimer] = None, progress: bool = False, get_std: bool = False) -> dict:
+    """Metrics of every held-out view (:func:`held_out_views`), per scene and mean (:func:`summarise`).
+
+    ``on_view`` sees each scored view (grids, image files); ``timer`` collects stage timings.
+    """
+    was_training = pipeline.training
+    pipeline.eval()
+    per_scene: dict[str, list[dict]] = defaultdict(list)
+    try:
+        for view in held_out_views(pipeline, timer, progress):
+            per_scene[view.sample.key.scene].append(view.metrics)
+            if on_view is not None:
+                on_view(view)
+    finally:
+        pipeline.train(was_training)
+    return summarise(per_scene, get_std)
+
+
+def summarise(per_scene: dict[str, list[dict]], get_std: bool = False) -> dict:
+    """Mean (and std) of every metric per scene and over all views, plus LPIPS availability."""
+    def agg(rows: list[dict]) -> dict:
+        keys = sorted({k for r in rows for k in r if isinstance(r[k], (int, float))})
+        out = {}
+        for k in keys:
+            vals = np.array([r[k] for r in rows if k in r], dtype=np.float64)
+            out[k] = float(vals.mean())
+            if get_std:
+                out[f"{k}_std"] = float(vals.std())
+        out["num_views"] = len(rows)
+        return out
+
+    all_rows = [r for rows in per_scene.values() for r in rows]
+    result = agg(all_rows)
+    result["per_scene"] = {s: agg(rows) for s, rows in per_scene.items()}
+    ok, reason = lpips_status()
+    result["lpips_available"] = ok
+    if not ok:
+        result["lpips_note"] = reason
+    return result

@@ -8,6 +8,7 @@ viewer, export and inference tests.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -15,8 +16,10 @@ import torch
 TRAIN_STEPS = 4
 
 
-def lite_trainer(data: Path, out: Path, load_dir: Path | None = None, experiment: str | None = None):
-    """An evolsplat-lite trainer on ``data`` (CPU, 1500 Gaussians per segment), set up and seeded."""
+def lite_trainer(data: Path, out: Path, load_dir: Path | None = None, experiment: str | None = None,
+                 configure: Callable[[Any], None] | None = None):
+    """An evolsplat-lite trainer on ``data`` (CPU, 1500 Gaussians per segment), set up and seeded.
+    ``configure(config)`` may change the trainer config before set-up."""
     from evolsplat_ns.method_configs import evolsplat_lite_config
 
     torch.manual_seed(0)
@@ -30,6 +33,8 @@ def lite_trainer(data: Path, out: Path, load_dir: Path | None = None, experiment
     cfg.vis = "tensorboard"
     cfg.machine.device_type = "cpu"
     cfg.load_dir = load_dir
+    if configure is not None:
+        configure(cfg)
     trainer = cfg.setup(local_rank=0, world_size=1)
     trainer.setup()
     return trainer

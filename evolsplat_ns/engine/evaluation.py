@@ -1,6 +1,6 @@
 """The one held-out evaluation loop, shared by ``ns-eval`` (the pipeline) and ``evolsplat-infer``.
 
-For every eval item (one held-out frame of one segment) the segment is made the model's context
+For every eval item (one held-out frame of one segment) of the data manager's dataset, the segment is made the model's context
 with the item's source views, the shared state is encoded once from all of them (as in training),
 and each target camera is predicted and rasterised (``EVolSplatModel.render``: the
 ``num_neighbour_select`` sources nearest to the target feed its heads). Each view is scored by the
@@ -29,7 +29,7 @@ from evolsplat_ns.model.predictor import SharedState
 from evolsplat_ns.utils.timing import StageTimer
 
 if TYPE_CHECKING:
-    from evolsplat_ns.engine.pipeline import EVolSplatPipeline
+    from evolsplat_ns.engine.datamanager import EVolSplatDataManager
     from evolsplat_ns.model.evolsplat_model import EVolSplatModel
 
 
@@ -88,14 +88,14 @@ def score_view(model: EVolSplatModel, sample: Sample, state: SharedState, v: int
 
 
 @torch.no_grad()
-def held_out_views(pipeline: EVolSplatPipeline, timer: Optional[StageTimer] = None,
+def held_out_views(model: EVolSplatModel, datamanager: EVolSplatDataManager, timer: Optional[StageTimer] = None,
                    progress: bool = False) -> Iterator[HeldOutView]:
-    """Every held-out view of every eval scene of ``pipeline``'s dataset, scored, in dataset order.
+    """Every held-out view of every eval scene of ``datamanager``'s dataset, scored, in dataset order.
 
     Segments are reconstructed from their own point clouds and source views only (states of
     segments already known to the model are reused).
     """
-    dataset, model = pipeline.datamanager.dataset, pipeline.model
+    dataset = datamanager.dataset
     if not dataset.eval_items:
         raise ValueError(f"no held-out frames in {dataset.config.data}: set dataset.eval_frame_interval > 0 "
                          "and at least one eval scene")
@@ -106,29 +106,31 @@ def held_out_views(pipeline: EVolSplatPipeline, timer: Optional[StageTimer] = No
             model.set_context(sample.key, sample.source)
         else:
             with timed("segment_setup_ms"):  # point cloud + anchor Gaussians, once per segment
-                model.set_context(sample.key, sample.source, pipeline.datamanager.point_cloud_for(sample))
+                model.set_context(sample.key, sample.source, datamanager.point_cloud_for(sample))
         with timed("encode_ms"):
             state = model.encode(split_backward=False)
         for v in range(len(sample.target)):
             yield score_view(model, sample, state, v, timer)
 
 
-def evaluate_held_out(pipeline: EVolSplatPipeline, on_view: Optional[Callable[[HeldOutView], None]] = None,
-                      timer: Optional[StageTimer] = None, progress: bool = False, get_std: bool = False) -> dict:
+def evaluate_held_out(model: EVolSplatModel, datamanager: EVolSplatDataManager,
+                      on_view: Optional[Callable[[HeldOutView], None]] = None, timer: Optional[StageTimer] = None,
+                      progress: bool = False, get_std: bool = False) -> dict:
     """Metrics of every held-out view (:func:`held_out_views`), per scene and mean (:func:`summarise`).
 
-    ``on_view`` sees each scored view (grids, image files); ``timer`` collects stage timings.
+    ``on_view`` sees each scored view (grids, image files); ``timer`` collects stage timings. The
+    model runs in eval mode (BatchNorm statistics frozen) and returns to its previous mode.
     """
-    was_training = pipeline.training
-    pipeline.eval()
+    was_training = model.training
+    model.eval()
     per_scene: dict[str, list[dict]] = defaultdict(list)
     try:
-        for view in held_out_views(pipeline, timer, progress):
+        for view in held_out_views(model, datamanager, timer, progress):
             per_scene[view.sample.key.scene].append(view.metrics)
             if on_view is not None:
                 on_view(view)
     finally:
-        pipeline.train(was_training)
+        model.train(was_training)
     return summarise(per_scene, get_std)
 
 

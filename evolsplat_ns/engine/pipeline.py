@@ -113,7 +113,7 @@ class EVolSplatPipeline(VanillaPipeline):
         With ``output_path``, writes ``{scene}_{frame}_{cam}.png`` grids (prediction | GT | error).
         """
         on_view = (lambda view: _save_grid(Path(output_path), view)) if output_path is not None else None
-        return evaluate_held_out(self, on_view, get_std=get_std)
+        return evaluate_held_out(self.model, self.datamanager, on_view, get_std=get_std)
 
 
 def _save_grid(folder: Path, view: HeldOutView) -> None:

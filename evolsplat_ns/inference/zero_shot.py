@@ -54,5 +54,5 @@ def evaluate_zero_shot(pipeline: EVolSplatPipeline, max_grid_rows: int = 8, prog
         if next(counter) in picks:
             rows.append((view.images["img"].clamp(0, 1) * 255).round().byte().cpu().numpy())
 
-    metrics = evaluate_held_out(pipeline, keep_row, timer, progress)
+    metrics = evaluate_held_out(model, pipeline.datamanager, keep_row, timer, progress)
     return ZeroShotResult(metrics, timer.summary(), rows)

@@ -74,6 +74,8 @@ class SegmentState:
 class SegmentStore:
     """Segment key -> :class:`SegmentState`, bounded in host memory, spilling to disk.
 
+    The bound is enforced at every :meth:`put` and :meth:`activate` (the active segment is exempt).
+
     Args:
         max_resident_mb: host-memory bound for the states of inactive segments (0 = unbounded).
         spill_dir: folder for spilled states (created on first spill). None = a private temporary
@@ -106,11 +108,10 @@ class SegmentStore:
 
     def get(self, key: SegmentKey) -> Optional[SegmentState]:
         """The state of ``key`` (read back from disk if spilled), now most recently used; or None."""
-        if key in self._spilled:
+        if key in self._spilled:  # the bound is enforced at the next put or activate, not here
             path = self._spilled.pop(key)
             self._resident[key] = SegmentState.from_state_dict(torch.load(path, map_location="cpu"))
             path.unlink(missing_ok=True)
-            self._enforce_bound()
         state = self._resident.get(key)
         if state is not None:
             self._resident.move_to_end(key)

@@ -121,15 +121,22 @@ class MultiSceneDataset:
         c = self.config
         held = eval_frame_mask(scene.frames, c.eval_frame_interval) if si in self.eval_scene_ids else None
         context = [t for i, t in enumerate(scene.frames) if held is None or not held[i]]
-        first = len(self.segments)
         for k, frames in enumerate(split_segments(context, c.segment_length, c.segment_stride)):
             self.segments.append(SegmentSpec(si, k, frames))
         if held is None:
             return
         for t in (t for i, t in enumerate(scene.frames) if held[i]):
-            dists = [min(abs(t - f) for f in s.frames) + abs(t - np.mean(s.frames)) * 1e-3
-                     for s in self.segments[first:]]
-            self.eval_items.append((first + int(np.argmin(dists)), t))
+            self.eval_items.append((self.nearest_segment(si, t), t))
+
+    def nearest_segment(self, scene_index: int, frame: int) -> int:
+        """Index of the scene's segment whose frames are nearest to ``frame`` (ties: nearest
+        centre): where held-out frames and camera-path poses attach."""
+        candidates = [i for i, s in enumerate(self.segments) if s.scene_index == scene_index]
+        if not candidates:
+            raise ValueError(f"scene {self.scenes[scene_index].name} has no segments")
+        cost = [min(abs(frame - f) for f in self.segments[i].frames)
+                + 1e-3 * abs(frame - np.mean(self.segments[i].frames)) for i in candidates]
+        return candidates[int(np.argmin(cost))]
 
     def _check_keyframe_counts(self) -> None:
         """Fail at start-up, not at the first sample, if a training segment is too short."""

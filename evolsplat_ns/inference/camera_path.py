@@ -61,17 +61,6 @@ def ego_camera_path(scene: SceneData, num_poses: int, cam: Optional[int] = None)
     return poses
 
 
-def segment_for_frame(dataset: MultiSceneDataset, scene_index: int, frame: int) -> int:
-    """Index of the scene's segment whose frames are nearest to ``frame`` (ties: nearest centre),
-    the rule the dataset uses to attach held-out frames to segments."""
-    candidates = [i for i, s in enumerate(dataset.segments) if s.scene_index == scene_index]
-    if not candidates:
-        raise ValueError(f"scene {dataset.scenes[scene_index].name} has no segments")
-    cost = [min(abs(frame - f) for f in dataset.segments[i].frames)
-            + 1e-3 * abs(frame - np.mean(dataset.segments[i].frames)) for i in candidates]
-    return candidates[int(np.argmin(cost))]
-
-
 @torch.no_grad()
 def render_camera_path(model: EVolSplatModel, dataset: MultiSceneDataset, scene_index: int, path: Iterable[PathPose],
                        cam: Optional[int] = None) -> Iterator[np.ndarray]:
@@ -86,7 +75,7 @@ def render_camera_path(model: EVolSplatModel, dataset: MultiSceneDataset, scene_
     width, height = scene.image_size(cam)
     encoded_for, state, seg_from_world = None, None, None
     for pose in path:
-        seg = segment_for_frame(dataset, scene_index, pose.nearest_frame)
+        seg = dataset.nearest_segment(scene_index, pose.nearest_frame)
         sources = nearest_sources(dataset.keyframes(seg), [pose.nearest_frame],
                                   dataset.config.num_source_keyframes, scene.ego_to_world)
         if encoded_for != (seg, tuple(sources)):

@@ -84,3 +84,79 @@ def project_points(
     pix = cam @ K.transpose(-1, -2)
     uv = pix[..., :2] / depth.clamp(min=1e-6)[..., None]
     return uv, depth
+
+
+# -- rotations as quaternions (wxyz, as gsplat) ------------------------------------------------------
+
+
+def matrix_to_quat(R: torch.Tensor) -> torch.Tensor:
+    """Unit quaternions [..., 4] (wxyz, w >= 0) of rotation matrices ``R`` [..., 3, 3]."""
+    m = R.reshape(-1, 3, 3)
+    tr = m[:, 0, 0] + m[:, 1, 1] + m[:, 2, 2]
+    cand = torch.stack([  # 4 * q_i^2 for i = w, x, y, z; pick the largest for stability
+        1 + tr, 1 + m[:, 0, 0] - m[:, 1, 1] - m[:, 2, 2],
+        1 - m[:, 0, 0] + m[:, 1, 1] - m[:, 2, 2], 1 - m[:, 0, 0] - m[:, 1, 1] + m[:, 2, 2]], dim=-1)
+    best = cand.argmax(dim=-1)
+    s = cand.gather(1, best[:, None])[:, 0].clamp(min=1e-12).sqrt() * 2  # 4 * |q_best|
+    rows = {
+        0: torch.stack([s / 4, (m[:, 2, 1] - m[:, 1, 2]) / s, (m[:, 0, 2] - m[:, 2, 0]) / s, (m[:, 1, 0] - m[:, 0, 1]) / s], -1),
+        1: torch.stack([(m[:, 2, 1] - m[:, 1, 2]) / s, s / 4, (m[:, 0, 1] + m[:, 1, 0]) / s, (m[:, 0, 2] + m[:, 2, 0]) / s], -1),
+        2: torch.stack([(m[:, 0, 2] - m[:, 2, 0]) / s, (m[:, 0, 1] + m[:, 1, 0]) / s, s / 4, (m[:, 1, 2] + m[:, 2, 1]) / s], -1),
+        3: torch.stack([(m[:, 1, 0] - m[:, 0, 1]) / s, (m[:, 0, 2] + m[:, 2, 0]) / s, (m[:, 1, 2] + m[:, 2, 1]) / s, s / 4], -1),
+    }
+    q = torch.zeros(m.shape[0], 4, dtype=m.dtype, device=m.device)
+    for i, row in rows.items():
+        q = torch.where((best == i)[:, None], row, q)
+    q = q * torch.where(q[:, :1] < 0, -1.0, 1.0)
+    return (q / q.norm(dim=-1, keepdim=True)).reshape(*R.shape[:-2], 4)
+
+
+def quat_to_matrix(q: torch.Tensor) -> torch.Tensor:
+    """Rotation matrices [..., 3, 3] of quaternions ``q`` [..., 4] (wxyz, normalised here)."""
+    w, x, y, z = (q / q.norm(dim=-1, keepdim=True)).unbind(-1)
+    return torch.stack([
+        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], dim=-1).reshape(*q.shape[:-1], 3, 3)
+
+
+def quat_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Hamilton product ``a ⊗ b`` of quaternions [..., 4] (wxyz): rotate by ``b``, then by ``a``."""
+    aw, ax, ay, az = a.unbind(-1)
+    bw, bx, by, bz = b.unbind(-1)
+    return torch.stack([aw * bw - ax * bx - ay * by - az * bz, aw * bx + ax * bw + ay * bz - az * by,
+                        aw * by - ax * bz + ay * bw + az * bx, aw * bz + ax * by - ay * bx + az * bw], dim=-1)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation of unit quaternions ``a``, ``b`` [..., 4] at weights ``w`` [...]
+    (0 -> a, 1 -> b), along the shorter arc."""
+    dot = (a * b).sum(-1, keepdim=True)
+    b = torch.where(dot < 0, -b, b)
+    dot = dot.abs().clamp(max=1.0)
+    w = w[..., None]
+    theta = torch.acos(dot)
+    sin = torch.sin(theta)
+    near = sin < 1e-6  # nearly equal rotations: linear interpolation is exact enough
+    wa = torch.where(near, 1 - w, torch.sin((1 - w) * theta) / sin.clamp(min=1e-12))
+    wb = torch.where(near, w, torch.sin(w * theta) / sin.clamp(min=1e-12))
+    q = wa * a + wb * b
+    return q / q.norm(dim=-1, keepdim=True)
+
+
+def interpolate_rigid(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Rigid poses [..., 4, 4] a fraction ``w`` [...] of the way from ``a`` to ``b`` [..., 4, 4]
+    (slerp of the rotation, linear position), in whatever frame both are given."""
+    q = slerp(matrix_to_quat(a[..., :3, :3]), matrix_to_quat(b[..., :3, :3]), w)
+    out = torch.zeros_like(a)
+    out[..., :3, :3] = quat_to_matrix(q)
+    out[..., :3, 3] = (1 - w[..., None]) * a[..., :3, 3] + w[..., None] * b[..., :3, 3]
+    out[..., 3, 3] = 1
+    return out
+
+
+def interpolate_pose(a: np.ndarray, b: np.ndarray, fraction: float) -> np.ndarray:
+    """[4, 4] float64 rigid pose ``fraction`` of the way from ``a`` to ``b`` (slerp, lerp position)."""
+    out = interpolate_rigid(torch.from_numpy(np.asarray(a, np.float64)), torch.from_numpy(np.asarray(b, np.float64)),
+                            torch.tensor(float(fraction), dtype=torch.float64))
+    return out.numpy()

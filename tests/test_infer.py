@@ -98,7 +98,7 @@ def test_video_falls_back_to_png_frames(tmp_path, monkeypatch, capsys):
 
 
 def test_camera_path_interpolates_between_frames():
-    from evolsplat_ns.inference.camera_path import interpolate_pose
+    from evolsplat_ns.geometry import interpolate_pose
 
     a = np.eye(4)
     b = np.eye(4)

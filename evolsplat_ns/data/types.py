@@ -139,12 +139,15 @@ class PointCloud:
         points: [N, 3] float32 background xyz in the segment frame (metres).
         colors: [N, 3] float32 RGB in [0, 1].
         dynamic: instance id -> (points [M, 3] in object-local box coordinates, colors [M, 3] in [0, 1]).
+        tracks: instance id -> its box track over the segment (``evolsplat_ns.data.actors.ActorTrack``:
+            object-to-segment poses and validity per frame); same keys as ``dynamic``.
         metadata: free-form provenance (generator name, counts before/after filtering, ...).
     """
 
     points: torch.Tensor
     colors: torch.Tensor
     dynamic: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    tracks: dict = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
 
     def __len__(self) -> int:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from evolsplat_ns.data.types import Sample
 from evolsplat_ns.geometry import invert_rigid, project_points
 from evolsplat_ns.model.metrics import depth_metrics, lpips_status
+from evolsplat_ns.model.node import concat_gaussians
 from evolsplat_ns.model.predictor import SharedState
 from evolsplat_ns.utils.timing import StageTimer
 
@@ -77,11 +78,12 @@ def score_view(model: EVolSplatModel, sample: Sample, state: SharedState, v: int
     target = sample.target.to(model.device)
     c2w, K = target.camtoworlds[v], target.intrinsics[v]
     with timed("render_ms"):
-        out = model.render(state, c2w, K, target.width, target.height)
+        out = model.render(state, c2w, K, target.width, target.height, time=float(target.frame_ids[v]))
     if timer is not None:
         background = model.predictor.predict_background(state)
+        parts = [out["gaussians"]] + ([out["actors"]] if out["actors"] is not None else [])
         with timer("rasterize_ms"):  # the Gaussians exist now: rasterisation alone
-            model.rasterize_gaussians(out["gaussians"], background, c2w, K, target.width, target.height)
+            model.rasterize_gaussians(concat_gaussians(parts), background, c2w, K, target.width, target.height)
     metrics, images = model.get_image_metrics_and_images(out, {"image": target.images[v]})
     metrics.update(lidar_depth_metrics(sample, v, out["depth"]))
     return HeldOutView(sample, v, out, metrics, images)

@@ -19,8 +19,7 @@ from evolsplat_ns.data.cameras import reference_view
 from evolsplat_ns.data.dataset import MultiSceneDataset
 from evolsplat_ns.data.segments import nearest_sources
 from evolsplat_ns.data.types import SegmentKey
-from evolsplat_ns.export.splat import concat_gaussians
-from evolsplat_ns.model.node import GaussianParams
+from evolsplat_ns.model.node import GaussianParams, concat_gaussians
 
 if TYPE_CHECKING:
     from evolsplat_ns.model.evolsplat_model import EVolSplatModel

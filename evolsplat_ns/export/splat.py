@@ -33,15 +33,6 @@ def splat_dtype(num_rest: int) -> np.dtype:
     return np.dtype([(n, "<f4") for n in names])
 
 
-def concat_gaussians(parts: Sequence[GaussianParams]) -> GaussianParams:
-    """One GaussianParams with the Gaussians of ``parts`` (same SH degree) in order; no node index."""
-    if len({p.sh.shape[1] for p in parts}) != 1:
-        raise ValueError("concat_gaussians: parts have different numbers of SH bases")
-    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
-    return GaussianParams(means=cat("means"), quats=cat("quats"), scales=cat("scales"),
-                          opacities=cat("opacities"), sh=cat("sh"))
-
-
 def to_splat_array(g: GaussianParams) -> np.ndarray:
     """Structured array [M] of the 3DGS layout from ``g`` (means [M, 3], quats wxyz [M, 4],
     linear scales [M, 3], opacities [M] in (0, 1), sh [M, K, 3] DC first)."""

@@ -2,7 +2,7 @@
 
 Poses are OpenCV camera-to-world (the scene's world frame) along the path and OpenCV
 camera-to-segment when rendered; rotations are interpolated by quaternion slerp and positions
-linearly between consecutive frames (nerfstudio's camera_utils do the quaternion maths).
+linearly between consecutive frames (``geometry.interpolate_pose``).
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
-from nerfstudio.cameras.camera_utils import quaternion_from_matrix, quaternion_matrix, quaternion_slerp
 
 from evolsplat_ns.data.cameras import front_camera
 from evolsplat_ns.data.dataset import MultiSceneDataset
 from evolsplat_ns.data.scene import SceneData
 from evolsplat_ns.data.segments import nearest_sources
+from evolsplat_ns.geometry import interpolate_pose
 
 if TYPE_CHECKING:
     from evolsplat_ns.model.evolsplat_model import EVolSplatModel
@@ -30,19 +30,12 @@ class PathPose:
     Attributes:
         nearest_frame: the scene frame closest in time (picks the segment and source views).
         cam_to_world: [4, 4] float64 OpenCV camera-to-world.
+        time: scene time in frame units (fractional between frames; places the moving actors).
     """
 
     nearest_frame: int
     cam_to_world: np.ndarray
-
-
-def interpolate_pose(a: np.ndarray, b: np.ndarray, fraction: float) -> np.ndarray:
-    """[4, 4] rigid pose ``fraction`` of the way from ``a`` to ``b`` (slerp rotation, lerp position)."""
-    q = quaternion_slerp(quaternion_from_matrix(a[:3, :3]), quaternion_from_matrix(b[:3, :3]), fraction)
-    out = np.eye(4)
-    out[:3, :3] = quaternion_matrix(q)[:3, :3]
-    out[:3, 3] = (1.0 - fraction) * a[:3, 3] + fraction * b[:3, 3]
-    return out
+    time: float = 0.0
 
 
 def ego_camera_path(scene: SceneData, num_poses: int, cam: Optional[int] = None) -> list[PathPose]:
@@ -57,7 +50,7 @@ def ego_camera_path(scene: SceneData, num_poses: int, cam: Optional[int] = None)
         i = min(int(np.floor(u)), len(frames) - 2) if len(frames) > 1 else 0
         a, b = frames[i], frames[min(i + 1, len(frames) - 1)]
         pose = interpolate_pose(scene.cam_to_world(a, cam), scene.cam_to_world(b, cam), float(u - i))
-        poses.append(PathPose(frames[int(round(u))], pose))
+        poses.append(PathPose(frames[int(round(u))], pose, a + float(u - i) * (b - a)))
     return poses
 
 
@@ -86,5 +79,5 @@ def render_camera_path(model: EVolSplatModel, dataset: MultiSceneDataset, scene_
             seg_from_world = torch.linalg.inv(sample.segment_to_world.double())
             encoded_for = (seg, tuple(sources))
         c2w = (seg_from_world @ torch.from_numpy(pose.cam_to_world)).float().to(model.device)
-        rgb = model.render(state, c2w, K, width, height)["rgb"]
+        rgb = model.render(state, c2w, K, width, height, time=pose.time)["rgb"]
         yield (rgb.clamp(0, 1) * 255).round().byte().cpu().numpy()

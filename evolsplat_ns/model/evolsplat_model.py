@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import zlib
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable, ContextManager, Literal, Optional, Type
 
 import torch
@@ -30,7 +30,8 @@ from evolsplat_ns.data.cameras import camera_to_opencv, reference_view
 from evolsplat_ns.data.types import PointCloud, Sample, SegmentKey, Views
 from evolsplat_ns.model.losses import entropy_loss
 from evolsplat_ns.model.metrics import image_metrics, psnr
-from evolsplat_ns.model.node import GaussianNode, GaussianParams
+from evolsplat_ns.model.actors import ActorNodes
+from evolsplat_ns.model.node import GaussianNode, GaussianParams, concat_gaussians
 from evolsplat_ns.model.predictor import GaussianPredictor, PredictorConfig, SharedState
 from evolsplat_ns.model.render import rasterize
 from evolsplat_ns.model.segment_store import SegmentState, SegmentStore
@@ -60,6 +61,8 @@ class EVolSplatModelConfig(ModelConfig, PredictorConfig):
     """Rasteriser: gsplat (CUDA), the PyTorch reference, or auto (gsplat when on CUDA)."""
     max_gaussians_per_segment: int = 0
     """Randomly subsample a segment's points to at most this many Gaussians (0 = all)."""
+    max_points_per_actor: int = 5000
+    """Randomly subsample each moving actor's object-frame points to at most this many (0 = all)."""
     segment_store_mb: float = 4096.0
     """Host memory (MiB) for the state of segments not being trained or shown; beyond it the least
     recently used spill to disk under the run folder (``segments/``) and load back when revisited
@@ -155,6 +158,9 @@ class EVolSplatModel(SplatfactoSurface):
     config: EVolSplatModelConfig
     render_num_sources: Optional[int] = None
     """Source views per bare-camera render (the viewer's slider); None = ``num_neighbour_select``."""
+    render_time: Optional[float] = None
+    """Scene time (frame units) at which bare cameras place the actors (the viewer's time control);
+    None = the frame of the source view nearest to the camera."""
 
     def populate_modules(self) -> None:
         self.predictor = GaussianPredictor(PredictorConfig(
@@ -184,9 +190,10 @@ class EVolSplatModel(SplatfactoSurface):
         if len(point_cloud) == 0:
             raise EmptySegmentError(f"segment {key}: its point cloud is empty (no LiDAR/depth points "
                                     "survived filtering), so there is nothing to reconstruct")
-        pc = _subsample(point_cloud, self.config.max_gaussians_per_segment, _stable_seed(key))
+        pc = _subsample(point_cloud, self.config.max_gaussians_per_segment, _stable_seed(key)).to(self.device)
         scale = "knn" if self.config.scale_init <= 0 else self.config.scale_init
-        return self.segments.put(key, SegmentState(GaussianNode.from_point_cloud(pc.to(self.device), scale_init=scale)))
+        actors = ActorNodes.from_point_cloud(pc, self.config.max_points_per_actor) if self.config.enable_actors else None
+        return self.segments.put(key, SegmentState(GaussianNode.from_point_cloud(pc, scale_init=scale), actors))
 
     def set_context(self, key: SegmentKey, sources: Views, point_cloud: Optional[PointCloud] = None) -> SegmentContext:
         """Make segment ``key`` (with candidate ``sources``) the one rendered for bare cameras.
@@ -215,7 +222,8 @@ class EVolSplatModel(SplatfactoSurface):
         """
         ctx = self._require_context()
         sources = sources if sources is not None else ctx.sources
-        return self.predictor.encode(ctx.node, sources, self._frozen_volume(ctx.segment), split_backward)
+        return self.predictor.encode(ctx.node, sources, self._frozen_volume(ctx.segment), split_backward,
+                                     ctx.segment.actors)
 
     def _frozen_volume(self, segment: SegmentState):
         """The segment's frozen volume (built once) when ``freeze_volume``, else None (rebuilt per step)."""
@@ -226,23 +234,29 @@ class EVolSplatModel(SplatfactoSurface):
                 segment.frozen_volume = self.predictor.build_volume(segment.node).detach()
         return segment.frozen_volume
 
-    def render(self, state: SharedState, c2w: torch.Tensor, K: torch.Tensor, width: int, height: int) -> dict[str, torch.Tensor]:
-        """Predict Gaussians for an OpenCV camera-to-segment pose and render them.
+    def render(self, state: SharedState, c2w: torch.Tensor, K: torch.Tensor, width: int, height: int,
+               time: Optional[float] = None) -> dict[str, torch.Tensor]:
+        """Predict Gaussians for an OpenCV camera-to-segment pose at ``time`` and render them.
 
-        Returns rgb [H, W, 3], depth [H, W, 1] (OpenCV z, metres), accumulation [H, W, 1] and the
-        predicted params under ``gaussians`` (for the offset cache and export).
+        ``time`` (scene frame units, fractional allowed) places the moving actors by their box
+        tracks; None renders the static scene only. Returns rgb [H, W, 3], depth [H, W, 1] (OpenCV
+        z, metres), accumulation [H, W, 1], the static params under ``gaussians`` (offset cache,
+        export) and the posed actor Gaussians under ``actors`` (None without).
         """
         with phase("heads"):
             params = self.predictor.predict(state, c2w, K)
+            actors = self.predictor.predict_actors(state, time)
             background = self.predictor.predict_background(state) if self.config.enable_background else None
-        out = self.rasterize_gaussians(params, background, c2w, K, width, height)
-        out["gaussians"] = params
+        foreground = concat_gaussians([params, actors]) if actors is not None and len(actors) else params
+        out = self.rasterize_gaussians(foreground, background, c2w, K, width, height)
+        out["gaussians"], out["actors"] = params, actors
         return out
 
     def rasterize_gaussians(self, params: GaussianParams, background: Optional[GaussianParams], c2w: torch.Tensor,
                             K: torch.Tensor, width: int, height: int) -> dict[str, torch.Tensor]:
-        """Rasterise existing Gaussians (segment frame) for an OpenCV camera-to-segment pose,
-        with ``background`` composited behind. Returns rgb, depth, accumulation as :meth:`render`."""
+        """Rasterise existing Gaussians (segment frame; static and posed actors in one call, so
+        depth order is right) for an OpenCV camera-to-segment pose, with ``background`` composited
+        behind. Returns rgb, depth, accumulation as :meth:`render`."""
         viewmat = torch.linalg.inv(c2w)[None].float()
 
         def draw(g: GaussianParams):
@@ -306,7 +320,8 @@ class EVolSplatModel(SplatfactoSurface):
     def target_loss(self, state: SharedState, targets: Views, v: int, step: int) -> Optional[TargetLoss]:
         """Render target view ``v`` of ``targets`` and score it against its image; None when it sees
         no Gaussian. Losses are divided by ``len(targets)`` (a step's loss is the mean over targets)."""
-        out = self.render(state, targets.camtoworlds[v], targets.intrinsics[v], targets.width, targets.height)
+        out = self.render(state, targets.camtoworlds[v], targets.intrinsics[v], targets.width, targets.height,
+                          time=float(targets.frame_ids[v]))
         if len(out["gaussians"]) == 0:
             return None
         gt = targets.images[v]
@@ -334,8 +349,18 @@ class EVolSplatModel(SplatfactoSurface):
         c2w, K, W, H = camera_to_opencv(camera.to(self.device))
         ctx = self._require_context()
         with neighbour_count(self.predictor.projector, self.render_num_sources):
-            out = self.render(self._encode_nearest(ctx, c2w), c2w, K, W, H)
-        return {k: v for k, v in out.items() if k != "gaussians"}
+            out = self.render(self._encode_nearest(ctx, c2w), c2w, K, W, H, time=self._render_time(ctx, camera, c2w))
+        return {k: v for k, v in out.items() if k not in ("gaussians", "actors")}
+
+    def _render_time(self, ctx: SegmentContext, camera: Cameras, c2w: torch.Tensor) -> float:
+        """When a bare camera is rendered: ``render_time`` if set (the viewer's time control), else
+        the camera's ``metadata["time"]``, else the frame of the source view nearest to it."""
+        if self.render_time is not None:
+            return float(self.render_time)
+        if camera.metadata and "time" in camera.metadata:
+            return float(torch.as_tensor(camera.metadata["time"]).reshape(-1)[0])
+        nearest = self.predictor.projector.select_views(c2w, ctx.sources.camtoworlds)[0]
+        return float(ctx.sources.frame_ids[nearest])
 
     def _encode_nearest(self, ctx: SegmentContext, c2w: torch.Tensor) -> SharedState:
         """Encoded state of ``ctx``'s sources nearest to ``c2w`` [4, 4] (OpenCV camera-to-segment),
@@ -416,4 +441,4 @@ def _subsample(pc: PointCloud, max_points: int, seed: int) -> PointCloud:
         return pc
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(pc), generator=g)[:max_points].to(pc.points.device)
-    return PointCloud(pc.points[idx], pc.colors[idx], pc.dynamic, {**pc.metadata, "subsampled_to": max_points})
+    return replace(pc, points=pc.points[idx], colors=pc.colors[idx], metadata={**pc.metadata, "subsampled_to": max_points})

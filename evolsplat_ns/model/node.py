@@ -10,7 +10,7 @@ All positions are in the **segment frame** (vehicle frame at the segment's first
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -242,3 +242,12 @@ class GaussianParams:
     @property
     def sh_degree(self) -> int:
         return int(round(self.sh.shape[1] ** 0.5)) - 1
+
+
+def concat_gaussians(parts: Sequence[GaussianParams]) -> GaussianParams:
+    """One GaussianParams with the Gaussians of ``parts`` (same SH degree) in order; no node index."""
+    if len({p.sh.shape[1] for p in parts}) != 1:
+        raise ValueError("concat_gaussians: parts have different numbers of SH bases")
+    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    return GaussianParams(means=cat("means"), quats=cat("quats"), scales=cat("scales"),
+                          opacities=cat("opacities"), sh=cat("sh"))

@@ -17,13 +17,14 @@ Frames: node positions and Gaussians in the **segment frame**; cameras OpenCV ca
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Optional
 
 import torch
 from torch import nn
 
 from evolsplat_ns.data.types import Views
+from evolsplat_ns.model.actors import ActorGaussians, ActorHead, ActorNodes, place_actors, sample_actor_windows
 from evolsplat_ns.model.background import BackgroundModel, SkyDome
 from evolsplat_ns.model.heads import (
     ColorHead,
@@ -65,6 +66,11 @@ class PredictorConfig:
     background_points: int = 2048
     occlusion_tau: float = 1.0
     """Metres of occlusion cue over which a source view's weight falls by 1/e."""
+    enable_actors: bool = True
+    """Render moving instances as rigid actor nodes placed by their box tracks (False: they are
+    left out of the reconstruction, as before actors existed)."""
+    actor_hidden: int = 64
+    """Hidden width of the actor head."""
 
 
 @dataclass
@@ -80,6 +86,8 @@ class SharedState:
         projected: source-view features of every node Gaussian in every source view.
         source_c2w: [V, 4, 4] OpenCV camera-to-segment of the sources.
         dome: sky dome (None when the background is disabled).
+        actor_nodes: the segment's moving actors (None without any).
+        actors: their Gaussians in object frames, predicted from the sources (boundary leaves when split).
     """
 
     node: GaussianNode
@@ -90,6 +98,8 @@ class SharedState:
     projected: ProjectedFeatures
     source_c2w: torch.Tensor
     dome: Optional[SkyDome] = None
+    actor_nodes: Optional[ActorNodes] = None
+    actors: Optional[ActorGaussians] = None
     _boundary: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
 
     def backward_shared(self) -> None:
@@ -134,6 +144,8 @@ class GaussianPredictor(nn.Module):
             if c.enable_background
             else None
         )
+        self.actor_head = (ActorHead(self.projector.window_size, c.sh_degree, c.actor_hidden)
+                           if c.enable_actors else None)
 
     def build_volume(self, node: GaussianNode) -> SparseVolume:
         """The node's sparse feature volume at its current means (segment frame)."""
@@ -149,6 +161,7 @@ class GaussianPredictor(nn.Module):
         source: Views,
         volume: Optional[SparseVolume] = None,
         split_backward: bool = True,
+        actors: Optional[ActorNodes] = None,
     ) -> SharedState:
         """Target-independent work of one step.
 
@@ -158,6 +171,8 @@ class GaussianPredictor(nn.Module):
             volume: a prebuilt (frozen, detached) volume of this node to use instead of running
                 the sparse U-Net; its owner (the segment store) keeps it across steps.
             split_backward: cut the shared outputs at a grad boundary (see module doc).
+            actors: the segment's moving actors (object frames + box tracks); their Gaussians are
+                predicted here from windows sampled at each source's own time.
         """
         if source.images.shape[0] == 0:
             raise ValueError("encode needs at least one source view")
@@ -175,6 +190,7 @@ class GaussianPredictor(nn.Module):
         with phase("projector"):
             projected = self.projector.sample(positions, source)
             dome = self.background.build_dome(positions, source) if self.background is not None else None
+        actor_gaussians = self._encode_actors(actors, source, boundary if split_backward and torch.is_grad_enabled() else None)
         return SharedState(
             node=node,
             anchors=node.means.detach(),
@@ -184,8 +200,30 @@ class GaussianPredictor(nn.Module):
             projected=projected,
             source_c2w=source.camtoworlds,
             dome=dome,
+            actor_nodes=actors if actor_gaussians is not None else None,
+            actors=actor_gaussians,
             _boundary=boundary,
         )
+
+    def _encode_actors(self, actors: Optional[ActorNodes], source: Views,
+                       boundary: Optional[list]) -> Optional[ActorGaussians]:
+        """Object-frame actor Gaussians from the sources (cut at the boundary when given)."""
+        if actors is None or self.actor_head is None or len(actors) == 0:
+            return None
+        with phase("actors"):
+            feat = sample_actor_windows(self.projector, actors, source, self.config.occlusion_tau)
+            g = self.actor_head(feat, actors)
+        if boundary is None:
+            return g
+        return replace(g, **{f.name: _boundary_leaf(getattr(g, f.name), boundary) for f in fields(g)
+                             if f.name in ("quats", "scales", "opacities", "sh")})
+
+    def predict_actors(self, state: SharedState, time: Optional[float]) -> Optional[GaussianParams]:
+        """The actors' Gaussians posed in the segment frame at ``time`` (scene frame units), or None
+        without actors or time. Recomputed per call (cheap) so each target's backward owns its graph."""
+        if state.actors is None or time is None:
+            return None
+        return place_actors(state.actors, state.actor_nodes, time)
 
     def predict(self, state: SharedState, target_c2w: torch.Tensor, target_K: torch.Tensor) -> GaussianParams:
         """Gaussians for one target: ``target_c2w`` [4, 4] OpenCV camera-to-segment, ``target_K`` [3, 3].

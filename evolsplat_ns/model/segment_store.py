@@ -23,6 +23,7 @@ from typing import Iterator, Optional
 import torch
 
 from evolsplat_ns.data.types import SegmentKey
+from evolsplat_ns.model.actors import ActorNodes
 from evolsplat_ns.model.node import GaussianNode, GaussianParams
 from evolsplat_ns.model.sparse_volume import SparseVolume
 from evolsplat_ns.model.state_cache import EncodedStateCache
@@ -34,6 +35,7 @@ class SegmentState:
 
     Attributes:
         node: anchor Gaussians and their offset cache (persisted).
+        actors: the segment's moving actors, object-frame anchors + box tracks (persisted; None without).
         frozen_volume: the detached sparse volume when ``freeze_volume`` (persisted).
         encoded: encoded states of chosen sources for bare-camera renders (never persisted;
             cleared whenever the segment becomes active, so weights that changed are not served stale).
@@ -41,6 +43,7 @@ class SegmentState:
     """
 
     node: GaussianNode
+    actors: Optional[ActorNodes] = None
     frozen_volume: Optional[SparseVolume] = None
     encoded: EncodedStateCache = field(default_factory=EncodedStateCache, repr=False)
     snapshot: Optional[tuple[int, GaussianParams]] = field(default=None, repr=False)
@@ -52,22 +55,27 @@ class SegmentState:
     def to(self, device: torch.device | str) -> "SegmentState":
         """Move the persisted tensors to ``device`` in place (render caches are dropped); returns self."""
         self.node.to(device)
+        if self.actors is not None:
+            self.actors.to(device)
         if self.frozen_volume is not None:
             self.frozen_volume = self.frozen_volume.to(device)
         self.clear_render_caches()
         return self
 
     def nbytes(self) -> int:
-        return self.node.nbytes() + (self.frozen_volume.nbytes() if self.frozen_volume is not None else 0)
+        return (self.node.nbytes() + (self.actors.nbytes() if self.actors is not None else 0)
+                + (self.frozen_volume.nbytes() if self.frozen_volume is not None else 0))
 
     def state_dict(self) -> dict:
         return {"node": self.node.state_dict(),
+                "actors": self.actors.state_dict() if self.actors is not None else None,
                 "frozen_volume": self.frozen_volume.state_dict() if self.frozen_volume is not None else None}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "SegmentState":
-        volume = state.get("frozen_volume")
+        volume, actors = state.get("frozen_volume"), state.get("actors")
         return cls(GaussianNode.from_state_dict(state["node"]),
+                   ActorNodes.from_state_dict(actors) if actors is not None else None,
                    SparseVolume.from_state_dict(volume) if volume is not None else None)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from nerfstudio.configs.base_config import InstantiateConfig
 
+from evolsplat_ns.data.actors import ActorTrack, track_from_boxes
 from evolsplat_ns.data.pointcloud import ops
 from evolsplat_ns.data.scene import SceneData
 from evolsplat_ns.data.types import PointCloud
@@ -47,9 +48,14 @@ class PointCloudGeneratorConfig(InstantiateConfig):
     crop_z: tuple[float, float] = (-5.0, 30.0)
     """Keep points with z (segment frame, up) in this range."""
     split_dynamic: bool = True
-    """Move points inside boxes of moving instances to per-instance object-local clouds."""
+    """Move points inside boxes of moving instances to per-instance object-local clouds (actors)."""
     dynamic_motion_threshold: float = 0.5
-    """An instance is moving if its box centre travels more than this (m) within the segment."""
+    """An instance is moving if its box centre travels more than this (m) within the segment;
+    instances that move less stay in the static cloud."""
+    dynamic_box_margin: float = 0.1
+    """A point belongs to a moving actor if it lies within this margin (m) of its box's sides and top..."""
+    dynamic_ground_clearance: float = 0.1
+    """...and more than this (m) above the box's floor: road points under a car stay static."""
     device: str = "cpu"
     seed: int = 0
 
@@ -77,9 +83,9 @@ class RGBPointCloudGenerator:
         used = list(frames)[:: max(1, cfg.frame_stride)]
         pts, rgb, fids = self.raw_points(scene, used, seg_from_world)
         n_raw = pts.shape[0]
-        dynamic = {}
+        dynamic, tracks = {}, {}
         if cfg.split_dynamic:
-            pts, rgb, fids, dynamic = self._split_dynamic(scene, frames, seg_to_world, pts, rgb, fids)
+            pts, rgb, fids, dynamic, tracks = self._split_dynamic(scene, frames, seg_to_world, pts, rgb, fids)
         keep = self._crop_mask(scene, frames, seg_from_world, pts)
         pts, rgb = pts[keep], rgb[keep]
         pts, rgb = ops.voxel_downsample(pts, rgb, cfg.voxel_size)
@@ -93,7 +99,8 @@ class RGBPointCloudGenerator:
                           f"point-cloud generation ({n_raw} raw); check LiDAR/depth and crop settings")
         meta = {"generator": type(self).__name__, "raw_points": n_raw, "points": pts.shape[0],
                 "frames": used, "scene": scene.name}
-        return PointCloud(points=pts.float(), colors=rgb.float().clamp(0, 1), dynamic=dynamic, metadata=meta)
+        return PointCloud(points=pts.float(), colors=rgb.float().clamp(0, 1), dynamic=dynamic, tracks=tracks,
+                          metadata=meta)
 
     # -- shared filters -----------------------------------------------------------------------
 
@@ -118,9 +125,18 @@ class RGBPointCloudGenerator:
         return pts[keep], rgb[keep]
 
     def _split_dynamic(self, scene, frames, seg_to_world, pts, rgb, fids):
-        """Points inside moving instances' boxes -> object-local clouds keyed by instance id."""
+        """Points inside moving instances' boxes -> object-local clouds and box tracks (segment
+        frame) keyed by instance id. A point is an actor's if, in that frame's box frame, it lies
+        within ``dynamic_box_margin`` of the box's sides and top and more than
+        ``dynamic_ground_clearance`` above its floor (so the road under a car stays static)."""
         cfg = self.config
+        if not scene.layout.has("instances"):
+            _warn_once(f"scene {scene.name} has no instances/instances_info.json: moving objects cannot be "
+                       "separated and train as static points (actors need box tracks)")
+            return pts, rgb, fids, {}, {}
         dynamic: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        tracks: dict[str, ActorTrack] = {}
+        seg_from_world = torch.as_tensor(np.linalg.inv(seg_to_world), dtype=torch.float64)
         background = torch.ones(pts.shape[0], dtype=torch.bool, device=pts.device)
         seg_to_world_t = torch.as_tensor(seg_to_world, dtype=pts.dtype, device=pts.device)
         world_pts = pts @ seg_to_world_t[:3, :3].T + seg_to_world_t[:3, 3]
@@ -130,16 +146,28 @@ class RGBPointCloudGenerator:
                 sel = (fids == t) & background
                 if not sel.any():
                     continue
+                size_t = torch.as_tensor(size, dtype=pts.dtype, device=pts.device)
                 inside, local = ops.points_in_box(
                     world_pts[sel], torch.as_tensor(obj_to_world, dtype=pts.dtype, device=pts.device),
-                    torch.as_tensor(size, dtype=pts.dtype, device=pts.device))
+                    size_t, cfg.dynamic_box_margin)
+                inside &= local[:, 2] > -size_t[2] / 2 + cfg.dynamic_ground_clearance
                 idx = sel.nonzero().squeeze(1)[inside]
                 background[idx] = False
                 local_all.append(local[inside])
                 rgb_all.append(rgb[idx])
             if local_all and sum(x.shape[0] for x in local_all):
                 dynamic[str(inst_id)] = (torch.cat(local_all).float(), torch.cat(rgb_all).float())
-        return pts[background], rgb[background], fids[background], dynamic
+                tracks[str(inst_id)] = track_from_boxes(str(inst_id), boxes, list(frames), seg_from_world)
+        return pts[background], rgb[background], fids[background], dynamic, tracks
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 def moving_instances(scene: SceneData, frames: Sequence[int], threshold: float) -> dict[str, dict]:

@@ -1,0 +1,82 @@
+"""Box tracks of moving actors in a segment: per-frame object-to-segment poses and validity.
+
+drivestudio's ``instances/instances_info.json`` gives each instance, per annotated frame, its box
+pose ``obj_to_world`` and ``box_size`` = [l, w, h]. A track turns those into the segment frame
+(vehicle frame at the segment's first frame) over the segment's frames. The object frame is the
+box-local frame: origin at the box centre, x along the length (heading), y along the width, z up.
+
+Validity: a track is valid at a segment frame where its instance has a box; at a fractional time
+between two consecutive valid frames the pose is interpolated (slerp + linear position); anywhere
+else (outside the track, or next to a frame without a box) the actor is not rendered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from evolsplat_ns.geometry import interpolate_rigid
+
+
+@dataclass
+class ActorTrack:
+    """One moving instance's box track over a segment.
+
+    Attributes:
+        instance_id: the instance's id in ``instances_info.json``.
+        size: [3] box (l, w, h), metres.
+        frames: [F] long, the segment's frames (scene frame indices, ascending).
+        poses: [F, 4, 4] float32 object(box-local)-to-segment; identity where not valid.
+        valid: [F] bool, the instance has a box at that frame.
+    """
+
+    instance_id: str
+    size: torch.Tensor
+    frames: torch.Tensor
+    poses: torch.Tensor
+    valid: torch.Tensor
+
+
+def track_from_boxes(instance_id: str, boxes: dict[int, tuple], frames: Sequence[int],
+                     seg_from_world: torch.Tensor) -> ActorTrack:
+    """A track over ``frames`` from ``boxes`` (frame -> (obj_to_world [4, 4], size [3])), posed in
+    the segment frame by ``seg_from_world`` [4, 4] (float64)."""
+    poses = torch.eye(4, dtype=torch.float64).repeat(len(frames), 1, 1)
+    valid = torch.zeros(len(frames), dtype=torch.bool)
+    sizes = []
+    for i, t in enumerate(frames):
+        if t in boxes:
+            obj_to_world, size = boxes[t]
+            poses[i] = seg_from_world @ torch.as_tensor(obj_to_world, dtype=torch.float64)
+            valid[i] = True
+            sizes.append(torch.as_tensor(size, dtype=torch.float64))
+    size = torch.stack(sizes).mean(0) if sizes else torch.zeros(3, dtype=torch.float64)
+    return ActorTrack(str(instance_id), size.float(), torch.as_tensor(list(frames), dtype=torch.long),
+                      poses.float(), valid)
+
+
+def poses_at(frames: torch.Tensor, poses: torch.Tensor, valid: torch.Tensor,
+             times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Poses of K tracks at ``times`` (scene frame units, fractional allowed).
+
+    Args:
+        frames: [F] long ascending segment frames; poses: [K, F, 4, 4] object-to-segment;
+            valid: [K, F] bool; times: [T] float.
+    Returns:
+        poses [T, K, 4, 4] and valid [T, K]: at an exact frame that frame's pose; strictly
+        between two consecutive frames, both valid, the interpolated pose; otherwise invalid.
+    """
+    f = frames.to(times.device, torch.float64)
+    t = times.to(torch.float64).clamp(f[0], f[-1])
+    hi = torch.searchsorted(f, t).clamp(1, len(f) - 1) if len(f) > 1 else torch.zeros_like(t, dtype=torch.long)
+    lo = (hi - 1).clamp(min=0)
+    exact_hi = f[hi] == t
+    lo = torch.where(exact_hi, hi, lo)
+    w = torch.where(hi == lo, torch.zeros_like(t), (t - f[lo]) / (f[hi] - f[lo]).clamp(min=1e-9))
+    inside = (times.to(torch.float64) >= f[0]) & (times.to(torch.float64) <= f[-1])
+    a, b = poses[:, lo].transpose(0, 1), poses[:, hi].transpose(0, 1)  # [T, K, 4, 4]
+    out = interpolate_rigid(a, b, w.to(poses.dtype)[:, None].expand(-1, poses.shape[0]))
+    ok = valid[:, lo].T & valid[:, hi].T & inside[:, None]
+    return out, ok

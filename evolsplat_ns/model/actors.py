@@ -1,0 +1,186 @@
+"""Moving actors as rigid nodes (drivestudio's RigidNodes idea in feed-forward form).
+
+Each moving instance of a segment is a rigid node: anchor points in its **object frame** (box-local:
+origin at the box centre, x along the length, y along the width, z up) and its box track (per-frame
+object-to-segment pose and validity, ``evolsplat_ns.data.actors``). Nothing is optimised per scene:
+the :class:`ActorHead` predicts every actor Gaussian's attributes from the source views, sampling
+colour windows with the actor placed at **each source view's own timestamp** (as EVolSplat4D does),
+so a car seen at different places in different sources still reads its own pixels.
+
+At a target time the object-frame Gaussians are placed by that time's pose: means ``R x + t`` and
+rotations ``q_pose ⊗ q_local`` (a Gaussian's orientation turns with its car), and they are
+rasterised in one call with the static and sky Gaussians, so occlusion and depth order are right.
+Where a track has no box (or between two frames of which one has none) its actor is not rendered.
+
+Design choice: a separate actor head, not the static heads with an object flag. The static heads
+read the sparse volume built over the static points at their fixed positions; an actor moves
+through that volume, so its volume feature would describe whatever static structure its box
+overlaps at one time. The actor head reads what is true in the object frame: the windows sampled
+at each source's own time, the anchor colour and the anchor's object-frame position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+from torch import nn
+
+from evolsplat_ns.data.actors import poses_at
+from evolsplat_ns.data.types import PointCloud, Views
+from evolsplat_ns.geometry import matrix_to_quat, quat_multiply
+from evolsplat_ns.model.heads import aggregate_views, aggregated_dim, mlp
+from evolsplat_ns.model.node import GaussianParams, knn_mean_distance
+from evolsplat_ns.model.projector import Projector
+from evolsplat_ns.model.render.sh import num_sh_bases, rgb_to_sh0
+
+
+@dataclass
+class ActorNodes:
+    """The moving actors of one segment (plain tensors, never trained directly).
+
+    Attributes:
+        means: [N, 3] anchor positions, object frame of their actor (metres).
+        features_dc: [N, 3] SH degree-0 anchor colour.
+        scales: [N, 3] log scales (mean distance to the 3 nearest points of the same actor).
+        actor: [N] long, row of the actor each anchor belongs to.
+        frames: [F] long, the segment's frames (the time axis of ``poses``).
+        poses: [K, F, 4, 4] object-to-segment box poses (identity where not valid).
+        valid: [K, F] bool, the actor has a box at that frame.
+        sizes: [K, 3] box (l, w, h).
+    """
+
+    means: torch.Tensor
+    features_dc: torch.Tensor
+    scales: torch.Tensor
+    actor: torch.Tensor
+    frames: torch.Tensor
+    poses: torch.Tensor
+    valid: torch.Tensor
+    sizes: torch.Tensor
+
+    @classmethod
+    def from_point_cloud(cls, pc: PointCloud, max_points_per_actor: int = 0, min_points: int = 4) -> Optional["ActorNodes"]:
+        """Actors of ``pc`` (its ``dynamic`` object-frame clouds and ``tracks``); None if it has none.
+
+        Actors with fewer than ``min_points`` points are left out (no shape to reconstruct).
+        """
+        ids = [k for k in sorted(pc.dynamic) if k in pc.tracks and pc.dynamic[k][0].shape[0] >= min_points]
+        if not ids:
+            return None
+        means, colors, scales, actor = [], [], [], []
+        for row, k in enumerate(ids):
+            pts, rgb = pc.dynamic[k]
+            if 0 < max_points_per_actor < pts.shape[0]:
+                keep = torch.randperm(pts.shape[0], generator=torch.Generator().manual_seed(row))[:max_points_per_actor]
+                pts, rgb = pts[keep.to(pts.device)], rgb[keep.to(pts.device)]
+            means.append(pts.float())
+            colors.append(rgb.float())
+            scales.append(knn_mean_distance(pts.float()).clamp(1e-3, 1.0).log()[:, None].repeat(1, 3))
+            actor.append(torch.full((pts.shape[0],), row, dtype=torch.long, device=pts.device))
+        tracks = [pc.tracks[k] for k in ids]
+        dev = means[0].device
+        return cls(torch.cat(means), rgb_to_sh0(torch.cat(colors)), torch.cat(scales), torch.cat(actor),
+                   tracks[0].frames.to(dev), torch.stack([t.poses for t in tracks]).to(dev),
+                   torch.stack([t.valid for t in tracks]).to(dev), torch.stack([t.size for t in tracks]).to(dev))
+
+    def __len__(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def num_actors(self) -> int:
+        return self.poses.shape[0]
+
+    def poses_at(self, time: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """[K, 4, 4] object-to-segment poses and [K] validity at ``time`` (frame units, fractional ok)."""
+        poses, valid = poses_at(self.frames, self.poses, self.valid, torch.tensor([float(time)], device=self.poses.device))
+        return poses[0], valid[0]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "ActorNodes":
+        return cls(**{f.name: state[f.name] for f in fields(cls)})
+
+    def to(self, device: torch.device | str) -> "ActorNodes":
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name).to(device))
+        return self
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+
+@dataclass
+class ActorGaussians:
+    """Actor Gaussians in their object frames, predicted once per step (shared by every target).
+
+    Attributes: means [N, 3], quats [N, 4] (wxyz, object frame), scales [N, 3] (linear), opacities
+    [N], sh [N, bases, 3], actor [N] long (row into the node's tracks).
+    """
+
+    means: torch.Tensor
+    quats: torch.Tensor
+    scales: torch.Tensor
+    opacities: torch.Tensor
+    sh: torch.Tensor
+    actor: torch.Tensor
+
+
+class ActorHead(nn.Module):
+    """All attributes of actor Gaussians from source windows (each at its own timestamp), the
+    anchor colour and the anchor's object-frame position. Starts as the point cloud: zero colour
+    residual, node scale, identity rotation, opacity sigmoid(bias)."""
+
+    def __init__(self, window_size: int, sh_degree: int = 1, hidden: int = 64, max_log_residual: float = 3.0) -> None:
+        super().__init__()
+        self.num_bases = num_sh_bases(sh_degree)
+        self.max_log_residual = max_log_residual
+        self.net = mlp(aggregated_dim(window_size) + 3, hidden, 3 * self.num_bases + 3 + 4 + 1)
+        last = self.net[-1]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        with torch.no_grad():
+            last.bias[3 * self.num_bases + 3] = 1.0  # quaternion w: identity rotation at init
+            last.bias[-1] = 2.0  # opacity sigmoid(2) ~ 0.88: a car body is opaque
+
+    def forward(self, image_feat: torch.Tensor, nodes: ActorNodes) -> ActorGaussians:
+        """[N, A] aggregated windows -> the actors' Gaussians (object frames)."""
+        out = self.net(torch.cat([image_feat, nodes.means], dim=-1))
+        b = 3 * self.num_bases
+        sh = out[:, :b].reshape(-1, self.num_bases, 3)
+        sh = torch.cat([sh[:, :1] + nodes.features_dc[:, None], sh[:, 1:]], dim=1)
+        log_residual = self.max_log_residual * torch.tanh(out[:, b:b + 3] / self.max_log_residual)
+        quats = out[:, b + 3:b + 7]
+        quats = quats / quats.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+        return ActorGaussians(nodes.means, quats, (nodes.scales + log_residual).exp(), torch.sigmoid(out[:, -1]),
+                              sh, nodes.actor)
+
+
+def sample_actor_windows(projector: Projector, nodes: ActorNodes, source: Views, occlusion_tau: float) -> torch.Tensor:
+    """[N, A] aggregated colour windows of the actors' anchors over ``source`` views, each actor
+    placed at each view's own frame (a view where its actor has no box does not count)."""
+    colors, occlusion, valid = [], [], []
+    for v in range(len(source)):
+        poses, ok = nodes.poses_at(float(source.frame_ids[v]))
+        T = poses[nodes.actor]  # [N, 4, 4]
+        positions = (T[:, :3, :3] @ nodes.means[:, :, None])[..., 0] + T[:, :3, 3]
+        proj = projector.sample(positions, source.select([v]))
+        colors.append(proj.colors)
+        occlusion.append(proj.occlusion)
+        valid.append(proj.valid & ok[nodes.actor][:, None])
+    return aggregate_views(torch.cat(colors, 1), torch.cat(occlusion, 1), torch.cat(valid, 1), occlusion_tau)
+
+
+def place_actors(gaussians: ActorGaussians, nodes: ActorNodes, time: float) -> GaussianParams:
+    """The actors' Gaussians posed in the segment frame at ``time``; actors without a box then are
+    left out. Means ``R x + t``, rotations ``q_pose ⊗ q``."""
+    poses, ok = nodes.poses_at(time)
+    keep = ok[gaussians.actor]
+    T = poses[gaussians.actor[keep]].to(gaussians.means.dtype)
+    means = (T[:, :3, :3] @ gaussians.means[keep][:, :, None])[..., 0] + T[:, :3, 3]
+    quats = quat_multiply(matrix_to_quat(T[:, :3, :3]), gaussians.quats[keep])
+    return GaussianParams(means=means, quats=quats, scales=gaussians.scales[keep],
+                          opacities=gaussians.opacities[keep], sh=gaussians.sh[keep])

@@ -88,8 +88,11 @@ class _Checker:
         self.result.warnings.append(L.DatasetError(path, problem, fix))
 
 
-def validate_scene(root: Path, full: bool = False, min_frames: int = 2, max_errors: int = 20) -> SceneValidation:
-    """Check one scene folder; never raises a DatasetError (they are collected)."""
+def validate_scene(root: Path, full: bool = False, min_frames: int = 1, max_errors: int = 20) -> SceneValidation:
+    """Check one scene folder; never raises a DatasetError (they are collected).
+
+    ``min_frames``: fewer frames is an error (training passes its source + target keyframes).
+    """
     result = SceneValidation(Path(root))
     try:
         lay = L.SceneLayout.scan(root)
@@ -119,7 +122,7 @@ def validate_scene(root: Path, full: bool = False, min_frames: int = 2, max_erro
     return result
 
 
-def validate_scenes(roots: Iterable[Path], full: bool = False, min_frames: int = 2) -> list[SceneValidation]:
+def validate_scenes(roots: Iterable[Path], full: bool = False, min_frames: int = 1) -> list[SceneValidation]:
     return [validate_scene(r, full, min_frames) for r in roots]
 
 
@@ -139,6 +142,8 @@ def _check_frames(lay: L.SceneLayout, check: _Checker, min_frames: int) -> None:
     if len(lay.frames) < min_frames:
         check(_raise, img_dir, f"only {len(lay.frames)} frame(s); a training sample needs at least {min_frames} "
               "(source and target keyframes)", "add frames or leave this scene out of the dataset folder")
+    elif len(lay.frames) < 2:
+        check.warn(img_dir, "only 1 frame: training needs at least 2 (a source and a target keyframe)")
     missing = sorted(set(range(lay.frames[0], lay.frames[-1] + 1)) - set(lay.frames))
     if missing:
         shown = ", ".join(f"{t:03d}" for t in missing[:5]) + (" ..." if len(missing) > 5 else "")

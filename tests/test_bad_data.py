@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -217,7 +218,8 @@ def test_ns_train_prints_the_message_without_traceback(tiny_dataset, tmp_path):
     path, problem = CASES["zero-byte lidar"][0](data), CASES["zero-byte lidar"][1]
     cmd = [str(Path(sys.executable).with_name("ns-train")), "evolsplat-lite", "--data", str(data),
            "--output-dir", str(tmp_path / "out"), "--machine.device-type", "cpu", "--vis", "tensorboard"]
-    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env.pop("EVOLSPLAT_DEBUG", None)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr and _named(proc.stderr, path, problem), proc.stderr

@@ -119,7 +119,7 @@ def test_kill_during_save_then_resume_is_exact(tiny_dataset, tmp_path):
     script.write_text(KILLED_SAVE)
     proc = subprocess.Popen([sys.executable, str(script), str(tiny_dataset), str(tmp_path / "killed"),
                              str(REPO / "tests")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
     try:
         for line in proc.stdout:
             if line.strip() == "WRITING":

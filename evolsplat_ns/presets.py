@@ -34,8 +34,6 @@ from typing import Any, Iterator, Literal, TypeVar, Union, get_args, get_origin,
 
 import yaml
 
-from evolsplat_ns.utils.errors import UserError
-
 METHOD_KEY = "method"
 """The preset key naming the nerfstudio method; every other top-level key is an override."""
 BASE_KEY = "base"
@@ -44,7 +42,7 @@ BASE_KEY = "base"
 ConfigT = TypeVar("ConfigT")
 
 
-class PresetError(UserError, ValueError):
+class PresetError(ValueError):
     """A preset file or override that cannot be applied; the message names the file and key."""
 
 

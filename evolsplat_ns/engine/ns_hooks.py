@@ -35,8 +35,16 @@ class ExportExistsError(UserError, FileExistsError):
     """An export would replace an existing file."""
 
 
-def install() -> None:
-    """Wrap the nerfstudio functions described above (idempotent; only loaded modules)."""
+_PIPELINE_TYPES: tuple[type, ...] = ()
+"""Pipelines whose checkpoints load through :func:`_eval_load_checkpoint` (set by :func:`install`)."""
+
+
+def install(pipeline_type: type) -> None:
+    """Wrap the nerfstudio functions described above for pipelines of ``pipeline_type``
+    (idempotent; only modules already loaded)."""
+    global _PIPELINE_TYPES
+    if pipeline_type not in _PIPELINE_TYPES:
+        _PIPELINE_TYPES = (*_PIPELINE_TYPES, pipeline_type)
     eval_utils = sys.modules.get("nerfstudio.utils.eval_utils")
     if eval_utils is not None and hasattr(eval_utils, "eval_load_checkpoint"):
         eval_utils.eval_load_checkpoint = _wrap_once(eval_utils.eval_load_checkpoint, _eval_load_checkpoint)
@@ -59,9 +67,7 @@ def _wrap_once(original: Callable, wrapper: Callable) -> Callable:
 
 
 def _eval_load_checkpoint(original: Callable, config, pipeline) -> tuple[Path, int]:
-    from evolsplat_ns.engine.pipeline import EVolSplatPipeline
-
-    if not isinstance(pipeline, EVolSplatPipeline):
+    if not isinstance(pipeline, _PIPELINE_TYPES):
         return original(config, pipeline)
     if config.load_step is not None:
         path = Path(config.load_dir) / checkpoints.checkpoint_name(config.load_step)

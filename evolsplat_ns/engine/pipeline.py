@@ -40,7 +40,7 @@ class EVolSplatPipeline(VanillaPipeline):
     def __init__(self, config: EVolSplatPipelineConfig, device: str,
                  test_mode: Literal["test", "val", "inference"] = "val", world_size: int = 1,
                  local_rank: int = 0, grad_scaler: Optional[Any] = None) -> None:
-        ns_hooks.install()  # ns-eval / ns-viewer / ns-export: intact checkpoints, no overwrite
+        ns_hooks.install(EVolSplatPipeline)  # ns-eval / ns-viewer / ns-export: intact checkpoints, no overwrite
         super().__init__(config, device, test_mode, world_size, local_rank, grad_scaler)
         # A viewer renders bare cameras as soon as a browser connects (before any training step,
         # or right after ns-viewer loads a checkpoint), so there is always a context to render.

@@ -4,6 +4,11 @@ Registered through the entry-point group ``nerfstudio.method_configs`` in pyproj
 field is settable on the ns-train command line, e.g.
 ``ns-train evolsplat --data DIR --pipeline.model.sparseConv-outdim 16 --gradient-clip-val 1.0``;
 preset files in ``configs/`` are applied by ``evolsplat-train --preset FILE`` (see README).
+
+nerfstudio imports this module when any ns-* command discovers its methods, which is where our
+error handler goes in: a data or configuration error (:class:`evolsplat_ns.utils.errors.UserError`)
+raised under ``ns-train``, ``ns-eval``, ``ns-viewer`` or ``ns-export`` prints its one-line message
+(naming the file) instead of a traceback and exits 1; ``EVOLSPLAT_DEBUG=1`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ from evolsplat_ns.engine.pipeline import EVolSplatPipelineConfig
 from evolsplat_ns.engine.schedulers import FloatExponentialDecaySchedulerConfig
 from evolsplat_ns.engine.trainer import EVolSplatTrainerConfig
 from evolsplat_ns.model.evolsplat_model import EVolSplatModelConfig
+from evolsplat_ns.utils.errors import install_excepthook
 from evolsplat_ns.viewer.controls import SegmentControlsConfig
+
+install_excepthook()
 
 
 def _optimizers(lr: float, lr_final: float, steps: int) -> dict:

@@ -17,9 +17,10 @@ TRAIN_STEPS = 4
 
 
 def lite_trainer(data: Path, out: Path, load_dir: Path | None = None, experiment: str | None = None,
-                 configure: Callable[[Any], None] | None = None):
+                 configure: Callable[[Any], None] | None = None, **trainer_settings):
     """An evolsplat-lite trainer on ``data`` (CPU, 1500 Gaussians per segment), set up and seeded.
-    ``configure(config)`` may change the trainer config before set-up."""
+    ``configure(config)`` may change the trainer config before set-up; ``trainer_settings`` set
+    fields of its ``EVolSplatTrainerConfig`` (e.g. ``deterministic=True``)."""
     from evolsplat_ns.method_configs import evolsplat_lite_config
 
     torch.manual_seed(0)
@@ -33,6 +34,8 @@ def lite_trainer(data: Path, out: Path, load_dir: Path | None = None, experiment
     cfg.vis = "tensorboard"
     cfg.machine.device_type = "cpu"
     cfg.load_dir = load_dir
+    for name, value in trainer_settings.items():
+        setattr(cfg, name, value)
     if configure is not None:
         configure(cfg)
     trainer = cfg.setup(local_rank=0, world_size=1)

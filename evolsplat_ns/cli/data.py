@@ -7,6 +7,7 @@ import sys
 
 from evolsplat_ns.data.inspect import inspect_dataset
 from evolsplat_ns.data.layout import DatasetError
+from evolsplat_ns.utils.errors import debug_enabled
 
 
 def _positive_int(text: str) -> int:
@@ -23,11 +24,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="a scene folder or a folder of scene folders")
     p.add_argument("--segment-length", type=int, default=20, help="frames per segment (0 = whole scene)")
     p.add_argument("--segment-stride", type=_positive_int, default=10, help="frames between segment starts")
-    p.add_argument("--quick", action="store_true", help="read image headers only (no full decode)")
+    depth = p.add_mutually_exclusive_group()
+    depth.add_argument("--full", action="store_true",
+                       help="also decode every image and mask and load every depth/flow array (slow)")
+    depth.add_argument("--quick", action="store_true",
+                       help="the default: headers and end markers of images, masks and arrays (kept for old scripts)")
     args = parser.parse_args(argv)
     try:
-        report = inspect_dataset(args.data, args.segment_length, args.segment_stride, decode_images=not args.quick)
+        report = inspect_dataset(args.data, args.segment_length, args.segment_stride, full=args.full)
     except DatasetError as e:
+        if debug_enabled():
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report.format())

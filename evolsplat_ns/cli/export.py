@@ -56,8 +56,6 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 def entrypoint() -> None:
     """Console script; refusals (existing files, unknown segments) exit with status 2."""
-    try:
-        main()
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"evolsplat-export: {e}", file=sys.stderr)
-        sys.exit(2)
+    from evolsplat_ns.utils.errors import exit_on_user_error
+
+    exit_on_user_error("evolsplat-export", main, also=(FileExistsError, FileNotFoundError, ValueError))

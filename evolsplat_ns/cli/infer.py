@@ -94,8 +94,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 def entrypoint() -> None:
     """Console script; refusals (existing outputs, bad paths or settings) exit with status 2."""
-    try:
-        main()
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"evolsplat-infer: {e}", file=sys.stderr)
-        sys.exit(2)
+    from evolsplat_ns.utils.errors import exit_on_user_error
+
+    exit_on_user_error("evolsplat-infer", main, also=(FileExistsError, FileNotFoundError, ValueError))

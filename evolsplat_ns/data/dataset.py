@@ -31,6 +31,7 @@ from evolsplat_ns.data.segments import (
     SegmentSpec, SelectionMode, eval_frame_mask, nearest_sources, select_train_keyframes, split_segments,
 )
 from evolsplat_ns.data.types import PointCloud, Sample, SegmentKey
+from evolsplat_ns.utils.errors import ConfigError
 
 
 @dataclass
@@ -112,7 +113,7 @@ class MultiSceneDataset:
         if self.config.eval_scenes:
             unknown = [n for n in self.config.eval_scenes if n not in names]
             if unknown:
-                raise ValueError(f"eval_scenes {unknown} not found under {self.config.data}; scenes: {names}")
+                raise ConfigError(f"eval_scenes {unknown} not found under {self.config.data}; scenes: {names}")
             return {names.index(n) for n in self.config.eval_scenes}
         k = min(self.config.num_eval_scenes, len(self.scenes))
         return set(range(len(self.scenes) - k, len(self.scenes)))
@@ -145,7 +146,7 @@ class MultiSceneDataset:
         short = [(str(self.key(i)), len(self.keyframes(i))) for i in self.train_segment_ids
                  if len(self.keyframes(i)) < need]
         if short:
-            raise ValueError(
+            raise ConfigError(
                 f"{len(short)} training segment(s) have fewer keyframes than num_source_keyframes + "
                 f"num_target_keyframes = {need}, e.g. {short[:3]} (segment, keyframes); lower those "
                 f"settings or keyframe_interval ({c.keyframe_interval}), or raise segment_length "

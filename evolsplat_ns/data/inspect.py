@@ -1,5 +1,6 @@
 """Validate a drivestudio-layout dataset and summarise it (``evolsplat-data inspect``).
 
+The checks are :mod:`evolsplat_ns.data.validate`'s (the same ones training runs before step 0).
 Every problem is collected as a :class:`DatasetError` naming the file, so one run lists all that
 is wrong rather than stopping at the first.
 """
@@ -13,6 +14,7 @@ import numpy as np
 
 from evolsplat_ns.data import layout as L
 from evolsplat_ns.data.segments import split_segments
+from evolsplat_ns.data.validate import validate_scene
 
 OPTIONAL = ("lidar", "sky_masks", "dynamic_masks", "instances", "depth", "flow")
 
@@ -26,6 +28,7 @@ class SceneReport:
     modalities: list[str] = field(default_factory=list)
     segments: int = 0
     errors: list[L.DatasetError] = field(default_factory=list)
+    warnings: list[L.DatasetError] = field(default_factory=list)
 
 
 @dataclass
@@ -51,82 +54,30 @@ class DatasetReport:
                       f"    cameras: {cams}", f"    lidar points: {lidar}",
                       f"    optional: {', '.join(s.modalities) or 'none'}"]
             lines += [f"    ERROR {e}" for e in s.errors]
-        n = len(self.errors)
-        lines.append("OK" if n == 0 else f"INVALID: {n} problem(s)")
+            lines += [f"    WARNING {w}" for w in s.warnings]
+        n, w = len(self.errors), sum(len(s.warnings) for s in self.scenes)
+        lines.append(("OK" if n == 0 else f"INVALID: {n} problem(s)") + (f" ({w} warning(s))" if w else ""))
         return "\n".join(lines)
 
 
 def inspect_dataset(data: str | Path, segment_length: int = 20, segment_stride: int = 10,
-                    decode_images: bool = True, max_errors_per_scene: int = 20) -> DatasetReport:
-    """Check every scene under ``data``. Raises DatasetError only if no scene can be found."""
-    scenes = L.find_scenes(data)
-    return DatasetReport(Path(data), [
-        _inspect_scene(p, segment_length, segment_stride, decode_images, max_errors_per_scene) for p in scenes])
+                    full: bool = False, max_errors_per_scene: int = 20) -> DatasetReport:
+    """Check every scene under ``data`` (see :mod:`evolsplat_ns.data.validate`; ``full`` decodes
+    every image, mask and array). Raises DatasetError only if no scene can be found."""
+    return DatasetReport(Path(data), [_inspect_scene(p, segment_length, segment_stride, full, max_errors_per_scene)
+                                      for p in L.find_scenes(data)])
 
 
-def _inspect_scene(root: Path, seg_len: int, seg_stride: int, decode: bool, max_errors: int) -> SceneReport:
-    rep = SceneReport(root.name)
-    try:
-        lay = L.SceneLayout.scan(root)
-    except L.DatasetError as e:
-        rep.errors.append(e)
+def _inspect_scene(root: Path, seg_len: int, seg_stride: int, full: bool, max_errors: int) -> SceneReport:
+    checked = validate_scene(root, full=full, max_errors=max_errors)
+    rep = SceneReport(root.name, errors=checked.errors, warnings=checked.warnings, cameras=checked.camera_sizes)
+    lay = checked.layout
+    if lay is None:
         return rep
     rep.frames = len(lay.frames)
     rep.segments = len(split_segments(lay.frames, seg_len, seg_stride))
     rep.modalities = [m for m in OPTIONAL if lay.has(m)]
-
-    def check(fn, *args):
-        if len(rep.errors) >= max_errors:
-            return None
-        try:
-            return fn(*args)
-        except L.DatasetError as e:
-            rep.errors.append(e)
-            return None
-
-    for c in lay.cameras:
-        check(L.read_intrinsics, lay.intrinsics_path(c))
-        check(L.read_matrix4, lay.extrinsics_path(c))
-    for t in lay.frames:
-        check(L.read_matrix4, lay.ego_pose_path(t))
-    _check_images(lay, rep, check, decode)
-    if "lidar" in rep.modalities:
-        counts = [check(L.read_lidar, lay.lidar_path(t)) for t in lay.frames]
-        n = [len(x) for x in counts if x is not None]
-        if n:
-            rep.lidar_points = (min(n), float(np.mean(n)), max(n))
-    if "instances" in rep.modalities:
-        check(L.read_json, lay.instances_info_path)
-    _check_per_frame_files(lay, rep, check)
+    n = checked.lidar_counts
+    if n:
+        rep.lidar_points = (min(n), float(np.mean(n)), max(n))
     return rep
-
-
-def _check_per_frame_files(lay: L.SceneLayout, rep: SceneReport, check) -> None:
-    """A modality found on the first frame must exist for every frame and camera: the loaders read
-    it for any frame a segment uses. Flow is from t to t + 1, so the last frame may lack it."""
-    paths = {"sky_masks": lay.sky_mask_path, "dynamic_masks": lay.dynamic_mask_path,
-             "depth": lay.depth_path, "flow": lay.flow_path}
-    for modality in (m for m in paths if m in rep.modalities):
-        frames = lay.frames[:-1] if modality == "flow" else lay.frames
-        for t in frames:
-            for c in lay.cameras:
-                path = paths[modality](t, c)
-                if not path.is_file():
-                    check(_raise, path, f"missing file (other frames have {modality})")
-
-
-def _check_images(lay: L.SceneLayout, rep: SceneReport, check, decode: bool) -> None:
-    for c in lay.cameras:
-        for t in lay.frames:
-            size = check(L.read_image_size, lay.image_path(t, c), decode)
-            if size is None:
-                continue
-            if c not in rep.cameras:
-                rep.cameras[c] = size
-            elif rep.cameras[c] != size:
-                check(_raise, lay.image_path(t, c),
-                      f"image size {size[0]}x{size[1]} differs from camera {c}'s {rep.cameras[c][0]}x{rep.cameras[c][1]}")
-
-
-def _raise(path: Path, problem: str) -> None:
-    raise L.DatasetError(path, problem)

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from evolsplat_ns.geometry import is_rigid
+from evolsplat_ns.utils.errors import UserError
 
 CAMERA_NAMES = {0: "FRONT", 1: "FRONT_LEFT", 2: "FRONT_RIGHT", 3: "SIDE_LEFT", 4: "SIDE_RIGHT"}
 LIDAR_COLUMNS = (
@@ -48,7 +49,7 @@ DYNAMIC_CLASSES = ("all", "human", "vehicle")
 _IMAGE_RE = re.compile(r"^(\d{3,})_(\d+)\.(jpg|jpeg|png)$", re.IGNORECASE)
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """Invalid data on disk. The message names the file, what is wrong and, where known, the fix."""
 
     def __init__(self, path: str | os.PathLike, problem: str, fix: str | None = None):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Type
+from typing import Iterator, Literal, Optional, Type
 
 import torch
 from nerfstudio.cameras.cameras import Cameras
@@ -19,6 +19,8 @@ from nerfstudio.data.scene_box import SceneBox
 
 from evolsplat_ns.data.dataset import MultiSceneDataset, MultiSceneDatasetConfig
 from evolsplat_ns.data.prefetch import Prefetcher
+from evolsplat_ns.data.sources import get_source
+from evolsplat_ns.data.validate import raise_on_errors
 from evolsplat_ns.data.types import Sample
 from evolsplat_ns.data.cameras import views_to_cameras
 
@@ -31,6 +33,24 @@ class EVolSplatDataManagerConfig(DataManagerConfig):
     dataset: MultiSceneDatasetConfig = field(default_factory=MultiSceneDatasetConfig)
     prefetch: bool = True
     """Draw the next training sample in a background thread while the current step runs."""
+    validation: Literal["fast", "full", "off"] = "fast"
+    """Check every scene (train and eval) before step 0 (:mod:`evolsplat_ns.data.validate`): ``fast``
+    reads headers, LiDAR and JSON; ``full`` also decodes every image, mask and depth/flow array."""
+
+
+def validate_dataset(config: MultiSceneDatasetConfig, depth: str) -> None:
+    """Check every scene the run reads (train and eval) before anything trains: DatasetValidationError
+    listing each problem by file; warnings are printed. Data sources without a validator are trusted."""
+    if depth == "off":
+        return
+    source = get_source(config.data_source)
+    validate = getattr(source, "validate_scene", None)
+    if validate is None:
+        return
+    need = config.num_source_keyframes + config.num_target_keyframes
+    results = [validate(p, depth == "full", need) for p in source.find_scenes(Path(config.data))]
+    for warning in raise_on_errors(Path(config.data), results):
+        print(f"warning: {warning}", flush=True)
 
 
 class SegmentImages:
@@ -93,6 +113,7 @@ class EVolSplatDataManager(DataManager):
         self.test_mode = test_mode
         if config.data is not None:
             config.dataset.data = Path(config.data)
+        validate_dataset(config.dataset, config.validation)
         self.dataset = MultiSceneDataset(config.dataset)
         self.train_dataset = SegmentImages.of_segment(self.dataset, self.dataset.train_segment_ids[0])
         self.eval_dataset = EvalViews(self.dataset) if self.dataset.eval_items else None

@@ -21,8 +21,10 @@ from nerfstudio.configs.base_config import InstantiateConfig
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 
 from evolsplat_ns.data.types import Sample
+from evolsplat_ns.engine import ns_hooks
 from evolsplat_ns.engine.datamanager import SegmentImages
 from evolsplat_ns.engine.evaluation import HeldOutView, evaluate_held_out, score_view
+from evolsplat_ns.model.evolsplat_model import EmptySegmentError
 
 
 @dataclass
@@ -38,11 +40,12 @@ class EVolSplatPipeline(VanillaPipeline):
     def __init__(self, config: EVolSplatPipelineConfig, device: str,
                  test_mode: Literal["test", "val", "inference"] = "val", world_size: int = 1,
                  local_rank: int = 0, grad_scaler: Optional[Any] = None) -> None:
+        ns_hooks.install(EVolSplatPipeline)  # ns-eval / ns-viewer / ns-export: intact checkpoints, no overwrite
         super().__init__(config, device, test_mode, world_size, local_rank, grad_scaler)
         # A viewer renders bare cameras as soon as a browser connects (before any training step,
         # or right after ns-viewer loads a checkpoint), so there is always a context to render.
         self.shown: SegmentImages = self.datamanager.train_dataset
-        self._show(self.shown)
+        self._show_first_nonempty()
         if config.viewer_controls is not None:
             self.segments = config.viewer_controls.setup(pipeline=self)
 
@@ -51,6 +54,18 @@ class EVolSplatPipeline(VanillaPipeline):
         with all its keyframe views as the source pool; returns those views (viewer frustums)."""
         self._show(SegmentImages.of_segment(self.datamanager.dataset, segment_index))
         return self.shown
+
+    def _show_first_nonempty(self) -> None:
+        """Show the first training segment with points. An empty one is not an error here: training
+        skips it like any other empty segment (counted against the skip limit)."""
+        dataset = self.datamanager.dataset
+        for n, segment_index in enumerate(dataset.train_segment_ids):
+            images = self.shown if n == 0 else SegmentImages.of_segment(dataset, segment_index)
+            try:
+                self._show(images)
+                return
+            except EmptySegmentError as e:
+                print(f"{e}; the viewer shows the next segment, training skips this one", flush=True)
 
     def _show(self, images: SegmentImages) -> None:
         point_cloud = self.datamanager.dataset.point_cloud(images.segment_index)

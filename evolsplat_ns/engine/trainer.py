@@ -16,6 +16,11 @@ the logs and ``trainer.skipped_steps``) and skipped:
   (the step is skipped if no target remains).
 - ``nonfinite``: NaN/Inf in the loss -> no optimizer step, gradients dropped.
 - ``oom``: CUDA out of memory on a segment -> step skipped, CUDA cache emptied.
+
+More than ``max_skipped_fraction`` of the last ``skip_window`` steps skipped stops the run
+(:mod:`evolsplat_ns.engine.skips`). Checkpoints are written and found crash-safely
+(:mod:`evolsplat_ns.engine.checkpoints`); a run folder that already holds checkpoints is only
+trained into when resuming (``--load-dir``) or with ``--overwrite True``.
 """
 
 from __future__ import annotations
@@ -23,15 +28,19 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional, Type
 
 import torch
 from nerfstudio.engine.callbacks import TrainingCallbackLocation
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from nerfstudio.utils import writer
+from nerfstudio.utils.decorators import check_main_thread
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from evolsplat_ns.data.types import Sample
+from evolsplat_ns.engine import checkpoints
+from evolsplat_ns.engine.skips import SkipLimit
 from evolsplat_ns.model.evolsplat_model import EmptySegmentError, SampleLoss
 from evolsplat_ns.utils.timing import phase
 
@@ -43,6 +52,41 @@ class EVolSplatTrainerConfig(TrainerConfig):
     """Clip the global gradient norm of every optimizer to this value (None = off)."""
     use_mixed_precision: bool = False
     """Autocast + GradScaler (CUDA only); rasterisation always runs in fp32."""
+    max_skipped_fraction: float = 0.3
+    """Stop when more than this share of the last ``skip_window`` steps were skipped (1 = never)."""
+    skip_window: int = 50
+    """Steps over which ``max_skipped_fraction`` is measured."""
+    deterministic: bool = False
+    """Bit-exact repeatable runs and resume: one CPU thread and torch's deterministic algorithms
+    (slower). Without it, CPU runs with more than one thread may differ in the last bits."""
+    overwrite: bool = False
+    """Train into a run folder that already holds checkpoints (they are replaced once this run
+    saves its first verified checkpoint). Without it such a folder is refused unless resuming."""
+
+    def save_config(self) -> None:
+        """Refuse a run folder holding another run's checkpoints before its config.yml is replaced."""
+        refuse_reused_run_folder(self)
+        super().save_config()
+
+
+def refuse_reused_run_folder(config: EVolSplatTrainerConfig) -> None:
+    """RunFolderError if ``config``'s checkpoint folder holds checkpoints this run would destroy.
+
+    Allowed: resuming (``load_dir`` / ``load_checkpoint`` given), ``overwrite``, or checkpoints this
+    process wrote itself.
+    """
+    folder = config.get_checkpoint_dir()
+    found = checkpoints.list_checkpoints(folder)
+    resuming = config.load_dir is not None or config.load_checkpoint is not None
+    if found and not (resuming or config.overwrite or checkpoints.written_by_this_process(folder)):
+        raise RunFolderError(
+            f"{config.get_base_dir()} already holds a run with checkpoints ({found[-1][1].name}); training "
+            f"into it would replace them. Resume it with --load-dir {folder}, choose another "
+            "--timestamp/--experiment-name, or pass --overwrite True to replace it")
+
+
+class RunFolderError(checkpoints.CheckpointError, FileExistsError):
+    """The run folder already holds another run's checkpoints."""
 
 
 class EVolSplatTrainer(Trainer):
@@ -54,8 +98,13 @@ class EVolSplatTrainer(Trainer):
         if config.gradient_clip_val is not None:
             for opt in config.optimizers.values():
                 opt["optimizer"].max_norm = config.gradient_clip_val
+        if config.deterministic:
+            torch.set_num_threads(1)
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        refuse_reused_run_folder(config)
         super().__init__(config, local_rank, world_size)
         self.skipped_steps: dict[str, int] = defaultdict(int)
+        self.skip_limit = SkipLimit(config.max_skipped_fraction, config.skip_window)
 
     def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
         super().setup(test_mode)
@@ -120,5 +169,42 @@ class EVolSplatTrainer(Trainer):
         if reason == "oom":
             torch.cuda.empty_cache()
         self._count(reason, step, f"{message}; step skipped")
+        self.skip_limit.record(step, reason)
         nan = torch.tensor(float("nan"))
         return nan, {"rgb_loss": nan}, {"skipped": torch.tensor(1.0)}
+
+    # -- checkpoints (crash-safe; see evolsplat_ns.engine.checkpoints) ---------------------------
+
+    @check_main_thread
+    def save_checkpoint(self, step: int) -> None:
+        """nerfstudio's checkpoint content, written atomically and verified before older ones go."""
+        pipeline = self.pipeline.module if hasattr(self.pipeline, "module") else self.pipeline
+        state = {
+            "step": step,
+            "pipeline": pipeline.state_dict(),
+            "optimizers": {k: v.state_dict() for k, v in self.optimizers.optimizers.items()},
+            "schedulers": {k: v.state_dict() for k, v in self.optimizers.schedulers.items()},
+            "scalers": self.grad_scaler.state_dict(),
+        }
+        checkpoints.save_checkpoint(self.checkpoint_dir, step, state, self.config.save_only_latest_checkpoint)
+
+    def _load_checkpoint(self) -> None:
+        """Resume from ``load_dir``'s newest intact checkpoint (broken ones named and skipped), or
+        from ``load_step`` / ``load_checkpoint`` exactly; every failure names the file."""
+        c = self.config
+        if c.load_dir is not None and c.load_step is None:
+            path, state = checkpoints.newest_loadable_checkpoint(Path(c.load_dir), CONSOLE.print)
+        elif c.load_dir is not None or c.load_checkpoint is not None:
+            path = Path(c.load_dir) / checkpoints.checkpoint_name(c.load_step) if c.load_dir is not None \
+                else Path(c.load_checkpoint)
+            state = checkpoints.load_checkpoint(path)
+        else:
+            CONSOLE.print("No Nerfstudio checkpoint to load, so training from scratch.")
+            return
+        self._start_step = state["step"] + 1
+        self.pipeline.load_pipeline(state["pipeline"], state["step"])
+        self.optimizers.load_optimizers(state["optimizers"])
+        if "schedulers" in state and c.load_scheduler:
+            self.optimizers.load_schedulers(state["schedulers"])
+        self.grad_scaler.load_state_dict(state["scalers"])
+        CONSOLE.print(f"Done loading Nerfstudio checkpoint from {path}")

@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import torch
-import yaml
+
+from evolsplat_ns.engine.checkpoints import newest_loadable_checkpoint
+from evolsplat_ns.utils.errors import ConfigError
+from evolsplat_ns.utils.run_config import load_run_config
 
 if TYPE_CHECKING:
     from nerfstudio.engine.trainer import TrainerConfig
@@ -75,9 +78,9 @@ def load_pipeline(config_path: Path, overrides: Optional[DatasetOverrides] = Non
     config_path = Path(config_path)
     if not config_path.is_file():
         raise FileNotFoundError(f"--load-config {config_path} does not exist (a run's config.yml)")
-    config = yaml.load(config_path.read_text(), Loader=yaml.Loader)
+    config = load_run_config(config_path)  # refuses Python tags other than config types
     if not isinstance(config, TrainerConfig):
-        raise ValueError(f"{config_path} is not a nerfstudio trainer config")
+        raise ConfigError(f"{config_path} is not a nerfstudio trainer config")
     overrides = overrides or DatasetOverrides()
     _apply_overrides(config, overrides)
     config.load_dir = config.get_checkpoint_dir()
@@ -94,12 +97,8 @@ def load_pipeline(config_path: Path, overrides: Optional[DatasetOverrides] = Non
 
 
 def load_latest_checkpoint(checkpoint_dir: Path, pipeline: EVolSplatPipeline) -> Path:
-    """Load the highest-step ``step-*.ckpt`` of ``checkpoint_dir`` into ``pipeline``; returns its path."""
-    # ns-train zero-pads the step (step-000000009.ckpt), so name order is step order.
-    checkpoints = sorted(Path(checkpoint_dir).glob("step-*.ckpt"))
-    if not checkpoints:
-        raise FileNotFoundError(f"no step-*.ckpt checkpoints in {checkpoint_dir}: train first (ns-train "
-                                "saves every steps_per_save steps) or pass --untrained")
-    state = torch.load(checkpoints[-1], map_location="cpu")
+    """Load the newest ``step-*.ckpt`` of ``checkpoint_dir`` that loads into ``pipeline`` (broken
+    newer ones are named and skipped, other files ignored); returns its path."""
+    path, state = newest_loadable_checkpoint(Path(checkpoint_dir))
     pipeline.load_pipeline(state["pipeline"], state["step"])
-    return checkpoints[-1]
+    return path

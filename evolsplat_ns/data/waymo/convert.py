@@ -8,6 +8,9 @@ need a segmentation model and are not produced.
 Resuming: a scene folder is complete when its marker file ``.done`` exists (written last).
 Complete folders are skipped; incomplete ones are refused; both are replaced only with
 ``overwrite``. ``out/scene_map.json`` records which segment file went to which folder.
+
+Build, then swap: a scene is converted into ``out/.staging/NNN.PID`` and renamed into place only
+when complete, so a failing source (a corrupt TFRecord) never costs the existing folder.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from evolsplat_ns.data.waymo.tfrecord import read_records
 
 DONE_MARKER = ".done"
 SCENE_MAP = "scene_map.json"
+STAGING = ".staging"
 SKY_MASK_NOTE = ("note: sky_masks/ are not produced (they need a segmentation model); "
                  "run a sky segmenter over images/ to add them")
 
@@ -44,6 +48,11 @@ class SegmentJob:
     @property
     def scene_dir(self) -> Path:
         return self.out_root / self.scene
+
+    @property
+    def staging_dir(self) -> Path:
+        """Where the scene is built before it replaces ``scene_dir`` (same file system: atomic rename)."""
+        return self.out_root / STAGING / f"{self.scene}.{os.getpid()}"
 
 
 @dataclass
@@ -116,7 +125,8 @@ def update_scene_map(out_root: Path, result: SegmentResult) -> None:
 def check_job(job: SegmentJob, overwrite: bool, scene_map: dict[str, dict]) -> SegmentResult | None:
     """A skipped/failed result if the job must not run; None if it may (after any replacement).
 
-    With ``overwrite`` an existing folder is deleted here, and the returned None means go ahead.
+    With ``overwrite`` the returned None means go ahead: the existing folder is replaced only once
+    the new one is complete (:func:`convert_segment`).
     """
     state = scene_state(job.scene_dir)
     if state == "absent":
@@ -124,8 +134,7 @@ def check_job(job: SegmentJob, overwrite: bool, scene_map: dict[str, dict]) -> S
     recorded = scene_map.get(job.scene, {}).get("source")
     if overwrite:
         print(f"--overwrite: replacing {state} scene {job.scene_dir} "
-              f"(was {recorded or 'unknown source'}) with {job.source.name}")
-        shutil.rmtree(job.scene_dir)
+              f"(was {recorded or 'unknown source'}) with {job.source.name} once it is converted")
         return None
     base = SegmentResult(job.scene, job.source.name, "failed")
     if recorded is not None and recorded != job.source.name:
@@ -166,9 +175,31 @@ def write_frame(scene: layout.SceneLayout, t: int, frame: FrameData) -> int:
 
 
 def convert_segment(job: SegmentJob) -> SegmentResult:
-    """Convert one segment file into ``job.scene_dir``; the ``.done`` marker is written last."""
+    """Convert one segment file into ``job.scene_dir``: built in ``job.staging_dir`` (the ``.done``
+    marker written last), then swapped in; on failure the staging folder goes and any existing
+    scene folder stays as it was."""
+    shutil.rmtree(job.staging_dir, ignore_errors=True)
+    try:
+        result = _convert_into(job, job.staging_dir)
+        _swap_in(job.staging_dir, job.scene_dir)
+    finally:
+        shutil.rmtree(job.staging_dir, ignore_errors=True)
+    return result
+
+
+def _swap_in(built: Path, target: Path) -> None:
+    """Replace ``target`` by the folder ``built``: the old folder is moved aside, then deleted."""
+    old = built.with_name(built.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(built, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _convert_into(job: SegmentJob, root: Path) -> SegmentResult:
     t0 = time.perf_counter()
-    scene = layout.SceneLayout(root=job.scene_dir, frames=[], cameras=[])
+    scene = layout.SceneLayout(root=root, frames=[], cameras=[])
     instances = InstanceTable()
     result = SegmentResult(job.scene, job.source.name, "converted")
     cameras: set[int] | None = None
@@ -190,7 +221,7 @@ def convert_segment(job: SegmentJob) -> SegmentResult:
     layout.write_json(scene.instances_info_path, info)
     layout.write_json(scene.frame_instances_path, frame_instances)
     result.seconds = time.perf_counter() - t0
-    layout.write_json(job.scene_dir / DONE_MARKER, asdict(result))
+    layout.write_json(root / DONE_MARKER, asdict(result))
     return result
 
 

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from evolsplat_ns._compat.process import prepare_process
+
+prepare_process()  # every ns-* tool loads this module first: warnings filtered, ffmpeg on PATH
+
 from nerfstudio.configs.base_config import ViewerConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.plugins.types import MethodSpecification

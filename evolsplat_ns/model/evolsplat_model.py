@@ -155,6 +155,10 @@ class EVolSplatModel(SplatfactoSurface):
     config: EVolSplatModelConfig
     render_num_sources: Optional[int] = None
     """Source views per bare-camera render (the viewer's slider); None = ``num_neighbour_select``."""
+    camera_renderer: Optional[Callable[[Cameras], Optional[dict]]] = None
+    """Set by the pipeline for cameras whose ``metadata`` names a held-out view or a segment (the
+    datasets' ``cameras``, e.g. in ``ns-render dataset``): renders a held-out view exactly as
+    evaluation does, or makes the named segment the context; None = render in the context."""
 
     def populate_modules(self) -> None:
         self.predictor = GaussianPredictor(PredictorConfig(
@@ -331,6 +335,8 @@ class EVolSplatModel(SplatfactoSurface):
         camera) a frame only re-runs ``predict`` and rasterisation.
         Returns rgb [H, W, 3], depth [H, W, 1] (OpenCV z, metres), accumulation [H, W, 1].
         """
+        if self.camera_renderer is not None and (out := self.camera_renderer(camera)) is not None:
+            return out
         c2w, K, W, H = camera_to_opencv(camera.to(self.device))
         ctx = self._require_context()
         with neighbour_count(self.predictor.projector, self.render_num_sources):

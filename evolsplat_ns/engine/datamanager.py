@@ -41,8 +41,10 @@ class EVolSplatDataManagerConfig(VanillaDataManagerConfig):
     """Samples of segments of many scenes (see :class:`MultiSceneDatasetConfig` for every knob)."""
 
     _target: Type = field(default_factory=lambda: EVolSplatDataManager)
-    data: _Hidden[Optional[Path]] = None
-    """Set by ns-train's ``--data``, which wins over ``dataset.data`` (use either)."""
+    data: Optional[Path] = None
+    """Dataset folder: a scene folder or a folder of scene folders (ns-train's ``--data`` sets it).
+    None: the method's default, ``outputs/demo/data-192x128`` (lite) or ``-960x640`` (full), where
+    ``scripts/demo.sh`` writes its synthetic dataset."""
     dataset: MultiSceneDatasetConfig = field(default_factory=MultiSceneDatasetConfig)
     """The multi-scene dataset: where the scenes are, segments, split, point clouds."""
     prefetch: bool = True

@@ -27,6 +27,8 @@ from typing import Literal, Optional, Type
 
 import torch
 from nerfstudio.engine.callbacks import TrainingCallbackLocation
+import tyro
+from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from nerfstudio.utils import writer
 from nerfstudio.utils.rich_utils import CONSOLE
@@ -37,12 +39,25 @@ from evolsplat_ns.utils.timing import phase
 
 
 @dataclass
+class AdamConfig(AdamOptimizerConfig):
+    """Adam (nerfstudio's), with gradient clipping set once for all optimizers by ``--gradient-clip-val``."""
+
+    max_norm: tyro.conf.Suppress[Optional[float]] = None
+
+
+@dataclass
 class EVolSplatTrainerConfig(TrainerConfig):
+    """ns-train's trainer with EVolSplat's step (see the module docstring)."""
+
     _target: Type = field(default_factory=lambda: EVolSplatTrainer)
     gradient_clip_val: Optional[float] = None
     """Clip the global gradient norm of every optimizer to this value (None = off)."""
     use_mixed_precision: bool = False
     """Autocast + GradScaler (CUDA only); rasterisation always runs in fp32."""
+    # One name per knob: nerfstudio's ``mixed_precision`` is set from ``use_mixed_precision``;
+    # ``prompt`` is for text-to-NeRF methods.
+    mixed_precision: tyro.conf.Suppress[bool] = False
+    prompt: tyro.conf.Suppress[Optional[str]] = None
 
 
 class EVolSplatTrainer(Trainer):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from typing import Callable, ContextManager, Literal, Optional, Type
 
 import torch
+import tyro
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
 from nerfstudio.models.base_model import ModelConfig
@@ -64,6 +65,13 @@ class EVolSplatModelConfig(ModelConfig, PredictorConfig):
     """Host memory (MiB) for the state of segments not being trained or shown; beyond it the least
     recently used spill to disk under the run folder (``segments/``) and load back when revisited
     (0 = unbounded)."""
+    # nerfstudio's NeRF-era model fields: nothing here reads them (whole-camera rendering, no
+    # rays, no collider, no coarse/fine losses, no text prompt), so they are off the command line.
+    enable_collider: tyro.conf.Suppress[bool] = False
+    collider_params: tyro.conf.Suppress[Optional[dict]] = None
+    loss_coefficients: tyro.conf.Suppress[dict] = field(default_factory=dict)
+    eval_num_rays_per_chunk: tyro.conf.Suppress[int] = 1 << 15
+    prompt: tyro.conf.Suppress[Optional[str]] = None
 
 
 class EmptySegmentError(ValueError):

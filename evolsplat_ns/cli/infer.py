@@ -44,10 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _print_summary(report: dict) -> None:
     m, t = report, report["timing"]
-    scores = "  ".join(f"{k} {m[k]:.4f}" for k in ("psnr", "ssim", "lpips") if k in m)
+    scores = "  ".join(f"{k} {m[k]:.4f}" for k in ("psnr", "ssim", "lpips", "stlpips") if k in m)
     print(f"{m['num_views']} held-out views ({'untrained' if m['untrained'] else 'trained'} weights): {scores}")
-    if not m["lpips_available"]:
-        print(f"  {m['lpips_note']}")
+    for name in ("lpips", "stlpips"):
+        if not m.get(f"{name}_available", True):
+            print(f"  {m[f'{name}_note']}")
     for stage, label in (("encode_ms", "feed-forward reconstruction per segment (encode)"),
                          ("render_ms", "render per frame (predict + rasterise)"),
                          ("rasterize_ms", "rasterise per frame, Gaussians already predicted")):

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from evolsplat_ns.data.types import Sample
 from evolsplat_ns.geometry import invert_rigid, project_points
-from evolsplat_ns.model.metrics import depth_metrics, lpips_status
+from evolsplat_ns.model.metrics import depth_metrics, perceptual_status
 from evolsplat_ns.model.predictor import SharedState
 from evolsplat_ns.utils.timing import StageTimer
 
@@ -41,7 +41,7 @@ class HeldOutView:
         sample: the eval sample (its ``target`` holds the view).
         view: index of the view in ``sample.target``.
         outputs: rgb [H, W, 3], depth [H, W, 1], accumulation [H, W, 1], gaussians.
-        metrics: psnr, ssim (lpips when available), LiDAR depth errors when the sample has LiDAR.
+        metrics: psnr, ssim (lpips, stlpips when available), LiDAR depth errors when the sample has LiDAR.
         images: ``img`` (prediction | ground truth | error), ``depth`` (colour-mapped), ``accumulation``.
     """
 
@@ -135,7 +135,8 @@ def evaluate_held_out(model: EVolSplatModel, datamanager: EVolSplatDataManager,
 
 
 def summarise(per_scene: dict[str, list[dict]], get_std: bool = False) -> dict:
-    """Mean (and std) of every metric per scene and over all views, plus LPIPS availability."""
+    """Mean (and std) of every metric per scene and over all views, plus which perceptual metrics
+    were available (``lpips_available``, ``stlpips_available``, with a ``*_note`` saying why not)."""
     def agg(rows: list[dict]) -> dict:
         keys = sorted({k for r in rows for k in r if isinstance(r[k], (int, float))})
         out = {}
@@ -150,8 +151,5 @@ def summarise(per_scene: dict[str, list[dict]], get_std: bool = False) -> dict:
     all_rows = [r for rows in per_scene.values() for r in rows]
     result = agg(all_rows)
     result["per_scene"] = {s: agg(rows) for s, rows in per_scene.items()}
-    ok, reason = lpips_status()
-    result["lpips_available"] = ok
-    if not ok:
-        result["lpips_note"] = reason
+    result.update(perceptual_status())
     return result

@@ -8,4 +8,4 @@ for plugin in plugins/*/; do
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e "$plugin"
 done
 export PYTHONUNBUFFERED=1
-exec .venv/bin/python -m pytest -q -rs --durations=15 "$@"
+exec "${EVOLSPLAT_VENV:-.venv}/bin/python" -m pytest -q -rs --durations=15 "$@"

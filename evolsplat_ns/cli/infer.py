@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         start = time.perf_counter()
         result = evaluate_zero_shot(pipeline, args.max_grid_rows, progress=not args.no_progress)
-        save_grid(result.grid_rows, outputs.grid)
+        save_grid(result.grid_rows, outputs.grid, result.grid_labels)
         video = None
         if args.video_frames > 0:
             path = ego_camera_path(dataset.scenes[0], args.video_frames)

@@ -134,6 +134,18 @@ class EVolSplatPipeline(VanillaPipeline):
             self._show(self.shown)
         elif with_node:
             self.show_segment(with_node[0])
+        if self.test_mode != "val":  # loaded for a tool (viewer, ns-render, ns-export), not for training
+            self._announce_shown()
+
+    def _announce_shown(self) -> None:
+        """Say which segment bare-camera tools render and export, and how to choose another."""
+        from nerfstudio.utils.rich_utils import CONSOLE
+
+        dataset, i = self.datamanager.dataset, self.shown.segment_index
+        frames = dataset.segments[i].frames
+        CONSOLE.print(f"EVolSplat shows segment {dataset.key(i)} (frames {frames[0]}-{frames[-1]}; poses in its "
+                      f"first frame's vehicle frame): ns-render paths and ns-export use it; choose another "
+                      f"with {SEGMENT_ENV}=SCENE/segNNN")
 
     def sample_loss(self, sample: Sample, batch: dict, step: int) -> tuple[dict, dict]:
         """Losses over all target views of ``sample`` in one graph (mean over targets)."""

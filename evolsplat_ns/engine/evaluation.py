@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Optional
 
 import numpy as np
@@ -111,6 +112,36 @@ def held_out_views(model: EVolSplatModel, datamanager: EVolSplatDataManager, tim
             state = model.encode(split_backward=False)
         for v in range(len(sample.target)):
             yield score_view(model, sample, state, v, timer)
+
+
+VIEW_OUTPUTS = ("rgb", "gt-rgb", "depth", "accumulation")
+"""Images written per held-out view (one folder each, like ``ns-render dataset``); ``composite``
+(prediction | ground truth | error) is added on request."""
+
+
+def view_images(view: HeldOutView, composite: bool = False) -> dict[str, torch.Tensor]:
+    """The view's images by output name, [H, W, 3] in [0, 1]: the prediction, its ground truth, the
+    colour-mapped depth (nerfstudio's turbo map, masked by accumulation), the accumulation, and,
+    with ``composite``, the prediction | ground truth | error strip."""
+    out = {"rgb": view.outputs["rgb"].clamp(0, 1), "gt-rgb": view.sample.target.images[view.view],
+           "depth": view.images["depth"], "accumulation": view.images["accumulation"]}
+    if composite:
+        out["composite"] = view.images["img"]
+    return out
+
+
+def image_writer(folder: Path, composite: bool = False) -> Callable[[HeldOutView], None]:
+    """An ``on_view`` for :func:`evaluate_held_out` that writes ``folder/{output}/{view.name}.png``
+    for every output of :func:`view_images` (``ns-eval --render-output-path``)."""
+    from PIL import Image
+
+    def write(view: HeldOutView) -> None:
+        for name, image in view_images(view, composite).items():
+            (folder / name).mkdir(parents=True, exist_ok=True)
+            array = (image.detach().float().clamp(0, 1) * 255).round().byte().cpu().numpy()
+            Image.fromarray(array).save(folder / name / f"{view.name}.png")
+
+    return write
 
 
 def evaluate_held_out(model: EVolSplatModel, datamanager: EVolSplatDataManager,

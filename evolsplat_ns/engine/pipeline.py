@@ -24,7 +24,7 @@ from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineC
 
 from evolsplat_ns.data.types import Sample
 from evolsplat_ns.engine.datamanager import SegmentImages
-from evolsplat_ns.engine.evaluation import HeldOutView, evaluate_held_out, score_view
+from evolsplat_ns.engine.evaluation import evaluate_held_out, image_writer, score_view
 
 
 SEGMENT_ENV = "EVOLSPLAT_SEGMENT"
@@ -39,6 +39,8 @@ class EVolSplatPipelineConfig(VanillaPipelineConfig):
     _target: Type = field(default_factory=lambda: EVolSplatPipeline)
     viewer_controls: Optional[InstantiateConfig] = None
     """GUI elements for the nerfstudio viewer, built with ``setup(pipeline=...)`` (None = none)."""
+    eval_composites: bool = False
+    """``ns-eval --render-output-path`` also writes prediction | ground truth | error composites."""
     shown_segment: Optional[str] = None
     """Segment rendered for bare cameras after loading (viewer, ns-render, ns-export): a key such as
     ``002/seg000`` or a scene name (its first segment). Default: the first training segment that
@@ -181,17 +183,11 @@ class EVolSplatPipeline(VanillaPipeline):
     def get_average_eval_image_metrics(
         self, step: Optional[int] = None, output_path: Optional[Path] = None, get_std: bool = False
     ) -> dict:
-        """Metrics of every held-out view of every eval scene: per scene and mean.
+        """Metrics of every held-out view of every eval scene: per scene and mean, with a progress bar.
 
-        With ``output_path``, writes ``{scene}_{frame}_{cam}.png`` grids (prediction | GT | error).
+        With ``output_path`` (``ns-eval --render-output-path``), writes one image per output and
+        view, ``{output_path}/{rgb,gt-rgb,depth,accumulation}/{scene}_{frame}_{cam}.png``, plus
+        ``composite/`` (prediction | GT | error) when ``eval_composites`` is set.
         """
-        on_view = (lambda view: _save_grid(Path(output_path), view)) if output_path is not None else None
-        return evaluate_held_out(self.model, self.datamanager, on_view, get_std=get_std)
-
-
-def _save_grid(folder: Path, view: HeldOutView) -> None:
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    grid = view.images["img"]
-    Image.fromarray((grid.clamp(0, 1) * 255).byte().cpu().numpy()).save(folder / f"{view.name}.png")
+        on_view = image_writer(Path(output_path), self.config.eval_composites) if output_path is not None else None
+        return evaluate_held_out(self.model, self.datamanager, on_view, get_std=get_std, progress=True)

@@ -124,3 +124,22 @@ def test_chosen_segment_by_environment(run_config, monkeypatch):
     monkeypatch.setenv("EVOLSPLAT_SEGMENT", "nope")
     with pytest.raises(ValueError, match="EVOLSPLAT_SEGMENT='nope' names no segment"):
         eval_setup(run_config, test_mode="test")
+
+
+def test_entry_point_filters_only_known_third_party_noise(caplog):
+    import logging
+    import warnings
+
+    from evolsplat_ns._compat.process import prepare_process
+
+    prepare_process()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        prepare_process()  # re-installs our filters inside this context
+        warnings.warn("`torch.cuda.amp.custom_fwd(args...)` is deprecated.", FutureWarning)
+        warnings.warn("segment 000/seg000 has no points")  # ours: must stay visible
+    assert [str(w.message) for w in seen] == ["segment 000/seg000 has no points"]
+    with caplog.at_level(logging.WARNING, logger="torch.fx._symbolic_trace"):
+        logging.getLogger("torch.fx._symbolic_trace").warning(
+            "is_fx_tracing will return true for both fx.symbolic_trace and torch.export. Please use ...")
+    assert not caplog.records

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -22,15 +23,24 @@ _THIRD_PARTY_WARNINGS = [
     dict(message=r".*torch\.cuda\.amp\.GradScaler.*", category=FutureWarning),
     # torch.load's weights_only default change, raised by nerfstudio's checkpoint loading.
     dict(message=r".*weights_only=False.*", category=FutureWarning),
-    # spconv's fx-traceable ops warn on first use of torch.fx wrap on recent torch.
-    dict(message=r".*(fx|FX).*trac.*"),
 ]
+
+_FX_TRACING_NOTE = "is_fx_tracing will return true for both fx.symbolic_trace and torch.export"
+"""Logged (not warned) by torch.fx when spconv asks ``is_fx_tracing()`` in every sparse conv."""
+
+
+class _DropFxTracingNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _FX_TRACING_NOTE not in record.getMessage()
 
 
 def filter_third_party_warnings() -> None:
     """Silence the known third-party warnings listed above (nothing of ours)."""
     for spec in _THIRD_PARTY_WARNINGS:
         warnings.filterwarnings("ignore", **spec)
+    fx_log = logging.getLogger("torch.fx._symbolic_trace")
+    if not any(isinstance(f, _DropFxTracingNote) for f in fx_log.filters):
+        fx_log.addFilter(_DropFxTracingNote())
 
 
 def ensure_ffmpeg_on_path() -> str | None:

@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 def entrypoint() -> None:
     """Console script; refusals (existing files, unknown segments) exit with status 2."""
+    from evolsplat_ns._compat.process import prepare_process
+
+    prepare_process()  # third-party warnings filtered, ffmpeg on PATH
     try:
         main()
     except (FileExistsError, FileNotFoundError, ValueError) as e:

@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 def entrypoint() -> None:
     """Console script; refusals (existing outputs, bad paths or settings) exit with status 2."""
+    from evolsplat_ns._compat.process import prepare_process
+
+    prepare_process()  # third-party warnings filtered, ffmpeg on PATH
     try:
         main()
     except (FileExistsError, FileNotFoundError, ValueError) as e:

@@ -14,9 +14,13 @@ raised under ``ns-train``, ``ns-eval``, ``ns-viewer`` or ``ns-export`` prints it
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
+
+from evolsplat_ns._compat.process import prepare_process
+
+prepare_process()  # every ns-* tool loads this module first: warnings filtered, ffmpeg on PATH
 
 from nerfstudio.configs.base_config import ViewerConfig
-from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.plugins.types import MethodSpecification
 
 from evolsplat_ns.data.dataset import MultiSceneDatasetConfig
@@ -24,7 +28,7 @@ from evolsplat_ns.data.pointcloud.base import PointCloudGeneratorConfig
 from evolsplat_ns.engine.datamanager import EVolSplatDataManagerConfig
 from evolsplat_ns.engine.pipeline import EVolSplatPipelineConfig
 from evolsplat_ns.engine.schedulers import FloatExponentialDecaySchedulerConfig
-from evolsplat_ns.engine.trainer import EVolSplatTrainerConfig
+from evolsplat_ns.engine.trainer import AdamConfig, EVolSplatTrainerConfig
 from evolsplat_ns.model.evolsplat_model import EVolSplatModelConfig
 from evolsplat_ns.utils.errors import install_excepthook
 from evolsplat_ns.viewer.controls import SegmentControlsConfig
@@ -32,9 +36,13 @@ from evolsplat_ns.viewer.controls import SegmentControlsConfig
 install_excepthook()
 
 
+DEMO_DATA = Path("outputs/demo")
+"""Where ``scripts/demo.sh`` writes its synthetic dataset (``data-WxH``): the default ``--data``."""
+
+
 def _optimizers(lr: float, lr_final: float, steps: int) -> dict:
     return {"networks": {
-        "optimizer": AdamOptimizerConfig(lr=lr, eps=1e-15),
+        "optimizer": AdamConfig(lr=lr, eps=1e-15),
         "scheduler": FloatExponentialDecaySchedulerConfig(lr_final=lr_final, max_steps=steps),
     }}
 
@@ -51,7 +59,7 @@ def evolsplat_config() -> EVolSplatTrainerConfig:
         max_num_iterations=steps,
         mixed_precision=False,
         pipeline=EVolSplatPipelineConfig(
-            datamanager=EVolSplatDataManagerConfig(dataset=MultiSceneDatasetConfig()),
+            datamanager=EVolSplatDataManagerConfig(dataset=MultiSceneDatasetConfig(data=DEMO_DATA / "data-960x640")),
             model=EVolSplatModelConfig(),
             viewer_controls=SegmentControlsConfig(),
         ),
@@ -76,7 +84,7 @@ def evolsplat_lite_config() -> EVolSplatTrainerConfig:
                                  voxel_size=0.2, max_gaussians_per_segment=6000, entropy_loss=0.0)
     cfg.pipeline.datamanager.dataset = MultiSceneDatasetConfig(
         segment_length=12, segment_stride=6, num_source_keyframes=3, num_target_keyframes=1,
-        iters_per_segment=4, pointcloud=PointCloudGeneratorConfig(voxel_size=0.15))
+        iters_per_segment=4, pointcloud=PointCloudGeneratorConfig(voxel_size=0.15), data=DEMO_DATA / "data-192x128")
     cfg.vis = "tensorboard"
     return cfg
 

@@ -9,8 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 OUT=${OUT:-outputs/demo}
-PY=.venv/bin/python
-BIN=.venv/bin
+BIN=${EVOLSPLAT_VENV:-.venv}/bin
+PY=$BIN/python
 if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   METHOD=evolsplat DEVICE=cuda W=960 H=640 SCENES=6 FRAMES=40 ITERS=${ITERS:-5000}
 else

@@ -9,6 +9,8 @@
 # - open3d needs libusb-1.0-0 from the OS.
 # - the registry torchvision is a CUDA build; on CPU torch its import fails. We install a
 #   startup hook (.pth) that defines the missing op schemas before torchvision loads.
+# - spconv: one build per machine, through an extra (cpu / cu121 / cu124 / cu126) chosen here.
+# - ffmpeg: imageio-ffmpeg's binary linked as .venv/bin/ffmpeg (ns-render needs one).
 # Options: EXTRAS="test" installs test tools (pytest, chromium for the viewer browser test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -55,23 +57,31 @@ else
   "${PIP[@]}" -c "$CONS" torch==2.13.0
 fi
 
-log "installing evolsplat-ns and its dependencies"
-export SAM2_BUILD_CUDA=${SAM2_BUILD_CUDA:-0}
-PIP_EXTRA=""
-[ -n "$EXTRAS" ] && PIP_EXTRA="[$EXTRAS]"
-"${PIP[@]}" -c "$CONS" --build-constraint "$CONS" -e ".$PIP_EXTRA"
-
 CUDA_VER=$("$VPY" -c "import torch; print(torch.version.cuda or '')" 2>/dev/null || true)
+# Exactly one spconv build (pyproject extras): the CPU one, or the CUDA build closest below the
+# torch CUDA version (spconv-cu120 has no wheel past Python 3.11).
 if [ -n "$CUDA_VER" ]; then
-  # The CPU spconv build (a plain dependency) cannot run CUDA tensors: swap in the CUDA build
-  # closest below the torch CUDA version (spconv-cu120 has no wheel past Python 3.11).
   case "$CUDA_VER" in 12.[6-9]*|1[3-9].*) SPC=cu126 ;; 12.[45]*) SPC=cu124 ;; *) SPC=cu121 ;; esac
-  if ! "$VPY" -m pip show -q "spconv-$SPC" >/dev/null 2>&1; then
-    log "CUDA $CUDA_VER: installing spconv-$SPC instead of the CPU spconv build"
-    "$VPY" -m pip uninstall -y -q spconv || true
-    "${PIP[@]}" -c "$CONS" "spconv-$SPC" "cumm-$SPC<0.8"
-  fi
+  OTHER_SPCONV=$("$VPY" -m pip list --format=freeze 2>/dev/null | grep -E '^(spconv|cumm)==' | cut -d= -f1 || true)
+else
+  SPC=cpu
+  OTHER_SPCONV=$("$VPY" -m pip list --format=freeze 2>/dev/null | grep -E '^(spconv|cumm)-cu[0-9]+==' | cut -d= -f1 || true)
 fi
+if [ -n "$OTHER_SPCONV" ]; then  # a venv made for the other kind of machine (or by an older set-up)
+  log "removing $(echo $OTHER_SPCONV): this machine uses the spconv build of extra [$SPC]"
+  "$VPY" -m pip uninstall -y -q $OTHER_SPCONV || log "WARNING: could not remove $OTHER_SPCONV (outside the venv?)"
+fi
+
+log "installing evolsplat-ns[$SPC${EXTRAS:+,$EXTRAS}] and its dependencies"
+export SAM2_BUILD_CUDA=${SAM2_BUILD_CUDA:-0}
+"${PIP[@]}" -c "$CONS" --build-constraint "$CONS" -e ".[$SPC${EXTRAS:+,$EXTRAS}]"
+
+# ns-render and mediapy run `ffmpeg`: imageio-ffmpeg ships a static binary, linked into the venv
+# (evolsplat_ns puts the venv's bin on PATH for its tools, so no system ffmpeg is needed).
+if [ ! -e "$VENV/bin/ffmpeg" ]; then
+  ln -sf "$("$VPY" -c "import imageio_ffmpeg; print(imageio_ffmpeg.get_ffmpeg_exe())")" "$VENV/bin/ffmpeg"
+fi
+"$VENV/bin/ffmpeg" -hide_banner -version >/dev/null || { log "ffmpeg from imageio-ffmpeg does not run"; exit 1; }
 
 if [ -z "$CUDA_VER" ]; then
   SITE=$("$VPY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
@@ -81,6 +91,6 @@ fi
 if [[ ",$EXTRAS," == *",test,"* ]]; then
   apt_install chromium
 fi
-"$VPY" -c "import torchvision, evolsplat_ns" || { log "import check failed"; exit 1; }
+"$VPY" -c "import torchvision, spconv.pytorch, evolsplat_ns" || { log "import check failed"; exit 1; }
 touch "$STAMP"
 log "done in $(( $(date +%s) - t0 )) s"

@@ -46,3 +46,23 @@ def test_ns_eval_and_infer_agree(run_config, tiny_dataset, tmp_path):
     assert {"psnr", "ssim"} <= set(compared)
     for key in compared:
         assert report[key] == pytest.approx(ns_eval[key], rel=1e-6, abs=1e-9), key
+
+
+def test_ns_eval_writes_one_image_per_output(run_config, tmp_path):
+    """ns-eval --render-output-path: rgb, gt-rgb, depth and accumulation per held-out view (as
+    ns-render dataset lays them out); composites only when asked; rgb equals the scored render."""
+    import numpy as np
+    from PIL import Image
+    from nerfstudio.scripts.eval import ComputePSNR
+
+    from evolsplat_ns.engine.evaluation import VIEW_OUTPUTS
+
+    out = tmp_path / "renders"
+    ComputePSNR(load_config=run_config, output_path=tmp_path / "m.json", render_output_path=out).main()
+    num_views = json.loads((tmp_path / "m.json").read_text())["results"]["num_views"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(VIEW_OUTPUTS)
+    names = {o: sorted(p.name for p in (out / o).glob("*.png")) for o in VIEW_OUTPUTS}
+    assert all(len(n) == num_views and n == names["rgb"] for n in names.values())
+    rgb = np.asarray(Image.open(out / "rgb" / names["rgb"][0]))
+    gt = np.asarray(Image.open(out / "gt-rgb" / names["rgb"][0]))
+    assert rgb.shape == gt.shape and rgb.shape[2] == 3 and np.abs(rgb.astype(int) - gt).mean() > 0

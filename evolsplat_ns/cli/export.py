@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         segments = select_segments(dataset, args.segment)
         start = time.perf_counter()
         paths = export_splats(pipeline.model, dataset, segments, args.output_dir, args.include_background,
-                              args.overwrite, on_written=lambda p, n: print(f"wrote {p} ({n} Gaussians)"))
+                              args.overwrite, on_written=lambda p, n, key: print(f"wrote segment {key} to {p} ({n} Gaussians)"))
     finally:
         dataset.close()
     print(f"exported {len(paths)} segment(s) from {checkpoint} in {time.perf_counter() - start:.1f} s")
@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 def entrypoint() -> None:
     """Console script; refusals (existing files, unknown segments) exit with status 2."""
+    from evolsplat_ns._compat.process import prepare_process
     from evolsplat_ns.utils.errors import exit_on_user_error
 
+    prepare_process()  # third-party warnings filtered, ffmpeg on PATH
     exit_on_user_error("evolsplat-export", main, also=(FileExistsError, FileNotFoundError, ValueError))

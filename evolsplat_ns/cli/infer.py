@@ -44,10 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _print_summary(report: dict) -> None:
     m, t = report, report["timing"]
-    scores = "  ".join(f"{k} {m[k]:.4f}" for k in ("psnr", "ssim", "lpips") if k in m)
+    scores = "  ".join(f"{k} {m[k]:.4f}" for k in ("psnr", "ssim", "lpips", "stlpips") if k in m)
     print(f"{m['num_views']} held-out views ({'untrained' if m['untrained'] else 'trained'} weights): {scores}")
-    if not m["lpips_available"]:
-        print(f"  {m['lpips_note']}")
+    for name in ("lpips", "stlpips"):
+        if not m.get(f"{name}_available", True):
+            print(f"  {m[f'{name}_note']}")
     for stage, label in (("encode_ms", "feed-forward reconstruction per segment (encode)"),
                          ("render_ms", "render per frame (predict + rasterise)"),
                          ("rasterize_ms", "rasterise per frame, Gaussians already predicted")):
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         start = time.perf_counter()
         result = evaluate_zero_shot(pipeline, args.max_grid_rows, progress=not args.no_progress)
-        save_grid(result.grid_rows, outputs.grid)
+        save_grid(result.grid_rows, outputs.grid, result.grid_labels)
         video = None
         if args.video_frames > 0:
             path = ego_camera_path(dataset.scenes[0], args.video_frames)
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def entrypoint() -> None:
     """Console script; refusals (existing outputs, bad paths or settings) exit with status 2."""
+    from evolsplat_ns._compat.process import prepare_process
     from evolsplat_ns.utils.errors import exit_on_user_error
 
+    prepare_process()  # third-party warnings filtered, ffmpeg on PATH
     exit_on_user_error("evolsplat-infer", main, also=(FileExistsError, FileNotFoundError, ValueError))

@@ -65,4 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entrypoint() -> None:
+    from evolsplat_ns._compat.process import prepare_process
+
+    prepare_process()  # third-party warnings filtered, ffmpeg on PATH
     sys.exit(main())

@@ -31,16 +31,23 @@ def reference_view(views: Views) -> int:
     return ids.index(front_camera(ids))
 
 
-def views_to_cameras(views: Views, metadata: dict | None = None) -> Cameras:
-    """nerfstudio Cameras [V] for ``views``: OpenGL camera-to-world in the views' (segment) frame."""
-    c2w = opencv_to_opengl(views.camtoworlds)[:, :3, :4]
-    K = views.intrinsics
+def poses_to_cameras(camtoworlds: torch.Tensor, intrinsics: torch.Tensor, width: int, height: int,
+                     metadata: dict | None = None) -> Cameras:
+    """nerfstudio Cameras [V] from OpenCV camera-to-frame poses [V, 4, 4] and pinhole K [V, 3, 3]
+    (pixels of ``width`` x ``height`` images); the result holds OpenGL camera-to-frame poses."""
+    c2w = opencv_to_opengl(camtoworlds)[:, :3, :4]
+    K = intrinsics
+    n = len(camtoworlds)
     return Cameras(
         camera_to_worlds=c2w, fx=K[:, 0, 0:1], fy=K[:, 1, 1:2], cx=K[:, 0, 2:3], cy=K[:, 1, 2:3],
-        width=torch.full((len(views), 1), views.width, dtype=torch.long),
-        height=torch.full((len(views), 1), views.height, dtype=torch.long),
+        width=torch.full((n, 1), width, dtype=torch.long), height=torch.full((n, 1), height, dtype=torch.long),
         camera_type=CameraType.PERSPECTIVE, metadata=metadata,
     )
+
+
+def views_to_cameras(views: Views, metadata: dict | None = None) -> Cameras:
+    """nerfstudio Cameras [V] for ``views``: OpenGL camera-to-world in the views' (segment) frame."""
+    return poses_to_cameras(views.camtoworlds, views.intrinsics, views.width, views.height, metadata)
 
 
 def camera_to_opencv(camera: Cameras) -> tuple[torch.Tensor, torch.Tensor, int, int]:

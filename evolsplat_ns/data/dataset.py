@@ -21,6 +21,7 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
+import tyro
 
 from evolsplat_ns.data.cache import PointCloudCache
 from evolsplat_ns.data.pointcloud.base import PointCloudGeneratorConfig, make_generator
@@ -36,8 +37,9 @@ from evolsplat_ns.utils.errors import ConfigError
 
 @dataclass
 class MultiSceneDatasetConfig:
-    data: Path = Path("data/demo")
-    """A scene folder, or a folder of scene folders (e.g. drivestudio processed/training)."""
+    data: tyro.conf.Suppress[Path] = Path("outputs/demo/data-192x128")
+    """A scene folder, or a folder of scene folders (e.g. drivestudio processed/training). Not a
+    command-line flag: the data manager's ``data`` (ns-train ``--data``) sets it."""
     data_source: str = "drivestudio"
     """Registered data source (entry-point group evolsplat_ns.data_sources) that reads ``data``."""
     downscale: float = 1.0
@@ -49,19 +51,25 @@ class MultiSceneDatasetConfig:
     segment_stride: int = 10
     """Frames between segment starts (< segment_length overlaps)."""
     keyframe_interval: int = 1
+    """Every k-th context frame of a segment is a keyframe (a candidate source or target)."""
     num_source_keyframes: int = 3
+    """Keyframes per training sample whose images are the network input (all cameras each)."""
     num_target_keyframes: int = 1
+    """Keyframes per training sample that are rendered and supervised (all cameras each)."""
     selection: SelectionMode = "nearest"
     """Source/target selection: ``between``, ``beside`` or ``nearest`` (EVolSplat)."""
     num_eval_scenes: int = 1
+    """The last this many scenes are eval (held-out) scenes."""
     eval_scenes: tuple[str, ...] = ()
     """Names of eval scenes (overrides ``num_eval_scenes``)."""
     eval_frame_interval: int = 4
     """Hold out every k-th frame of eval scenes (0 = none)."""
     train_on_eval_scenes: bool = False
+    """Also train on the non-held-out frames of eval scenes (default: eval scenes are unseen)."""
     iters_per_segment: int = 4
     """Iterations spent on a segment before switching."""
     segment_order: Literal["sequential", "shuffle"] = "shuffle"
+    """Order in which training segments are visited (reshuffled each pass, or dataset order)."""
     pointcloud_generator: str = "auto"
     """Registered generator name; ``auto`` = lidar if present, else depth."""
     pointcloud: PointCloudGeneratorConfig = field(default_factory=PointCloudGeneratorConfig)
@@ -80,6 +88,7 @@ class MultiSceneDatasetConfig:
     load_lidar_for_eval: bool = True
     """Load the held-out frames' LiDAR for the depth metrics."""
     seed: int = 0
+    """Seed of the segment order and of source/target selection."""
 
 
 class MultiSceneDataset:

@@ -330,7 +330,8 @@ def find_scenes(data: str | os.PathLike) -> list[Path]:
     """
     data = Path(data)
     if not data.is_dir():
-        raise DatasetError(data, "data folder does not exist")
+        raise DatasetError(data, "data folder does not exist", "pass --data DIR (a scene folder or a folder "
+                           "of scene folders); bash scripts/demo.sh writes a synthetic one under outputs/demo/")
     if (data / "images").is_dir():
         return [data]
     scenes = [p for p in data.iterdir() if p.is_dir() and (p / "images").is_dir()]

@@ -4,38 +4,70 @@ Train batches are whole samples (source + target views of one segment) plus the 
 cloud; eval items are held-out frames of held-out scenes. ``fixed_indices_eval_dataloader`` yields
 ``(camera, batch)`` per held-out view (nerfstudio's interface; our own evaluation runs the
 held-out loop of :mod:`evolsplat_ns.engine.evaluation` instead).
+
+Stock nerfstudio tools (``ns-render``) read a narrower surface, which both datasets provide:
+``cameras`` (one per image, with ``metadata`` saying which segment's context renders it),
+``__getitem__`` and ``_dataparser_outputs.image_filenames``. ``ns-render spiral`` and ``dataset``
+check ``isinstance`` against nerfstudio's Vanilla data manager and its config, so ours derive from
+them while replacing every behaviour (none of their ray-sampling fields is used; they are hidden).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal, Optional, Type
+from typing import Any, Iterator, Literal, Optional, Type
 
+import numpy as np
 import torch
+import tyro
 from nerfstudio.cameras.cameras import Cameras
-from nerfstudio.data.datamanagers.base_datamanager import DataManager, DataManagerConfig
+from nerfstudio.data.datamanagers.base_datamanager import DataManager, VanillaDataManager, VanillaDataManagerConfig
 from nerfstudio.data.scene_box import SceneBox
+from nerfstudio.data.utils.dataloaders import FixedIndicesEvalDataloader
 
 from evolsplat_ns.data.dataset import MultiSceneDataset, MultiSceneDatasetConfig
 from evolsplat_ns.data.prefetch import Prefetcher
 from evolsplat_ns.data.sources import get_source
 from evolsplat_ns.data.validate import raise_on_errors
 from evolsplat_ns.data.types import Sample
-from evolsplat_ns.data.cameras import views_to_cameras
+from evolsplat_ns.data.cameras import poses_to_cameras, views_to_cameras
+
+
+_Hidden = tyro.conf.Suppress
+"""Inherited ray-sampler fields of nerfstudio's Vanilla data manager that nothing here reads."""
 
 
 @dataclass
-class EVolSplatDataManagerConfig(DataManagerConfig):
+class EVolSplatDataManagerConfig(VanillaDataManagerConfig):
+    """Samples of segments of many scenes (see :class:`MultiSceneDatasetConfig` for every knob)."""
+
     _target: Type = field(default_factory=lambda: EVolSplatDataManager)
     data: Optional[Path] = None
-    """Dataset folder (ns-train's --data sets this); overrides dataset.data."""
+    """Dataset folder: a scene folder or a folder of scene folders (ns-train's ``--data`` sets it).
+    None: the method's default, ``outputs/demo/data-192x128`` (lite) or ``-960x640`` (full), where
+    ``scripts/demo.sh`` writes its synthetic dataset."""
     dataset: MultiSceneDatasetConfig = field(default_factory=MultiSceneDatasetConfig)
+    """The multi-scene dataset: where the scenes are, segments, split, point clouds."""
     prefetch: bool = True
     """Draw the next training sample in a background thread while the current step runs."""
     validation: Literal["fast", "full", "off"] = "fast"
     """Check every scene (train and eval) before step 0 (:mod:`evolsplat_ns.data.validate`): ``fast``
     reads headers, LiDAR and JSON; ``full`` also decodes every image, mask and depth/flow array."""
+    masks_on_gpu: _Hidden[bool] = False
+    images_on_gpu: _Hidden[bool] = False
+    dataparser: _Hidden[Any] = None
+    train_num_rays_per_batch: _Hidden[int] = 1024
+    train_num_images_to_sample_from: _Hidden[int] = -1
+    train_num_times_to_repeat_images: _Hidden[int] = -1
+    eval_num_rays_per_batch: _Hidden[int] = 1024
+    eval_num_images_to_sample_from: _Hidden[int] = -1
+    eval_num_times_to_repeat_images: _Hidden[int] = -1
+    eval_image_indices: _Hidden[Optional[tuple[int, ...]]] = (0,)
+    collate_fn: _Hidden[Any] = None
+    camera_res_scale_factor: _Hidden[float] = 1.0
+    patch_size: _Hidden[int] = 1
+    pixel_sampler: _Hidden[Any] = None
 
 
 def validate_dataset(config: MultiSceneDatasetConfig, depth: str) -> None:
@@ -53,17 +85,30 @@ def validate_dataset(config: MultiSceneDatasetConfig, depth: str) -> None:
         print(f"warning: {warning}", flush=True)
 
 
+@dataclass
+class ImageFiles:
+    """What ``ns-render dataset`` reads of nerfstudio's ``DataparserOutputs``: one file per image
+    (output names mirror them) and the scale of raw depth (ours is metric: 1)."""
+
+    image_filenames: list[Path]
+    dataparser_scale: float = 1.0
+    metadata: dict = field(default_factory=dict)
+    """Empty: nerfstudio's pipeline looks here for seed points (``points3D_xyz``); ours come per segment."""
+
+
 class SegmentImages:
     """The minimal dataset interface nerfstudio's pipeline and viewer read: cameras, images, box.
 
     It shows the keyframe views of one segment (cameras in that segment's frame, OpenGL).
     """
 
-    def __init__(self, sample: Sample):
+    def __init__(self, sample: Sample, segment_index: Optional[int] = None, files: Optional[list[Path]] = None):
         self.sample = sample
-        self.cameras = views_to_cameras(sample.source)
-        self.segment_index: Optional[int] = None
+        self.segment_index = segment_index
         """Index of the shown segment in ``MultiSceneDataset.segments`` (set by :meth:`of_segment`)."""
+        meta = None if segment_index is None else {"segment_index": torch.full((len(sample.source), 1), segment_index)}
+        self.cameras = views_to_cameras(sample.source, meta)
+        self._dataparser_outputs = ImageFiles(files or [])
         pts = sample.source.camtoworlds[:, :3, 3]
         lo, hi = pts.min(0).values - 50.0, pts.max(0).values + 50.0
         self.scene_box = SceneBox(aabb=torch.stack([lo, hi]))
@@ -74,9 +119,10 @@ class SegmentImages:
         """All keyframe views of segment ``segment_index`` (the sample's sources; its one target is
         the first keyframe, unused), i.e. the pool a viewer picks nearest sources from."""
         kf = dataset.keyframes(segment_index)
-        images = cls(dataset.load_sample(segment_index, kf, kf[:1]))
-        images.segment_index = segment_index
-        return images
+        sample = dataset.load_sample(segment_index, kf, kf[:1])
+        layout = dataset.scenes[dataset.segments[segment_index].scene_index].layout
+        files = [layout.image_path(int(t), int(c)) for t, c in zip(sample.source.frame_ids, sample.source.cam_ids)]
+        return cls(sample, segment_index, files)
 
     def __len__(self) -> int:
         return len(self.sample.source)
@@ -86,14 +132,59 @@ class SegmentImages:
 
 
 class EvalViews:
-    """Iterable of (camera, batch) for every held-out target view (lazy; loads per item)."""
+    """Iterable of (camera, batch) for every held-out target view (lazy; loads per item).
+
+    View ``k`` is camera ``k % num_cams`` at the held-out frame of eval item ``k // num_cams``.
+    """
 
     def __init__(self, dataset: MultiSceneDataset):
         self.dataset = dataset
         self.num_cams = len(dataset.scenes[0].cameras) if dataset.scenes else 0
+        self.frame_segment: Optional[int] = None
+        """The shown segment (set by the pipeline): :attr:`cameras` of its scene are posed in its frame."""
+        files = [dataset.scenes[dataset.segments[s].scene_index].layout.image_path(t, c)
+                 for s, t in dataset.eval_items for c in dataset.scenes[dataset.segments[s].scene_index].cameras]
+        self._dataparser_outputs = ImageFiles(files)
 
     def __len__(self) -> int:
         return len(self.dataset.eval_items) * self.num_cams
+
+    @property
+    def cameras(self) -> Cameras:
+        """Every held-out view [N] (poses from calibration; no image is read), OpenGL camera-to-frame.
+
+        The frame is the shown segment's (:attr:`frame_segment`) for views of its scene, so a path
+        through them (``ns-render interpolate``) is continuous and renders in the shown context;
+        views of other scenes are in their own segment's frame. ``metadata`` [N, 1] each: ``eval_index``
+        and ``view`` (its index in that eval sample's targets) let the pipeline render every view in
+        its own context; ``frame_segment`` is the segment whose frame the pose is in.
+        """
+        d = self.dataset
+        poses, Ks, frame_of, index = [], [], [], []
+        for i, (seg, t) in enumerate(d.eval_items):
+            scene_index = d.segments[seg].scene_index
+            scene = d.scenes[scene_index]
+            shown = self.frame_segment
+            ref = shown if shown is not None and d.segments[shown].scene_index == scene_index else seg
+            ref_from_world = np.linalg.inv(scene.ego_to_world[d.segments[ref].frames[0]])
+            for v, c in enumerate(scene.cameras):
+                poses.append(ref_from_world @ scene.cam_to_world(t, c))
+                Ks.append(scene.calib[c].K)
+                frame_of.append(ref)
+                index.append((i, v))
+        W, H = d.scenes[0].image_size(d.scenes[0].cameras[0])
+        index_t = torch.tensor(index)
+        meta = {"eval_index": index_t[:, :1], "view": index_t[:, 1:], "frame_segment": torch.tensor(frame_of)[:, None]}
+        return poses_to_cameras(torch.from_numpy(np.stack(poses)).float(), torch.from_numpy(np.stack(Ks)).float(),
+                                W, H, meta)
+
+    def __getitem__(self, k: int) -> dict:
+        """Held-out view ``k``'s ground-truth image [H, W, 3] in [0, 1] (only that image is read)."""
+        d = self.dataset
+        seg, t = d.eval_items[k // self.num_cams]
+        scene = d.scenes[d.segments[seg].scene_index]
+        view = scene.load_views([t], np.eye(4), cameras=[scene.cameras[k % self.num_cams]])
+        return {"image": view.images[0], "image_idx": k}
 
     def __iter__(self) -> Iterator[tuple[Cameras, dict]]:
         for i in range(len(self.dataset.eval_items)):
@@ -103,7 +194,11 @@ class EvalViews:
                 yield cams[v : v + 1], {"image": sample.target.images[v], "view": v, "sample": sample}
 
 
-class EVolSplatDataManager(DataManager):
+class EVolSplatDataManager(VanillaDataManager):
+    """Serves :class:`MultiSceneDataset` samples. Derives from nerfstudio's ``VanillaDataManager``
+    only to pass ``ns-render``'s type checks; none of its behaviour is inherited (its ``__init__``
+    is skipped, every method it would use is defined here)."""
+
     config: EVolSplatDataManagerConfig
 
     def __init__(self, config: EVolSplatDataManagerConfig, device: str = "cpu", test_mode: str = "val",
@@ -114,13 +209,32 @@ class EVolSplatDataManager(DataManager):
         if config.data is not None:
             config.dataset.data = Path(config.data)
         validate_dataset(config.dataset, config.validation)
+        self.world_size = world_size
         self.dataset = MultiSceneDataset(config.dataset)
         self.train_dataset = SegmentImages.of_segment(self.dataset, self.dataset.train_segment_ids[0])
         self.eval_dataset = EvalViews(self.dataset) if self.dataset.eval_items else None
         self._eval_cursor = 0
         self._train_stream = Prefetcher(self._draw_train, self.dataset.state_dict, self.dataset.load_state_dict,
                                         enabled=config.prefetch and test_mode == "val")
-        super().__init__()
+        DataManager.__init__(self)
+
+    def show(self, images: SegmentImages) -> None:
+        """Make ``images`` (the pipeline's shown segment) what stock tools see: the train dataset
+        (``ns-render interpolate --pose-source train``, viewer frustums) and the frame of the
+        held-out views of its scene."""
+        self.train_dataset = images
+        if self.eval_dataset is not None:
+            self.eval_dataset.frame_segment = images.segment_index
+
+    @property
+    def train_dataparser_outputs(self) -> ImageFiles:
+        """The shown segment's image files (``ns-render dataset --split train`` names outputs after them)."""
+        return self.train_dataset._dataparser_outputs
+
+    @property
+    def eval_dataloader(self) -> FixedIndicesEvalDataloader:
+        """The shown segment's keyframe views: ``ns-render spiral`` circles its first camera."""
+        return FixedIndicesEvalDataloader(self.train_dataset, device=self.device)
 
     @property
     def fixed_indices_eval_dataloader(self) -> EvalViews:

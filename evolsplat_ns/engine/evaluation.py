@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Optional
 
 import numpy as np
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from evolsplat_ns.data.types import Sample
 from evolsplat_ns.geometry import invert_rigid, project_points
-from evolsplat_ns.model.metrics import depth_metrics, lpips_status
+from evolsplat_ns.model.metrics import depth_metrics, perceptual_status
 from evolsplat_ns.model.node import concat_gaussians
 from evolsplat_ns.model.predictor import SharedState
 from evolsplat_ns.utils.timing import StageTimer
@@ -42,7 +43,7 @@ class HeldOutView:
         sample: the eval sample (its ``target`` holds the view).
         view: index of the view in ``sample.target``.
         outputs: rgb [H, W, 3], depth [H, W, 1], accumulation [H, W, 1], gaussians.
-        metrics: psnr, ssim (lpips when available), LiDAR depth errors when the sample has LiDAR.
+        metrics: psnr, ssim (lpips, stlpips when available), LiDAR depth errors when the sample has LiDAR.
         images: ``img`` (prediction | ground truth | error), ``depth`` (colour-mapped), ``accumulation``.
     """
 
@@ -115,6 +116,36 @@ def held_out_views(model: EVolSplatModel, datamanager: EVolSplatDataManager, tim
             yield score_view(model, sample, state, v, timer)
 
 
+VIEW_OUTPUTS = ("rgb", "gt-rgb", "depth", "accumulation")
+"""Images written per held-out view (one folder each, like ``ns-render dataset``); ``composite``
+(prediction | ground truth | error) is added on request."""
+
+
+def view_images(view: HeldOutView, composite: bool = False) -> dict[str, torch.Tensor]:
+    """The view's images by output name, [H, W, 3] in [0, 1]: the prediction, its ground truth, the
+    colour-mapped depth (nerfstudio's turbo map, masked by accumulation), the accumulation, and,
+    with ``composite``, the prediction | ground truth | error strip."""
+    out = {"rgb": view.outputs["rgb"].clamp(0, 1), "gt-rgb": view.sample.target.images[view.view],
+           "depth": view.images["depth"], "accumulation": view.images["accumulation"]}
+    if composite:
+        out["composite"] = view.images["img"]
+    return out
+
+
+def image_writer(folder: Path, composite: bool = False) -> Callable[[HeldOutView], None]:
+    """An ``on_view`` for :func:`evaluate_held_out` that writes ``folder/{output}/{view.name}.png``
+    for every output of :func:`view_images` (``ns-eval --render-output-path``)."""
+    from PIL import Image
+
+    def write(view: HeldOutView) -> None:
+        for name, image in view_images(view, composite).items():
+            (folder / name).mkdir(parents=True, exist_ok=True)
+            array = (image.detach().float().clamp(0, 1) * 255).round().byte().cpu().numpy()
+            Image.fromarray(array).save(folder / name / f"{view.name}.png")
+
+    return write
+
+
 def evaluate_held_out(model: EVolSplatModel, datamanager: EVolSplatDataManager,
                       on_view: Optional[Callable[[HeldOutView], None]] = None, timer: Optional[StageTimer] = None,
                       progress: bool = False, get_std: bool = False) -> dict:
@@ -137,7 +168,8 @@ def evaluate_held_out(model: EVolSplatModel, datamanager: EVolSplatDataManager,
 
 
 def summarise(per_scene: dict[str, list[dict]], get_std: bool = False) -> dict:
-    """Mean (and std) of every metric per scene and over all views, plus LPIPS availability."""
+    """Mean (and std) of every metric per scene and over all views, plus which perceptual metrics
+    were available (``lpips_available``, ``stlpips_available``, with a ``*_note`` saying why not)."""
     def agg(rows: list[dict]) -> dict:
         keys = sorted({k for r in rows for k in r if isinstance(r[k], (int, float))})
         out = {}
@@ -152,8 +184,5 @@ def summarise(per_scene: dict[str, list[dict]], get_std: bool = False) -> dict:
     all_rows = [r for rows in per_scene.values() for r in rows]
     result = agg(all_rows)
     result["per_scene"] = {s: agg(rows) for s, rows in per_scene.items()}
-    ok, reason = lpips_status()
-    result["lpips_available"] = ok
-    if not ok:
-        result["lpips_note"] = reason
+    result.update(perceptual_status())
     return result

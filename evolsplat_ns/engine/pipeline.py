@@ -12,26 +12,41 @@ this engine layer never imports the viewer layer above it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Type
 
 import torch
+from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.configs.base_config import InstantiateConfig
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 
 from evolsplat_ns.data.types import Sample
 from evolsplat_ns.engine import ns_hooks
 from evolsplat_ns.engine.datamanager import SegmentImages
-from evolsplat_ns.engine.evaluation import HeldOutView, evaluate_held_out, score_view
+from evolsplat_ns.engine.evaluation import evaluate_held_out, image_writer, score_view
 from evolsplat_ns.model.evolsplat_model import EmptySegmentError
+
+
+SEGMENT_ENV = "EVOLSPLAT_SEGMENT"
+"""Environment variable choosing the shown segment for stock tools that have no flag for it
+(``EVOLSPLAT_SEGMENT=002/seg000 ns-render interpolate ...``); wins over ``shown_segment``."""
 
 
 @dataclass
 class EVolSplatPipelineConfig(VanillaPipelineConfig):
+    """Connects the multi-scene data manager to the model (see the two sub-configs)."""
+
     _target: Type = field(default_factory=lambda: EVolSplatPipeline)
     viewer_controls: Optional[InstantiateConfig] = None
     """GUI elements for the nerfstudio viewer, built with ``setup(pipeline=...)`` (None = none)."""
+    eval_composites: bool = False
+    """``ns-eval --render-output-path`` also writes prediction | ground truth | error composites."""
+    shown_segment: Optional[str] = None
+    """Segment rendered for bare cameras after loading (viewer, ns-render, ns-export): a key such as
+    ``002/seg000`` or a scene name (its first segment). Default: the first training segment that
+    the checkpoint has a node for. The environment variable EVOLSPLAT_SEGMENT overrides it."""
 
 
 class EVolSplatPipeline(VanillaPipeline):
@@ -45,9 +60,57 @@ class EVolSplatPipeline(VanillaPipeline):
         # A viewer renders bare cameras as soon as a browser connects (before any training step,
         # or right after ns-viewer loads a checkpoint), so there is always a context to render.
         self.shown: SegmentImages = self.datamanager.train_dataset
-        self._show_first_nonempty()
+        self._chosen = self._chosen_segment()
+        if self._chosen is not None:
+            self.shown = SegmentImages.of_segment(self.datamanager.dataset, self._chosen)
+            self._show(self.shown)
+        else:
+            self._show_first_nonempty()
+        self.model.camera_renderer = self._render_named_camera
+        self._held_out: Optional[tuple[int, Any, Sample, Any]] = None
+        """(eval index, context, sample, encoded state) of the held-out view rendered last by
+        :meth:`_render_named_camera` (its sample's views share one encode, as in evaluation)."""
         if config.viewer_controls is not None:
             self.segments = config.viewer_controls.setup(pipeline=self)
+
+    def _chosen_segment(self) -> Optional[int]:
+        """Index of the segment named by $EVOLSPLAT_SEGMENT or ``shown_segment`` (None: not chosen)."""
+        name = os.environ.get(SEGMENT_ENV) or self.config.shown_segment
+        if not name:
+            return None
+        dataset = self.datamanager.dataset
+        keys = [str(dataset.key(i)) for i in range(len(dataset.segments))]
+        for i, key in enumerate(keys):
+            if name in (key, key.split("/")[0]):
+                return i
+        source = f"${SEGMENT_ENV}" if os.environ.get(SEGMENT_ENV) else "pipeline.shown_segment"
+        raise ValueError(f"{source}={name!r} names no segment under {dataset.config.data}; "
+                         f"segments: {', '.join(keys[:12])}{' ...' if len(keys) > 12 else ''}")
+
+    def _render_named_camera(self, camera: Cameras) -> Optional[dict]:
+        """Render a camera whose ``metadata`` names what it shows (the datasets' ``cameras``).
+
+        ``eval_index`` + ``view``: that held-out view, exactly as the held-out loop renders it (its
+        sample's context and sources, one shared encode per sample), so ``ns-render dataset
+        --split test`` writes what ``ns-eval`` scores. ``segment_index``: shows that segment, then
+        renders as usual. Other cameras (paths, the viewer) render in the shown context.
+        """
+        meta = camera.metadata or {}
+        current = self._held_out is not None and self._held_out[1] is self.model.context
+        if "eval_index" in meta:
+            i, v = int(meta["eval_index"].reshape(-1)[0]), int(meta["view"].reshape(-1)[0])
+            if not (current and self._held_out[0] == i):
+                sample = self.datamanager.dataset.eval_sample(i)
+                self.model.set_context(sample.key, sample.source, self.datamanager.point_cloud_for(sample))
+                self._held_out = (i, self.model.context, sample, self.model.encode(split_backward=False))
+            _, _, sample, state = self._held_out
+            out = score_view(self.model, sample, state, v).outputs
+            return {k: val for k, val in out.items() if k not in ("gaussians", "actors")}
+        if "segment_index" in meta and int(meta["segment_index"].reshape(-1)[0]) != self.shown.segment_index:
+            self.show_segment(int(meta["segment_index"].reshape(-1)[0]))
+        elif current:
+            self._show(self.shown)  # the last camera was a held-out view's: back to the shown context
+        return None
 
     def show_segment(self, segment_index: int) -> SegmentImages:
         """Make segment ``segment_index`` (of ``datamanager.dataset.segments``) the rendered context,
@@ -71,6 +134,8 @@ class EVolSplatPipeline(VanillaPipeline):
         point_cloud = self.datamanager.dataset.point_cloud(images.segment_index)
         self.model.set_context(images.sample.key, images.sample.source, point_cloud)
         self.shown = images
+        self.datamanager.show(images)
+        self._held_out = None
 
     def set_render_num_sources(self, count: int) -> None:
         """How many nearest source views each bare-camera render uses (the viewer's slider)."""
@@ -84,10 +149,22 @@ class EVolSplatPipeline(VanillaPipeline):
         super().load_pipeline(loaded_state, step)
         dataset = self.datamanager.dataset
         with_node = [i for i in range(len(dataset.segments)) if dataset.key(i) in self.model.segments]
-        if self.shown.segment_index in with_node:
+        if self._chosen is not None or self.shown.segment_index in with_node:
             self._show(self.shown)
         elif with_node:
             self.show_segment(with_node[0])
+        if self.test_mode != "val":  # loaded for a tool (viewer, ns-render, ns-export), not for training
+            self._announce_shown()
+
+    def _announce_shown(self) -> None:
+        """Say which segment bare-camera tools render and export, and how to choose another."""
+        from nerfstudio.utils.rich_utils import CONSOLE
+
+        dataset, i = self.datamanager.dataset, self.shown.segment_index
+        frames = dataset.segments[i].frames
+        CONSOLE.print(f"EVolSplat shows segment {dataset.key(i)} (frames {frames[0]}-{frames[-1]}; poses in its "
+                      f"first frame's vehicle frame): ns-render paths and ns-export use it; choose another "
+                      f"with {SEGMENT_ENV}=SCENE/segNNN")
 
     def sample_loss(self, sample: Sample, batch: dict, step: int) -> tuple[dict, dict]:
         """Losses over all target views of ``sample`` in one graph (mean over targets)."""
@@ -123,17 +200,11 @@ class EVolSplatPipeline(VanillaPipeline):
     def get_average_eval_image_metrics(
         self, step: Optional[int] = None, output_path: Optional[Path] = None, get_std: bool = False
     ) -> dict:
-        """Metrics of every held-out view of every eval scene: per scene and mean.
+        """Metrics of every held-out view of every eval scene: per scene and mean, with a progress bar.
 
-        With ``output_path``, writes ``{scene}_{frame}_{cam}.png`` grids (prediction | GT | error).
+        With ``output_path`` (``ns-eval --render-output-path``), writes one image per output and
+        view, ``{output_path}/{rgb,gt-rgb,depth,accumulation}/{scene}_{frame}_{cam}.png``, plus
+        ``composite/`` (prediction | GT | error) when ``eval_composites`` is set.
         """
-        on_view = (lambda view: _save_grid(Path(output_path), view)) if output_path is not None else None
-        return evaluate_held_out(self.model, self.datamanager, on_view, get_std=get_std)
-
-
-def _save_grid(folder: Path, view: HeldOutView) -> None:
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    grid = view.images["img"]
-    Image.fromarray((grid.clamp(0, 1) * 255).byte().cpu().numpy()).save(folder / f"{view.name}.png")
+        on_view = image_writer(Path(output_path), self.config.eval_composites) if output_path is not None else None
+        return evaluate_held_out(self.model, self.datamanager, on_view, get_std=get_std, progress=True)

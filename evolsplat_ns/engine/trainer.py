@@ -33,6 +33,8 @@ from typing import Literal, Optional, Type
 
 import torch
 from nerfstudio.engine.callbacks import TrainingCallbackLocation
+import tyro
+from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from nerfstudio.utils import writer
 from nerfstudio.utils.decorators import check_main_thread
@@ -46,7 +48,16 @@ from evolsplat_ns.utils.timing import phase
 
 
 @dataclass
+class AdamConfig(AdamOptimizerConfig):
+    """Adam (nerfstudio's), with gradient clipping set once for all optimizers by ``--gradient-clip-val``."""
+
+    max_norm: tyro.conf.Suppress[Optional[float]] = None
+
+
+@dataclass
 class EVolSplatTrainerConfig(TrainerConfig):
+    """ns-train's trainer with EVolSplat's step (see the module docstring)."""
+
     _target: Type = field(default_factory=lambda: EVolSplatTrainer)
     gradient_clip_val: Optional[float] = None
     """Clip the global gradient norm of every optimizer to this value (None = off)."""
@@ -62,6 +73,10 @@ class EVolSplatTrainerConfig(TrainerConfig):
     overwrite: bool = False
     """Train into a run folder that already holds checkpoints (they are replaced once this run
     saves its first verified checkpoint). Without it such a folder is refused unless resuming."""
+    # One name per knob: nerfstudio's ``mixed_precision`` is set from ``use_mixed_precision``;
+    # ``prompt`` is for text-to-NeRF methods.
+    mixed_precision: tyro.conf.Suppress[bool] = False
+    prompt: tyro.conf.Suppress[Optional[str]] = None
 
     def save_config(self) -> None:
         """Refuse a run folder holding another run's checkpoints before its config.yml is replaced."""

@@ -40,11 +40,11 @@ def splat_filename(key: SegmentKey) -> str:
 
 def export_splats(model: EVolSplatModel, dataset: MultiSceneDataset, segments: Sequence[int], output_dir: Path,
                   include_background: bool = False, overwrite: bool = False,
-                  on_written: Optional[Callable[[Path, int], None]] = None) -> list[Path]:
+                  on_written: Optional[Callable[[Path, int, SegmentKey], None]] = None) -> list[Path]:
     """Write one PLY per segment in ``segments`` under ``output_dir``; returns the paths.
 
     Refuses (FileExistsError, before writing anything) when a target file exists and not
-    ``overwrite``. ``on_written(path, count)`` is called after each file.
+    ``overwrite``. ``on_written(path, count, segment key)`` is called after each file.
     """
     output_dir = Path(output_dir)
     targets = [output_dir / splat_filename(dataset.key(i)) for i in segments]
@@ -56,5 +56,5 @@ def export_splats(model: EVolSplatModel, dataset: MultiSceneDataset, segments: S
         seg = predict_segment_gaussians(model, dataset, i, include_background)
         save_splat(path, seg.gaussians, splat_comments(seg), overwrite=overwrite)
         if on_written is not None:
-            on_written(path, len(seg.gaussians))
+            on_written(path, len(seg.gaussians), dataset.key(i))
     return targets

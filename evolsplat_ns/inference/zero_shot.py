@@ -28,11 +28,13 @@ class ZeroShotResult:
         metrics: ``summarise`` output: mean metrics, ``per_scene``, ``num_views``, LPIPS availability.
         timing: per stage (``segment_setup_ms``, ``encode_ms``, ``render_ms``, ``rasterize_ms``) mean/median/min/max/count.
         grid_rows: uint8 [H, 3W, 3] prediction | ground truth | error of up to ``max_grid_rows`` views.
+        grid_labels: per grid row, the view (``scene_frame_cam``) and its PSNR.
     """
 
     metrics: dict
     timing: dict
     grid_rows: list[np.ndarray] = field(default_factory=list)
+    grid_labels: list[str] = field(default_factory=list)
 
 
 def _grid_picks(total: int, count: int) -> set[int]:
@@ -48,11 +50,13 @@ def evaluate_zero_shot(pipeline: EVolSplatPipeline, max_grid_rows: int = 8, prog
     picks = _grid_picks(total, max_grid_rows)
     timer = StageTimer(model.device)
     rows: list[np.ndarray] = []
+    labels: list[str] = []
     counter = iter(range(total))
 
     def keep_row(view: HeldOutView) -> None:
         if next(counter) in picks:
             rows.append((view.images["img"].clamp(0, 1) * 255).round().byte().cpu().numpy())
+            labels.append(f"{view.name} {view.metrics['psnr']:.1f}dB")
 
     metrics = evaluate_held_out(model, pipeline.datamanager, keep_row, timer, progress)
-    return ZeroShotResult(metrics, timer.summary(), rows)
+    return ZeroShotResult(metrics, timer.summary(), rows, labels)

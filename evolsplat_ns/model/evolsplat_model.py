@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Callable, ContextManager, Literal, Optional, Type
 
 import torch
+import tyro
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
 from nerfstudio.models.base_model import ModelConfig
@@ -67,6 +68,13 @@ class EVolSplatModelConfig(ModelConfig, PredictorConfig):
     """Host memory (MiB) for the state of segments not being trained or shown; beyond it the least
     recently used spill to disk under the run folder (``segments/``) and load back when revisited
     (0 = unbounded)."""
+    # nerfstudio's NeRF-era model fields: nothing here reads them (whole-camera rendering, no
+    # rays, no collider, no coarse/fine losses, no text prompt), so they are off the command line.
+    enable_collider: tyro.conf.Suppress[bool] = False
+    collider_params: tyro.conf.Suppress[Optional[dict]] = None
+    loss_coefficients: tyro.conf.Suppress[dict] = field(default_factory=dict)
+    eval_num_rays_per_chunk: tyro.conf.Suppress[int] = 1 << 15
+    prompt: tyro.conf.Suppress[Optional[str]] = None
 
 
 class EmptySegmentError(ValueError):
@@ -161,6 +169,10 @@ class EVolSplatModel(SplatfactoSurface):
     render_time: Optional[float] = None
     """Scene time (frame units) at which bare cameras place the actors (the viewer's time control);
     None = the frame of the source view nearest to the camera."""
+    camera_renderer: Optional[Callable[[Cameras], Optional[dict]]] = None
+    """Set by the pipeline for cameras whose ``metadata`` names a held-out view or a segment (the
+    datasets' ``cameras``, e.g. in ``ns-render dataset``): renders a held-out view exactly as
+    evaluation does, or makes the named segment the context; None = render in the context."""
 
     def populate_modules(self) -> None:
         self.predictor = GaussianPredictor(PredictorConfig(
@@ -346,6 +358,8 @@ class EVolSplatModel(SplatfactoSurface):
         camera) a frame only re-runs ``predict`` and rasterisation.
         Returns rgb [H, W, 3], depth [H, W, 1] (OpenCV z, metres), accumulation [H, W, 1].
         """
+        if self.camera_renderer is not None and (out := self.camera_renderer(camera)) is not None:
+            return out
         c2w, K, W, H = camera_to_opencv(camera.to(self.device))
         ctx = self._require_context()
         with neighbour_count(self.predictor.projector, self.render_num_sources):

@@ -1,9 +1,13 @@
-"""Image and depth metrics. LPIPS is only ever computed with pretrained backbone weights.
+"""Image and depth metrics. Perceptual metrics are only ever computed with pretrained weights.
 
-The ``lpips`` package ships its linear heads but loads the AlexNet backbone through torchvision's
-weight download. We look for those weights where torch keeps them (``$TORCH_HOME/hub/checkpoints``)
-or at ``EVOLSPLAT_LPIPS_BACKBONE``; without them LPIPS is reported as unavailable with the reason,
-never computed on a random backbone.
+- ``lpips``: the ``lpips`` package ships its linear heads but loads the AlexNet backbone through
+  torchvision's weight download. We look for those weights where torch keeps them
+  (``$TORCH_HOME/hub/checkpoints``) or at ``EVOLSPLAT_LPIPS_BACKBONE``; without them LPIPS is
+  reported as unavailable with the reason, never computed on a random backbone.
+- ``stlpips``: shift-tolerant LPIPS (Ghildyal & Liu, ECCV 2022; package ``stlpips-pytorch``, the
+  ``metrics`` extra), AlexNet variant. Its backbone *and* linear heads ship inside the package, so
+  it works offline. It is a different metric from LPIPS (numbers are not comparable with papers'
+  LPIPS) and is always reported under its own name.
 """
 
 from __future__ import annotations
@@ -75,11 +79,79 @@ def lpips_value(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     return net(to(pred), to(gt)).reshape(())
 
 
+STLPIPS_WEIGHTS = "weights/vST0.0/alex_shift_tolerant.pth"
+"""The shipped shift-tolerant AlexNet (backbone + linear heads), relative to the package."""
+
+
+def _stlpips_weights() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("stlpips_pytorch")
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / STLPIPS_WEIGHTS
+    return path if path.is_file() else None
+
+
+@functools.lru_cache(maxsize=1)
+def stlpips_status() -> tuple[bool, str]:
+    """(available, reason) of ``stlpips``: the package, its shipped weights and its imports."""
+    path = _stlpips_weights()
+    if path is None:
+        return False, ("stlpips unavailable: install the metrics extra (pip install -e '.[metrics]': "
+                       "stlpips-pytorch with its shipped weights, and torchsummary which it imports)")
+    try:
+        import stlpips_pytorch.stlpips  # noqa: F401
+    except ImportError as e:
+        return False, f"stlpips unavailable: stlpips-pytorch does not import ({e}); pip install -e '.[metrics]'"
+    return True, f"stlpips (shift-tolerant LPIPS, AlexNet, shipped weights {path.name})"
+
+
+@functools.lru_cache(maxsize=1)
+def _stlpips_net(device: str):
+    from stlpips_pytorch import stlpips
+
+    path = _stlpips_weights()
+    net = stlpips.LPIPS(net="alex", variant="shift_tolerant", pretrained=True, model_path=str(path), verbose=False)
+    # The package loads with strict=False: check that every weight came from the file (the
+    # ``lins.*`` entries alias ``lin0..4``), so a renamed key can never leave a random layer.
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    loaded = {t.data_ptr() for k, t in net.state_dict().items() if k in state}
+    missing = [k for k, t in net.state_dict().items() if k not in state and t.data_ptr() not in loaded]
+    if missing:
+        raise RuntimeError(f"stlpips weights {path} lack {missing[:4]}: refusing to report a partly random network")
+    return net.eval().to(device)
+
+
+@torch.no_grad()
+def stlpips_value(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Shift-tolerant LPIPS of [H, W, 3] images in [0, 1] (0 = identical); call only when
+    :func:`stlpips_status` is available."""
+    net = _stlpips_net(str(pred.device))
+    to = lambda x: x.permute(2, 0, 1)[None].float() * 2 - 1  # noqa: E731
+    return net(to(pred), to(gt)).reshape(())
+
+
 def image_metrics(pred: torch.Tensor, gt: torch.Tensor, lpips: bool = True) -> dict[str, float]:
-    """psnr, ssim and (when pretrained weights exist) lpips of [H, W, 3] images in [0, 1]."""
+    """psnr, ssim and, with ``lpips``, the perceptual metrics whose pretrained weights exist:
+    ``lpips`` (AlexNet backbone present) and ``stlpips`` (stlpips-pytorch installed), of [H, W, 3]
+    images in [0, 1]."""
     out = {"psnr": float(psnr(pred, gt)), "ssim": float(ssim_value(pred, gt))}
     if lpips and lpips_status()[0]:
         out["lpips"] = float(lpips_value(pred, gt))
+    if lpips and stlpips_status()[0]:
+        out["stlpips"] = float(stlpips_value(pred, gt))
+    return out
+
+
+def perceptual_status() -> dict:
+    """Availability of each perceptual metric, with the reason when one is not reported: the
+    ``*_available`` / ``*_note`` keys of a metrics report."""
+    out: dict = {}
+    for name, (ok, reason) in (("lpips", lpips_status()), ("stlpips", stlpips_status())):
+        out[f"{name}_available"] = ok
+        if not ok:
+            out[f"{name}_note"] = reason
     return out
 
 

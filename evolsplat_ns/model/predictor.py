@@ -53,17 +53,23 @@ class PredictorConfig:
     num_neighbour_select: int = 4
     """Source views used per target (nearest cameras)."""
     sh_degree: int = 1
+    """Spherical-harmonics degree of the predicted Gaussian colours (0 = view-independent)."""
     voxel_size: float = 0.1
     """Sparse volume voxel edge (metres)."""
     enable_background: bool = True
+    """Predict a sky/background dome composited behind the foreground Gaussians."""
     min_views: int = 1
     """Gaussians seen by fewer selected source views are dropped for that target."""
     freeze_volume: bool = False
     """Build each segment's volume once and reuse it detached (inference)."""
     color_hidden: int = 128
+    """Hidden width of the colour head (MLP over projected source-view windows)."""
     geometry_hidden: int = 64
+    """Hidden width of the scale/rotation, opacity and offset heads."""
     background_hidden: int = 64
+    """Hidden width of the background model."""
     background_points: int = 2048
+    """Gaussians on the background dome."""
     occlusion_tau: float = 1.0
     """Metres of occlusion cue over which a source view's weight falls by 1/e."""
     enable_actors: bool = True

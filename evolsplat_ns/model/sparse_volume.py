@@ -14,11 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import spconv.pytorch as spconv
 import torch
 from torch import nn
 
-from evolsplat_ns.model.spconv_compat import spconv_device_guard
+from evolsplat_ns.model.spconv_compat import spconv_device_guard  # first: says which spconv to install
+
+import spconv.pytorch as spconv  # noqa: E402,I001
 
 # The 8 corners of a voxel cell, as (dx, dy, dz) in {0, 1}^3.
 _CORNERS = torch.tensor([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)], dtype=torch.long)

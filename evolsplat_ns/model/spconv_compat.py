@@ -27,7 +27,14 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import torch
-from spconv.core import ConvAlgo
+
+try:
+    from spconv.core import ConvAlgo
+except ImportError as e:  # spconv comes through an extra, one build per machine
+    raise ImportError(
+        "spconv is not installed. Install the build for this machine through its extra: "
+        "pip install -e '.[cpu]' (CPU) or '.[cu126]' / '.[cu124]' / '.[cu121]' (CUDA 12.6+ / 12.4-12.5 / "
+        "older); bash scripts/setup.sh picks it for you") from e
 from spconv.pytorch import ops as spconv_ops
 from spconv.pytorch.conv import SparseConvolution
 

@@ -41,8 +41,11 @@ class PointCloudGeneratorConfig(InstantiateConfig):
     """``voxel_count``: drop points in 0.5 m cells holding fewer than ``outlier_min_points``;
     ``statistical``: open3d statistical outlier removal (``outlier_nb`` neighbours, ``outlier_std``)."""
     outlier_min_points: int = 2
+    """``voxel_count``: fewest points a 0.5 m cell must hold to be kept."""
     outlier_nb: int = 16
+    """``statistical``: neighbours per point."""
     outlier_std: float = 2.0
+    """``statistical``: drop points farther than this many standard deviations."""
     crop_radius: float = 60.0
     """Keep points within this horizontal distance (m) of the segment's ego path (0 = off)."""
     crop_z: tuple[float, float] = (-5.0, 30.0)
@@ -57,7 +60,9 @@ class PointCloudGeneratorConfig(InstantiateConfig):
     dynamic_ground_clearance: float = 0.1
     """...and more than this (m) above the box's floor: road points under a car stay static."""
     device: str = "cpu"
+    """Device the generator computes on (``cuda`` is faster for depth back-projection)."""
     seed: int = 0
+    """Seed of ``keep_fraction``'s random subsampling."""
 
 
 class RGBPointCloudGenerator:

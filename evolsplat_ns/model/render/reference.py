@@ -23,13 +23,28 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import gsplat
 import torch
-from gsplat.cuda._torch_impl import (
+from torch import Tensor
+
+GSPLAT_TESTED = ((1, 4), (1, 5))
+"""[lowest, first untested) gsplat (major, minor) whose private PyTorch reference we import."""
+
+
+def _gsplat_version() -> tuple[int, int]:
+    return tuple(int(x) for x in gsplat.__version__.split(".")[:2])  # type: ignore[return-value]
+
+
+if not GSPLAT_TESTED[0] <= _gsplat_version() < GSPLAT_TESTED[1]:
+    raise ImportError(
+        f"evolsplat_ns' PyTorch rasteriser reuses gsplat 1.4's private functions in gsplat.cuda._torch_impl, "
+        f"but gsplat {gsplat.__version__} is installed (they moved in 1.5): pip install 'gsplat>=1.4.0,<1.5' "
+        "(what nerfstudio 1.1.5 pins too)")
+from gsplat.cuda._torch_impl import (  # noqa: E402  (after the version check that explains a failure)
     _fully_fused_projection,
     _quat_scale_to_covar_preci,
     _spherical_harmonics,
 )
-from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 TILE_SIZE = 16

@@ -210,8 +210,9 @@ class MultiSceneDataset:
         if unknown:
             raise ValueError(f"eval_cameras {unknown} are not cameras of scene {scene.name} ({scene.cameras})")
         if len(scene.cameras) < 2:
-            raise ValueError(f"scene {scene.name} has {len(scene.frames)} frame(s) and one camera: holding out "
-                             "a camera leaves no source view; use eval_hold_out='frames' on scenes of >= 2 frames")
+            raise ValueError(f"scene {scene.name} has {len(scene.frames)} frame(s) and one camera: holding the camera "
+                             "out, no view is left as a source for a target; such a scene needs a second camera "
+                             "(or, with >= 2 frames, eval_hold_out='frames')")
         for cam in cams:
             base = sum(1 for s in self.segments if s.scene_index == si)
             parts = split_segments(scene.frames, c.segment_length, c.segment_stride)
@@ -294,6 +295,12 @@ class MultiSceneDataset:
         kf = seg.frames[:: max(1, c.keyframe_interval)]
         short = seg.whole_scene and len(kf) < c.num_source_keyframes + c.num_target_keyframes
         return list(seg.frames) if short else kf
+
+    @property
+    def num_eval_views(self) -> int:
+        """Target views over all eval items: every camera of a held-out frame, one held-out camera."""
+        return sum(1 if self.segments[s].held_out_camera is not None
+                   else len(self.scenes[self.segments[s].scene_index].cameras) for s, _ in self.eval_items)
 
     @property
     def num_train_segments(self) -> int:

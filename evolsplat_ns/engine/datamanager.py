@@ -70,10 +70,9 @@ class EvalViews:
 
     def __init__(self, dataset: MultiSceneDataset):
         self.dataset = dataset
-        self.num_cams = len(dataset.scenes[0].cameras) if dataset.scenes else 0
 
     def __len__(self) -> int:
-        return len(self.dataset.eval_items) * self.num_cams
+        return self.dataset.num_eval_views
 
     def __iter__(self) -> Iterator[tuple[Cameras, dict]]:
         for i in range(len(self.dataset.eval_items)):

@@ -179,3 +179,16 @@ def test_lidar_as_it_comes(rigs, tmp_path):
     assert len(sweep.points) == sum(len(L.read_lidar(lay.lidar_path(t))) - 5 for t in lay.frames)
     assert sweep.intensities.max() == pytest.approx(1.0) and sweep.intensities.min() >= 0
     assert all(np.isfinite(x.numpy()).all() for x in (sweep.points, sweep.origins, sweep.intensities))
+
+
+def test_camera_subset_of_a_ring(rigs):
+    """dataset.cameras picks any subset of any rig, here the front and the rear camera."""
+    from evolsplat_ns.data.dataset import MultiSceneDataset, MultiSceneDatasetConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = MultiSceneDataset(MultiSceneDatasetConfig(data=rigs[(8, 3)], cameras=(0, 7), preload=False))
+    s = ds.next_train_sample()
+    assert set(s.source.cam_ids.tolist()) | set(s.target.cam_ids.tolist()) == {0, 7}
+    assert ds.scenes[0].camera_names == {0: "FRONT", 7: "REAR"}
+    ds.close()

@@ -154,6 +154,8 @@ def test_per_camera_sizes_load_at_one_common_size(rigs, tmp_path):
     assert (views.images[1] - original.load_views([0], np.eye(4)).images[1]).abs().mean() < 0.02
     custom = SceneData(scene, image_size=(21, 15))
     assert custom.load_views([0], np.eye(4)).images.shape == (2, 15, 21, 3)
+    again = resized.with_image_size((21, 15))  # what dataset.image_size does to any data source's scene
+    assert all(np.allclose(again.calib[c].K, custom.calib[c].K) for c in (0, 1))
 
 
 def test_lidar_as_it_comes(rigs, tmp_path):
@@ -192,3 +194,21 @@ def test_camera_subset_of_a_ring(rigs):
     assert set(s.source.cam_ids.tolist()) | set(s.target.cam_ids.tolist()) == {0, 7}
     assert ds.scenes[0].camera_names == {0: "FRONT", 7: "REAR"}
     ds.close()
+
+
+def test_bare_scenes_train_and_evaluate(rigs, tmp_path):
+    """No sky masks, no dynamic masks, no instances, no depth/flow, zero distortion: finite throughout."""
+    import shutil
+
+    data = Path(shutil.copytree(rigs[(2, 2)], tmp_path / "bare"))
+    for scene in data.iterdir():
+        for name in ("sky_masks", "dynamic_masks", "instances", "depth", "flow"):
+            shutil.rmtree(scene / name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = lite_trainer(data, tmp_path / "run", experiment="bare")
+    loss, _, _ = trainer.train_iteration(0)
+    assert math.isfinite(float(loss))
+    evaluated = trainer.pipeline.get_average_eval_image_metrics()
+    assert evaluated["num_views"] == 2 and math.isfinite(evaluated["psnr"])
+    trainer.pipeline.datamanager.dataset.close()

@@ -143,9 +143,7 @@ class MultiSceneDataset:
 
     def _open(self, source, path: Path) -> SceneData:
         scene = source.open_scene(path, self.config.downscale, self.config.cameras)
-        if self.config.image_size is not None:
-            scene = SceneData(path, self.config.downscale, scene.cameras, self.config.image_size)
-        return scene
+        return scene if self.config.image_size is None else scene.with_image_size(self.config.image_size)
 
     def _hold_out_mode(self, scene: SceneData) -> str:
         mode = self.config.eval_hold_out

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -107,6 +107,17 @@ class SceneData:
         out.cameras = list(cameras)
         out.calib = {c: self.calib[c] for c in cameras}
         out.camera_names = {c: self.camera_names[c] for c in cameras}
+        return out
+
+    def with_image_size(self, image_size: tuple[int, int]) -> "SceneData":
+        """The same scene loading every camera at ``image_size`` = (W, H), K rescaled per axis."""
+        w, h = int(image_size[0]), int(image_size[1])
+        if w < 1 or h < 1:
+            raise ValueError(f"image_size must be positive (W, H), got {tuple(image_size)}")
+        out = copy.copy(self)
+        out.common_size = (w, h)
+        out.calib = {c: replace(k, K=np.diag([w / k.width, h / k.height, 1.0]) @ k.K, width=w, height=h)
+                     for c, k in self.calib.items()}
         return out
 
     def image_size(self, cam: int) -> tuple[int, int]:

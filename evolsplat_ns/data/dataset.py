@@ -15,7 +15,8 @@ Short and slow scenes adapt (``eval_hold_out="auto"``, the default; each choice 
 :meth:`MultiSceneDataset.selection_report` and warned once):
 
 - hold-out: an eval scene of >= 2 frames holds out frames; if ``eval_frame_interval`` would hold
-  out none (or all) of them, every 2nd frame is held out instead (offset 1: frame 1 of 2 or 3).
+  out none, all, or only the first/last of them, every 2nd frame is held out instead (offset 1:
+  frame 1 of 2 or 3).
   A one-frame scene holds out **cameras**: each camera in turn is the target of its own segment,
   whose sources are the other cameras and whose point cloud that camera does not colour.
 - keyframes: a segment whose ``keyframe_interval`` leaves fewer than ``num_source_keyframes +
@@ -157,7 +158,10 @@ class MultiSceneDataset:
         """Bool mask over the scene's frames and the interval that made it (auto adapts, see module)."""
         k = self.config.eval_frame_interval
         held = eval_frame_mask(scene.frames, k)
-        if self.config.eval_hold_out == "auto" and k > 0 and (not held.any() or held.all()):
+        # Short scenes: k may hold out nothing, everything, or only an end frame (a target no
+        # source encloses, e.g. frame 2 of 3 for k = 4); every 2nd frame from frame 1 then does better.
+        only_ends = held.any() and not held[1:-1].any()
+        if self.config.eval_hold_out == "auto" and k > 2 and (not held.any() or held.all() or only_ends):
             k = 2
             held = eval_frame_mask(scene.frames, k)
         return held, k
@@ -264,7 +268,7 @@ class MultiSceneDataset:
             notes = []
             if plan.get("eval_frame_interval", c.eval_frame_interval) != c.eval_frame_interval:
                 notes.append(f"holds out every {plan['eval_frame_interval']}nd frame (eval_frame_interval "
-                             f"{c.eval_frame_interval} would hold out none)")
+                             f"{c.eval_frame_interval} would hold out none, all or only an end frame)")
             if plan["hold_out"] == "cameras" and c.eval_hold_out == "auto":
                 notes.append("holds out cameras (one frame)")
             segs = plan["per_segment"].values()

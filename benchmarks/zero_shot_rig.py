@@ -31,7 +31,7 @@ def train(data: Path, out: Path, steps: int) -> Path:
     trainer.setup()
     start = time.perf_counter()
     for step in range(steps):
-        trainer.train_iteration(step)
+        trainer.train_step(step)  # with the callbacks (offset commit), as ns-train runs it
     trainer.save_checkpoint(steps - 1)
     trainer.config.save_config()
     trainer.pipeline.datamanager.dataset.close()

@@ -223,7 +223,7 @@ class SceneData:
             raw = raw[~short]
         if len(raw) and not np.any(raw[:, 0:3]):
             self._warn_once("fused", f"{self.layout.lidar_path(t)}: every LiDAR origin is (0, 0, 0) (a fused "
-                            "cloud?); accepted, zero-length rays are then judged from the vehicle origin")
+                            "cloud?); accepted, ray lengths are then measured from the vehicle origin")
         return raw
 
     def _warn_once(self, case: str, message: str) -> None:

@@ -1,5 +1,9 @@
 """nerfstudio method registrations: ``evolsplat`` (full, GPU) and ``evolsplat-lite`` (CPU-sized).
 
+``evolsplat-lite`` defaults ``--machine.device-type`` to cuda when CUDA is available, else cpu;
+any method asked for CUDA on a machine without it stops with one line naming
+``--machine.device-type cpu`` (:func:`evolsplat_ns.engine.trainer.require_device`).
+
 Registered through the entry-point group ``nerfstudio.method_configs`` in pyproject.toml. Every
 field is settable on the ns-train command line, e.g.
 ``ns-train evolsplat --data DIR --pipeline.model.sparseConv-outdim 16 --gradient-clip-val 1.0``;
@@ -20,6 +24,7 @@ from evolsplat_ns._compat.process import prepare_process
 
 prepare_process()  # every ns-* tool loads this module first: warnings filtered, ffmpeg on PATH
 
+import torch
 from nerfstudio.configs.base_config import ViewerConfig
 from nerfstudio.plugins.types import MethodSpecification
 
@@ -86,6 +91,8 @@ def evolsplat_lite_config() -> EVolSplatTrainerConfig:
         segment_length=12, segment_stride=6, num_source_keyframes=3, num_target_keyframes=1,
         iters_per_segment=4, pointcloud=PointCloudGeneratorConfig(voxel_size=0.15), data=DEMO_DATA / "data-192x128")
     cfg.vis = "tensorboard"
+    # CPU-sized: runs where it is, with no flag; a GPU is used when there is one.
+    cfg.machine.device_type = "cuda" if torch.cuda.is_available() else "cpu"
     return cfg
 
 

@@ -117,3 +117,20 @@ def test_model_only_checkpoint_loads_for_inference(trainer, tmp_path):
     assert pipe.model.segments.keys() == trainer.pipeline.model.segments.keys()
     metrics, images = pipe.get_eval_image_metrics_and_images(step=7)
     assert math.isfinite(metrics["psnr"]) and images["img"].ndim == 3
+
+
+def test_cpu_safe_device_defaults(monkeypatch):
+    """evolsplat-lite picks the CPU without CUDA; asking for CUDA without it is one line naming the fix."""
+    import torch
+
+    from evolsplat_ns.method_configs import evolsplat_config, evolsplat_lite_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert evolsplat_lite_config().machine.device_type == "cpu"
+    cfg = evolsplat_config()
+    assert cfg.machine.device_type == "cuda"
+    with pytest.raises(SystemExit, match=r"CUDA is not available on this machine .*pass --machine.device-type cpu$") as e:
+        cfg.setup(local_rank=0, world_size=1)
+    assert "\n" not in str(e.value.code)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert evolsplat_lite_config().machine.device_type == "cuda"

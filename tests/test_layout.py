@@ -105,8 +105,13 @@ def test_scan_errors(tmp_path):
     (tmp_path / "images").mkdir()
     with pytest.raises(L.DatasetError, match=r"images: no images named"):
         L.SceneLayout.scan(tmp_path)
+    # Any rig: camera ids above 4 are cameras too (issue 12; they used to be refused), named
+    # generically without a cameras.json.
     _touch_images(tmp_path, ["000_7.jpg"])
-    with pytest.raises(L.DatasetError, match=r"unknown camera ids \[7\]; expected 0..4"):
+    lay = L.SceneLayout.scan(tmp_path)
+    assert lay.cameras == [7] and lay.camera_names() == {7: "CAM_7"}
+    L.write_json(tmp_path / "cameras.json", {"dataset": "nuscenz"})
+    with pytest.raises(L.DatasetError, match=r"cameras.json: unknown dataset 'nuscenz' \(use one of"):
         L.SceneLayout.scan(tmp_path)
 
 
@@ -158,3 +163,29 @@ def test_lidar_projects_onto_synthetic_depth(tiny_dataset, scene_name, downscale
             agree = ((z[c][inside] - gt).abs() < 0.05 * downscale * gt).double().mean()
             assert agree > (0.85 if downscale == 1 else 0.8), f"frame {t} camera {c}: only {agree:.0%} of LiDAR points match the depth map"
             assert not views.sky_masks[c][iy[inside], ix[inside]].any()  # LiDAR never hits the sky
+
+
+def test_camera_names_any_rig(tmp_path):
+    """cameras.json names cameras (known rigs by dataset, explicit names win); else Waymo or CAM_i."""
+    _touch_images(tmp_path, [f"000_{c}.jpg" for c in range(8)])
+    assert L.SceneLayout.scan(tmp_path).camera_names()[7] == "CAM_7"
+    _touch_images(tmp_path / "w", [f"000_{c}.jpg" for c in range(3)])
+    assert L.SceneLayout.scan(tmp_path / "w").camera_names() == {0: "FRONT", 1: "FRONT_LEFT", 2: "FRONT_RIGHT"}
+    L.write_json(tmp_path / "cameras.json", {"dataset": "nuplan", "names": {"7": "REAR"}})
+    names = L.SceneLayout.scan(tmp_path).camera_names()
+    assert names[0] == "CAM_F0" and names[6] == "CAM_R2" and names[7] == "REAR"
+    for rig, n in (("waymo", 5), ("nuscenes", 6), ("pandaset", 6), ("argoverse2", 7), ("kitti", 2), ("nuplan", 8)):
+        assert len(L.CAMERA_RIGS[rig]) == n
+    L.write_json(tmp_path / "cameras.json", {"names": {"front": "X"}})
+    with pytest.raises(L.DatasetError, match=r"cameras.json: 'names' must map camera ids"):
+        L.SceneLayout.scan(tmp_path)
+
+
+def test_normalised_intensity():
+    pts = np.zeros((3, L.LIDAR_NUM_COLUMNS), np.float32)
+    pts[:, 11] = [0.0, 0.5, 1.0]
+    assert np.allclose(L.normalised_intensity(pts), [0, 0.5, 1])
+    pts[:, 11] = [0.0, 127.5, 255.0]
+    assert np.allclose(L.normalised_intensity(pts), [0, 0.5, 1])
+    pts[:, 11] = [np.nan, -1, 300]
+    assert np.allclose(L.normalised_intensity(pts), [0, 0, 1])

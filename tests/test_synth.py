@@ -280,4 +280,33 @@ def test_cli_refuses_to_overwrite(tmp_path: Path, capsys):
 
 def test_bad_config_is_named():
     with pytest.raises(ValueError, match="SynthConfig.cameras"):
-        SynthConfig(cameras=6)
+        SynthConfig(cameras=13)  # rigs of up to 12 cameras exist since issue 12 (6 used to be refused)
+
+
+RING = dict(scenes=1, frames=1, cameras=6, width=61, height=45, lidar_beams=24, lidar_azimuths=720,
+            moving_cars=2, seed=5)
+
+
+@pytest.fixture(scope="module")
+def ring_scene(tmp_path_factory) -> Path:
+    return generate_dataset(SynthConfig(**RING), tmp_path_factory.mktemp("ring"))[0]
+
+
+def test_ring_rig_faces_every_way_and_is_named(ring_scene: Path):
+    """6 cameras 60 degrees apart, the last looking back; names written to cameras.json."""
+    s = Scene(ring_scene)
+    yaws = [np.degrees(np.arctan2(*s.cam2veh[c][[1, 0], 2])) for c in s.L.cameras]
+    assert np.allclose(yaws[:5], [0, 60, -60, 120, -120], atol=1) and abs(abs(yaws[5]) - 180) < 1
+    assert s.L.camera_names() == {0: "FRONT", 1: "LEFT_60", 2: "RIGHT_60", 3: "LEFT_120", 4: "RIGHT_120",
+                                  5: "REAR"}
+
+
+def test_lidar_lands_on_gt_depth_in_every_ring_camera(ring_scene: Path):
+    """The foundation's geometric check, per camera of the 6-camera rig (rear included)."""
+    s = Scene(ring_scene)
+    world, _ = s.lidar_world(0)
+    for c in s.L.cameras:
+        uv, z = s.project(world, 0, c)
+        ok = in_image(uv, z, RING["width"], RING["height"])
+        rel = np.abs(s.sample(s.depth(0, c), uv[ok]) - z[ok]) / z[ok]
+        assert ok.sum() > 100 and np.median(rel) < 0.02, (c, int(ok.sum()), float(np.median(rel)))

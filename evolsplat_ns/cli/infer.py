@@ -5,11 +5,15 @@ Example::
     evolsplat-infer --load-config outputs/demo/evolsplat-lite/RUN/config.yml --data data/new_scenes \\
         --output-dir renders/zero_shot [--untrained] [--overwrite]
 
-No training on ``--data``: every scene there is an eval scene (every ``eval_frame_interval``-th
-frame held out, the run's other dataset settings kept). Writes ``metrics.json`` (per scene, mean,
-LPIPS availability and a ``timing`` block), ``grid.png`` (one held-out view per row: prediction |
-ground truth | error) and ``camera_path.mp4``: the FRONT camera along the first scene's ego
-trajectory (a PNG sequence in ``camera_path/`` when ffmpeg is unavailable).
+No training on ``--data``: every scene there is an eval scene, read with its own rig (all its
+cameras, any number) and with hold-out and source/target selection chosen from the scene itself:
+frames held out every ``eval_frame_interval``-th (every 2nd in scenes too short for it), cameras
+held out one at a time in one-frame scenes; ``--hold-out``, ``--eval-frame-interval``,
+``--eval-cameras``, ``--num-source-keyframes``, ``--cameras`` and ``--segment-length`` override.
+Writes ``metrics.json`` (per scene, per camera, mean, LPIPS availability, a ``timing`` block and
+a ``selection`` block saying what was chosen per scene), ``grid.png`` (one held-out view per row:
+prediction | ground truth | error) and ``camera_path.mp4``: the FRONT camera along the first
+scene's ego trajectory (a PNG sequence in ``camera_path/`` when ffmpeg is unavailable).
 """
 
 from __future__ import annotations
@@ -33,13 +37,33 @@ def build_parser() -> argparse.ArgumentParser:
                         help="same architecture with freshly initialised weights (baseline)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--eval-frame-interval", type=int, default=None,
-                        help="hold out every k-th frame (default: the run's setting)")
+                        help="hold out every k-th frame (default: the run's setting, every 2nd frame in "
+                             "scenes too short for it)")
+    parser.add_argument("--hold-out", choices=("auto", "frames", "cameras"), default=None,
+                        help="what is held out: frames, cameras (each in turn, at every frame) or auto "
+                             "(frames; cameras in one-frame scenes)")
+    parser.add_argument("--eval-cameras", type=_int_list, default=None,
+                        help="comma-separated camera ids held out by --hold-out cameras (default: all)")
+    parser.add_argument("--cameras", type=_int_list, default=None,
+                        help="comma-separated camera ids to load (default: every camera of --data)")
+    parser.add_argument("--num-source-keyframes", type=int, default=None,
+                        help="source keyframes per target, each with all cameras (default: the run's, "
+                             "capped by the segment)")
+    parser.add_argument("--segment-length", type=int, default=None,
+                        help="frames per segment, 0 = whole scene (default: the run's)")
     parser.add_argument("--max-grid-rows", type=int, default=8, help="held-out views shown in grid.png")
     parser.add_argument("--video-frames", type=int, default=48,
                         help="poses along the camera path (0 = no video)")
     parser.add_argument("--fps", type=float, default=10.0, help="video frame rate")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated camera ids like 0,3, got {text!r}") from None
 
 
 def _print_summary(report: dict) -> None:
@@ -67,7 +91,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     outputs = InferOutputs(args.output_dir)
     outputs.claim(args.overwrite)
-    overrides = DatasetOverrides(data=args.data, all_scenes_eval=True, eval_frame_interval=args.eval_frame_interval)
+    overrides = DatasetOverrides(data=args.data, all_scenes_eval=True, eval_frame_interval=args.eval_frame_interval,
+                                 hold_out=args.hold_out, eval_cameras=args.eval_cameras, cameras=args.cameras,
+                                 num_source_keyframes=args.num_source_keyframes,
+                                 segment_length=args.segment_length)
     _, pipeline, checkpoint = load_pipeline(args.load_config, overrides, untrained=args.untrained)
     dataset = pipeline.datamanager.dataset
     try:
@@ -86,7 +113,11 @@ def main(argv: list[str] | None = None) -> dict:
               "checkpoint": str(checkpoint) if checkpoint else None, "data": str(args.data),
               "timing": {**result.timing, "device": str(pipeline.model.device),
                          "total_s": time.perf_counter() - start},
-              "grid": str(outputs.grid), "video": str(video) if video else None}
+              "grid": str(outputs.grid), "video": str(video) if video else None,
+              "selection": {"num_source_keyframes": dataset.config.num_source_keyframes,
+                            "segment_length": dataset.config.segment_length,
+                            "keyframe_interval": dataset.config.keyframe_interval,
+                            "per_scene": dataset.selection_report()}}
     save_metrics(report, outputs.metrics)
     _print_summary(report)
     print(f"wrote {outputs.metrics}, {outputs.grid}" + (f", {video}" if video else ""))

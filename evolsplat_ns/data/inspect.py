@@ -24,6 +24,7 @@ class SceneReport:
     name: str
     frames: int = 0
     cameras: dict[int, tuple[int, int]] = field(default_factory=dict)
+    camera_names: dict[int, str] = field(default_factory=dict)
     lidar_points: tuple[int, float, int] | None = None  # min, mean, max per frame
     modalities: list[str] = field(default_factory=list)
     segments: int = 0
@@ -47,7 +48,7 @@ class DatasetReport:
     def format(self) -> str:
         lines = [f"dataset {self.root}: {len(self.scenes)} scene(s)"]
         for s in self.scenes:
-            cams = ", ".join(f"{c} {L.CAMERA_NAMES.get(c, '?')} {w}x{h}" for c, (w, h) in s.cameras.items())
+            cams = ", ".join(f"{c} {s.camera_names.get(c, '?')} {w}x{h}" for c, (w, h) in s.cameras.items())
             lidar = "none" if s.lidar_points is None else \
                 f"{s.lidar_points[0]}/{s.lidar_points[1]:.0f}/{s.lidar_points[2]} (min/mean/max per frame)"
             lines += [f"  scene {s.name}: {s.frames} frames, {s.segments} segment(s)",
@@ -75,6 +76,7 @@ def _inspect_scene(root: Path, seg_len: int, seg_stride: int, full: bool, max_er
     if lay is None:
         return rep
     rep.frames = len(lay.frames)
+    rep.camera_names = lay.camera_names()
     rep.segments = len(split_segments(lay.frames, seg_len, seg_stride))
     rep.modalities = [m for m in OPTIONAL if lay.has(m)]
     n = checked.lidar_counts

@@ -3,7 +3,10 @@
 ::
 
     scene/
-      images/{t:03d}_{cam}.jpg          cam 0 FRONT, 1 FRONT_LEFT, 2 FRONT_RIGHT, 3 SIDE_LEFT, 4 SIDE_RIGHT
+      images/{t:03d}_{cam}.jpg          cam = 0, 1, ... any number of cameras (Waymo: 0 FRONT, 1 FRONT_LEFT,
+                                        2 FRONT_RIGHT, 3 SIDE_LEFT, 4 SIDE_RIGHT); names: cameras.json
+      cameras.json                      optional: {"dataset": "nuscenes"} and/or {"names": {"5": "BACK"}}
+                                        (see CAMERA_RIGS and docs/data_formats.md)
       intrinsics/{cam}.txt              9 numbers: fu fv cu cv k1 k2 p1 p2 k3 (full-resolution pixels)
       extrinsics/{cam}.txt              4x4 camera-to-vehicle, Waymo camera axes (x fwd, y left, z up)
       ego_pose/{t:03d}.txt              4x4 vehicle-to-world
@@ -39,6 +42,20 @@ from evolsplat_ns.geometry import is_rigid
 from evolsplat_ns.utils.errors import UserError
 
 CAMERA_NAMES = {0: "FRONT", 1: "FRONT_LEFT", 2: "FRONT_RIGHT", 3: "SIDE_LEFT", 4: "SIDE_RIGHT"}
+"""Waymo's camera names: the default for scenes whose camera ids are all <= 4 and that name none."""
+CAMERA_RIGS: dict[str, tuple[str, ...]] = {
+    # drivestudio's processed camera order per dataset (camera id = index).
+    "waymo": ("FRONT", "FRONT_LEFT", "FRONT_RIGHT", "SIDE_LEFT", "SIDE_RIGHT"),
+    "nuscenes": ("CAM_FRONT", "CAM_FRONT_LEFT", "CAM_FRONT_RIGHT", "CAM_BACK_LEFT", "CAM_BACK_RIGHT", "CAM_BACK"),
+    "pandaset": ("front_camera", "front_left_camera", "front_right_camera", "left_camera", "right_camera",
+                 "back_camera"),
+    "argoverse2": ("ring_front_center", "ring_front_left", "ring_front_right", "ring_side_left",
+                   "ring_side_right", "ring_rear_left", "ring_rear_right"),
+    "kitti": ("CAM_LEFT", "CAM_RIGHT"),
+    "nuplan": ("CAM_F0", "CAM_L0", "CAM_R0", "CAM_L1", "CAM_R1", "CAM_L2", "CAM_R2", "CAM_B0"),
+}
+"""Known rigs: camera names by id, selected by ``cameras.json``'s ``"dataset"``."""
+CAMERAS_FILE = "cameras.json"
 LIDAR_COLUMNS = (
     "origin_x", "origin_y", "origin_z", "x", "y", "z", "flow_x", "flow_y", "flow_z",
     "flow_class", "ground", "intensity", "elongation", "laser_id",
@@ -112,6 +129,15 @@ def read_lidar(path: str | os.PathLike) -> np.ndarray:
     if not np.all(np.isfinite(pts[:, :6])):
         raise DatasetError(path, "LiDAR origins or points contain NaN or Inf")
     return pts
+
+
+def normalised_intensity(points: np.ndarray) -> np.ndarray:
+    """LiDAR intensity [N] in 0-1 from a sweep [N, 14]: files hold 0-1 (Waymo, after tanh) or 0-255
+    (nuScenes, KITTI); a sweep whose maximum exceeds 1 is taken as 0-255. NaN/negative -> 0."""
+    i = np.nan_to_num(points[:, LIDAR_COLUMNS.index("intensity")].astype(np.float32), nan=0.0, posinf=0.0)
+    if i.size and i.max() > 1.0:
+        i = i / 255.0
+    return np.clip(i, 0.0, 1.0)
 
 
 def read_image(path: str | os.PathLike, size: tuple[int, int] | None = None,
@@ -317,10 +343,50 @@ class SceneLayout:
                 raise DatasetError(
                     img_dir, f"camera ids differ between frames: frame {frames[0]} has {cams}, "
                     f"frame {t} has {sorted(per_frame[t])}", "every frame needs the same cameras")
-        bad = [c for c in cams if c not in CAMERA_NAMES]
-        if bad:
-            raise DatasetError(img_dir, f"unknown camera ids {bad}; expected 0..4 ({CAMERA_NAMES})")
-        return cls(root=root, frames=frames, cameras=cams, image_ext=ext)
+        layout = cls(root=root, frames=frames, cameras=cams, image_ext=ext)
+        layout.camera_names()  # a broken cameras.json fails here, naming the file
+        return layout
+
+    @property
+    def cameras_file(self) -> Path:
+        return self.root / CAMERAS_FILE
+
+    def camera_names(self) -> dict[int, str]:
+        """Camera id -> name for this scene's cameras.
+
+        From ``cameras.json`` when present (its ``"names"`` win over its ``"dataset"`` rig); else
+        Waymo's names when every id is <= 4 (the drivestudio-Waymo layout), else ``CAM_{id}``.
+        """
+        if self.cameras_file.is_file():
+            return read_camera_names(self.cameras_file, self.cameras)
+        if all(c in CAMERA_NAMES for c in self.cameras):
+            return {c: CAMERA_NAMES[c] for c in self.cameras}
+        return {c: generic_camera_name(c) for c in self.cameras}
+
+
+def generic_camera_name(cam: int) -> str:
+    return f"CAM_{cam}"
+
+
+def read_camera_names(path: str | os.PathLike, cameras: list[int]) -> dict[int, str]:
+    """Names of ``cameras`` from a ``cameras.json`` (format in docs/data_formats.md)."""
+    path = Path(path)
+    spec = read_json(path)
+    if not isinstance(spec, dict) or not set(spec) <= {"dataset", "names"}:
+        raise DatasetError(path, "expected a JSON object with keys 'dataset' and/or 'names'",
+                           'e.g. {"dataset": "nuscenes"} or {"names": {"0": "FRONT", "5": "BACK"}}')
+    names: dict[int, str] = {}
+    if "dataset" in spec:
+        rig = CAMERA_RIGS.get(str(spec["dataset"]).lower())
+        if rig is None:
+            raise DatasetError(path, f"unknown dataset {spec['dataset']!r}",
+                               f"use one of {sorted(CAMERA_RIGS)} or give 'names'")
+        names.update(enumerate(rig))
+    explicit = spec.get("names", {})
+    if not isinstance(explicit, dict) or not all(str(k).isdigit() for k in explicit):
+        raise DatasetError(path, "'names' must map camera ids (\"0\", \"1\", ...) to names")
+    names.update({int(k): str(v) for k, v in explicit.items()})
+    return {c: names.get(c, generic_camera_name(c)) for c in cameras}
 
 
 def find_scenes(data: str | os.PathLike) -> list[Path]:

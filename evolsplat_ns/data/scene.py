@@ -3,11 +3,24 @@
 ``SceneData`` reads a drivestudio scene folder once (validated through :mod:`layout`) and loads
 images, masks, depth and LiDAR on demand. Poses it returns are OpenCV camera-to-``ref`` where
 ``ref_from_world`` is given by the caller (the segment frame for a ``MultiSceneDataset`` sample).
+
+Image size. A batch of views (``Views``) holds one image size, so every camera of a scene loads
+at one **common size**: the first selected camera's size after ``downscale`` (or ``image_size``
+when given). A camera of another size (Waymo's side cameras, Argoverse 2's portrait ring cameras)
+is resized to it and its K scaled per axis (``fu * w / W``, ``fv * h / H``), which keeps the
+pinhole projection exact (pixels may become non-square). Select cameras of one shape to avoid
+anisotropic resampling.
+
+Timing. A frame's images, LiDAR sweep and ego pose are taken as simultaneous (drivestudio pairs
+them per frame index). Cameras that fire some milliseconds apart (rolling shutters, unsynchronised
+rigs) are not compensated: at 10 m/s a 10 ms offset is 0.1 m of ego motion.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -18,10 +31,14 @@ from evolsplat_ns.data import layout as L
 from evolsplat_ns.data.types import LidarSweep, Views
 from evolsplat_ns.geometry import OPENCV2DATASET
 
+MIN_LIDAR_RANGE = 0.05
+"""Metres: a LiDAR point this close to its origin is an invalid return (zero-length ray)."""
+
 
 @dataclass
 class CameraCalib:
-    """Calibration of one camera: ``K``, ``width`` and ``height`` after downscaling.
+    """Calibration of one camera: ``K``, ``width`` and ``height`` after resizing to the scene's
+    common size (see the module docstring).
 
     ``cam_to_vehicle`` [4, 4] maps **OpenCV** camera axes to the vehicle frame (the file's Waymo-axes
     extrinsic times OPENCV2DATASET). ``distortion`` (k1 k2 p1 p2 k3) is kept but not applied.
@@ -41,11 +58,14 @@ class SceneData:
 
     Args:
         root: the scene folder.
-        downscale: images load at ``round(W / downscale) x round(H / downscale)``; K scales to match.
+        downscale: images load at ``round(W / downscale) x round(H / downscale)`` of the first
+            selected camera's size ``W x H``; K scales to match.
         cameras: camera ids to use (default: all present).
+        image_size: (W, H) every camera loads at, overriding ``downscale`` (None = from it).
     """
 
-    def __init__(self, root: str | Path, downscale: float = 1.0, cameras: Sequence[int] | None = None):
+    def __init__(self, root: str | Path, downscale: float = 1.0, cameras: Sequence[int] | None = None,
+                 image_size: tuple[int, int] | None = None):
         self.layout = L.SceneLayout.scan(root)
         self.name = self.layout.name
         self.downscale = float(downscale)
@@ -56,23 +76,52 @@ class SceneData:
         if missing:
             raise L.DatasetError(self.layout.root / "images", f"cameras {missing} requested but the "
                                  f"scene has only {self.layout.cameras}", "fix the cameras setting")
+        if not cams:
+            raise L.DatasetError(self.layout.root / "images", "no cameras selected", "fix the cameras setting")
         self.cameras = cams
+        self.camera_names = {c: n for c, n in self.layout.camera_names().items() if c in cams}
         self.frames = self.layout.frames
-        self.calib = {c: self._read_calib(c) for c in cams}
+        full = {c: L.read_image_size(self.layout.image_path(self.frames[0], c), decode=False) for c in cams}
+        if image_size is None:
+            W0, H0 = full[cams[0]]
+            image_size = (max(1, round(W0 / self.downscale)), max(1, round(H0 / self.downscale)))
+        self.common_size = (int(image_size[0]), int(image_size[1]))
+        self.calib = {c: self._read_calib(c, full[c]) for c in cams}
         self.ego_to_world = {t: L.read_matrix4(self.layout.ego_pose_path(t)) for t in self.frames}
 
-    def _read_calib(self, cam: int) -> CameraCalib:
+    def _read_calib(self, cam: int, full_size: tuple[int, int]) -> CameraCalib:
         intr = L.read_intrinsics(self.layout.intrinsics_path(cam))
         ext = L.read_matrix4(self.layout.extrinsics_path(cam))
-        W, H = L.read_image_size(self.layout.image_path(self.frames[0], cam), decode=False)
-        w, h = max(1, round(W / self.downscale)), max(1, round(H / self.downscale))
+        (W, H), (w, h) = full_size, self.common_size
         sx, sy = w / W, h / H
         K = np.array([[intr[0] * sx, 0, intr[2] * sx], [0, intr[1] * sy, intr[3] * sy], [0, 0, 1]])
         return CameraCalib(K=K, distortion=intr[4:], cam_to_vehicle=ext @ OPENCV2DATASET, width=w, height=h,
                            full_size=(W, H))
 
+    def subset(self, cameras: Sequence[int]) -> "SceneData":
+        """The same scene restricted to ``cameras`` (shares calibration and poses; nothing re-read)."""
+        missing = [c for c in cameras if c not in self.cameras]
+        if missing or not cameras:
+            raise ValueError(f"scene {self.name}: cannot restrict to cameras {list(cameras)} of {self.cameras}")
+        out = copy.copy(self)
+        out.cameras = list(cameras)
+        out.calib = {c: self.calib[c] for c in cameras}
+        out.camera_names = {c: self.camera_names[c] for c in cameras}
+        return out
+
+    def with_image_size(self, image_size: tuple[int, int]) -> "SceneData":
+        """The same scene loading every camera at ``image_size`` = (W, H), K rescaled per axis."""
+        w, h = int(image_size[0]), int(image_size[1])
+        if w < 1 or h < 1:
+            raise ValueError(f"image_size must be positive (W, H), got {tuple(image_size)}")
+        out = copy.copy(self)
+        out.common_size = (w, h)
+        out.calib = {c: replace(k, K=np.diag([w / k.width, h / k.height, 1.0]) @ k.K, width=w, height=h)
+                     for c, k in self.calib.items()}
+        return out
+
     def image_size(self, cam: int) -> tuple[int, int]:
-        """(W, H) after downscaling."""
+        """(W, H) the camera's images load at (the scene's common size)."""
         c = self.calib[cam]
         return c.width, c.height
 
@@ -89,17 +138,26 @@ class SceneData:
         sky: bool = False,
         dynamic: bool = False,
     ) -> Views:
-        """Views of ``frames`` x ``cameras`` (frame-major), poses OpenCV camera-to-ref.
-
-        All cameras must share one image size after downscaling (else a DatasetError says so).
-        """
+        """Views of ``frames`` x ``cameras`` (frame-major), poses OpenCV camera-to-ref, at the
+        scene's common image size."""
         cams = list(cameras) if cameras is not None else self.cameras
-        sizes = {self.image_size(c) for c in cams}
-        if len(sizes) > 1:
-            raise L.DatasetError(self.layout.root / "images", f"cameras {cams} have different image "
-                                 f"sizes {sorted(sizes)}", "select cameras of one size (e.g. 0,1,2)")
-        size = sizes.pop()
-        pairs = [(t, c) for t in frames for c in cams]
+        return self.load_view_pairs([(t, c) for t in frames for c in cams], ref_from_world,
+                                    depth=depth, sky=sky, dynamic=dynamic)
+
+    def load_view_pairs(
+        self,
+        pairs: Sequence[tuple[int, int]],
+        ref_from_world: np.ndarray,
+        depth: bool = False,
+        sky: bool = False,
+        dynamic: bool = False,
+    ) -> Views:
+        """Views of the (frame, camera) ``pairs`` in that order; see :meth:`load_views`."""
+        pairs = [(int(t), int(c)) for t, c in pairs]
+        unknown = sorted({c for _, c in pairs} - set(self.cameras))
+        if unknown:
+            raise ValueError(f"scene {self.name}: cameras {unknown} are not loaded (cameras: {self.cameras})")
+        size = self.common_size
         imgs = np.stack([L.read_image(self.layout.image_path(t, c), size, self.calib[c].full_size)
                          for t, c in pairs])
         c2w = np.stack([ref_from_world @ self.cam_to_world(t, c) for t, c in pairs])
@@ -136,10 +194,17 @@ class SceneData:
         return d
 
     def load_lidar(self, frames: Sequence[int], ref_from_world: np.ndarray) -> LidarSweep:
-        """LiDAR points of ``frames``, moved from the vehicle frame to ``ref``."""
+        """LiDAR points of ``frames``, moved from the vehicle frame to ``ref``.
+
+        Sensors as they come: points at their own origin (zero-length rays, < ``MIN_LIDAR_RANGE``)
+        are dropped; an all-zero origin column (fused multi-sensor clouds: origin = vehicle origin
+        on the ground) is accepted (origins serve only that check). Each case is warned once per
+        scene. Intensity is not read (any range works; ``layout.normalised_intensity`` maps 0-1 or
+        0-255 to 0-1 for tools that want it).
+        """
         pts, fids = [], []
         for t in frames:
-            raw = L.read_lidar(self.layout.lidar_path(t))
+            raw = self._clean_sweep(L.read_lidar(self.layout.lidar_path(t)), t)
             T = ref_from_world @ self.ego_to_world[t]
             pts.append(raw[:, 3:6] @ T[:3, :3].T + T[:3, 3])
             fids.append(np.full(len(raw), t))
@@ -147,6 +212,25 @@ class SceneData:
             points=torch.from_numpy(np.concatenate(pts)).float(),
             frame_ids=torch.from_numpy(np.concatenate(fids)).long(),
         )
+
+    def _clean_sweep(self, raw: np.ndarray, t: int) -> np.ndarray:
+        """Drop zero-length rays; note fused (all-zero) origins. Warns once per scene and case."""
+        rng = np.linalg.norm(raw[:, 3:6] - raw[:, 0:3], axis=1)
+        short = rng < MIN_LIDAR_RANGE
+        if short.any():
+            self._warn_once("zero_range", f"{self.layout.lidar_path(t)}: {int(short.sum())} LiDAR point(s) lie "
+                            f"within {MIN_LIDAR_RANGE} m of their origin (zero-length rays); dropped")
+            raw = raw[~short]
+        if len(raw) and not np.any(raw[:, 0:3]):
+            self._warn_once("fused", f"{self.layout.lidar_path(t)}: every LiDAR origin is (0, 0, 0) (a fused "
+                            "cloud?); accepted, ray lengths are then measured from the vehicle origin")
+        return raw
+
+    def _warn_once(self, case: str, message: str) -> None:
+        seen = self.__dict__.setdefault("_warned", set())
+        if case not in seen:
+            seen.add(case)
+            warnings.warn(message, stacklevel=3)
 
     def instances(self) -> dict:
         """``instances_info.json`` (empty dict when absent)."""

@@ -4,16 +4,24 @@ A *segment* is a run of ``segment_length`` consecutive frames of one scene, star
 ``segment_stride`` frames (stride < length gives overlap). Its *keyframes* are every
 ``keyframe_interval``-th frame. A sample picks ``num_target_keyframes`` target keyframes and
 ``num_source_keyframes`` source keyframes from the same segment, each contributing all cameras.
+
+Short segments (:func:`select_train_views`): with fewer keyframes than ``num_source +
+num_target``, targets shrink first to leave one source keyframe (``between`` becomes ``nearest``
+when one source remains); a one-keyframe segment holds out one camera of its frame as the target
+and uses the other cameras of that frame as sources. Only a segment of one keyframe seen by one
+camera cannot make a sample (:func:`can_sample`). A target view is never among its sources.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 import numpy as np
 
 SelectionMode = Literal["between", "beside", "nearest"]
+ViewPair = tuple[int, int]
+"""One camera image: (scene frame index t, camera id)."""
 
 
 @dataclass
@@ -23,6 +31,54 @@ class SegmentSpec:
     scene_index: int
     segment_index: int
     frames: list[int]
+    whole_scene: bool = False
+    """The segment holds all context frames of its scene (no longer segment exists): a segment of
+    too few keyframes then adapts instead of being a setting to fix."""
+    held_out_camera: Optional[int] = None
+    """Camera hold-out (eval only): this camera's views are the segment's targets; it is never a
+    source and colours none of the segment's points."""
+
+
+def can_sample(num_keyframes: int, num_cameras: int) -> bool:
+    """Whether a segment can give one target and one other source view."""
+    return num_keyframes >= 2 or (num_keyframes == 1 and num_cameras >= 2)
+
+
+def select_train_views(
+    keyframes: Sequence[int],
+    cameras: Sequence[int],
+    num_source: int,
+    num_target: int,
+    mode: SelectionMode,
+    rng: np.random.Generator,
+    poses: dict[int, np.ndarray] | None = None,
+) -> tuple[list[ViewPair], list[ViewPair]]:
+    """(source, target) views of one training sample, adapted to short segments (module docstring).
+
+    With enough keyframes this is :func:`select_train_keyframes` with every camera of each frame
+    (and draws the same random numbers).
+    """
+    kf, cams = list(keyframes), list(cameras)
+    if not can_sample(len(kf), len(cams)):
+        raise ValueError(f"a segment of {len(kf)} keyframe(s) seen by {len(cams)} camera(s) cannot give one "
+                         "target and one source view; add frames or cameras")
+    if len(kf) == 1:
+        held = int(cams[int(rng.integers(0, len(cams)))])
+        return [(kf[0], c) for c in cams if c != held], [(kf[0], held)]
+    ns, nt, mode = adapt_counts(len(kf), num_source, num_target, mode)
+    src, tgt = select_train_keyframes(kf, ns, nt, mode, rng, poses)
+    return [(t, c) for t in src for c in cams], [(t, c) for t in tgt for c in cams]
+
+
+def adapt_counts(num_keyframes: int, num_source: int, num_target: int,
+                 mode: SelectionMode) -> tuple[int, int, SelectionMode]:
+    """(source, target) keyframe counts and mode that fit ``num_keyframes`` >= 2 keyframes:
+    unchanged when they fit; else targets shrink first (to 1), then sources."""
+    if num_source + num_target <= num_keyframes:
+        return num_source, num_target, mode
+    nt = max(1, min(num_target, num_keyframes - 1))
+    ns = max(1, min(num_source, num_keyframes - nt))
+    return ns, nt, ("nearest" if mode == "between" and ns < 2 else mode)
 
 
 def split_segments(frames: Sequence[int], length: int, stride: int) -> list[list[int]]:

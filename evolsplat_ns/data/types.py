@@ -48,7 +48,7 @@ class Views:
         intrinsics: [V, 3, 3] pinhole K in pixels of these (downscaled) images.
         camtoworlds: [V, 4, 4] OpenCV camera-to-segment-frame.
         frame_ids: [V] long, scene frame index t.
-        cam_ids: [V] long, camera id (0 FRONT ... 4 SIDE_RIGHT).
+        cam_ids: [V] long, camera id (names: ``SceneData.camera_names``; Waymo 0 FRONT ... 4 SIDE_RIGHT).
         depths: optional [V, H, W] float32 OpenCV z-depth in metres, 0 = unknown.
         sky_masks: optional [V, H, W] bool, True = sky.
         dynamic_masks: optional [V, H, W] bool, True = dynamic object.

@@ -134,20 +134,21 @@ class SegmentImages:
 class EvalViews:
     """Iterable of (camera, batch) for every held-out target view (lazy; loads per item).
 
-    View ``k`` is camera ``k % num_cams`` at the held-out frame of eval item ``k // num_cams``.
+    View ``k`` is ``views[k]``: (eval item, index among its sample's targets, camera id).
     """
 
     def __init__(self, dataset: MultiSceneDataset):
         self.dataset = dataset
-        self.num_cams = len(dataset.scenes[0].cameras) if dataset.scenes else 0
+        self.views = [(i, v, c) for i in range(len(dataset.eval_items)) for v, c in enumerate(dataset.eval_cameras(i))]
+        """(eval item, index in its sample's targets, camera id) of every held-out view, in order."""
         self.frame_segment: Optional[int] = None
         """The shown segment (set by the pipeline): :attr:`cameras` of its scene are posed in its frame."""
-        files = [dataset.scenes[dataset.segments[s].scene_index].layout.image_path(t, c)
-                 for s, t in dataset.eval_items for c in dataset.scenes[dataset.segments[s].scene_index].cameras]
+        files = [dataset.scenes[dataset.segments[dataset.eval_items[i][0]].scene_index].layout.image_path(
+            dataset.eval_items[i][1], c) for i, _, c in self.views]
         self._dataparser_outputs = ImageFiles(files)
 
     def __len__(self) -> int:
-        return len(self.dataset.eval_items) * self.num_cams
+        return self.dataset.num_eval_views
 
     @property
     def cameras(self) -> Cameras:
@@ -161,17 +162,17 @@ class EvalViews:
         """
         d = self.dataset
         poses, Ks, frame_of, index = [], [], [], []
-        for i, (seg, t) in enumerate(d.eval_items):
+        for i, v, c in self.views:
+            seg, t = d.eval_items[i]
             scene_index = d.segments[seg].scene_index
             scene = d.scenes[scene_index]
             shown = self.frame_segment
             ref = shown if shown is not None and d.segments[shown].scene_index == scene_index else seg
             ref_from_world = np.linalg.inv(scene.ego_to_world[d.segments[ref].frames[0]])
-            for v, c in enumerate(scene.cameras):
-                poses.append(ref_from_world @ scene.cam_to_world(t, c))
-                Ks.append(scene.calib[c].K)
-                frame_of.append(ref)
-                index.append((i, v))
+            poses.append(ref_from_world @ scene.cam_to_world(t, c))
+            Ks.append(scene.calib[c].K)
+            frame_of.append(ref)
+            index.append((i, v))
         W, H = d.scenes[0].image_size(d.scenes[0].cameras[0])
         index_t = torch.tensor(index)
         meta = {"eval_index": index_t[:, :1], "view": index_t[:, 1:], "frame_segment": torch.tensor(frame_of)[:, None]}
@@ -181,9 +182,10 @@ class EvalViews:
     def __getitem__(self, k: int) -> dict:
         """Held-out view ``k``'s ground-truth image [H, W, 3] in [0, 1] (only that image is read)."""
         d = self.dataset
-        seg, t = d.eval_items[k // self.num_cams]
+        i, _, cam = self.views[k]
+        seg, t = d.eval_items[i]
         scene = d.scenes[d.segments[seg].scene_index]
-        view = scene.load_views([t], np.eye(4), cameras=[scene.cameras[k % self.num_cams]])
+        view = scene.load_views([t], np.eye(4), cameras=[cam])
         return {"image": view.images[0], "image_idx": k}
 
     def __iter__(self) -> Iterator[tuple[Cameras, dict]]:

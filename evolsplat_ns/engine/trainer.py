@@ -104,10 +104,18 @@ class RunFolderError(checkpoints.CheckpointError, FileExistsError):
     """The run folder already holds another run's checkpoints."""
 
 
+def require_device(device_type: str) -> None:
+    """Exit with one line (no traceback) when the configured device does not exist here."""
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("evolsplat: --machine.device-type is cuda but CUDA is not available on this machine "
+                         "(no GPU, or a CPU-only torch); pass --machine.device-type cpu")
+
+
 class EVolSplatTrainer(Trainer):
     config: EVolSplatTrainerConfig
 
     def __init__(self, config: EVolSplatTrainerConfig, local_rank: int = 0, world_size: int = 1) -> None:
+        require_device(config.machine.device_type)
         if config.use_mixed_precision:
             config.mixed_precision = True
         if config.gradient_clip_val is not None:

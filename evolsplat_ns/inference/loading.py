@@ -26,7 +26,14 @@ if TYPE_CHECKING:
 
 @dataclass
 class DatasetOverrides:
-    """Changes to the run's ``MultiSceneDatasetConfig`` (None = keep the run's value)."""
+    """Changes to the run's ``MultiSceneDatasetConfig`` (None = keep the run's value).
+
+    New data (``data``) is read as it is, not through the run's data settings: all its cameras
+    (whatever the run selected), any rig, and hold-out/selection adapted to its scenes
+    (``eval_hold_out="auto"``, see :mod:`evolsplat_ns.data.dataset`); the fields below override that.
+    The run's ``downscale``, segment length and source count stay (the model was sized for them)
+    unless given.
+    """
 
     data: Optional[Path] = None
     """Dataset folder to use instead of the run's."""
@@ -34,6 +41,16 @@ class DatasetOverrides:
     """Treat every scene as an eval scene (zero-shot evaluation of new scenes)."""
     eval_frame_interval: Optional[int] = None
     """Hold out every k-th frame of eval scenes."""
+    hold_out: Optional[str] = None
+    """``auto``, ``frames`` or ``cameras`` (None: ``auto`` for new data, else the run's)."""
+    eval_cameras: Optional[tuple[int, ...]] = None
+    """Cameras held out in camera hold-out (default: each camera in turn)."""
+    cameras: Optional[tuple[int, ...]] = None
+    """Cameras to load (None: all of the new data's, else the run's)."""
+    num_source_keyframes: Optional[int] = None
+    """Source keyframes per target (each with every camera); capped by what a segment holds."""
+    segment_length: Optional[int] = None
+    """Frames per segment (0 = whole scene)."""
 
 
 def _apply_overrides(config: TrainerConfig, o: DatasetOverrides) -> None:
@@ -45,8 +62,14 @@ def _apply_overrides(config: TrainerConfig, o: DatasetOverrides) -> None:
             raise FileNotFoundError(f"--data {o.data} is not a folder of scenes (or a scene folder)")
         dm.data = Path(o.data)
         ds.data = Path(o.data)
-    if o.eval_frame_interval is not None:
-        ds.eval_frame_interval = o.eval_frame_interval
+        ds.cameras = None  # the new data's own rig, not the run's camera selection
+        ds.eval_hold_out = "auto"
+        ds.eval_cameras = ()
+    for name, value in (("eval_frame_interval", o.eval_frame_interval), ("eval_hold_out", o.hold_out),
+                        ("eval_cameras", o.eval_cameras), ("cameras", o.cameras),
+                        ("num_source_keyframes", o.num_source_keyframes), ("segment_length", o.segment_length)):
+        if value is not None:
+            setattr(ds, name, tuple(value) if isinstance(value, list) else value)
     if o.all_scenes_eval:
         from evolsplat_ns.data.sources import get_source
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from evolsplat_ns.data.layout import CAMERA_NAMES
+MAX_CAMERAS = 12
 
 
 @dataclass
@@ -16,8 +16,11 @@ class SynthConfig:
 
     scenes: int = field(default=1, metadata={"help": "number of scenes, written as OUT/000, OUT/001, ..."})
     frames: int = field(default=40, metadata={"help": "frames per scene"})
-    cameras: int = field(default=3, metadata={"help": "cameras 0..C-1: 0 FRONT, 1 FRONT_LEFT, 2 FRONT_RIGHT, "
-                                                       "3 SIDE_LEFT, 4 SIDE_RIGHT (1 to 5)"})
+    cameras: int = field(default=3, metadata={"help": "cameras 0..C-1 (1 to 12): up to 5 Waymo's 0 FRONT, 1 "
+                                                       "FRONT_LEFT, 2 FRONT_RIGHT, 3 SIDE_LEFT, 4 SIDE_RIGHT; 6 or "
+                                                       "more a roof ring 360/C apart, front first, then left/right "
+                                                       "alternating (an even C ends with a rear camera); names "
+                                                       "in cameras.json"})
     width: int = field(default=480, metadata={"help": "image width in pixels"})
     height: int = field(default=320, metadata={"help": "image height in pixels"})
     seed: int = field(default=0, metadata={"help": "scene i uses numpy.random.default_rng(seed + i)"})
@@ -41,7 +44,7 @@ class SynthConfig:
         rules = {
             "scenes": (self.scenes >= 1, ">= 1"),
             "frames": (self.frames >= 1, ">= 1"),
-            "cameras": (1 <= self.cameras <= len(CAMERA_NAMES), f"1 to {len(CAMERA_NAMES)}"),
+            "cameras": (1 <= self.cameras <= MAX_CAMERAS, f"1 to {MAX_CAMERAS}"),
             "width": (self.width >= 8, ">= 8"),
             "height": (self.height >= 8, ">= 8"),
             "fps": (self.fps > 0, "> 0"),

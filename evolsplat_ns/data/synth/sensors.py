@@ -29,6 +29,43 @@ CAMERA_MOUNTS = (
     ((1.30, 0.20, 2.08), 90.0, 3.0),
     ((1.30, -0.20, 2.08), -90.0, 3.0),
 )
+RING_RADIUS = 0.6                           # m, roof ring of the >= 6 camera rigs
+RING_CENTRE = (0.9, 0.0, 2.10)              # vehicle frame, metres
+
+
+def camera_mounts(num_cameras: int) -> list[tuple[tuple[float, float, float], float, float]]:
+    """Mounts ((x, y, z), yaw, pitch) of a rig of ``num_cameras`` cameras (vehicle frame, degrees).
+
+    1 to 5 cameras: Waymo's first ``num_cameras`` (``CAMERA_MOUNTS``). 6 or more: a ring of evenly
+    spaced yaws, ``360 / N`` apart, numbered front first then alternating left (+yaw) and right:
+    camera ``k`` looks at yaw ``+-ceil(k / 2) * 360 / N`` (left for odd k); with an even N the last
+    camera looks straight back (yaw 180). Each sits on a roof circle of radius ``RING_RADIUS``
+    around ``RING_CENTRE``, facing outwards, pitched 2 degrees down.
+    """
+    if num_cameras <= len(CAMERA_MOUNTS):
+        return list(CAMERA_MOUNTS[:num_cameras])
+    step = 360.0 / num_cameras
+    mounts = []
+    for k in range(num_cameras):
+        yaw = np.ceil(k / 2) * step * (1 if k % 2 else -1)
+        yaw = 180.0 if abs(abs(yaw) - 180.0) < 1e-9 else yaw
+        a = np.radians(yaw)
+        pos = (RING_CENTRE[0] + RING_RADIUS * np.cos(a), RING_CENTRE[1] + RING_RADIUS * np.sin(a), RING_CENTRE[2])
+        mounts.append((pos, float(yaw), 2.0))
+    return mounts
+
+
+def camera_name(yaw_deg: float) -> str:
+    """A compass-style name for a ring camera's yaw (0 FRONT, +90 LEFT, 180 REAR, -90 RIGHT)."""
+    yaw = (yaw_deg + 180.0) % 360.0 - 180.0
+    if abs(yaw) < 1e-6:
+        return "FRONT"
+    if abs(abs(yaw) - 180.0) < 1e-6:
+        return "REAR"
+    side = "LEFT" if yaw > 0 else "RIGHT"
+    return f"{side}_{abs(yaw):.0f}"
+
+
 LIDAR_MOUNT = np.array([1.20, 0.0, 2.20])   # vehicle frame, on the roof
 LIDAR_ELEVATION_DEG = (2.0, -20.0)          # top and bottom beam (Waymo TOP: +2.4 to -17.6)
 TOP_LIDAR_ID = 0                            # drivestudio's laser id of Waymo's TOP LiDAR
@@ -105,11 +142,11 @@ class CameraRig:
 
 
 def make_rig(cfg: SynthConfig) -> CameraRig:
-    """The first ``cfg.cameras`` Waymo-like cameras, square pixels, principal point at the centre."""
+    """``cfg.cameras`` cameras placed by :func:`camera_mounts`, square pixels, principal point at the centre."""
     f = (cfg.width / 2) / np.tan(np.radians(cfg.hfov_deg) / 2)
     K = intrinsics_matrix(f, f, cfg.width / 2, cfg.height / 2)
     ext = [yaw_matrix(np.radians(yaw), pos) @ _pitch_matrix(np.radians(pitch))
-           for pos, yaw, pitch in CAMERA_MOUNTS[: cfg.cameras]]
+           for pos, yaw, pitch in camera_mounts(cfg.cameras)]
     return CameraRig(np.stack([K] * cfg.cameras), np.stack(ext), cfg.width, cfg.height)
 
 

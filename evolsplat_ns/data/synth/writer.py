@@ -11,11 +11,11 @@ import numpy as np
 from evolsplat_ns.data import layout
 from evolsplat_ns.data.synth.config import SynthConfig
 from evolsplat_ns.data.synth.render import CameraFrame
-from evolsplat_ns.data.synth.sensors import CameraRig
+from evolsplat_ns.data.synth.sensors import CAMERA_MOUNTS, CameraRig, camera_mounts, camera_name
 from evolsplat_ns.data.synth.street import Street
 
 # Everything a scene folder may hold that this writer produces (removed by ``clear``).
-SCENE_ENTRIES = ("images", "intrinsics", "extrinsics", "ego_pose", "lidar", "sky_masks", "dynamic_masks",
+SCENE_ENTRIES = (layout.CAMERAS_FILE, "images", "intrinsics", "extrinsics", "ego_pose", "lidar", "sky_masks", "dynamic_masks",
                  "instances", "depth", "flow")
 
 
@@ -36,7 +36,11 @@ class SceneWriter:
     def clear(self) -> None:
         """Remove this writer's modality folders from an existing scene folder (``--overwrite``)."""
         for name in SCENE_ENTRIES:
-            shutil.rmtree(self.layout.root / name, ignore_errors=True)
+            path = self.layout.root / name
+            if path.is_file():
+                path.unlink()
+            else:
+                shutil.rmtree(path, ignore_errors=True)
 
     def write_calibration(self, rig: CameraRig) -> None:
         """intrinsics/{cam}.txt (fu fv cu cv 0 0 0 0 0) and extrinsics/{cam}.txt (camera-to-vehicle,
@@ -44,6 +48,9 @@ class SceneWriter:
         for cam in self.layout.cameras:
             layout.write_intrinsics(self.layout.intrinsics_path(cam), rig.intrinsics_row(cam))
             layout.write_matrix4(self.layout.extrinsics_path(cam), rig.extrinsics[cam])
+        if self.cfg.cameras > len(CAMERA_MOUNTS):  # ring rigs name their cameras; Waymo's need no file
+            names = {str(k): camera_name(yaw) for k, (_, yaw, _) in enumerate(camera_mounts(self.cfg.cameras))}
+            layout.write_json(self.layout.cameras_file, {"names": names})
 
     def write_frame(self, t: int, vehicle_to_world: np.ndarray, frame: CameraFrame, lidar: np.ndarray) -> None:
         """Ego pose, LiDAR [N, 14] and every camera's image, depth, flow and masks of frame ``t``."""

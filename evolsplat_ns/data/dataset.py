@@ -352,14 +352,15 @@ class MultiSceneDataset:
         scene = self.scenes[seg.scene_index]
         src = nearest_sources(self.keyframes(seg_id), [t], self.config.num_source_keyframes, scene.ego_to_world)
         if seg.held_out_camera is None:
-            return self.load_sample(seg_id, src, [t], lidar=self.config.load_lidar_for_eval)
+            return self.load_sample(seg_id, src, [t], lidar=self.config.load_lidar_for_eval, target_masks=True)
         sources = [(f, cam) for f in src for cam in scene.cameras if cam != seg.held_out_camera]
-        return self.load_sample(seg_id, sources, [(t, seg.held_out_camera)])
+        return self.load_sample(seg_id, sources, [(t, seg.held_out_camera)], target_masks=True)
 
     def load_sample(self, seg_id: int, source: list[int] | list[ViewPair], target: list[int] | list[ViewPair],
-                    *, is_new_segment: bool = False, lidar: bool = False) -> Sample:
+                    *, is_new_segment: bool = False, lidar: bool = False, target_masks: bool = False) -> Sample:
         """Sample of segment ``seg_id``: ``source``/``target`` are frames (every camera each) or
-        (frame, camera) pairs."""
+        (frame, camera) pairs. ``target_masks`` loads the targets' dynamic masks where the scene
+        has them (the dynamic/static-region metrics)."""
         c = self.config
         seg = self.segments[seg_id]
         scene = self.scenes[seg.scene_index]
@@ -367,17 +368,18 @@ class MultiSceneDataset:
         seg_from_world = np.linalg.inv(seg_to_world)
         opts = dict(depth=c.load_depth, sky=c.load_sky_masks, dynamic=c.load_dynamic_masks)
 
-        def views(spec):
+        def views(spec, **extra):
+            kw = {**opts, **extra}
             pairs = [p if isinstance(p, tuple) else None for p in spec]
             if all(p is not None for p in pairs):
-                return scene.load_view_pairs(pairs, seg_from_world, **opts)
-            return scene.load_views(spec, seg_from_world, **opts)
+                return scene.load_view_pairs(pairs, seg_from_world, **kw)
+            return scene.load_views(spec, seg_from_world, **kw)
 
         target_frames = sorted({p[0] if isinstance(p, tuple) else p for p in target})
         return Sample(
             key=self.key(seg_id),
             source=views(source),
-            target=views(target),
+            target=views(target, **({"dynamic": True} if target_masks else {})),
             segment_to_world=torch.from_numpy(seg_to_world).float(),
             segment_frames=list(seg.frames),
             lidar=scene.load_lidar(target_frames, seg_from_world) if lidar and scene.layout.has("lidar") else None,

@@ -15,6 +15,10 @@
       dynamic_masks/{all,human,vehicle}/{t:03d}_{cam}.png   optional, 255 = dynamic
       instances/instances_info.json     optional, per instance id: class_name, frame_annotations
       instances/frame_instances.json    optional, frame index -> instance ids
+      instance_masks/{t:03d}_{cam}.png  optional (evolsplat-ns extension): 16-bit per-pixel instance,
+                                        0 = none, k + 1 = instance id k of instances_info.json
+      instances_gt/instances_info.json  optional (synthetic, with --box-noise-*): the true boxes when
+                                        instances/ holds noisy ones
       depth/{t:03d}_{cam}.npy           optional (evolsplat-ns extension): float32 [H, W] OpenCV
                                         z-depth in metres at image resolution, 0 = unknown
       flow/{t:03d}_{cam}.npy            optional (evolsplat-ns extension): float16 [H, W, 2] pixel
@@ -244,6 +248,31 @@ def write_mask(path: str | os.PathLike, mask: np.ndarray) -> None:
     Image.fromarray(np.where(np.asarray(mask), 255, 0).astype(np.uint8)).save(path)
 
 
+def write_instance_mask(path: str | os.PathLike, ids: np.ndarray) -> None:
+    """Write [H, W] integer instance ids (0 = none, k + 1 = instance k) as a 16-bit PNG."""
+    from PIL import Image
+
+    ids = np.asarray(ids)
+    if ids.min(initial=0) < 0 or ids.max(initial=0) > 65535:
+        raise ValueError(f"instance mask values must be in 0..65535, got {ids.min()}..{ids.max()}")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(ids.astype(np.uint16)).save(path)
+
+
+def read_instance_mask(path: str | os.PathLike) -> np.ndarray:
+    """[H, W] int32 instance ids of a mask written by :func:`write_instance_mask`."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(path, "missing file")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im).astype(np.int32)
+    except OSError as e:
+        raise DatasetError(path, f"unreadable instance mask ({e})") from e
+
+
 def write_json(path: str | os.PathLike, obj: object) -> None:
     _write_text(path, json.dumps(obj, indent=1))
 
@@ -304,14 +333,23 @@ class SceneLayout:
     def frame_instances_path(self) -> Path:
         return self.root / "instances" / "frame_instances.json"
 
+    def instance_mask_path(self, t: int, cam: int) -> Path:
+        return self.root / "instance_masks" / f"{t:03d}_{cam}.png"
+
+    @property
+    def true_instances_info_path(self) -> Path:
+        return self.root / "instances_gt" / "instances_info.json"
+
     def has(self, modality: str) -> bool:
-        """Whether an optional modality is present: lidar, sky_masks, dynamic_masks, instances, depth, flow."""
+        """Whether an optional modality is present: lidar, sky_masks, dynamic_masks, instances,
+        instance_masks, depth, flow."""
         t, c = self.frames[0], self.cameras[0]
         probe = {
             "lidar": self.lidar_path(t),
             "sky_masks": self.sky_mask_path(t, c),
             "dynamic_masks": self.dynamic_mask_path(t, c),
             "instances": self.instances_info_path,
+            "instance_masks": self.instance_mask_path(t, c),
             "depth": self.depth_path(t, c),
             "flow": self.flow_path(t, c),
         }[modality]

@@ -193,6 +193,23 @@ class SceneData:
             d = torch.nn.functional.interpolate(d[None, None], size=(size[1], size[0]), mode="nearest")[0, 0]
         return d
 
+    def load_flow(self, t: int, cam: int, size: tuple[int, int]) -> torch.Tensor:
+        """Ground-truth optical flow t -> t+1 of camera ``cam`` at ``size`` = (W, H): [H, W, 2]
+        float32 pixels (dx right, dy down), resized bilinearly with the vectors scaled to match."""
+        path = self.layout.flow_path(t, cam)
+        try:
+            f = torch.from_numpy(np.load(path).astype(np.float32))
+        except (OSError, ValueError) as e:
+            raise L.DatasetError(path, f"unreadable flow ({e})") from None
+        if f.ndim != 3 or f.shape[2] != 2:
+            raise L.DatasetError(path, f"flow must be [H, W, 2], got shape {tuple(f.shape)}")
+        h, w = f.shape[:2]
+        if (w, h) != tuple(size):
+            f = torch.nn.functional.interpolate(f.permute(2, 0, 1)[None], size=(size[1], size[0]), mode="bilinear",
+                                                align_corners=False)[0].permute(1, 2, 0)
+            f = f * torch.tensor([size[0] / w, size[1] / h])
+        return f
+
     def load_lidar(self, frames: Sequence[int], ref_from_world: np.ndarray) -> LidarSweep:
         """LiDAR points of ``frames``, moved from the vehicle frame to ``ref``.
 

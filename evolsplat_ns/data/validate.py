@@ -139,11 +139,14 @@ def raise_on_errors(data: Path, results: list[SceneValidation]) -> list[L.Datase
 
 def _check_frames(lay: L.SceneLayout, check: _Checker, min_frames: int) -> None:
     img_dir = lay.root / "images"
-    if len(lay.frames) < min_frames:
-        check(_raise, img_dir, f"only {len(lay.frames)} frame(s); a training sample needs at least {min_frames} "
-              "(source and target keyframes)", "add frames or leave this scene out of the dataset folder")
-    elif len(lay.frames) < 2:
-        check.warn(img_dir, "only 1 frame: training needs at least 2 (a source and a target keyframe)")
+    views = len(lay.frames) * len(lay.cameras)
+    if views < 2:
+        check(_raise, img_dir, f"only {len(lay.frames)} frame(s) of {len(lay.cameras)} camera(s); a sample needs "
+              "one target view and at least one other source view", "add frames or cameras, or leave this scene "
+              "out of the dataset folder")
+    elif len(lay.frames) < max(min_frames, 2):
+        check.warn(img_dir, f"only {len(lay.frames)} frame(s) (the settings ask for {min_frames} keyframes per "
+                   "sample): sources and targets adapt (docs/data_formats.md, short sequences)")
     missing = sorted(set(range(lay.frames[0], lay.frames[-1] + 1)) - set(lay.frames))
     if missing:
         shown = ", ".join(f"{t:03d}" for t in missing[:5]) + (" ..." if len(missing) > 5 else "")

@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from evolsplat_ns.data.types import Sample
 from evolsplat_ns.geometry import invert_rigid, project_points
-from evolsplat_ns.model.metrics import depth_metrics, perceptual_status
+from evolsplat_ns.data.dataset import MultiSceneDataset
+from evolsplat_ns.model.metrics import depth_metrics, dilate, perceptual_status, region_metrics, warp_error
 from evolsplat_ns.model.node import concat_gaussians
 from evolsplat_ns.model.predictor import SharedState
 from evolsplat_ns.utils.timing import StageTimer
@@ -72,9 +73,63 @@ def lidar_depth_metrics(sample: Sample, v: int, depth: torch.Tensor) -> dict[str
     return depth_metrics(depth, uv[0], z[0])
 
 
+@dataclass
+class NextFrame:
+    """The same camera one frame later, for the temporal (flow-warping) error of a held-out view.
+
+    Attributes: c2w [4, 4] OpenCV camera-to-segment at t+1; image [H, W, 3] its ground truth;
+    flow [H, W, 2] ground-truth flow t -> t+1 (pixels); time t+1.
+    """
+
+    c2w: torch.Tensor
+    image: torch.Tensor
+    flow: torch.Tensor
+    time: float
+
+
+def next_frame(dataset: MultiSceneDataset, sample: Sample, v: int) -> Optional[NextFrame]:
+    """Target ``v``'s camera at the next frame, when the scene has that frame and GT flow."""
+    scene = dataset.scenes[dataset.segments[dataset.segment_index(sample.key)].scene_index]
+    t, cam = int(sample.target.frame_ids[v]), int(sample.target.cam_ids[v])
+    if t + 1 not in scene.frames or not scene.layout.flow_path(t, cam).is_file():
+        return None
+    seg_from_world = np.linalg.inv(sample.segment_to_world.double().numpy())
+    nxt = scene.load_views([t + 1], seg_from_world, cameras=[cam])
+    flow = scene.load_flow(t, cam, (sample.target.width, sample.target.height))
+    return NextFrame(nxt.camtoworlds[0], nxt.images[0], flow, float(t + 1))
+
+
+def dynamic_metrics(model: EVolSplatModel, sample: Sample, state: SharedState, v: int, rgb: torch.Tensor,
+                    following: Optional[NextFrame]) -> dict[str, float]:
+    """Region PSNR/SSIM (dynamic vs static pixels) and the temporal warping error on dynamic
+    pixels (rendered minus ground truth), when the view has a dynamic mask (docs/metrics.md)."""
+    target = sample.target
+    if target.dynamic_masks is None:
+        return {}
+    gt, dynamic = target.images[v].to(rgb.device), target.dynamic_masks[v].to(rgb.device)
+    radius = max(1, round(DYNAMIC_DILATION * target.width))
+    out = region_metrics(rgb, gt, dynamic, radius)
+    if following is not None and dynamic.any():
+        c2w = following.c2w.to(model.device)
+        rendered = model.render(state, c2w, target.intrinsics[v].to(model.device), target.width, target.height,
+                                time=following.time)["rgb"].clamp(0, 1)
+        region, flow = dilate(dynamic, radius), following.flow.to(rgb.device)
+        e_render = warp_error(rgb, rendered, flow, region)
+        e_gt = warp_error(gt, following.image.to(rgb.device), flow, region)
+        if np.isfinite(e_render) and np.isfinite(e_gt):
+            out["temporal_warp_error"] = e_render - e_gt
+    return out
+
+
+DYNAMIC_DILATION = 0.01
+"""Dynamic masks are dilated by this fraction of the image width (at least 1 px) before the
+dynamic-region metrics, so the metric covers an actor's silhouette edge (drivestudio's practice)."""
+
+
 def score_view(model: EVolSplatModel, sample: Sample, state: SharedState, v: int,
-               timer: Optional[StageTimer] = None) -> HeldOutView:
-    """Render target ``v`` of ``sample`` from ``state`` and score it (optionally timed)."""
+               timer: Optional[StageTimer] = None, following: Optional[NextFrame] = None) -> HeldOutView:
+    """Render target ``v`` of ``sample`` from ``state`` and score it (optionally timed); with
+    ``following`` (the camera one frame later) also the temporal error on dynamic pixels."""
     timed = timer if timer is not None else (lambda stage: nullcontext())
     target = sample.target.to(model.device)
     c2w, K = target.camtoworlds[v], target.intrinsics[v]
@@ -87,6 +142,7 @@ def score_view(model: EVolSplatModel, sample: Sample, state: SharedState, v: int
             model.rasterize_gaussians(concat_gaussians(parts), background, c2w, K, target.width, target.height)
     metrics, images = model.get_image_metrics_and_images(out, {"image": target.images[v]})
     metrics.update(lidar_depth_metrics(sample, v, out["depth"]))
+    metrics.update(dynamic_metrics(model, sample, state, v, out["rgb"].clamp(0, 1), following))
     return HeldOutView(sample, v, out, metrics, images)
 
 
@@ -113,7 +169,7 @@ def held_out_views(model: EVolSplatModel, datamanager: EVolSplatDataManager, tim
         with timed("encode_ms"):
             state = model.encode(split_backward=False)
         for v in range(len(sample.target)):
-            yield score_view(model, sample, state, v, timer)
+            yield score_view(model, sample, state, v, timer, next_frame(dataset, sample, v))
 
 
 VIEW_OUTPUTS = ("rgb", "gt-rgb", "depth", "accumulation")

@@ -169,3 +169,74 @@ def depth_metrics(pred_depth: torch.Tensor, uv: torch.Tensor, gt_depth: torch.Te
         return {}
     p, g = pred_depth[iy[ok], ix[ok], 0], gt_depth[ok]
     return {"depth_abs_rel": float(((p - g).abs() / g).mean()), "depth_rmse": float(((p - g) ** 2).mean().sqrt())}
+
+
+# -- region metrics (dynamic vs static pixels) and temporal consistency --------------------------
+
+
+def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """[H, W] bool mask grown by ``radius`` pixels (square structuring element)."""
+    if radius <= 0:
+        return mask
+    m = mask.float()[None, None]
+    return torch.nn.functional.max_pool2d(m, 2 * radius + 1, stride=1, padding=radius)[0, 0] > 0
+
+
+def masked_psnr(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor) -> float:
+    """PSNR (dB) over the pixels of ``mask`` [H, W] of images [H, W, 3] in [0, 1] (nan if empty)."""
+    if not mask.any():
+        return float("nan")
+    mse = ((pred - gt) ** 2)[mask].mean()
+    return float(-10.0 * torch.log10(mse.clamp(min=1e-10)))
+
+
+def ssim_map(pred: torch.Tensor, gt: torch.Tensor, win: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """[H, W] per-pixel SSIM of images [H, W, 3] in [0, 1] (Gaussian window, channel mean; borders
+    reflect-padded), the map whose mean over a region is that region's SSIM."""
+    win = min(win, pred.shape[0], pred.shape[1])
+    win = win if win % 2 else win - 1
+    x = torch.arange(win, dtype=pred.dtype, device=pred.device) - win // 2
+    g = torch.exp(-(x ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).expand(3, 1, win, win)
+
+    def blur(img: torch.Tensor) -> torch.Tensor:
+        padded = torch.nn.functional.pad(img, [win // 2] * 4, mode="reflect")
+        return torch.nn.functional.conv2d(padded, kernel, groups=3)
+
+    p, q = pred.permute(2, 0, 1)[None], gt.permute(2, 0, 1)[None]
+    mp, mq = blur(p), blur(q)
+    vp, vq, cov = blur(p * p) - mp ** 2, blur(q * q) - mq ** 2, blur(p * q) - mp * mq
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mp * mq + c1) * (2 * cov + c2)) / ((mp ** 2 + mq ** 2 + c1) * (vp + vq + c2))
+    return s[0].mean(0)
+
+
+def region_metrics(pred: torch.Tensor, gt: torch.Tensor, dynamic: torch.Tensor, radius: int) -> dict[str, float]:
+    """PSNR/SSIM on dynamic pixels (``dynamic`` [H, W] dilated by ``radius`` px) and on the rest.
+
+    Keys ``psnr_dynamic``, ``ssim_dynamic`` (absent when the view has no dynamic pixel),
+    ``psnr_static``, ``ssim_static``; definitions in docs/metrics.md."""
+    region = dilate(dynamic.to(pred.device), radius)
+    smap = ssim_map(pred, gt)
+    out = {"psnr_static": masked_psnr(pred, gt, ~region), "ssim_static": float(smap[~region].mean())}
+    if region.any():
+        out.update(psnr_dynamic=masked_psnr(pred, gt, region), ssim_dynamic=float(smap[region].mean()))
+    return out
+
+
+def warp_error(frame_t: torch.Tensor, frame_next: torch.Tensor, flow: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean L1 over ``mask`` [H, W] of ``frame_t(p) - frame_next(p + flow(p))`` (images [H, W, 3],
+    ``flow`` [H, W, 2] pixels t -> t+1, dx right, dy down; bilinear; pixels whose target leaves the
+    image are left out). nan when nothing remains."""
+    H, W = mask.shape
+    ys, xs = torch.meshgrid(torch.arange(H, device=flow.device), torch.arange(W, device=flow.device), indexing="ij")
+    x = xs + 0.5 + flow[..., 0]
+    y = ys + 0.5 + flow[..., 1]
+    inside = (x >= 0) & (x <= W) & (y >= 0) & (y <= H) & mask.to(flow.device)
+    if not inside.any():
+        return float("nan")
+    grid = torch.stack([2 * x / W - 1, 2 * y / H - 1], dim=-1)[None].to(frame_next.dtype)
+    warped = torch.nn.functional.grid_sample(frame_next.permute(2, 0, 1)[None], grid, align_corners=False)[0]
+    diff = (frame_t - warped.permute(1, 2, 0)).abs().mean(-1)
+    return float(diff[inside].mean())

@@ -33,6 +33,11 @@ class SynthConfig:
     lidar_range: float = field(default=75.0, metadata={"help": "LiDAR maximum range in metres (Waymo TOP: 75)"})
     moving_cars: int = field(default=4, metadata={"help": "moving cars per scene (both lanes)"})
     shadows: bool = field(default=True, metadata={"help": "cast sun shadows from the static scene"})
+    box_noise_trans: float = field(default=0.0, metadata={"help": "std-dev (m) of Gaussian noise added to the "
+                                                                  "written boxes' horizontal position (true boxes "
+                                                                  "go to instances_gt/)"})
+    box_noise_rot: float = field(default=0.0, metadata={"help": "std-dev (degrees) of Gaussian noise added to the "
+                                                                "written boxes' yaw (true boxes go to instances_gt/)"})
     jpeg_quality: int = field(default=95, metadata={"help": "JPEG quality of images/ (1 to 100)"})
     overwrite: bool = field(default=False, metadata={"help": "replace scene folders that already exist"})
 
@@ -54,6 +59,8 @@ class SynthConfig:
             "lidar_azimuths": (self.lidar_azimuths >= 8, ">= 8"),
             "lidar_range": (self.lidar_range > 1, "> 1 m"),
             "moving_cars": (self.moving_cars >= 0, ">= 0"),
+            "box_noise_trans": (self.box_noise_trans >= 0, ">= 0 m"),
+            "box_noise_rot": (self.box_noise_rot >= 0, ">= 0 degrees"),
             "jpeg_quality": (1 <= self.jpeg_quality <= 100, "1 to 100"),
         }
         for name, (ok, rule) in rules.items():

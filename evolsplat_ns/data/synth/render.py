@@ -77,6 +77,8 @@ class CameraFrame:
             point from this frame to the next, same camera; zeros when there is no next frame.
         sky: [C, H, W] bool, True where the ray hit nothing.
         dynamic: [C, H, W] bool, True on moving cars.
+        instance: [C, H, W] int32, 0 where no car was hit, else car index + 1 (the instance id of
+            ``instances_info.json`` + 1), parked cars included.
     """
 
     rgb: np.ndarray
@@ -84,6 +86,7 @@ class CameraFrame:
     flow: np.ndarray
     sky: np.ndarray
     dynamic: np.ndarray
+    instance: np.ndarray
 
 
 def render_cameras(street: Street, rig: CameraRig, caster: Raycaster, time: float,
@@ -104,6 +107,8 @@ def render_cameras(street: Street, rig: CameraRig, caster: Raycaster, time: floa
     moving = np.array([c.moving for c in street.cars] + [False], bool)  # index -1 -> not a car
     dynamic = np.zeros(len(rays), bool)
     dynamic[hits.index] = moving[hits.car]
+    instance = np.zeros(len(rays), np.int32)
+    instance[hits.index] = hits.car + 1  # car -1 (not a car) -> 0
     if next_time is None:
         flow = np.zeros((len(rays), 2), np.float32)
     else:
@@ -114,6 +119,7 @@ def render_cameras(street: Street, rig: CameraRig, caster: Raycaster, time: floa
         flow=flow.astype(np.float16).reshape(C, H, W, 2),
         sky=~hit.reshape(C, H, W),
         dynamic=dynamic.reshape(C, H, W),
+        instance=instance.reshape(C, H, W),
     )
 
 

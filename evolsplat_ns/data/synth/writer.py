@@ -16,7 +16,7 @@ from evolsplat_ns.data.synth.street import Street
 
 # Everything a scene folder may hold that this writer produces (removed by ``clear``).
 SCENE_ENTRIES = (layout.CAMERAS_FILE, "images", "intrinsics", "extrinsics", "ego_pose", "lidar", "sky_masks", "dynamic_masks",
-                 "instances", "depth", "flow")
+                 "instances", "instance_masks", "instances_gt", "depth", "flow")
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -63,6 +63,7 @@ class SceneWriter:
             layout.write_mask(L.dynamic_mask_path(t, cam, "all"), frame.dynamic[cam])
             layout.write_mask(L.dynamic_mask_path(t, cam, "vehicle"), frame.dynamic[cam])
             layout.write_mask(L.dynamic_mask_path(t, cam, "human"), np.zeros_like(frame.dynamic[cam]))
+            layout.write_instance_mask(L.instance_mask_path(t, cam), frame.instance[cam])
             layout.write_bytes(L.depth_path(t, cam), _npy_bytes(frame.depth[cam]))
             layout.write_bytes(L.flow_path(t, cam), _npy_bytes(frame.flow[cam]))
 
@@ -70,12 +71,18 @@ class SceneWriter:
         """instances/instances_info.json and frame_instances.json (drivestudio format).
 
         Every car is an instance (parked ones too, static). A car is annotated in the frames where
-        its box centre lies within LiDAR range of the ego, like Waymo's labels.
+        its box centre lies within LiDAR range of the ego, like Waymo's labels. With box noise
+        (``box_noise_trans`` / ``box_noise_rot``), ``instances/`` holds boxes perturbed per frame
+        (horizontal position, yaw; seeded) and ``instances_gt/`` the true ones.
         """
         info: dict[str, dict] = {}
+        true_info: dict[str, dict] = {}
+        noisy = self.cfg.box_noise_trans > 0 or self.cfg.box_noise_rot > 0
+        rng = np.random.default_rng([self.cfg.seed, sum(map(ord, self.layout.root.name)), 17])
         per_frame: dict[str, list[int]] = {str(t): [] for t in self.layout.frames}
         for car_id, car in enumerate(street.cars):
             ann = {"frame_idx": [], "obj_to_world": [], "box_size": []}
+            true_poses = []
             for t in self.layout.frames:
                 time = t * self.cfg.dt
                 pose = car.pose(time)
@@ -83,10 +90,26 @@ class SceneWriter:
                 if np.linalg.norm(pose[:2, 3] - ego_xy) > self.cfg.lidar_range:
                     continue
                 ann["frame_idx"].append(t)
-                ann["obj_to_world"].append((street.street_to_world @ pose).tolist())
+                true_poses.append(street.street_to_world @ pose)
+                written = street.street_to_world @ (pose @ self._box_noise(rng) if noisy else pose)
+                ann["obj_to_world"].append(written.tolist())
                 ann["box_size"].append([float(v) for v in car.size])
                 per_frame[str(t)].append(car_id)
             if ann["frame_idx"]:
                 info[str(car_id)] = {"id": car_id, "class_name": "Vehicle", "frame_annotations": ann}
+                true_info[str(car_id)] = {**info[str(car_id)], "frame_annotations": {
+                    **ann, "obj_to_world": [T.tolist() for T in true_poses]}}
         layout.write_json(self.layout.instances_info_path, info)
         layout.write_json(self.layout.frame_instances_path, per_frame)
+        if noisy:
+            layout.write_json(self.layout.true_instances_info_path, true_info)
+
+    def _box_noise(self, rng: np.random.Generator) -> np.ndarray:
+        """[4, 4] box-local perturbation: yaw ~ N(0, box_noise_rot deg) about the box's z (up), then
+        a horizontal shift ~ N(0, box_noise_trans m) per axis."""
+        yaw = np.deg2rad(rng.normal(0.0, self.cfg.box_noise_rot))
+        c, s = np.cos(yaw), np.sin(yaw)
+        T = np.eye(4)
+        T[:2, :2] = [[c, -s], [s, c]]
+        T[:2, 3] = rng.normal(0.0, self.cfg.box_noise_trans, 2)
+        return T

@@ -160,3 +160,33 @@ def test_stock_ns_export_writes_the_shown_segment(run_config, pipeline, tmp_path
     assert len(raw) == len(expected) > 0
     torch.testing.assert_close(back.means, expected.means.cpu(), rtol=0, atol=1e-5)
     torch.testing.assert_close(back.sh, expected.sh.cpu(), rtol=1e-4, atol=1e-4)
+
+
+def test_export_writes_actors_in_object_frames_with_tracks_or_posed(pipeline, tmp_path):
+    """Default: each moving actor's Gaussians in its object frame plus a JSON of per-frame poses;
+    ``actors_at``: the actors posed at that frame inside the segment's PLY."""
+    import json
+
+    from evolsplat_ns.export.exporter import actors_filename, export_splats
+
+    dataset, model = pipeline.datamanager.dataset, pipeline.model
+    [path] = export_splats(model, dataset, [0], tmp_path / "tracks")
+    tracks = json.loads((tmp_path / "tracks" / actors_filename(dataset.key(0))).read_text())
+    assert tracks["actors"], "the tiny scenes have moving cars"
+    frames = tracks["frames"]
+    for inst, entry in tracks["actors"].items():
+        local = read_ply(tmp_path / "tracks" / entry["ply"])[0]
+        assert len(local) > 0
+        assert len(entry["obj_to_segment"]) == len(frames)
+        assert any(p is not None for p in entry["obj_to_segment"])
+        size = np.array(entry["box_size"])
+        xyz = np.stack([local["x"], local["y"], local["z"]], 1)
+        assert (np.abs(xyz) <= size / 2 + 0.2).all(), "object-frame means lie in the box"
+    static = len(read_ply(path)[0])
+    t = frames[0]
+    [posed] = export_splats(model, dataset, [0], tmp_path / "posed", actors_at=t)
+    n_actor = sum(len(read_ply(tmp_path / "tracks" / e["ply"])[0]) for e in tracks["actors"].values()
+                  if e["obj_to_segment"][0] is not None)
+    assert len(read_ply(posed)[0]) == static + n_actor
+    assert not (tmp_path / "posed" / actors_filename(dataset.key(0))).exists()
+

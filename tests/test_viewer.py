@@ -102,7 +102,8 @@ def test_controls_switch_scene_and_segment(pipeline, first_segment):
     controls, dataset, model = pipeline.segments, pipeline.datamanager.dataset, pipeline.model
     elements = {path for path, _ in parse_object(pipeline, ViewerElement, "Custom Elements")}
     assert elements == {"Custom Elements/segments/scene", "Custom Elements/segments/segment",
-                        "Custom Elements/segments/source_views"}
+                        "Custom Elements/segments/source_views", "Custom Elements/segments/follow_camera",
+                        "Custom Elements/segments/time"}
     assert [c for _, c in parse_object(pipeline, ViewerControl, "Custom Elements")] == [controls.frustums]
     assert not any(k.startswith("segments.") for k in pipeline.state_dict()), "controls add nothing to checkpoints"
 
@@ -160,3 +161,21 @@ def test_default_start_pose_looks_along_the_first_view():
     np.testing.assert_allclose(client.camera.up_direction, [0, 0, 1])
     assert client.camera.position[0] == pytest.approx((1 - CHASE_BACK_M) * S)
     assert client.camera.look_at[0] == pytest.approx((1 + LOOK_AHEAD_M) * S)
+
+
+def test_time_control_places_actors(pipeline):
+    """The viewer's time slider sets when bare cameras place moving actors; the checkbox returns
+    to the nearest source's time."""
+    controls, model = pipeline.segments, pipeline.model
+    frames = pipeline.datamanager.dataset.segments[pipeline.shown.segment_index].frames
+    controls.follow_camera.value = False
+    controls.time.value = 1.0
+    controls._on_time(controls.time)
+    assert model.render_time == frames[-1]
+    controls.time.value = 0.5
+    controls._on_time(controls.time)
+    assert model.render_time == pytest.approx(frames[0] + 0.5 * (frames[-1] - frames[0]))
+    controls.follow_camera.value = True
+    controls._on_time(controls.follow_camera)
+    assert model.render_time is None
+

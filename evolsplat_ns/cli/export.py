@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=None,
                    help="dataset folder instead of the run's (new scenes: their segments start fresh)")
     p.add_argument("--include-background", action="store_true", help="also write the sky-dome Gaussians")
+    p.add_argument("--actors-at-frame", type=float, default=None, metavar="T",
+                   help="pose the moving actors at frame T inside each segment's PLY (default: each actor in its "
+                        "own object-frame PLY plus {scene}_seg{NNN}_actors.json with its per-frame poses)")
     p.add_argument("--overwrite", action="store_true", help="replace existing PLY files")
     return parser
 
@@ -47,7 +50,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
         segments = select_segments(dataset, args.segment)
         start = time.perf_counter()
         paths = export_splats(pipeline.model, dataset, segments, args.output_dir, args.include_background,
-                              args.overwrite, on_written=lambda p, n, key: print(f"wrote segment {key} to {p} ({n} Gaussians)"))
+                              args.overwrite, on_written=lambda p, n, key: print(f"wrote segment {key} to {p} ({n} Gaussians)"),
+                              actors_at=args.actors_at_frame)
     finally:
         dataset.close()
     print(f"exported {len(paths)} segment(s) from {checkpoint} in {time.perf_counter() - start:.1f} s")

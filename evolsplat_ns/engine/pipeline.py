@@ -137,6 +137,15 @@ class EVolSplatPipeline(VanillaPipeline):
         self.datamanager.show(images)
         self._held_out = None
 
+    def set_render_time(self, fraction: Optional[float]) -> None:
+        """Place moving actors at ``fraction`` (0..1) of the shown segment's time span in bare-camera
+        renders (the viewer's time control); None: at the time of the source nearest the camera."""
+        if fraction is None:
+            self.model.render_time = None
+            return
+        frames = self.datamanager.dataset.segments[self.shown.segment_index].frames
+        self.model.render_time = frames[0] + float(fraction) * (frames[-1] - frames[0])
+
     def set_render_num_sources(self, count: int) -> None:
         """How many nearest source views each bare-camera render uses (the viewer's slider)."""
         self.model.render_num_sources = count

@@ -11,7 +11,7 @@ frame: x forward, y left, z up, metres); ``segment_to_world`` places it in the s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -19,6 +19,7 @@ from evolsplat_ns.data.cameras import reference_view
 from evolsplat_ns.data.dataset import MultiSceneDataset
 from evolsplat_ns.data.segments import nearest_sources
 from evolsplat_ns.data.types import SegmentKey
+from evolsplat_ns.model.actors import ActorGaussians, ActorNodes
 from evolsplat_ns.model.node import GaussianParams, concat_gaussians
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ class SegmentGaussians:
         segment_to_world: [4, 4] segment frame -> scene world frame (vehicle-to-world at the
             segment's first frame).
         reference: (frame, camera id) of the reference target.
+        actors_at: the frame the actors were posed at into ``gaussians`` (None: not posed).
     """
 
     key: SegmentKey
@@ -43,13 +45,22 @@ class SegmentGaussians:
     num_foreground: int
     segment_to_world: torch.Tensor
     reference: tuple[int, int]
+    actors: Optional[ActorGaussians] = None
+    """Moving actors' Gaussians in their object frames (None without actors, or when posed into
+    ``gaussians`` at a chosen frame)."""
+    actor_nodes: Optional[ActorNodes] = None
+    """Their tracks (per-frame object-to-segment poses, validity, ids)."""
 
 
 @torch.no_grad()
 def predict_segment_gaussians(model: EVolSplatModel, dataset: MultiSceneDataset, segment_index: int,
-                              include_background: bool = False) -> SegmentGaussians:
+                              include_background: bool = False, actors_at: Optional[float] = None) -> SegmentGaussians:
     """Gaussians of segment ``segment_index`` of ``dataset`` as ``model`` predicts
-    them for the reference camera; sets the model's context to that segment."""
+    them for the reference camera; sets the model's context to that segment.
+
+    Moving actors: with ``actors_at`` (a frame) they are posed at that time and included in
+    ``gaussians`` after the static ones; otherwise they are returned in their object frames with
+    their tracks (``actors``, ``actor_nodes``)."""
     keyframes = dataset.keyframes(segment_index)
     scene = dataset.scenes[dataset.segments[segment_index].scene_index]
     ref_frame = keyframes[0]
@@ -61,6 +72,9 @@ def predict_segment_gaussians(model: EVolSplatModel, dataset: MultiSceneDataset,
     K = sample.target.intrinsics[v].to(model.device)
     state = model.encode(model.predictor.select_sources(ctx.sources, c2w), split_backward=False)
     parts = [model.predictor.predict(state, c2w, K)]
+    posed = model.predictor.predict_actors(state, actors_at) if actors_at is not None else None
+    if posed is not None and len(posed):
+        parts.append(posed)
     if include_background:
         background = model.predictor.predict_background(state)
         if background is None:
@@ -69,9 +83,11 @@ def predict_segment_gaussians(model: EVolSplatModel, dataset: MultiSceneDataset,
     return SegmentGaussians(
         key=sample.key,
         gaussians=concat_gaussians(parts) if len(parts) > 1 else parts[0],
-        num_foreground=len(parts[0]),
+        num_foreground=sum(len(p) for p in parts[: 2 if posed is not None and len(posed) else 1]),
         segment_to_world=sample.segment_to_world,
         reference=(ref_frame, int(sample.target.cam_ids[v])),
+        actors=state.actors if actors_at is None else None,
+        actor_nodes=state.actor_nodes,
     )
 
 

@@ -49,6 +49,7 @@ class ActorNodes:
         poses: [K, F, 4, 4] object-to-segment box poses (identity where not valid).
         valid: [K, F] bool, the actor has a box at that frame.
         sizes: [K, 3] box (l, w, h).
+        ids: the K instance ids (``instances_info.json`` keys), in row order.
     """
 
     means: torch.Tensor
@@ -59,6 +60,7 @@ class ActorNodes:
     poses: torch.Tensor
     valid: torch.Tensor
     sizes: torch.Tensor
+    ids: tuple[str, ...] = ()
 
     @classmethod
     def from_point_cloud(cls, pc: PointCloud, max_points_per_actor: int = 0, min_points: int = 4) -> Optional["ActorNodes"]:
@@ -83,7 +85,8 @@ class ActorNodes:
         dev = means[0].device
         return cls(torch.cat(means), rgb_to_sh0(torch.cat(colors)), torch.cat(scales), torch.cat(actor),
                    tracks[0].frames.to(dev), torch.stack([t.poses for t in tracks]).to(dev),
-                   torch.stack([t.valid for t in tracks]).to(dev), torch.stack([t.size for t in tracks]).to(dev))
+                   torch.stack([t.valid for t in tracks]).to(dev), torch.stack([t.size for t in tracks]).to(dev),
+                   tuple(ids))
 
     def __len__(self) -> int:
         return self.means.shape[0]
@@ -97,20 +100,29 @@ class ActorNodes:
         poses, valid = poses_at(self.frames, self.poses, self.valid, torch.tensor([float(time)], device=self.poses.device))
         return poses[0], valid[0]
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "ids"}
+
+    def state_dict(self) -> dict:
+        return {**self._tensors(), "ids": list(self.ids)}
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "ActorNodes":
-        return cls(**{f.name: state[f.name] for f in fields(cls)})
+    def from_state_dict(cls, state: dict) -> "ActorNodes":
+        return cls(**{f.name: state[f.name] for f in fields(cls) if f.name != "ids"}, ids=tuple(state.get("ids", ())))
 
     def to(self, device: torch.device | str) -> "ActorNodes":
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name).to(device))
+        for name, tensor in self._tensors().items():
+            setattr(self, name, tensor.to(device))
         return self
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+        return sum(t.numel() * t.element_size() for t in self._tensors().values())
+
+    def gaussians_of(self, gaussians: "ActorGaussians", row: int) -> GaussianParams:
+        """Actor ``row``'s Gaussians in its object frame (export)."""
+        keep = gaussians.actor == row
+        return GaussianParams(means=gaussians.means[keep], quats=gaussians.quats[keep], scales=gaussians.scales[keep],
+                              opacities=gaussians.opacities[keep], sh=gaussians.sh[keep])
 
 
 @dataclass

@@ -16,10 +16,10 @@ step makes its own sample the rendered segment; pause training to look at a chos
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Type
+from typing import TYPE_CHECKING, Callable, Optional, Type
 
 from nerfstudio.configs.base_config import InstantiateConfig
-from nerfstudio.viewer.viewer_elements import ViewerDropdown, ViewerSlider
+from nerfstudio.viewer.viewer_elements import ViewerCheckbox, ViewerDropdown, ViewerSlider
 from torch import nn
 
 from evolsplat_ns.data.dataset import MultiSceneDataset
@@ -73,6 +73,7 @@ class SegmentControls(nn.Module):
         self._menu = segment_menu(pipeline.datamanager.dataset)
         self._show_segment: Callable[[int], SegmentImages] = pipeline.show_segment
         self._set_num_sources: Callable[[int], None] = pipeline.set_render_num_sources
+        self._set_time: Callable[[Optional[float]], None] = pipeline.set_render_time
         scene, label = self._locate(shown.segment_index)
         self.scene = ViewerDropdown("Scene", scene, list(self._menu), cb_hook=self._on_scene,
                                     hint="Scene to reconstruct (eval = never trained on)")
@@ -81,6 +82,11 @@ class SegmentControls(nn.Module):
         self.source_views = ViewerSlider("Source views", min(num_sources, MAX_SOURCE_VIEWS), 1, MAX_SOURCE_VIEWS,
                                         step=1, cb_hook=self._on_num_sources,
                                         hint="Nearest keyframe views fed to the network per frame")
+        self.follow_camera = ViewerCheckbox("Actors at camera time", True, cb_hook=self._on_time,
+                                            hint="Place moving actors at the time of the source view nearest to the "
+                                                 "camera; off: at the Time slider's")
+        self.time = ViewerSlider("Time", 0.0, 0.0, 1.0, step=0.01, cb_hook=self._on_time,
+                                 hint="Where moving actors are placed: 0 = the segment's first frame, 1 = its last")
         self.frustums = SegmentScene()
         self.frustums.show(shown)
 
@@ -106,6 +112,9 @@ class SegmentControls(nn.Module):
 
     def _on_num_sources(self, slider: ViewerSlider) -> None:
         self._set_num_sources(int(slider.value))
+
+    def _on_time(self, _: object) -> None:
+        self._set_time(None if self.follow_camera.value else float(self.time.value))
 
     def _show(self, segment_index: int) -> None:
         self.frustums.show(self._show_segment(segment_index))

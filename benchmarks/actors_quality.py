@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 
-def train_and_evaluate(data: Path, out: Path, actors: bool, steps: int, device: str) -> dict:
-    from evolsplat_ns.method_configs import evolsplat_lite_config
+def train_and_evaluate(data: Path, out: Path, actors: bool, steps: int, device: str, method: str) -> dict:
+    from evolsplat_ns.method_configs import evolsplat_config, evolsplat_lite_config
 
     torch.manual_seed(0)
-    cfg = evolsplat_lite_config()
+    cfg = evolsplat_lite_config() if method == "lite" else evolsplat_config()
     cfg.data = cfg.pipeline.datamanager.data = data
     cfg.pipeline.datamanager.dataset.preload = False
     cfg.pipeline.model.enable_actors = actors
@@ -32,15 +32,26 @@ def train_and_evaluate(data: Path, out: Path, actors: bool, steps: int, device: 
     cfg.max_num_iterations = steps
     trainer = cfg.setup(local_rank=0, world_size=1)
     trainer.setup()
-    start = time.perf_counter()
-    for step in range(steps):
+    for step in range(min(10, steps)):  # warm-up (CUDA kernels, caches): not timed
         trainer.train_step(step)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for step in range(min(10, steps), steps):
+        trainer.train_step(step)
+    if device == "cuda":
+        torch.cuda.synchronize()
     train_s = time.perf_counter() - start
+    timed_steps = max(1, steps - min(10, steps))
+    store = trainer.pipeline.model.segments
+    num_actors = max((store.get(k).actors.num_actors for k in store.keys() if store.get(k).actors is not None), default=0)
     metrics = trainer.pipeline.get_average_eval_image_metrics()
     trainer.pipeline.datamanager.dataset.close()
     keys = ("psnr", "ssim", "psnr_dynamic", "ssim_dynamic", "psnr_static", "ssim_static", "temporal_warp_error",
             "num_views")
-    return {**{k: metrics[k] for k in keys if k in metrics}, "train_s": train_s, "ms_per_step": 1e3 * train_s / steps}
+    return {**{k: metrics[k] for k in keys if k in metrics}, "train_s": train_s,
+            "ms_per_step": 1e3 * train_s / timed_steps, "max_actors_per_segment": num_actors,
+            "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
 
 
 def main() -> None:
@@ -53,22 +64,26 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=96)
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--method", choices=("lite", "full"), default="lite",
+                        help="evolsplat-lite (CPU-sized) or the full evolsplat settings")
+    parser.add_argument("--data", type=Path, default=None, help="existing dataset instead of generating one")
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(1)  # spconv on CPU is only correct single-threaded
 
-    from evolsplat_ns.data.synth import SynthConfig, generate_dataset
-
-    data = args.out / "data"
+    data = args.data or args.out / "data"
     if not data.is_dir():
+        from evolsplat_ns.data.synth import SynthConfig, generate_dataset  # needs open3d
+
         generate_dataset(SynthConfig(scenes=args.scenes, frames=args.frames, cameras=3, width=args.width,
                                      height=args.height, lidar_beams=32, lidar_azimuths=512,
                                      moving_cars=args.moving_cars, seed=0), data)
-    rows = {name: train_and_evaluate(data, args.out / "runs", name == "actors", args.steps, args.device)
+    rows = {name: train_and_evaluate(data, args.out / "runs", name == "actors", args.steps, args.device, args.method)
             for name in ("static", "actors")}
     print(json.dumps(rows, indent=1))
     (args.out / "actors_quality.json").write_text(json.dumps(rows, indent=1))
-    cols = ("psnr", "psnr_dynamic", "psnr_static", "ssim_dynamic", "temporal_warp_error", "ms_per_step")
+    cols = ("psnr", "psnr_dynamic", "psnr_static", "ssim_dynamic", "temporal_warp_error", "ms_per_step",
+            "max_actors_per_segment")
     print("| model | " + " | ".join(cols) + " |\n|" + " --- |" * (len(cols) + 1))
     for name, r in rows.items():
         print(f"| {name} | " + " | ".join(f"{r.get(c, float('nan')):.4g}" for c in cols) + " |")

@@ -86,7 +86,8 @@ def evolsplat_lite_config() -> EVolSplatTrainerConfig:
     cfg.steps_per_eval_all_images = 1_000_000
     cfg.optimizers = _optimizers(2e-3, 2e-4, steps)
     cfg.pipeline.model = replace(cfg.pipeline.model, sparseConv_outdim=8, num_neighbour_select=3,
-                                 voxel_size=0.2, max_gaussians_per_segment=6000, entropy_loss=0.0)
+                                 voxel_size=0.2, max_gaussians_per_segment=6000, max_points_per_actor=1000,
+                                 entropy_loss=0.0)
     cfg.pipeline.datamanager.dataset = MultiSceneDatasetConfig(
         segment_length=12, segment_stride=6, num_source_keyframes=3, num_target_keyframes=1,
         iters_per_segment=4, pointcloud=PointCloudGeneratorConfig(voxel_size=0.15), data=DEMO_DATA / "data-192x128")

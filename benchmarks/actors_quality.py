@@ -21,6 +21,7 @@ import torch
 
 def train_and_evaluate(data: Path, out: Path, actors: bool, steps: int, device: str, method: str) -> dict:
     from evolsplat_ns.method_configs import evolsplat_config, evolsplat_lite_config
+    from evolsplat_ns.utils import timing
 
     torch.manual_seed(0)
     cfg = evolsplat_lite_config() if method == "lite" else evolsplat_config()
@@ -37,12 +38,18 @@ def train_and_evaluate(data: Path, out: Path, actors: bool, steps: int, device: 
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    for step in range(min(10, steps), steps):
+    for step in range(min(10, steps), steps - 20):
         trainer.train_step(step)
     if device == "cuda":
         torch.cuda.synchronize()
     train_s = time.perf_counter() - start
-    timed_steps = max(1, steps - min(10, steps))
+    timing.enable(True)  # the last 20 steps with phase timers (they synchronise CUDA at phase edges)
+    timing.reset()
+    for step in range(max(min(10, steps), steps - 20), steps):
+        trainer.train_step(step)
+    phases = {k: round(1e3 * v / 20, 2) for k, v in sorted(timing.totals().items(), key=lambda kv: -kv[1])}
+    timing.enable(False)
+    timed_steps = max(1, steps - 20 - min(10, steps))
     store = trainer.pipeline.model.segments
     num_actors = max((store.get(k).actors.num_actors for k in store.keys() if store.get(k).actors is not None), default=0)
     metrics = trainer.pipeline.get_average_eval_image_metrics()
@@ -50,7 +57,7 @@ def train_and_evaluate(data: Path, out: Path, actors: bool, steps: int, device: 
     keys = ("psnr", "ssim", "psnr_dynamic", "ssim_dynamic", "psnr_static", "ssim_static", "temporal_warp_error",
             "num_views")
     return {**{k: metrics[k] for k in keys if k in metrics}, "train_s": train_s,
-            "ms_per_step": 1e3 * train_s / timed_steps, "max_actors_per_segment": num_actors,
+            "ms_per_step": 1e3 * train_s / timed_steps, "ms_per_phase": phases, "max_actors_per_segment": num_actors,
             "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
 
 

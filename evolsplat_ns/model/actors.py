@@ -173,26 +173,26 @@ class ActorHead(nn.Module):
 
 def sample_actor_windows(projector: Projector, nodes: ActorNodes, source: Views, occlusion_tau: float) -> torch.Tensor:
     """[N, A] aggregated colour windows of the actors' anchors over ``source`` views, each actor
-    placed at each view's own frame (a view where its actor has no box does not count)."""
-    colors, occlusion, valid = [], [], []
-    for v in range(len(source)):
-        poses, ok = nodes.poses_at(float(source.frame_ids[v]))
-        T = poses[nodes.actor]  # [N, 4, 4]
-        positions = (T[:, :3, :3] @ nodes.means[:, :, None])[..., 0] + T[:, :3, 3]
-        proj = projector.sample(positions, source.select([v]))
-        colors.append(proj.colors)
-        occlusion.append(proj.occlusion)
-        valid.append(proj.valid & ok[nodes.actor][:, None])
-    return aggregate_views(torch.cat(colors, 1), torch.cat(occlusion, 1), torch.cat(valid, 1), occlusion_tau)
+    placed at each view's own frame (a view where its actor has no box does not count). All views
+    are projected in one batch: the projector takes per-view positions [V, N, 3]."""
+    poses, ok = poses_at(nodes.frames, nodes.poses, nodes.valid, source.frame_ids.to(nodes.poses.device))
+    T = poses[:, nodes.actor]  # [V, N, 4, 4] object-to-segment of each anchor's actor at each view's time
+    positions = (T[..., :3, :3] @ nodes.means[None, :, :, None])[..., 0] + T[..., :3, 3]
+    proj = projector.sample(positions, source)
+    valid = proj.valid & ok[:, nodes.actor].T
+    return aggregate_views(proj.colors, proj.occlusion, valid, occlusion_tau)
 
 
 def place_actors(gaussians: ActorGaussians, nodes: ActorNodes, time: float) -> GaussianParams:
     """The actors' Gaussians posed in the segment frame at ``time``; actors without a box then are
     left out. Means ``R x + t``, rotations ``q_pose ⊗ q``."""
     poses, ok = nodes.poses_at(time)
+    poses = poses.to(gaussians.means.dtype)
+    box_quats = matrix_to_quat(poses[:, :3, :3])  # [K, 4], once per actor
     keep = ok[gaussians.actor]
-    T = poses[gaussians.actor[keep]].to(gaussians.means.dtype)
+    actor = gaussians.actor[keep]
+    T = poses[actor]
     means = (T[:, :3, :3] @ gaussians.means[keep][:, :, None])[..., 0] + T[:, :3, 3]
-    quats = quat_multiply(matrix_to_quat(T[:, :3, :3]), gaussians.quats[keep])
+    quats = quat_multiply(box_quats[actor], gaussians.quats[keep])
     return GaussianParams(means=means, quats=quats, scales=gaussians.scales[keep],
                           opacities=gaussians.opacities[keep], sh=gaussians.sh[keep])

@@ -142,7 +142,8 @@ class Projector:
 
     @torch.no_grad()
     def sample(self, points: torch.Tensor, views: Views) -> ProjectedFeatures:
-        """Window colours, occlusion cue and validity of ``points`` [M, 3] in every view of ``views``.
+        """Window colours, occlusion cue and validity of ``points`` [M, 3] (the same in every view)
+        or [V, M, 3] (per view: moving actors placed at each view's time) in every view of ``views``.
 
         No gradient flows to ``points``: image features describe the anchor, its motion is learned
         through the rendered means.

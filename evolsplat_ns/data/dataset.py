@@ -96,7 +96,8 @@ class MultiSceneDatasetConfig:
     pointcloud_generator: str = "auto"
     """Registered generator name; ``auto`` = lidar if present, else depth."""
     pointcloud: PointCloudGeneratorConfig = field(default_factory=PointCloudGeneratorConfig)
-    """Options shared by all generators (sparsity, filters, voxel size, crop)."""
+    """Options shared by all generators (sparsity, filters, voxel size, crop); a generator's own
+    config class (e.g. ``DepthPointCloudConfig(pixel_stride=1)``) also sets that generator's options."""
     cache_max_mb: float = 2048.0
     """Memory bound of the point-cloud cache (LRU); 0 = unbounded."""
     preload: bool = True
@@ -403,9 +404,11 @@ class MultiSceneDataset:
         scene = self.scenes[seg.scene_index]
         name = self._generator_name(scene)
         if name not in self._generators:
-            shared = {f.name: getattr(self.config.pointcloud, f.name)
-                      for f in fields(PointCloudGeneratorConfig) if f.name != "_target"}
-            self._generators[name] = make_generator(name, **shared)
+            # Every field of ``pointcloud`` applies: the shared ones, and a generator's own (e.g.
+            # DepthPointCloudConfig.pixel_stride) when ``pointcloud`` is that generator's config.
+            options = {f.name: getattr(self.config.pointcloud, f.name)
+                       for f in fields(self.config.pointcloud) if f.name != "_target"}
+            self._generators[name] = make_generator(name, **options)
         if seg.held_out_camera is not None:  # the held-out camera colours no point of its segment
             scene = scene.subset([c for c in scene.cameras if c != seg.held_out_camera])
         pc = self._generators[name].generate(scene, seg.frames)

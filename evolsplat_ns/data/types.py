@@ -77,8 +77,14 @@ class Views:
     def to_device_fn(self, fn) -> "Views":
         return _map_tensors(self, fn)
 
-    def to(self, device: torch.device | str) -> "Views":
-        return self.to_device_fn(lambda t: t.to(device))
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Views":
+        """The views on ``device``. ``non_blocking`` copies host-to-device asynchronously (from
+        pinned memory the copy overlaps GPU work; from pageable memory it is staged at once)."""
+        return self.to_device_fn(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Views":
+        """The views in page-locked host memory (so a ``to(..., non_blocking=True)`` overlaps)."""
+        return self.to_device_fn(lambda t: t if t.is_pinned() else t.pin_memory())
 
     def select(self, idx: torch.Tensor | list[int] | slice) -> "Views":
         """Views at indices ``idx`` (same order)."""
@@ -129,6 +135,10 @@ class Sample:
             segment_to_world=self.segment_to_world.to(device),
             lidar=self.lidar.to(device) if self.lidar is not None else None,
         )
+
+    def pin_memory(self) -> "Sample":
+        """Source and target views in page-locked host memory (what the model copies each step)."""
+        return replace(self, source=self.source.pin_memory(), target=self.target.pin_memory())
 
 
 @dataclass

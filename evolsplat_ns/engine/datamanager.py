@@ -257,6 +257,10 @@ class EVolSplatDataManager(VanillaDataManager):
 
     def _draw_train(self) -> tuple[Sample, dict]:
         sample = self.dataset.next_train_sample()
+        if torch.device(self.device).type == "cuda":
+            # Page-locked, so the model's non-blocking copy to the GPU overlaps the step (a pageable
+            # copy of 7 images at 960x640 stalls the stream ~7 ms); done here, in the prefetch thread.
+            sample = sample.pin_memory()
         return sample, {"point_cloud": self.point_cloud_for(sample)}
 
     def next_eval(self, step: int) -> tuple[Sample, dict]:

@@ -9,7 +9,7 @@ dynamic split, crop, voxel downsampling and outlier removal are shared here.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal, Sequence, Type
 
 import numpy as np
@@ -201,4 +201,8 @@ def make_generator(name: str, **overrides) -> RGBPointCloudGenerator:
 
     cfg_cls = registry.get("pointcloud_generators", name)
     cfg = cfg_cls() if isinstance(cfg_cls, type) else cfg_cls
+    unknown = sorted(set(overrides) - {f.name for f in fields(cfg)})
+    if unknown:
+        raise ValueError(f"point-cloud generator {name!r} ({type(cfg).__name__}) has no option(s) {unknown}; "
+                         f"use that generator's own options, or the generator these options belong to")
     return replace(cfg, **overrides).setup()

@@ -132,7 +132,7 @@ def score_view(model: EVolSplatModel, sample: Sample, state: SharedState, v: int
     ``following`` (the camera one frame later) also the temporal error on dynamic pixels."""
     timed = timer if timer is not None else (lambda stage: nullcontext())
     target = sample.target.to(model.device)
-    c2w, K = target.camtoworlds[v], target.intrinsics[v]
+    c2w, K = sample.target.camtoworlds[v], sample.target.intrinsics[v]  # host: no sync choosing sources
     with timed("render_ms"):
         out = model.render(state, c2w, K, target.width, target.height, time=float(target.frame_ids[v]))
     if timer is not None:

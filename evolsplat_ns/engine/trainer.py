@@ -25,7 +25,6 @@ trained into when resuming (``--load-dir``) or with ``--overwrite True``.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +61,11 @@ class EVolSplatTrainerConfig(TrainerConfig):
     gradient_clip_val: Optional[float] = None
     """Clip the global gradient norm of every optimizer to this value (None = off)."""
     use_mixed_precision: bool = False
-    """Autocast + GradScaler (CUDA only); rasterisation always runs in fp32."""
+    """Autocast (CUDA only) for the MLP heads; geometry, losses and rasterisation stay fp32 (see
+    ``evolsplat_ns.model.precision``)."""
+    mixed_precision_dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    """Autocast dtype. bfloat16 has fp32's range, so it needs no GradScaler (no loss scaling, no
+    per-step host read of the scale); float16 runs the sparse U-Net in fp16 too, behind a GradScaler."""
     max_skipped_fraction: float = 0.3
     """Stop when more than this share of the last ``skip_window`` steps were skipped (1 = never)."""
     skip_window: int = 50
@@ -128,6 +131,10 @@ class EVolSplatTrainer(Trainer):
         super().__init__(config, local_rank, world_size)
         self.skipped_steps: dict[str, int] = defaultdict(int)
         self.skip_limit = SkipLimit(config.max_skipped_fraction, config.skip_window)
+        self.autocast_dtype = torch.bfloat16 if config.mixed_precision_dtype == "bfloat16" else torch.float16
+        if self.mixed_precision and self.autocast_dtype == torch.bfloat16 and not config.use_grad_scaler:
+            self.use_grad_scaler = False
+            self.grad_scaler = torch.amp.GradScaler("cuda", enabled=False)
 
     def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
         super().setup(test_mode)
@@ -160,9 +167,9 @@ class EVolSplatTrainer(Trainer):
         for v in result.dropped_targets:
             self._count("no_visible", step, f"target {v} of segment {sample.key} sees no Gaussian; left out")
         loss = result.total
-        if result.projected_index.numel() == 0 and not result.nonfinite:
+        if result.projected_index.numel() == 0:
             return self._skip(step, "no_visible_step", f"no target view of segment {sample.key} sees any Gaussian")
-        if not math.isfinite(float(loss)):
+        if result.nonfinite:  # the step's one host read of a device value
             return self._skip(step, "nonfinite", f"non-finite loss {float(loss)} on segment {sample.key}")
         self.optimizers.optimizer_scaler_step_all(self.grad_scaler)
         scale = self.grad_scaler.get_scale()
@@ -179,7 +186,8 @@ class EVolSplatTrainer(Trainer):
         return self.pipeline.model.sample_loss(
             sample, batch.get("point_cloud"), step,
             backward=lambda loss: self.grad_scaler.scale(loss).backward(),
-            autocast=lambda: torch.autocast(device_type=device_type, enabled=self.mixed_precision))
+            autocast=lambda: torch.autocast(device_type=device_type, dtype=self.autocast_dtype,
+                                            enabled=self.mixed_precision))
 
     def _count(self, reason: str, step: int, message: str) -> None:
         self.skipped_steps[reason] += 1

@@ -20,6 +20,7 @@ from evolsplat_ns.data.types import Views
 from evolsplat_ns.geometry import invert_rigid, project_points
 from evolsplat_ns.model.heads import mlp
 from evolsplat_ns.model.node import GaussianParams
+from evolsplat_ns.model.precision import full_precision
 from evolsplat_ns.model.render.sh import num_sh_bases, rgb_to_sh0
 from evolsplat_ns.model.projector import to_grid
 
@@ -33,14 +34,15 @@ class SkyDome:
         dirs: [B, 3] unit directions from the dome centre.
         rgb: [B, 3] colour from the first source view that sees the point (else the mean colour).
         seen: [B] bool, some source view saw the point.
-        log_scale: float, isotropic log scale matching the point spacing on the dome.
+        log_scale: [] isotropic log scale matching the point spacing on the dome (a device
+            scalar, so building the dome needs no host sync).
     """
 
     means: torch.Tensor
     dirs: torch.Tensor
     rgb: torch.Tensor
     seen: torch.Tensor
-    log_scale: float
+    log_scale: torch.Tensor
 
 
 def dome_directions(n: int, min_elevation_deg: float, device: torch.device) -> torch.Tensor:
@@ -98,17 +100,25 @@ class BackgroundModel(nn.Module):
         self.num_bases = num_sh_bases(sh_degree)
         # In: rgb (3), seen flag (1), direction (3). Out: SH-DC residual (3), log-scale residual (1).
         self.refine = mlp(7, hidden, 4, num_layers=3)
+        # Fixed per model: kept as a buffer (moves with the model, not in checkpoints).
+        self.register_buffer("directions", dome_directions(num_points, min_elevation_deg, torch.device("cpu")),
+                             persistent=False)
 
     @torch.no_grad()
     def build_dome(self, points: torch.Tensor, source: Views) -> SkyDome:
         """Place the dome around ``points`` [N, 3] (segment frame) and colour it from ``source``."""
+        with full_precision(points.device):  # projection into the sources needs fp32
+            return self._build_dome(points, source)
+
+    def _build_dome(self, points: torch.Tensor, source: Views) -> SkyDome:
         lo, hi = points.min(dim=0).values, points.max(dim=0).values
         radius = self.radius_scale * 0.5 * (hi - lo).norm().clamp(min=1.0)
-        dirs = dome_directions(self.num_points, self.min_elevation_deg, points.device)
+        dirs = self.directions.to(points.device)
         means = 0.5 * (lo + hi) + radius * dirs
         rgb, seen = first_view_colors(means, source)
-        cap_area = 2 * math.pi * radius.item() ** 2 * (1 - math.sin(math.radians(self.min_elevation_deg)))
-        return SkyDome(means, dirs, rgb, seen, math.log(math.sqrt(cap_area / self.num_points)))
+        # log sqrt(cap area / points), cap area = 2 pi r^2 (1 - sin(min elevation)).
+        cap_per_point = 2 * math.pi * (1 - math.sin(math.radians(self.min_elevation_deg))) / self.num_points
+        return SkyDome(means, dirs, rgb, seen, radius.log() + 0.5 * math.log(cap_per_point))
 
     def forward(self, dome: SkyDome) -> GaussianParams:
         """Opaque, isotropic dome Gaussians [B] with refined colour (SH [B, bases, 3]) and scale."""

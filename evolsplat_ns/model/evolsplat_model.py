@@ -29,11 +29,13 @@ from torch.nn import Parameter
 from evolsplat_ns import registry
 from evolsplat_ns.data.cameras import camera_to_opencv, reference_view
 from evolsplat_ns.data.types import PointCloud, Sample, SegmentKey, Views
+from evolsplat_ns.geometry import invert_rigid
 from evolsplat_ns.model.losses import entropy_loss
 from evolsplat_ns.model.metrics import image_metrics, psnr
 from evolsplat_ns.model.actors import ActorNodes
 from evolsplat_ns.model.node import GaussianNode, GaussianParams, concat_gaussians
-from evolsplat_ns.model.predictor import GaussianPredictor, PredictorConfig, SharedState
+from evolsplat_ns.model.precision import full_precision
+from evolsplat_ns.model.predictor import GaussianPredictor, PredictorConfig, SharedState, on_host
 from evolsplat_ns.model.render import rasterize
 from evolsplat_ns.model.segment_store import SegmentState, SegmentStore
 from evolsplat_ns.model.splatfacto_compat import SplatfactoSurface
@@ -89,11 +91,22 @@ class SegmentContext:
         key: the shown segment.
         sources: candidate source views (OpenCV camera-to-segment), on the model's device.
         segment: that segment's state, owned by the model's :class:`SegmentStore` (pinned there).
+        source_poses: [V, 4, 4] ``sources.camtoworlds`` in host memory (view selection runs on
+            the CPU: no kernel launches, no device sync).
+        source_frame_ids: [V] ``sources.frame_ids`` in host memory (render times of bare cameras).
     """
 
     key: SegmentKey
     sources: Views
     segment: SegmentState = field(repr=False)
+    source_poses: Optional[torch.Tensor] = field(default=None, repr=False)
+    source_frame_ids: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.source_poses is None:
+            self.source_poses = on_host(self.sources.camtoworlds)
+        if self.source_frame_ids is None:
+            self.source_frame_ids = on_host(self.sources.frame_ids)
 
     @property
     def node(self) -> GaussianNode:
@@ -116,12 +129,11 @@ class SampleLoss:
     """Outcome of :meth:`EVolSplatModel.sample_loss` over every target view of one sample.
 
     Attributes:
-        losses: per-term totals; detached when each target was back-propagated on its own,
-            with their graph in the single-graph mode.
-        psnr: mean PSNR (dB) over the targets that rendered.
+        losses: per-term totals (device scalars); detached when each target was back-propagated
+            on its own, with their graph in the single-graph mode.
+        psnr: mean PSNR (dB) over the targets that rendered (device scalar).
         projected_index: [M] unique node indices seen by any target (the offsets to commit).
         dropped_targets: target indices that saw no Gaussian (left out of the loss).
-        nonfinite: a target's loss was NaN/Inf (back-propagation stopped there).
         state: the encoded shared state of the step.
     """
 
@@ -129,12 +141,17 @@ class SampleLoss:
     psnr: torch.Tensor
     projected_index: torch.Tensor
     dropped_targets: list[int]
-    nonfinite: bool
     state: SharedState
 
     @property
     def total(self) -> torch.Tensor:
         return sum(self.losses.values()) if self.losses else torch.zeros(())
+
+    @property
+    def nonfinite(self) -> bool:
+        """Some target's loss was NaN/Inf: the step's gradients are unusable (the trainer drops
+        them). Read once per step: it is the step's one host read of a loss value."""
+        return not bool(torch.isfinite(self.total))
 
 
 class PendingOffsets:
@@ -215,7 +232,9 @@ class EVolSplatModel(SplatfactoSurface):
         (or on disk), so memory does not grow with the number of segments a long run has visited.
         """
         self.segment_for(key, point_cloud)
-        self.context = SegmentContext(key, sources.to(self.device), self.segments.activate(key, self.device))
+        self.context = SegmentContext(key, sources.to(self.device, non_blocking=True),
+                                      self.segments.activate(key, self.device), on_host(sources.camtoworlds),
+                                      on_host(sources.frame_ids))
         return self.context
 
     def forget_segments(self) -> None:
@@ -227,15 +246,17 @@ class EVolSplatModel(SplatfactoSurface):
     # -- prediction and rendering ----------------------------------------------------------------
 
     def encode(self, sources: Optional[Views] = None, split_backward: bool = True) -> SharedState:
-        """Shared per-step state of the context segment (volume, window features, offsets).
+        """Shared per-step state of the context segment (volume, window features, offsets), from
+        ``sources`` (default: the context's, whose poses the context also holds on the host).
 
         With ``split_backward`` the shared outputs sit behind a gradient boundary: per-target
         backward passes stop there and ``state.backward_shared()`` finishes the step.
         """
         ctx = self._require_context()
+        poses = ctx.source_poses if sources is None else None  # else copied back once (a sync)
         sources = sources if sources is not None else ctx.sources
         return self.predictor.encode(ctx.node, sources, self._frozen_volume(ctx.segment), split_backward,
-                                     ctx.segment.actors)
+                                     actors=ctx.segment.actors, source_poses=poses)
 
     def _frozen_volume(self, segment: SegmentState):
         """The segment's frozen volume (built once) when ``freeze_volume``, else None (rebuilt per step)."""
@@ -250,13 +271,17 @@ class EVolSplatModel(SplatfactoSurface):
                time: Optional[float] = None) -> dict[str, torch.Tensor]:
         """Predict Gaussians for an OpenCV camera-to-segment pose at ``time`` and render them.
 
-        ``time`` (scene frame units, fractional allowed) places the moving actors by their box
-        tracks; None renders the static scene only. Returns rgb [H, W, 3], depth [H, W, 1] (OpenCV
-        z, metres), accumulation [H, W, 1], the static params under ``gaussians`` (offset cache,
-        export) and the posed actor Gaussians under ``actors`` (None without).
+        ``c2w`` [4, 4] and ``K`` [3, 3] may be on the host (preferred in loops: the nearest sources
+        are chosen there, with no device sync) or on the model's device. ``time`` (scene frame
+        units, fractional allowed) places the moving actors by their box tracks; None renders the
+        static scene only. Returns rgb [H, W, 3], depth [H, W, 1] (OpenCV z, metres), accumulation
+        [H, W, 1], the static params under ``gaussians`` (offset cache, export) and the posed actor
+        Gaussians under ``actors`` (None without).
         """
+        views = self.predictor.nearest_views(state, c2w)
+        c2w, K = c2w.to(self.device, non_blocking=True), K.to(self.device, non_blocking=True)
         with phase("heads"):
-            params = self.predictor.predict(state, c2w, K)
+            params = self.predictor.predict(state, c2w, K, views)
             actors = self.predictor.predict_actors(state, time)
             background = self.predictor.predict_background(state) if self.config.enable_background else None
         foreground = concat_gaussians([params, actors]) if actors is not None and len(actors) else params
@@ -269,7 +294,9 @@ class EVolSplatModel(SplatfactoSurface):
         """Rasterise existing Gaussians (segment frame; static and posed actors in one call, so
         depth order is right) for an OpenCV camera-to-segment pose, with ``background`` composited
         behind. Returns rgb, depth, accumulation as :meth:`render`."""
-        viewmat = torch.linalg.inv(c2w)[None].float()
+        c2w, K = c2w.to(self.device, non_blocking=True), K.to(self.device, non_blocking=True)
+        # A rigid inverse: torch.linalg.inv checks for singularity on the host (a device sync).
+        viewmat = invert_rigid(c2w.float())[None]
 
         def draw(g: GaussianParams):
             return rasterize(g.means.float(), g.quats.float(), g.scales.float(), g.opacities.float(),
@@ -301,7 +328,8 @@ class EVolSplatModel(SplatfactoSurface):
             with phase("prepare"):
                 self.set_context(sample.key, sample.source, point_cloud)
             state = self.encode(split_backward=backward is not None)
-        targets = sample.target.to(self.device)
+        # Poses stay on the host (view selection there); images go to the device without blocking.
+        targets = replace(sample.target, images=sample.target.images.to(self.device, non_blocking=True))
         totals: dict[str, torch.Tensor] = {}
         psnrs, seen, dropped = [], [], []
         for v in range(len(targets)):
@@ -310,34 +338,34 @@ class EVolSplatModel(SplatfactoSurface):
             if result is None:
                 dropped.append(v)
                 continue
-            loss_v = sum(result.losses.values())
             if backward is not None:
-                if not torch.isfinite(loss_v):
-                    return SampleLoss({"rgb_loss": loss_v.detach()}, result.psnr, result.index, dropped, True, state)
+                # A NaN/Inf loss is back-propagated like any other and caught once per step
+                # (SampleLoss.nonfinite): a check per target would sync the device per target.
                 with phase("backward"):
-                    backward(loss_v)
+                    backward(sum(result.losses.values()))
                 result.losses = {k: val.detach() for k, val in result.losses.items()}
             for k, val in result.losses.items():
                 totals[k] = totals[k] + val if k in totals else val
             psnrs.append(result.psnr)
             seen.append(result.index)
-            del result, loss_v  # free this target's graph before the next
+            del result  # free this target's graph before the next
         if backward is not None and seen:
             with phase("backward"):
                 state.backward_shared()
-        index = torch.unique(torch.cat(seen)) if seen else torch.zeros(0, dtype=torch.long, device=self.device)
         mean_psnr = torch.stack(psnrs).mean() if psnrs else torch.tensor(float("nan"))
-        return SampleLoss(totals, mean_psnr, index, dropped, False, state)
+        return SampleLoss(totals, mean_psnr, _union(seen, self.device), dropped, state)
 
     def target_loss(self, state: SharedState, targets: Views, v: int, step: int) -> Optional[TargetLoss]:
-        """Render target view ``v`` of ``targets`` and score it against its image; None when it sees
-        no Gaussian. Losses are divided by ``len(targets)`` (a step's loss is the mean over targets)."""
+        """Render target view ``v`` of ``targets`` and score it against its image (on the model's
+        device; poses on the host or the device); None when it sees no Gaussian. Losses are divided
+        by ``len(targets)`` (a step's loss is the mean over targets) and computed in fp32."""
         out = self.render(state, targets.camtoworlds[v], targets.intrinsics[v], targets.width, targets.height,
                           time=float(targets.frame_ids[v]))
         if len(out["gaussians"]) == 0:
             return None
         gt = targets.images[v]
-        losses = {k: val / len(targets) for k, val in self.view_loss(out, gt, step).items()}
+        with full_precision(gt.device):  # SSIM's variance terms cancel catastrophically below fp32
+            losses = {k: val / len(targets) for k, val in self.view_loss(out, gt, step).items()}
         return TargetLoss(losses, psnr(out["rgb"].detach().float(), gt), out["gaussians"].index)
 
     def view_loss(self, outputs: dict[str, torch.Tensor], gt: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
@@ -360,7 +388,7 @@ class EVolSplatModel(SplatfactoSurface):
         """
         if self.camera_renderer is not None and (out := self.camera_renderer(camera)) is not None:
             return out
-        c2w, K, W, H = camera_to_opencv(camera.to(self.device))
+        c2w, K, W, H = camera_to_opencv(camera.to("cpu"))  # host: nearest sources chosen there
         ctx = self._require_context()
         with neighbour_count(self.predictor.projector, self.render_num_sources):
             out = self.render(self._encode_nearest(ctx, c2w), c2w, K, W, H, time=self._render_time(ctx, camera, c2w))
@@ -373,15 +401,17 @@ class EVolSplatModel(SplatfactoSurface):
             return float(self.render_time)
         if camera.metadata and "time" in camera.metadata:
             return float(torch.as_tensor(camera.metadata["time"]).reshape(-1)[0])
-        nearest = self.predictor.projector.select_views(c2w, ctx.sources.camtoworlds)[0]
-        return float(ctx.sources.frame_ids[nearest])
+        nearest = self.predictor.projector.select_views(on_host(c2w), ctx.source_poses)[0]
+        return float(ctx.source_frame_ids[nearest])
 
     def _encode_nearest(self, ctx: SegmentContext, c2w: torch.Tensor) -> SharedState:
         """Encoded state of ``ctx``'s sources nearest to ``c2w`` [4, 4] (OpenCV camera-to-segment),
         from the segment's render cache when the same sources were encoded at this step before."""
-        chosen = self.predictor.projector.select_views(c2w, ctx.sources.camtoworlds).sort().values
+        chosen = self.predictor.projector.select_views(on_host(c2w), ctx.source_poses).sort().values
         key = (self.step, tuple(chosen.tolist()))
-        return ctx.segment.encoded.get_or_build(key, lambda: self.encode(ctx.sources.select(chosen)))
+
+        return ctx.segment.encoded.get_or_build(
+            key, lambda: self.encode(ctx.sources.select(chosen.to(self.device, non_blocking=True))))
 
     def get_outputs(self, ray_bundle) -> dict[str, torch.Tensor]:
         if isinstance(ray_bundle, Cameras):
@@ -437,6 +467,16 @@ class EVolSplatModel(SplatfactoSurface):
             state = self.encode(self.predictor.select_sources(ctx.sources, c2w), split_backward=False)
             ctx.segment.snapshot = (self.step, self.predictor.predict(state, c2w, K))
         return ctx.segment.snapshot[1]
+
+
+def _union(indices: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Sorted unique node indices of several [M_i] index tensors. Targets that chose the same
+    sources share one index tensor (``GaussianPredictor.view_inputs``), which is already sorted
+    and unique: then nothing is computed (``torch.unique`` would sync the device)."""
+    distinct = list({id(i): i for i in indices}.values())
+    if not distinct:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    return distinct[0] if len(distinct) == 1 else torch.unique(torch.cat(distinct))
 
 
 def _legacy_segments(state: dict) -> dict[str, dict]:

@@ -13,6 +13,7 @@ from torch import nn
 from evolsplat_ns.model.render.sh import num_sh_bases
 
 VIEW_FEATURE_DIM = 5
+_INPLACE = (nn.ReLU, nn.LeakyReLU)
 
 
 def mlp(
@@ -24,7 +25,9 @@ def mlp(
     for i in range(num_layers):
         layers.append(nn.Linear(dims[i], dims[i + 1]))
         if i < num_layers - 1:
-            layers.append(activation())
+            # In place where the activation allows it: a Linear's backward needs its input, not its
+            # output, so this saves one [M, hidden] tensor per layer (memory traffic at 1M points).
+            layers.append(activation(inplace=True) if activation in _INPLACE else activation())
     return nn.Sequential(*layers)
 
 
@@ -95,12 +98,12 @@ class ColorHead(nn.Module):
 class ScaleRotationHead(nn.Module):
     """Linear scales [M, 3] (residual on the node's log scale) and unit wxyz quaternions [M, 4]."""
 
-    _IDENTITY = (1.0, 0.0, 0.0, 0.0)
-
     def __init__(self, volume_dim: int, hidden: int = 64, max_log_residual: float = 3.0) -> None:
         super().__init__()
         self.max_log_residual = max_log_residual
         self.net = mlp(volume_dim + VIEW_FEATURE_DIM, hidden, 7, num_layers=2)
+        # A buffer (not in checkpoints) rather than a tensor made per call: no host-to-device copy.
+        self.register_buffer("identity", torch.tensor([1.0, 0.0, 0.0, 0.0]), persistent=False)
 
     def forward(
         self, volume_feat: torch.Tensor, view_feat: torch.Tensor, base_log_scale: torch.Tensor
@@ -110,7 +113,7 @@ class ScaleRotationHead(nn.Module):
         # Bounded residual: an unbounded exp() blows single Gaussians up to cover the image.
         log_scale = base_log_scale + self.max_log_residual * torch.tanh(out[:, :3] / self.max_log_residual)
         # Bias towards identity so near-zero outputs don't normalise to arbitrary rotations.
-        quats = out[:, 3:] + out.new_tensor(self._IDENTITY)
+        quats = out[:, 3:] + self.identity.to(out.dtype)
         return log_scale.exp(), quats / quats.norm(dim=-1, keepdim=True).clamp(min=1e-8)
 
 

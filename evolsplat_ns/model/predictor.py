@@ -35,6 +35,7 @@ from evolsplat_ns.model.heads import (
     view_features,
 )
 from evolsplat_ns.model.node import GaussianNode, GaussianParams
+from evolsplat_ns.model.precision import full_precision, sparse_conv_precision
 from evolsplat_ns.model.projector import ProjectedFeatures, Projector
 from evolsplat_ns.model.sparse_volume import SparseCostRegNet, SparseVolume, build_volume
 from evolsplat_ns.utils.timing import phase
@@ -90,10 +91,16 @@ class SharedState:
         volume_feat: [N, C] volume features at means + cached offset (boundary leaf when split).
         offset: [N, 3] predicted offsets (boundary leaf when split).
         projected: source-view features of every node Gaussian in every source view.
-        source_c2w: [V, 4, 4] OpenCV camera-to-segment of the sources.
+        source_c2w: [V, 4, 4] OpenCV camera-to-segment of the sources (host memory: view selection
+            runs on the CPU, with no kernel launch and no device sync).
         dome: sky dome (None when the background is disabled).
         actor_nodes: the segment's moving actors (None without any).
         actors: their Gaussians in object frames, predicted from the sources (boundary leaves when split).
+        background: the dome's Gaussians (None without a background); view-independent, so
+            predicted once per state (behind the boundary when split, like ``volume_feat``).
+        view_inputs: per set of selected source views, the target-independent inputs of the
+            heads (:class:`ViewInputs`); filled on first use, so targets that select the same
+            sources share one visibility test and one aggregation.
     """
 
     node: GaussianNode
@@ -106,6 +113,8 @@ class SharedState:
     dome: Optional[SkyDome] = None
     actor_nodes: Optional[ActorNodes] = None
     actors: Optional[ActorGaussians] = None
+    background: Optional[GaussianParams] = None
+    view_inputs: dict[tuple[int, ...], "ViewInputs"] = field(default_factory=dict, repr=False)
     _boundary: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
 
     def backward_shared(self) -> None:
@@ -118,6 +127,30 @@ class SharedState:
         self._boundary = []
         if pairs:
             torch.autograd.backward([g for g, _ in pairs], [d for _, d in pairs])
+
+
+@dataclass
+class ViewInputs:
+    """What the heads read for one set of selected source views, the same for every target that
+    selects them (no grad: image features describe the anchors, see ``Projector.sample``).
+
+    Attributes:
+        index: [M] node indices of the Gaussians seen by at least ``min_views`` of those sources.
+        image_feat: [M, A] visibility-weighted aggregate of their source windows.
+        anchors: [M, 3] node means (segment frame); anchor_dc: [M, 3]; base_log_scale: [M, 3].
+    """
+
+    index: torch.Tensor
+    image_feat: torch.Tensor
+    anchors: torch.Tensor
+    anchor_dc: torch.Tensor
+    base_log_scale: torch.Tensor
+
+
+def on_host(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (poses, frame ids) in host memory: a device tensor costs one device sync, so loops
+    pass host copies."""
+    return t if t.device.type == "cpu" else t.detach().cpu()
 
 
 def _boundary_leaf(t: torch.Tensor, boundary: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -155,7 +188,9 @@ class GaussianPredictor(nn.Module):
 
     def build_volume(self, node: GaussianNode) -> SparseVolume:
         """The node's sparse feature volume at its current means (segment frame)."""
-        return build_volume(self.volume_net, node.current_means().detach(), node.rgb(), self.config.voxel_size)
+        means = node.current_means().detach()
+        with sparse_conv_precision(means.device):
+            return build_volume(self.volume_net, means, node.rgb(), self.config.voxel_size)
 
     def select_sources(self, source: Views, target_c2w: torch.Tensor) -> Views:
         """The ``num_neighbour_select`` sources nearest to ``target_c2w`` [4, 4] (OpenCV cam-to-segment)."""
@@ -168,6 +203,7 @@ class GaussianPredictor(nn.Module):
         volume: Optional[SparseVolume] = None,
         split_backward: bool = True,
         actors: Optional[ActorNodes] = None,
+        source_poses: Optional[torch.Tensor] = None,
     ) -> SharedState:
         """Target-independent work of one step.
 
@@ -179,6 +215,8 @@ class GaussianPredictor(nn.Module):
             split_backward: cut the shared outputs at a grad boundary (see module doc).
             actors: the segment's moving actors (object frames + box tracks); their Gaussians are
                 predicted here from windows sampled at each source's own time.
+            source_poses: ``source.camtoworlds`` in host memory if the caller has it (else it is
+                copied back from the device once, a sync).
         """
         if source.images.shape[0] == 0:
             raise ValueError("encode needs at least one source view")
@@ -189,14 +227,22 @@ class GaussianPredictor(nn.Module):
         with phase("heads"):
             offset = self.offset_head(volume_feat)
         boundary: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if split_backward and torch.is_grad_enabled():
+        split = split_backward and torch.is_grad_enabled()
+        if split:
             # offset is cut as well: its graph runs through volume_feat's, which a per-target
             # backward would otherwise free.
             volume_feat, offset = _boundary_leaf(volume_feat, boundary), _boundary_leaf(offset, boundary)
         with phase("projector"):
             projected = self.projector.sample(positions, source)
             dome = self.background.build_dome(positions, source) if self.background is not None else None
-        actor_gaussians = self._encode_actors(actors, source, boundary if split_backward and torch.is_grad_enabled() else None)
+        actor_gaussians = self._encode_actors(actors, source, boundary if split else None)
+        background = None
+        if dome is not None:
+            with phase("heads"):
+                background = self.background(dome)
+            if split:
+                background.sh = _boundary_leaf(background.sh, boundary)
+                background.scales = _boundary_leaf(background.scales, boundary)
         return SharedState(
             node=node,
             anchors=node.means.detach(),
@@ -204,10 +250,11 @@ class GaussianPredictor(nn.Module):
             volume_feat=volume_feat,
             offset=offset,
             projected=projected,
-            source_c2w=source.camtoworlds,
+            source_c2w=source_poses if source_poses is not None else on_host(source.camtoworlds),
             dome=dome,
             actor_nodes=actors if actor_gaussians is not None else None,
             actors=actor_gaussians,
+            background=background,
             _boundary=boundary,
         )
 
@@ -217,7 +264,8 @@ class GaussianPredictor(nn.Module):
         if actors is None or self.actor_head is None or len(actors) == 0:
             return None
         with phase("actors"):
-            feat = sample_actor_windows(self.projector, actors, source, self.config.occlusion_tau)
+            with full_precision(source.images.device):  # posing anchors per view: fp32 geometry
+                feat = sample_actor_windows(self.projector, actors, source, self.config.occlusion_tau)
             g = self.actor_head(feat, actors)
         if boundary is None:
             return g
@@ -229,28 +277,58 @@ class GaussianPredictor(nn.Module):
         without actors or time. Recomputed per call (cheap) so each target's backward owns its graph."""
         if state.actors is None or time is None:
             return None
-        return place_actors(state.actors, state.actor_nodes, time)
+        with full_precision(state.anchors.device):  # box poses applied in fp32 (see model.precision)
+            return place_actors(state.actors, state.actor_nodes, time)
 
-    def predict(self, state: SharedState, target_c2w: torch.Tensor, target_K: torch.Tensor) -> GaussianParams:
-        """Gaussians for one target: ``target_c2w`` [4, 4] OpenCV camera-to-segment, ``target_K`` [3, 3].
+    def nearest_views(self, state: SharedState, target_c2w: torch.Tensor) -> torch.Tensor:
+        """Indices [S] (host) of the ``num_neighbour_select`` sources of ``state`` nearest to the
+        target ``target_c2w`` [4, 4] (OpenCV camera-to-segment; host memory avoids a device sync)."""
+        return self.projector.select_views(on_host(target_c2w), state.source_c2w)
+
+    def view_inputs(self, state: SharedState, views: torch.Tensor) -> ViewInputs:
+        """The heads' target-independent inputs for source views ``views`` [S] (host indices),
+        cached in ``state``. The aggregation over views is order-free, so the cache is keyed by
+        the sorted set: targets choosing the same sources in another order share one entry."""
+        key = tuple(sorted(int(i) for i in views))
+        if key not in state.view_inputs:
+            with torch.no_grad():
+                proj = state.projected
+                if key != tuple(range(proj.valid.shape[1])):
+                    idx = torch.tensor(key, dtype=torch.long).to(proj.valid.device, non_blocking=True)
+                    proj = proj.select_views(idx, self.config.min_views)
+                index = proj.keep.nonzero()[:, 0]  # the one host sync per source set
+                image_feat = aggregate_views(
+                    proj.colors[index], proj.occlusion[index], proj.valid[index], self.config.occlusion_tau
+                )
+                node = state.node
+                state.view_inputs[key] = ViewInputs(index, image_feat, state.anchors[index],
+                                                    node.features_dc[index], node.scales[index])
+        return state.view_inputs[key]
+
+    def predict(self, state: SharedState, target_c2w: torch.Tensor, target_K: torch.Tensor,
+                views: Optional[torch.Tensor] = None) -> GaussianParams:
+        """Gaussians for one target: ``target_c2w`` [4, 4] OpenCV camera-to-segment, ``target_K`` [3, 3]
+        (host or device; moved to the state's device).
 
         Only node Gaussians seen by at least ``min_views`` of the ``num_neighbour_select`` sources
-        nearest to the target are returned (``index`` says which).
+        nearest to the target (or of ``views`` [S], host indices, when given) are returned
+        (``index`` says which).
         """
-        views = self.projector.select_views(target_c2w, state.source_c2w)
-        proj = state.projected.select_views(views, self.config.min_views)
-        index = proj.keep.nonzero()[:, 0]
+        if views is None:
+            views = self.nearest_views(state, target_c2w)
+        device = state.anchors.device
+        target_c2w = target_c2w.to(device, non_blocking=True)
+        target_K = target_K.to(device, non_blocking=True)
+        inputs = self.view_inputs(state, views)
+        index = inputs.index
         offset = state.offset[index]
-        means = state.anchors[index] + offset
+        means = inputs.anchors + offset
         volume_feat = state.volume_feat[index]
         # View features from the detached position: geometry heads should not move Gaussians
         # through the view-direction input.
         view_feat = view_features(means.detach(), target_c2w, target_K)
-        image_feat = aggregate_views(
-            proj.colors[index], proj.occlusion[index], proj.valid[index], self.config.occlusion_tau
-        )
-        sh = self.color_head(image_feat, volume_feat, view_feat, state.node.features_dc[index])
-        scales, quats = self.scale_rotation_head(volume_feat, view_feat, state.node.scales[index])
+        sh = self.color_head(inputs.image_feat, volume_feat, view_feat, inputs.anchor_dc)
+        scales, quats = self.scale_rotation_head(volume_feat, view_feat, inputs.base_log_scale)
         return GaussianParams(
             means=means,
             quats=quats,
@@ -264,8 +342,8 @@ class GaussianPredictor(nn.Module):
     def predict_background(self, state: SharedState) -> Optional[GaussianParams]:
         """Sky-dome Gaussians to rasterise behind the foreground, or None without a background.
 
-        Recomputed per call (a tiny MLP) so each target's backward owns its graph.
+        Predicted once per state by :meth:`encode` (the dome does not depend on the target); with
+        ``split_backward`` its differentiable outputs sit behind the boundary, so every target's
+        backward accumulates into them and ``backward_shared`` runs the MLP's backward once.
         """
-        if self.background is None or state.dome is None:
-            return None
-        return self.background(state.dome)
+        return state.background

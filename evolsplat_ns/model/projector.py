@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from evolsplat_ns.data.types import Views
 from evolsplat_ns.geometry import invert_rigid, project_points
+from evolsplat_ns.model.precision import full_precision
 
 
 @dataclass
@@ -64,7 +65,8 @@ def window_offsets(radius: int, device: torch.device) -> torch.Tensor:
 
 def to_grid(uv: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Pixel coordinates [..., 2] (centres at +0.5) -> grid_sample coordinates (align_corners=False)."""
-    scale = torch.tensor([2.0 / width, 2.0 / height], device=uv.device, dtype=uv.dtype)
+    # Non-blocking: a blocking host-to-device copy of these two numbers would sync the stream.
+    scale = torch.tensor([2.0 / width, 2.0 / height], dtype=uv.dtype).to(uv.device, non_blocking=True)
     return uv * scale - 1.0
 
 
@@ -85,8 +87,11 @@ def zbuffer_depth(
     cx, cy = cell[..., 0].clamp(0, w - 1), cell[..., 1].clamp(0, h - 1)
     view = torch.arange(n_views, device=uv.device)[:, None]
     flat = (view * h + cy) * w + cx
-    zbuf = torch.full((n_views * h * w,), float("inf"), device=uv.device, dtype=depth.dtype)
-    zbuf.scatter_reduce_(0, flat[valid], depth[valid], reduce="amin")
+    # Invalid points go to one extra cell past the end instead of being masked out: a boolean
+    # mask would need the count of valid points on the host (a device sync).
+    trash = n_views * h * w
+    zbuf = torch.full((trash + 1,), float("inf"), device=uv.device, dtype=depth.dtype)
+    zbuf.scatter_reduce_(0, torch.where(valid, flat, trash).reshape(-1), depth.reshape(-1), reduce="amin")
     return zbuf[flat]
 
 
@@ -148,7 +153,10 @@ class Projector:
         No gradient flows to ``points``: image features describe the anchor, its motion is learned
         through the rendered means.
         """
-        points = points.detach()
+        with full_precision(points.device):  # pixel coordinates need fp32 (see model.precision)
+            return self._sample(points.detach(), views)
+
+    def _sample(self, points: torch.Tensor, views: Views) -> ProjectedFeatures:
         height, width = views.height, views.width
         uv, depth = project_points(points, views.intrinsics, invert_rigid(views.camtoworlds))
         in_x = (uv[..., 0] >= 0) & (uv[..., 0] < width)

@@ -11,10 +11,12 @@ trilinear sampling looks the 8 corner voxels up with ``torch.searchsorted``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from evolsplat_ns.model.spconv_compat import spconv_device_guard  # first: says which spconv to install
@@ -23,6 +25,17 @@ import spconv.pytorch as spconv  # noqa: E402,I001
 
 # The 8 corners of a voxel cell, as (dx, dy, dz) in {0, 1}^3.
 _CORNERS = torch.tensor([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)], dtype=torch.long)
+
+
+@functools.lru_cache(maxsize=8)
+def _corners(device: torch.device) -> torch.Tensor:
+    """``_CORNERS`` on ``device``, copied once (a copy per call would sync the stream each time)."""
+    return _CORNERS.to(device)
+
+
+def _small_tensor(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A few host numbers on ``device`` without a blocking host-to-device copy."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 @dataclass
@@ -60,9 +73,9 @@ def voxelize(points: torch.Tensor, features: torch.Tensor, voxel_size: float) ->
     points = points.detach()
     origin = points.min(dim=0).values
     coords = torch.floor((points - origin) / voxel_size).long()
-    shape = tuple(int(s) for s in coords.max(dim=0).values + 1)
-    keys, inverse = torch.unique(linear_keys(coords, shape), sorted=True, return_inverse=True)
-    counts = torch.bincount(inverse, minlength=keys.shape[0]).clamp(min=1)
+    shape = tuple((coords.max(dim=0).values + 1).tolist())  # one host read, not one per axis
+    keys, inverse, counts = torch.unique(linear_keys(coords, shape), sorted=True, return_inverse=True,
+                                         return_counts=True)
     summed = torch.zeros(keys.shape[0], features.shape[1], dtype=features.dtype, device=features.device)
     summed.index_add_(0, inverse, features.detach())
     voxel_coords = torch.stack(
@@ -128,17 +141,21 @@ class SparseVolume:
         u = (xyz - g.origin) / g.voxel_size - 0.5
         base = torch.floor(u.detach()).long()
         frac = u - base
-        corners = base[:, None, :] + _CORNERS.to(xyz.device)  # [M, 8, 3]
-        shape = torch.tensor(g.shape, device=xyz.device)
+        offsets = _corners(xyz.device)
+        corners = base[:, None, :] + offsets  # [M, 8, 3]
+        shape = _small_tensor(g.shape, torch.long, xyz.device)
         inside = ((corners >= 0) & (corners < shape)).all(dim=-1)
         keys = linear_keys(corners.clamp(min=0), g.shape)
         pos = torch.searchsorted(g.keys, keys).clamp(max=g.keys.shape[0] - 1)
         found = inside & (g.keys[pos] == keys)
-        corner_w = torch.where(_CORNERS.to(xyz.device).bool(), frac[:, None, :], 1 - frac[:, None, :])
+        corner_w = torch.where(offsets.bool(), frac[:, None, :], 1 - frac[:, None, :])
         weights = corner_w.prod(dim=-1) * found  # [M, 8]
         total = weights.sum(dim=1, keepdim=True)
         weights = weights / total.clamp(min=1e-12)
-        return (weights[..., None] * self.features[pos]).sum(dim=1)
+        # One fused gather-weighted-sum (and its backward) instead of materialising the [M, 8, C]
+        # corner features twice: at 1M points that is 2 GB of memory traffic saved each way.
+        return F.embedding_bag(pos, self.features, per_sample_weights=weights.to(self.features.dtype),
+                               mode="sum")
 
 
 def _subm_block(cin: int, cout: int, key: str) -> spconv.SparseSequential:

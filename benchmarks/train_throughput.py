@@ -1,11 +1,27 @@
-"""Training throughput of the evolsplat method: iterations/s, ms per phase, peak memory.
+"""Training throughput of the evolsplat method: it/s, ms per phase, GPU busy, launches, memory.
 
-Runs real training iterations (EVolSplatTrainer.train_step) on a dataset and prints:
-iterations/s, ms per phase (data, prepare, volume, projector, heads, render, backward, other),
-peak GPU memory and Gaussians per segment. Default shape: 960x640 images, 3 source views,
-4 target views (one camera, 3 source + 4 target keyframes).
+Runs real training iterations (``EVolSplatTrainer.train_step``) on a dataset in three passes after
+``--warmup`` steps (first visits build nodes (kNN), JIT kernels, caches):
 
-    python benchmarks/train_throughput.py --data DIR [--iters 50] [--warmup 10] [--method evolsplat]
+1. timed: ``--iters`` steps with nothing added -> iterations/s, ms per iteration, peak memory;
+2. phases: ``--phase-iters`` steps with the phase timers on (they synchronise CUDA at every phase
+   boundary, so their sum exceeds pass 1's step time) -> ms per phase (data, prepare, volume,
+   projector, heads, render, backward, other);
+3. profiled: ``--profile-iters`` steps under torch.profiler -> per step: kernel launches, GPU busy
+   time (union of kernel/copy intervals), host syncs and the busy fraction = busy time / pass 1's
+   step time (kernel time over wall time), plus the top kernels.
+
+Prints a table and the JSON (``--json FILE`` also writes it). Default shape: 960x640 images, one
+camera, 3 source + 4 target keyframes. See ``benchmarks/bench_setup.py`` (``--generator``,
+``--pixel-stride``, ``--pc-voxel-size``, ``--max-gaussians``) for reaching ~1M Gaussians per segment
+on generated data, e.g.:
+
+    evolsplat-synth --out /tmp/synth --scenes 2 --frames 12 --cameras 1 --width 960 --height 640
+    python benchmarks/train_throughput.py --data /tmp/synth --generator depth --pixel-stride 4 \\
+        --max-gaussians 100000                                  # ~100k Gaussians per segment
+    python benchmarks/train_throughput.py --data /tmp/synth --generator depth --pixel-stride 1 \\
+        --pc-voxel-size 0.02 --max-gaussians 1000000 --pc-device cuda   # 1M Gaussians per segment
+    ... --amp bf16                                              # mixed precision (heads in bf16)
 """
 
 from __future__ import annotations
@@ -13,12 +29,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 
+from bench_setup import add_pointcloud_args, apply_pointcloud_args
 from evolsplat_ns.method_configs import evolsplat_config, evolsplat_lite_config
 from evolsplat_ns.utils import timing
+
+_LAUNCH_NAMES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx",
+                 "cudaLaunchCooperativeKernel", "cudaGraphLaunch")
+_SYNC_NAMES = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 
 
 def build_trainer(args: argparse.Namespace):
@@ -30,67 +52,175 @@ def build_trainer(args: argparse.Namespace):
     ds.downscale = args.downscale
     ds.segment_length = args.segment_length
     ds.iters_per_segment = args.iters_per_segment
-    cfg.pipeline.model.max_gaussians_per_segment = args.max_gaussians
+    apply_pointcloud_args(cfg, args)
     cfg.machine.device_type = "cuda" if torch.cuda.is_available() else "cpu"
     cfg.output_dir = Path(args.output_dir)
     cfg.vis = "tensorboard"
-    cfg.use_mixed_precision = args.amp
+    cfg.use_mixed_precision = args.amp is not None
+    if args.amp is not None and hasattr(cfg, "mixed_precision_dtype"):
+        cfg.mixed_precision_dtype = {"bf16": "bfloat16", "fp16": "float16"}[args.amp]
     trainer = cfg.setup(local_rank=0, world_size=1)
     trainer.setup()
     return trainer
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed_pass(trainer, first: int, iters: int) -> float:
+    """Wall seconds of ``iters`` steps from step ``first`` (CUDA synchronised at both ends)."""
+    _sync()
+    t0 = time.perf_counter()
+    for step in range(first, first + iters):
+        trainer.train_step(step)
+    _sync()
+    return time.perf_counter() - t0
+
+
+def phase_pass(trainer, first: int, iters: int) -> dict[str, float]:
+    """ms per step of each timed phase (timers synchronise CUDA at phase boundaries)."""
+    timing.enable()
+    timing.reset()
+    wall = timed_pass(trainer, first, iters)
+    timing.enable(False)
+    phases = {k: 1000 * v / iters for k, v in timing.totals().items()}
+    phases["other"] = 1000 * wall / iters - sum(phases.values())
+    return dict(sorted(phases.items(), key=lambda kv: -kv[1]))
+
+
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+    """Total length of the union of [start, end] intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if a > end:
+            total, end = total + (b - a), b
+        elif b > end:
+            total, end = total + (b - end), b
+    return total
+
+
+def profile_pass(trainer, first: int, iters: int, table: Path | None = None) -> dict:
+    """Per step: kernel launches, syncs, GPU busy ms (union of device intervals), top kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        timed_pass(trainer, first, iters)
+    if table is not None:
+        averages = prof.key_averages()
+        table.write_text(averages.table(sort_by="self_cpu_time_total", row_limit=60) + "\n"
+                         + averages.table(sort_by="self_cuda_time_total", row_limit=40))
+    events = prof.events()
+    device = [e for e in events if e.device_type == DeviceType.CUDA]
+    runtime = Counter(e.name for e in events if e.device_type == DeviceType.CPU
+                      and (e.name in _LAUNCH_NAMES or e.name in _SYNC_NAMES))
+    kernels: Counter = Counter()
+    for e in device:
+        kernels[e.name] += e.time_range.elapsed_us()
+    busy_us = _union_us([(e.time_range.start, e.time_range.end) for e in device])
+    return {
+        "kernel_launches_per_step": sum(runtime[n] for n in _LAUNCH_NAMES) / iters,
+        "device_ops_per_step": len(device) / iters,
+        "host_syncs_per_step": {n: runtime[n] / iters for n in _SYNC_NAMES if runtime[n]},
+        "gpu_busy_ms_per_step": busy_us / 1000 / iters,
+        "top_kernels_ms_per_step": {k[:90]: round(v / 1000 / iters, 3) for k, v in kernels.most_common(15)},
+    }
+
+
+def print_table(r: dict) -> None:
+    rows = [("iterations/s", f"{r['iterations_per_s']:.2f}"), ("ms/iteration", f"{r['ms_per_iteration']:.1f}"),
+            ("peak GPU memory (GB)", f"{r['peak_gpu_memory_gb']:.2f}" if r["peak_gpu_memory_gb"] else "-"),
+            ("Gaussians/segment", ", ".join(f"{v:,}" for v in r["gaussians_per_segment"].values()))]
+    prof = r.get("profile") or {}
+    if prof:
+        rows += [("kernel launches/step", f"{prof['kernel_launches_per_step']:.0f}"),
+                 ("GPU busy ms/step", f"{prof['gpu_busy_ms_per_step']:.1f}"),
+                 ("GPU busy fraction", f"{r['gpu_busy_fraction']:.0%}" if r["gpu_busy_fraction"] else "-"),
+                 ("host syncs/step", ", ".join(f"{k} {v:.0f}" for k, v in prof["host_syncs_per_step"].items()))]
+    rows += [(f"  phase {k} (ms)", f"{v:.1f}") for k, v in r["ms_per_phase"].items()]
+    width = max(len(k) for k, _ in rows)
+    print(f"{r['device']} {r['image']} {r['source_views']} src + {r['target_views']} tgt, amp={r['amp']}")
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
     p.add_argument("--method", default="evolsplat", choices=["evolsplat", "evolsplat-lite"])
-    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--iters", type=int, default=50, help="steps of the timed pass")
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--phase-iters", type=int, default=10, help="steps with phase timers (0 = skip)")
+    p.add_argument("--profile-iters", type=int, default=5, help="steps under torch.profiler (0 = skip)")
     p.add_argument("--cameras", type=int, nargs="+", default=[0])
     p.add_argument("--sources", type=int, default=3, help="source keyframes (x cameras = source views)")
     p.add_argument("--targets", type=int, default=4, help="target keyframes (x cameras = target views)")
     p.add_argument("--downscale", type=float, default=1.0)
     p.add_argument("--segment-length", type=int, default=20)
     p.add_argument("--iters-per-segment", type=int, default=10)
-    p.add_argument("--max-gaussians", type=int, default=0)
-    p.add_argument("--amp", action="store_true")
+    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=("bf16", "fp16"),
+                   help="mixed precision (bare --amp: bf16)")
     p.add_argument("--output-dir", default="/tmp/evolsplat_bench")
     p.add_argument("--json", default=None, help="also write the figures here")
+    p.add_argument("--profile-table", type=Path, default=None, help="write the profiler's op tables here")
+    p.add_argument("--eval", action="store_true",
+                   help="then score the held-out views (PSNR after this run's steps; compare runs of equal steps)")
+    p.add_argument("--viewer-frames", type=int, default=0,
+                   help="then time the viewer's render on the trained pipeline (viewer_fps.py's figures)")
+    add_pointcloud_args(p)
     args = p.parse_args()
 
     trainer = build_trainer(args)
     cuda = torch.cuda.is_available()
-    for step in range(args.warmup):  # first visits build nodes (kNN), JIT kernels, caches
-        trainer.train_step(step)
+    step = 0
+    timed_pass(trainer, step, args.warmup)
+    step += args.warmup
     if cuda:
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    timing.enable()
-    timing.reset()
-    t0 = time.perf_counter()
-    for step in range(args.warmup, args.warmup + args.iters):
-        trainer.train_step(step)
-    if cuda:
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
-    timing.enable(False)
-    phases = {k: 1000 * v / args.iters for k, v in timing.totals().items()}
-    phases["other"] = 1000 * wall / args.iters - sum(phases.values())
+    wall = timed_pass(trainer, step, args.iters)
+    step += args.iters
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    phases = phase_pass(trainer, step, args.phase_iters) if args.phase_iters > 0 else {}
+    step += args.phase_iters
+    prof = profile_pass(trainer, step, args.profile_iters, args.profile_table) if args.profile_iters > 0 else None
+    step += args.profile_iters
+    held_out = viewer = None
+    pipeline = trainer.pipeline
+    if args.eval:
+        held_out = pipeline.get_average_eval_image_metrics(step=step)
+        pipeline.train()
+    if args.viewer_frames > 0:
+        from viewer_fps import measure
+
+        pipeline.eval()
+        sample = pipeline.model.context.sources
+        viewer = measure(pipeline, args.viewer_frames, 0.1, sample.width, sample.height, 60.0)
     segments = trainer.pipeline.model.segments
     sample = trainer.pipeline.model.context.sources
+    ms = 1000 * wall / args.iters
     result = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "image": f"{sample.width}x{sample.height}",
         "source_views": args.sources * len(args.cameras),
         "target_views": args.targets * len(args.cameras),
         "iterations_per_s": args.iters / wall,
-        "ms_per_iteration": 1000 * wall / args.iters,
-        "ms_per_phase": dict(sorted(phases.items(), key=lambda kv: -kv[1])),
-        "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "ms_per_iteration": ms,
+        "ms_per_phase": phases,
+        "peak_gpu_memory_gb": peak,
         "gaussians_per_segment": {str(k): len(segments.get(k).node) for k in segments.keys()},
-        "amp": args.amp,
+        "amp": args.amp or "off",
+        "profile": prof,
+        "gpu_busy_fraction": prof["gpu_busy_ms_per_step"] / ms if prof and cuda else None,
         "skipped_steps": dict(trainer.skipped_steps),
+        "steps_trained": step,
+        "held_out": held_out,
+        "viewer": viewer,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
+    print_table(result)
     print(json.dumps(result, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -1,0 +1,59 @@
+"""Shared benchmark settings: which point cloud (hence how many Gaussians) a benchmark runs on.
+
+Reaching ~1M Gaussians per segment on generated data. ``evolsplat-synth`` writes depth maps next to
+the images, and the depth generator back-projects every ``--pixel-stride``-th pixel of every frame
+of the segment before voxel downsampling (``--pc-voxel-size``). Measured on a 12-frame,
+one-camera, 960x640 synthetic scene (``evolsplat-synth --scenes 2 --frames 12 --cameras 1
+--width 960 --height 640``; the default 40-frame scenes give more):
+
+    --generator depth --pixel-stride 4 --pc-voxel-size 0.05   ->   184k points (404k raw)
+    --generator depth --pixel-stride 2 --pc-voxel-size 0.05   ->   365k points
+    --generator depth --pixel-stride 1 --pc-voxel-size 0.05   ->   528k points (6.5M raw)
+    --generator depth --pixel-stride 1 --pc-voxel-size 0.02   ->   1.9M points
+    --generator depth --pixel-stride 1 --pc-voxel-size 0      ->   5.7M points
+
+``--max-gaussians N`` then subsamples a segment at random to exactly N (e.g. 100000 or 1000000).
+Denser LiDAR works too (``evolsplat-synth --lidar-beams 128 --lidar-azimuths 4096``, then
+``--generator lidar --pc-voxel-size 0.02``), at ~9 MB of LiDAR per frame; ``--generator hybrid``
+unions both. ``--pc-device cuda`` builds the point cloud on the GPU (seconds instead of a minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from evolsplat_ns.data.pointcloud.base import PointCloudGeneratorConfig
+from evolsplat_ns.data.pointcloud.depth import DepthPointCloudConfig
+from evolsplat_ns.data.pointcloud.hybrid import HybridPointCloudConfig
+
+
+def add_pointcloud_args(parser: argparse.ArgumentParser) -> None:
+    """Flags choosing the segment point cloud (see this module's docstring for their effect)."""
+    g = parser.add_argument_group("point cloud (how many Gaussians; see bench_setup.py)")
+    g.add_argument("--generator", default="auto", choices=("auto", "lidar", "depth", "hybrid"),
+                   help="point-cloud generator (auto: lidar if present, else depth)")
+    g.add_argument("--pixel-stride", type=int, default=None,
+                   help="depth/hybrid: back-project every k-th pixel (generator default 4; 1 = every pixel)")
+    g.add_argument("--pc-voxel-size", type=float, default=None,
+                   help="voxel downsampling of the point cloud in metres (default: the method's; 0 = off)")
+    g.add_argument("--pc-device", default="cpu", help="device the point cloud is built on (cpu or cuda)")
+    g.add_argument("--max-gaussians", type=int, default=0,
+                   help="subsample each segment to at most this many Gaussians (0 = all points)")
+
+
+def apply_pointcloud_args(config, args: argparse.Namespace) -> None:
+    """Apply :func:`add_pointcloud_args`' flags to a trainer or pipeline config (in place)."""
+    pipeline = getattr(config, "pipeline", config)
+    ds = pipeline.datamanager.dataset
+    ds.pointcloud_generator = args.generator
+    base = ds.pointcloud
+    if args.pixel_stride is not None:
+        if args.generator not in ("depth", "hybrid"):
+            raise SystemExit("--pixel-stride needs --generator depth or hybrid")
+        cls = DepthPointCloudConfig if args.generator == "depth" else HybridPointCloudConfig
+        shared = {f: getattr(base, f) for f in PointCloudGeneratorConfig.__dataclass_fields__ if f != "_target"}
+        base = ds.pointcloud = cls(**shared, pixel_stride=args.pixel_stride)
+    if args.pc_voxel_size is not None:
+        base.voxel_size = args.pc_voxel_size
+    base.device = args.pc_device
+    pipeline.model.max_gaussians_per_segment = args.max_gaussians

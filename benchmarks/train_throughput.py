@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from bench_setup import add_pointcloud_args, apply_pointcloud_args
@@ -44,6 +46,11 @@ _SYNC_NAMES = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynch
 
 
 def build_trainer(args: argparse.Namespace):
+    # Same initial weights in every run (ns-train seeds through machine.seed; a bare Trainer does
+    # not), so held-out PSNRs of runs with equal steps are comparable.
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
     cfg = evolsplat_config() if args.method == "evolsplat" else evolsplat_lite_config()
     cfg.data = cfg.pipeline.datamanager.data = Path(args.data)
     ds = cfg.pipeline.datamanager.dataset
@@ -164,6 +171,7 @@ def main() -> None:
     p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=("bf16", "fp16"),
                    help="mixed precision (bare --amp: bf16)")
     p.add_argument("--output-dir", default="/tmp/evolsplat_bench")
+    p.add_argument("--seed", type=int, default=42, help="seeds the network initialisation")
     p.add_argument("--json", default=None, help="also write the figures here")
     p.add_argument("--profile-table", type=Path, default=None, help="write the profiler's op tables here")
     p.add_argument("--eval", action="store_true",

@@ -1,0 +1,52 @@
+"""``Stage2Config``: every setting of the online stage-2 refiner (nested under the model config as
+``--pipeline.model.stage2.*``; names and defaults follow the original user guide)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+Stage2Mode = Literal["joint", "gaussian_only", "pose_only"]
+
+
+@dataclass
+class Stage2Config:
+    enabled: bool = False
+    """Run stage 2 inside training (the ``evolsplat-stage2`` methods turn it on)."""
+    stage2_start_epoch: int = 10
+    """First epoch (one pass over the training segments: segments x iters_per_segment steps) with stage 2."""
+    start_step: Optional[int] = None
+    """Start at this step instead of ``stage2_start_epoch`` (None = use the epoch)."""
+    stage2_frequency: int = 5
+    """Run stage 2 every N iterations once started."""
+    stage2_training_mode: Stage2Mode = "joint"
+    """joint: both heads train; gaussian_only: poses stay the boxes, the pose head leaves the optimizer;
+    pose_only: Gaussians stay stage 1's, the Gaussian head leaves the optimizer."""
+    stage2_memory_efficient: bool = True
+    """Subsample objects to the point budget and checkpoint the attention blocks."""
+    stage2_learning_rate: float = 1e-5
+    """Learning rate of the ``stage2`` optimizer group (the method configs build that group from it)."""
+    detach_stage1: bool = True
+    """Stage-1 actor Gaussians enter stage 2 detached (stage-2 losses never reach the stage-1 actor head)."""
+    max_objects_per_frame: int = 10
+    """At most this many objects (the ones with most points) are refined per segment."""
+    max_points_per_object: int = 2048
+    """Point budget per object for the refine heads (halves after an OOM, grows back after clean runs)."""
+    input_gaussian_dim: int = 14
+    gaussian_feature_dim: int = 128
+    gaussian_num_layers: int = 2
+    gaussian_num_heads: int = 4
+    pose_feature_dim: int = 128
+    pose_num_layers: int = 2
+    # -- loss weights (Stage2CompleteLoss) ------------------------------------------------------
+    rgb_loss_weight: float = 0.5
+    depth_loss_weight: float = 0.05
+    lpips_loss_weight: float = 0.05
+    """Used only when LPIPS with real pretrained weights is available (else off, and said so)."""
+    consistency_loss_weight: float = 0.02
+    """Cross-frame consistency, warped by ground-truth or trusted flow only (else off)."""
+    gaussian_reg_weight: float = 0.005
+    pose_reg_weight: float = 0.005
+    temporal_smooth_weight: float = 0.002
+    extra_loss_terms: dict[str, float] = field(default_factory=dict)
+    """Registered loss terms (registry group ``losses``) added with these weights; see docs/stage2.md."""

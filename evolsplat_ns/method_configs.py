@@ -1,4 +1,6 @@
-"""nerfstudio method registrations: ``evolsplat`` (full, GPU) and ``evolsplat-lite`` (CPU-sized).
+"""nerfstudio method registrations: ``evolsplat`` (full, GPU) and ``evolsplat-lite`` (CPU-sized), and
+the same with the online stage-2 refiner of moving actors: ``evolsplat-stage2`` and
+``evolsplat-stage2-lite`` (stage 2 from step 0, every other step; docs/stage2.md).
 
 ``evolsplat-lite`` defaults ``--machine.device-type`` to cuda when CUDA is available, else cpu;
 any method asked for CUDA on a machine without it stops with one line naming
@@ -35,6 +37,7 @@ from evolsplat_ns.engine.pipeline import EVolSplatPipelineConfig
 from evolsplat_ns.engine.schedulers import FloatExponentialDecaySchedulerConfig
 from evolsplat_ns.engine.trainer import AdamConfig, EVolSplatTrainerConfig
 from evolsplat_ns.model.evolsplat_model import EVolSplatModelConfig
+from evolsplat_ns.model.stage2.config import Stage2Config
 from evolsplat_ns.utils.errors import install_excepthook
 from evolsplat_ns.viewer.controls import SegmentControlsConfig
 
@@ -97,6 +100,37 @@ def evolsplat_lite_config() -> EVolSplatTrainerConfig:
     return cfg
 
 
+def _with_stage2(cfg: EVolSplatTrainerConfig, name: str, stage2: Stage2Config) -> EVolSplatTrainerConfig:
+    """``cfg`` with stage 2 on: the model's refiner and its own ``stage2`` optimizer group (Adam at
+    ``stage2_learning_rate``, the same exponential decay shape as stage 1)."""
+    cfg.method_name = name
+    cfg.pipeline.model = replace(cfg.pipeline.model, stage2=stage2)
+    networks = cfg.optimizers["networks"]
+    ratio = networks["scheduler"].lr_final / networks["optimizer"].lr
+    cfg.optimizers["stage2"] = {
+        "optimizer": AdamConfig(lr=stage2.stage2_learning_rate, eps=1e-15),
+        "scheduler": FloatExponentialDecaySchedulerConfig(lr_final=stage2.stage2_learning_rate * ratio,
+                                                          max_steps=cfg.max_num_iterations),
+    }
+    return cfg
+
+
+def evolsplat_stage2_config() -> EVolSplatTrainerConfig:
+    """``evolsplat`` + the online stage-2 refiner with the user guide's defaults (epoch 10, every 5 steps)."""
+    return _with_stage2(evolsplat_config(), "evolsplat-stage2", Stage2Config(enabled=True))
+
+
+def evolsplat_stage2_lite_config() -> EVolSplatTrainerConfig:
+    """``evolsplat-lite`` + stage 2 from step 0, every other step, with CPU-sized heads."""
+    return _with_stage2(evolsplat_lite_config(), "evolsplat-stage2-lite", Stage2Config(
+        enabled=True, start_step=0, stage2_frequency=2, stage2_learning_rate=1e-4, gaussian_feature_dim=32,
+        pose_feature_dim=32, max_points_per_object=512))
+
+
 evolsplat = MethodSpecification(config=evolsplat_config(), description="EVolSplat: feed-forward 3DGS of driving scenes")
 evolsplat_lite = MethodSpecification(config=evolsplat_lite_config(),
                                      description="EVolSplat with CPU-sized settings (demo, tests)")
+evolsplat_stage2 = MethodSpecification(config=evolsplat_stage2_config(),
+                                       description="EVolSplat with the online stage-2 refiner of moving actors")
+evolsplat_stage2_lite = MethodSpecification(config=evolsplat_stage2_lite_config(),
+                                            description="EVolSplat + stage 2, CPU-sized (stage 2 from step 0, every 2nd step)")

@@ -26,6 +26,7 @@ from evolsplat_ns.data.types import Sample
 from evolsplat_ns.engine import ns_hooks
 from evolsplat_ns.engine.datamanager import SegmentImages
 from evolsplat_ns.engine.evaluation import evaluate_held_out, image_writer, score_view
+from evolsplat_ns.engine.stage2 import OnlineStage2Trainer
 from evolsplat_ns.model.evolsplat_model import EmptySegmentError
 
 
@@ -72,6 +73,18 @@ class EVolSplatPipeline(VanillaPipeline):
         :meth:`_render_named_camera` (its sample's views share one encode, as in evaluation)."""
         if config.viewer_controls is not None:
             self.segments = config.viewer_controls.setup(pipeline=self)
+
+    def get_training_callbacks(self, training_callback_attributes):
+        """nerfstudio's callbacks, plus the stage-2 controller's when the model has a refiner."""
+        callbacks = super().get_training_callbacks(training_callback_attributes)
+        self.stage2_controller: Optional[OnlineStage2Trainer] = None
+        if self.model.stage2 is not None:
+            c = self.datamanager.config.dataset
+            steps_per_epoch = len(self.datamanager.dataset.train_segment_ids) * c.iters_per_segment
+            self.stage2_controller = OnlineStage2Trainer(self.model.config.stage2, self.model,
+                                                         training_callback_attributes.optimizers, steps_per_epoch)
+            callbacks += self.stage2_controller.callbacks()
+        return callbacks
 
     def _chosen_segment(self) -> Optional[int]:
         """Index of the segment named by $EVOLSPLAT_SEGMENT or ``shown_segment`` (None: not chosen)."""

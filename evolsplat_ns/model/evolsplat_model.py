@@ -38,6 +38,10 @@ from evolsplat_ns.model.precision import full_precision
 from evolsplat_ns.model.predictor import GaussianPredictor, PredictorConfig, SharedState, on_host
 from evolsplat_ns.model.render import rasterize
 from evolsplat_ns.model.segment_store import SegmentState, SegmentStore
+from evolsplat_ns.model.stage2.config import Stage2Config
+from evolsplat_ns.model.stage2.loss import Stage2CompleteLoss
+from evolsplat_ns.model.stage2.refiner import Stage2Refiner
+from evolsplat_ns.model.stage2.step import Stage2Report, Stage2Step
 from evolsplat_ns.model.splatfacto_compat import SplatfactoSurface
 from evolsplat_ns.model.state_cache import neighbour_count
 from evolsplat_ns.utils.timing import phase
@@ -70,6 +74,8 @@ class EVolSplatModelConfig(ModelConfig, PredictorConfig):
     """Host memory (MiB) for the state of segments not being trained or shown; beyond it the least
     recently used spill to disk under the run folder (``segments/``) and load back when revisited
     (0 = unbounded)."""
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    """The online stage-2 refiner of moving actors (off here; ``evolsplat-stage2`` turns it on)."""
     # nerfstudio's NeRF-era model fields: nothing here reads them (whole-camera rendering, no
     # rays, no collider, no coarse/fine losses, no text prompt), so they are off the command line.
     enable_collider: tyro.conf.Suppress[bool] = False
@@ -199,9 +205,20 @@ class EVolSplatModel(SplatfactoSurface):
         self.context: Optional[SegmentContext] = None
         self.offsets = PendingOffsets()
         self.step = 0
+        s2 = self.config.stage2
+        self.stage2 = Stage2Refiner(s2) if s2.enabled else None
+        self.stage2_loss = Stage2CompleteLoss(s2) if s2.enabled else None
+        self.stage2_active = False
+        """Set before each training step by the stage-2 controller (:mod:`evolsplat_ns.engine.stage2`)."""
+        self.stage2_step: Optional[Stage2Step] = None
+        self.stage2_report: Optional[Stage2Report] = None
+        """What the last scheduled stage-2 step did (None: not scheduled, or stage 1 failed first)."""
 
     def get_param_groups(self) -> dict[str, list[Parameter]]:
-        return {"networks": list(self.predictor.parameters())}
+        groups = {"networks": list(self.predictor.parameters())}
+        if self.stage2 is not None:  # only the heads its mode trains (the frozen head leaves the optimizer)
+            groups["stage2"] = self.stage2.trainable_parameters()
+        return groups
 
     def get_training_callbacks(self, training_callback_attributes: TrainingCallbackAttributes) -> list[TrainingCallback]:
         """After each training iteration: commit the step's predicted offsets to the node cache."""
@@ -255,8 +272,50 @@ class EVolSplatModel(SplatfactoSurface):
         ctx = self._require_context()
         poses = ctx.source_poses if sources is None else None  # else copied back once (a sync)
         sources = sources if sources is not None else ctx.sources
-        return self.predictor.encode(ctx.node, sources, self._frozen_volume(ctx.segment), split_backward,
-                                     actors=ctx.segment.actors, source_poses=poses)
+        state = self.predictor.encode(ctx.node, sources, self._frozen_volume(ctx.segment), split_backward,
+                                      actors=ctx.segment.actors, source_poses=poses)
+        if self.stage2 is not None and state.actors is not None and not torch.is_grad_enabled():
+            # renders without a training graph (viewer, evaluation) show the refined actors too
+            out = self.stage2(state.actors, state.actor_nodes)
+            state.actors, state.actor_nodes = out.gaussians, replace(state.actor_nodes, poses=out.poses)
+        return state
+
+    def _start_stage2(self, state: SharedState, split_backward: bool) -> Optional[Stage2Step]:
+        """Refine the step's actors when stage 2 is scheduled (the state then renders the refined
+        Gaussians and corrected poses); records the outcome in ``stage2_report``."""
+        self.stage2_step = self.stage2_report = None
+        if self.stage2 is None or not self.stage2_active or not torch.is_grad_enabled():
+            return None
+        if state.actors is None or not self.stage2.objects(state.actor_nodes):
+            self.stage2_report = Stage2Report("no_objects")
+            return None
+        try:
+            step2 = Stage2Step(self.stage2, self.stage2_loss, state.actors, state.actor_nodes, split_backward)
+        except torch.cuda.OutOfMemoryError:  # stage 1 keeps stepping; the controller shrinks the budget
+            self.stage2.zero_grad(set_to_none=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.stage2_report = Stage2Report("oom")
+            return None
+        state.actors, state.actor_nodes = step2.actors, step2.nodes
+        self.stage2_step = step2
+        return step2
+
+    def _finish_stage2(self, step2: Optional[Stage2Step], backward, totals: dict[str, torch.Tensor]) -> None:
+        """The per-step stage-2 terms and the refiner's backward, before the shared stage-1 part.
+
+        Stage-2 steps check finiteness on the host (a device sync, only on those steps): a non-finite
+        stage-2 term is left out of the backward (stage 1 steps on); a non-finite stage-1 loss
+        makes the trainer skip the whole step, reported as ``stage2_report = None``."""
+        if step2 is None:
+            return
+        if totals and not bool(torch.isfinite(sum(v.detach() for v in totals.values()))):
+            step2.discard()
+            self.stage2_report = self.stage2_step = None
+            return
+        for k, val in step2.finish(backward).items():
+            totals[k] = totals[k] + val if k in totals else val
+        self.stage2_report, self.stage2_step = step2.report(), None
 
     def _frozen_volume(self, segment: SegmentState):
         """The segment's frozen volume (built once) when ``freeze_volume``, else None (rebuilt per step)."""
@@ -328,6 +387,7 @@ class EVolSplatModel(SplatfactoSurface):
             with phase("prepare"):
                 self.set_context(sample.key, sample.source, point_cloud)
             state = self.encode(split_backward=backward is not None)
+            step2 = self._start_stage2(state, split_backward=backward is not None)
         # Poses stay on the host (view selection there); images go to the device without blocking.
         targets = replace(sample.target, images=sample.target.images.to(self.device, non_blocking=True))
         totals: dict[str, torch.Tensor] = {}
@@ -349,6 +409,8 @@ class EVolSplatModel(SplatfactoSurface):
             psnrs.append(result.psnr)
             seen.append(result.index)
             del result  # free this target's graph before the next
+        with phase("backward"):
+            self._finish_stage2(step2, backward, totals)
         if backward is not None and seen:
             with phase("backward"):
                 state.backward_shared()
@@ -366,6 +428,9 @@ class EVolSplatModel(SplatfactoSurface):
         gt = targets.images[v]
         with full_precision(gt.device):  # SSIM's variance terms cancel catastrophically below fp32
             losses = {k: val / len(targets) for k, val in self.view_loss(out, gt, step).items()}
+            if self.stage2_step is not None:
+                depth = targets.depths[v].to(self.device) if targets.depths is not None else None
+                losses.update(self.stage2_step.target_terms(out, gt, depth, step, len(targets)))
         return TargetLoss(losses, psnr(out["rgb"].detach().float(), gt), out["gaussians"].index)
 
     def view_loss(self, outputs: dict[str, torch.Tensor], gt: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
@@ -440,7 +505,10 @@ class EVolSplatModel(SplatfactoSurface):
 
     def get_extra_state(self) -> dict:
         """Every segment's state (node + offset cache, frozen volume) travels in checkpoints."""
-        return {"segments": self.segments.state_dict(), "step": self.step}
+        extra = {"segments": self.segments.state_dict(), "step": self.step}
+        if self.stage2 is not None:
+            extra["stage2_point_budget"] = self.stage2.point_budget
+        return extra
 
     def set_extra_state(self, state: dict) -> None:
         self.segments.load_state_dict(state["segments"] if "segments" in state else _legacy_segments(state))
@@ -449,6 +517,8 @@ class EVolSplatModel(SplatfactoSurface):
         # Otherwise the shown segment is not in the checkpoint: it keeps rendering from the state it
         # was built with (loading adds no segment) until another segment is shown.
         self.step = state.get("step", 0)
+        if self.stage2 is not None and "stage2_point_budget" in state:
+            self.stage2.point_budget = int(state["stage2_point_budget"])
 
     def _require_context(self) -> SegmentContext:
         if self.context is None:

@@ -1,0 +1,174 @@
+"""``OnlineStage2Trainer``: when stage 2 runs, in which mode, and what it measured.
+
+A small controller with explicit state, driven by two nerfstudio ``TrainingCallback`` s (the
+pipeline adds them when the model has a stage-2 refiner):
+
+- before each iteration it decides :meth:`should_run` and sets ``model.stage2_active``; the model
+  then refines the step's actors inside its one loss loop, so the stage-2 loss is back-propagated
+  with the step, **before** the optimizer step (its own param group ``stage2``);
+- after the iteration it reads ``model.stage2_report`` and counts the outcome.
+
+Schedule: stage 2 starts at ``start_step`` when set, else at the first step of epoch
+``stage2_start_epoch`` (an epoch is one pass over the training segments: ``steps_per_epoch`` =
+training segments × ``iters_per_segment``, as :class:`evolsplat_ns.data.scheduler.SegmentScheduler`
+defines it); from there it runs every ``stage2_frequency`` steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Optional
+
+from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
+from nerfstudio.engine.optimizers import Optimizers
+
+from evolsplat_ns.model.stage2.config import Stage2Config, Stage2Mode
+from evolsplat_ns.model.stage2.step import OUTCOMES, Stage2Report
+
+SKIP_REASONS = ("schedule", "no_objects", "nonfinite", "oom", "stage1_skipped")
+"""Why a call did not run stage 2: not scheduled; no object with a box in the segment; non-finite
+stage-2 loss; CUDA OOM inside stage 2; stage 1 failed the step before stage 2 finished."""
+MIN_POINT_BUDGET = 256
+GROW_AFTER_CLEAN_RUNS = 200
+
+
+class OnlineStage2Trainer:
+    """Schedule, modes, point budget and statistics of the online stage-2 refiner.
+
+    Args:
+        config: the stage-2 settings (``model.config.stage2``).
+        model: the :class:`~evolsplat_ns.model.evolsplat_model.EVolSplatModel` (with ``stage2`` set).
+        optimizers: nerfstudio's optimizers (group ``stage2``), or None (schedule tests).
+        steps_per_epoch: training steps per pass over the training segments.
+    """
+
+    def __init__(self, config: Stage2Config, model, optimizers: Optional[Optimizers], steps_per_epoch: int) -> None:
+        if config.stage2_frequency < 1:
+            raise ValueError(f"stage2_frequency must be >= 1, got {config.stage2_frequency}")
+        self.config, self.model, self.optimizers = config, model, optimizers
+        self.steps_per_epoch = max(1, int(steps_per_epoch))
+        self.calls = 0
+        self.skipped: Counter[str] = Counter({r: 0 for r in SKIP_REASONS})
+        self.runs = 0
+        self._scheduled = False
+        self._clean_runs = 0
+        self._losses: list[float] = []
+        self._times: list[float] = []
+        self._objects: list[int] = []
+        self._points: list[float] = []
+        self._trans: list[float] = []
+        self._rot: list[float] = []
+
+    # -- schedule ------------------------------------------------------------------------------------
+
+    @property
+    def start_step(self) -> int:
+        c = self.config
+        return c.start_step if c.start_step is not None else c.stage2_start_epoch * self.steps_per_epoch
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def should_run(self, epoch: int, step: int) -> bool:
+        """Stage 2 at (``epoch``, ``step``)? On from the start (step, or epoch), every ``stage2_frequency`` steps."""
+        c = self.config
+        if not c.enabled:
+            return False
+        started = step >= c.start_step if c.start_step is not None else epoch >= c.stage2_start_epoch
+        return started and (step - self.start_step) % c.stage2_frequency == 0
+
+    # -- modes ---------------------------------------------------------------------------------------
+
+    def set_training_mode(self, mode: Stage2Mode) -> None:
+        """Switch mode: the frozen head is not run, and its parameters leave the ``stage2`` optimizer group."""
+        if mode not in ("joint", "gaussian_only", "pose_only"):
+            raise ValueError(f"stage2_training_mode must be joint, gaussian_only or pose_only, got {mode!r}")
+        refiner = self.model.stage2
+        refiner.mode = mode
+        params = refiner.trainable_parameters(mode)
+        if self.optimizers is not None and "stage2" in self.optimizers.optimizers:
+            self.optimizers.optimizers["stage2"].param_groups[0]["params"] = params
+            self.optimizers.parameters["stage2"] = params
+        refiner.zero_grad(set_to_none=True)
+
+    # -- callbacks -----------------------------------------------------------------------------------
+
+    def callbacks(self) -> list[TrainingCallback]:
+        return [TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], self.before_step),
+                TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], self.after_step)]
+
+    def before_step(self, step: int) -> None:
+        self.calls += 1
+        self._scheduled = self.should_run(self.epoch_of(step), step)
+        self.model.stage2_active = self._scheduled
+        self.model.stage2_report = None
+        if not self._scheduled:
+            self.skipped["schedule"] += 1
+
+    def after_step(self, step: int) -> None:
+        if not self._scheduled:
+            return
+        self._scheduled = self.model.stage2_active = False
+        self.record(self.model.stage2_report)
+
+    def record(self, report: Optional[Stage2Report]) -> None:
+        """Count one scheduled step's outcome (None: stage 1 failed the step first)."""
+        if report is None:
+            self.skipped["stage1_skipped"] += 1
+            return
+        assert report.outcome in OUTCOMES, report.outcome
+        if report.outcome != "ran":
+            self.skipped[report.outcome] += 1
+            if report.outcome == "oom":
+                self._shrink_budget()
+            return
+        self.runs += 1
+        self._losses.append(report.loss)
+        self._times.append(report.time_s)
+        self._objects.append(report.objects)
+        self._points.append(report.points_per_object)
+        self._trans.append(report.trans_m)
+        self._rot.append(report.rot_deg)
+        self._clean_runs += 1
+        if self._clean_runs >= GROW_AFTER_CLEAN_RUNS:
+            self._grow_budget()
+
+    def _shrink_budget(self) -> None:
+        refiner = self.model.stage2
+        refiner.point_budget = max(MIN_POINT_BUDGET, refiner.point_budget // 2)
+        self._clean_runs = 0
+
+    def _grow_budget(self) -> None:
+        refiner = self.model.stage2
+        refiner.point_budget = min(self.config.max_points_per_object, int(math.ceil(refiner.point_budget * 1.25)))
+        self._clean_runs = 0
+
+    # -- statistics ----------------------------------------------------------------------------------
+
+    def get_statistics(self) -> dict:
+        """Measured numbers only (plain Python values); ``runs + sum(skipped_*) == calls``."""
+        mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+        loss_status = self.model.stage2_loss.status() if self.model.stage2_loss is not None else {}
+        return {
+            "calls": self.calls, "runs": self.runs,
+            **{f"skipped_{r}": int(self.skipped[r]) for r in SKIP_REASONS},
+            "run_ratio": self.runs / self.calls if self.calls else 0.0,
+            "last_loss": self._losses[-1] if self._losses else math.nan,
+            "avg_loss": mean(self._losses) if self._losses else math.nan,
+            "time_total_s": sum(self._times), "time_avg_s": mean(self._times),
+            "objects_avg": mean(self._objects), "points_per_object_avg": mean(self._points),
+            "point_budget": self.model.stage2.point_budget,
+            "pose_corr_trans_m_avg": mean(self._trans), "pose_corr_rot_deg_avg": mean(self._rot),
+            "mode": self.model.stage2.mode,
+            # objects, identities and masks come from box tracks; no segmenter or flow model runs yet
+            "segmenter_trusted": False, "flow_trusted": False, "objects_from": "box tracks",
+            "lpips": loss_status.get("lpips", "off"), "consistency": loss_status.get("consistency", "off"),
+        }
+
+    def summary_line(self) -> str:
+        s = self.get_statistics()
+        return (f"stage2: {s['runs']}/{s['calls']} runs (skips: " +
+                ", ".join(f"{r} {s['skipped_' + r]}" for r in SKIP_REASONS) +
+                f"), loss {s['last_loss']:.4g}, {s['time_avg_s'] * 1000:.1f} ms/run, {s['objects_avg']:.1f} objects, "
+                f"pose corr {s['pose_corr_trans_m_avg']:.3f} m / {s['pose_corr_rot_deg_avg']:.2f} deg, mode {s['mode']}")

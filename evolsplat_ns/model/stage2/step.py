@@ -1,0 +1,150 @@
+"""One training step's stage-2 run (:class:`Stage2Step`) and what it reports (:class:`Stage2Report`).
+
+The refiner runs **once per step**. With per-target backward (the trainer's mode) its outputs are
+cut into leaves: each target's stage-2 render terms are back-propagated with that target's loss
+(gradients gather on the leaves), then :meth:`Stage2Step.finish` back-propagates the per-step terms
+(regularisers, smoothness) and runs the refiner's graph once, **before** the shared stage-1 part and
+before the optimizer step. Without per-target backward everything stays in one graph.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional
+
+import torch
+
+from evolsplat_ns.model.actors import ActorGaussians, ActorNodes
+from evolsplat_ns.model.stage2.loss import Stage2CompleteLoss, Stage2TermInputs
+from evolsplat_ns.model.stage2.refiner import RefineOutput, Stage2Refiner
+
+OUTCOMES = ("ran", "no_objects", "nonfinite", "oom")
+
+
+@dataclass
+class Stage2Report:
+    """What one scheduled stage-2 step did (read by the controller's statistics).
+
+    outcome: one of ``OUTCOMES``; loss: total stage-2 loss (float, NaN if not ran); objects: refined
+    objects; points_per_object: mean points the heads saw; trans_m / rot_deg: mean applied pose
+    correction ‖v‖ (m) and ‖ω‖ (deg) over refined valid frames; time_s: refine + loss wall time
+    (CUDA-synchronised); terms: the weighted terms (floats)."""
+
+    outcome: str
+    loss: float = math.nan
+    objects: int = 0
+    points_per_object: float = 0.0
+    trans_m: float = 0.0
+    rot_deg: float = 0.0
+    time_s: float = 0.0
+    terms: dict[str, float] = field(default_factory=dict)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _leaf(t: torch.Tensor, boundary: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    if not t.requires_grad:
+        return t
+    leaf = t.detach().requires_grad_(True)
+    boundary.append((t, leaf))
+    return leaf
+
+
+class Stage2Step:
+    """Refine a segment's actors once and hand the refined, posed actors to the renderer."""
+
+    def __init__(self, refiner: Stage2Refiner, loss: Stage2CompleteLoss, actors: ActorGaussians, nodes: ActorNodes,
+                 split_backward: bool) -> None:
+        self.refiner, self.loss = refiner, loss
+        self.device = actors.means.device
+        _sync(self.device)
+        self.start_time = time.perf_counter()
+        source = actors
+        if refiner.config.detach_stage1:
+            source = ActorGaussians(*(t.detach() for t in (actors.means, actors.quats, actors.scales,
+                                                              actors.opacities, actors.sh)), actors.actor)
+        out = refiner(source, nodes)
+        self._boundary: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if split_backward and torch.is_grad_enabled():
+            cut = lambda t: _leaf(t, self._boundary)  # noqa: E731
+            g = out.gaussians
+            out = RefineOutput(ActorGaussians(cut(g.means), cut(g.quats), cut(g.scales), cut(g.opacities), cut(g.sh),
+                                              g.actor), cut(out.poses), cut(out.xi), cut(out.delta), out.refined,
+                               out.points)
+        self.out = out
+        self.nodes = replace(nodes, poses=out.poses)
+        self.nonfinite = False
+        self.totals: dict[str, float] = {}
+
+    @property
+    def actors(self) -> ActorGaussians:
+        """The refined actor Gaussians (object frames) to render."""
+        return self.out.gaussians
+
+    def target_terms(self, outputs: dict[str, torch.Tensor], gt: torch.Tensor, gt_depth: Optional[torch.Tensor],
+                     step: int, num_targets: int) -> dict[str, torch.Tensor]:
+        """Weighted render terms of one target (divided by ``num_targets``); {} once non-finite."""
+        if self.nonfinite:
+            return {}
+        terms = self.loss.render_terms(Stage2TermInputs(outputs["rgb"], gt, outputs["depth"], gt_depth,
+                                                        outputs["accumulation"], step))
+        terms = {k: v / num_targets for k, v in terms.items()}
+        if not all(bool(torch.isfinite(v)) for v in terms.values()):
+            self.nonfinite = True
+            return {}
+        self._add(terms)
+        return terms
+
+    def step_terms(self) -> dict[str, torch.Tensor]:
+        o = self.out
+        return self.loss.step_terms(o.xi, o.delta, o.poses, self.nodes.valid, o.refined, o.gaussians.actor,
+                                    self.nodes.sizes)
+
+    def finish(self, backward: Optional[Callable[[torch.Tensor], None]]) -> dict[str, torch.Tensor]:
+        """Per-step terms; with ``backward`` they are back-propagated and the refiner's graph runs
+        once (returns them detached), else they are returned in the graph for the caller."""
+        terms = self.step_terms()
+        if not all(bool(torch.isfinite(v)) for v in terms.values()):
+            self.nonfinite = True
+        if self.nonfinite:
+            self._boundary = []
+            self.refiner.zero_grad(set_to_none=True)
+            return {}
+        self._add(terms)
+        if backward is not None:
+            backward(sum(terms.values()))
+            pairs = [(graph, leaf.grad) for graph, leaf in self._boundary if leaf.grad is not None]
+            self._boundary = []
+            if pairs:
+                torch.autograd.backward([g for g, _ in pairs], [d for _, d in pairs])
+            terms = {k: v.detach() for k, v in terms.items()}
+        return terms
+
+    def discard(self) -> None:
+        """Drop the refiner's gradients of this step (non-finite loss)."""
+        self.nonfinite = True
+        self._boundary = []
+        self.refiner.zero_grad(set_to_none=True)
+
+    def report(self) -> Stage2Report:
+        _sync(self.device)
+        elapsed = time.perf_counter() - self.start_time
+        if self.nonfinite:
+            return Stage2Report("nonfinite", time_s=elapsed)
+        o = self.out
+        mask = self.nodes.valid & o.refined[:, None]
+        xi = o.xi.detach()[mask]
+        trans = float(xi[:, 3:].norm(dim=-1).mean()) if xi.shape[0] else 0.0
+        rot = float(xi[:, :3].norm(dim=-1).mean()) * 180 / math.pi if xi.shape[0] else 0.0
+        refined = int(o.refined.sum())
+        ppo = float(o.points[o.refined].float().mean()) if refined else 0.0
+        return Stage2Report("ran", sum(self.totals.values()), refined, ppo, trans, rot, elapsed, dict(self.totals))
+
+    def _add(self, terms: dict[str, torch.Tensor]) -> None:
+        for k, v in terms.items():
+            self.totals[k] = self.totals.get(k, 0.0) + float(v.detach())

@@ -135,9 +135,10 @@ def slerp(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     b = torch.where(dot < 0, -b, b)
     dot = dot.abs().clamp(max=1.0)
     w = w[..., None]
-    theta = torch.acos(dot)
+    exact = dot >= 1.0  # acos has an infinite derivative at 1: keep it out of the graph (stage 2 trains poses)
+    theta = torch.acos(torch.where(exact, torch.zeros_like(dot), dot))
     sin = torch.sin(theta)
-    near = sin < 1e-6  # nearly equal rotations: linear interpolation is exact enough
+    near = exact | (sin < 1e-6)  # nearly equal rotations: linear interpolation is exact enough
     wa = torch.where(near, 1 - w, torch.sin((1 - w) * theta) / sin.clamp(min=1e-12))
     wb = torch.where(near, w, torch.sin(w * theta) / sin.clamp(min=1e-12))
     q = wa * a + wb * b

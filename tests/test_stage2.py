@@ -124,3 +124,119 @@ def test_point_budget_caps_what_the_heads_see():
     refiner = Stage2Refiner(small_config(max_points_per_object=8))
     out = refiner(gauss, nodes)
     assert out.points.tolist() == [8, 8]
+
+
+# -- 3. loss terms -----------------------------------------------------------------------------------
+
+from evolsplat_ns.model.stage2 import loss as s2loss  # noqa: E402
+
+
+def test_temporal_smoothness_is_zero_for_constant_velocity_and_positive_for_jitter():
+    _, nodes = toy_actors(K=1, F=6)
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    assert float(s2loss.temporal_smoothness(nodes.poses, mask)) == pytest.approx(0.0, abs=1e-10)
+    turning = nodes.poses @ se3_exp(torch.tensor([0, 0, 0.05, 0, 0, 0.0]) * torch.arange(6.0)[:, None])[None]
+    assert float(s2loss.temporal_smoothness(turning, mask)) < 1e-8  # constant yaw rate: still smooth
+    jitter = nodes.poses.clone()
+    jitter[0, 3, 1, 3] += 0.2
+    assert float(s2loss.temporal_smoothness(jitter, mask)) > 1e-3
+    mask[0, 0] = False  # only triples with all three frames valid count
+    assert float(s2loss.temporal_smoothness(jitter, mask)) > 1e-3
+    mask[0, 3] = False  # the jittered frame leaves every triple it is in
+    assert float(s2loss.temporal_smoothness(jitter, mask)) == pytest.approx(0.0, abs=1e-10)
+
+
+def test_regularisers_are_zero_at_identity_and_positive_off_it():
+    xi = torch.zeros(2, 4, 6)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    sizes = torch.tensor([[4.0, 2, 1.5]] * 2)
+    assert float(s2loss.pose_reg(xi, mask, sizes)) == 0.0
+    xi[0, 1, 3] = 0.3
+    assert float(s2loss.pose_reg(xi, mask, sizes)) == pytest.approx(0.09 / sizes[0].norm().pow(2) / 8, rel=1e-5)
+    delta = torch.zeros(10, 13)
+    rows = torch.ones(10, dtype=torch.bool)
+    assert float(s2loss.gaussian_reg(delta, rows)) == 0.0
+    delta[:, 0] = 1.0
+    assert float(s2loss.gaussian_reg(delta, rows)) == pytest.approx(1.0)
+
+
+def test_depth_term_uses_ground_truth_only_where_present():
+    depth = torch.full((4, 5, 1), 10.0)
+    gt = torch.zeros(4, 5)
+    assert s2loss.inverse_depth_l1(depth, gt) is None and s2loss.inverse_depth_l1(depth, None) is None
+    gt[0, 0] = 10.0
+    assert float(s2loss.inverse_depth_l1(depth, gt)) == 0.0
+    gt[0, 0] = 5.0
+    assert float(s2loss.inverse_depth_l1(depth, gt)) == pytest.approx(0.1)
+
+
+def test_flow_consistency_is_zero_with_the_true_flow():
+    gauss, nodes = toy_actors(K=1, F=2)
+    K = torch.tensor([[50.0, 0, 32], [0, 50, 24], [0, 0, 1]])
+    w2c = torch.eye(4)
+    w2c[:3, :3] = torch.tensor([[0.0, -1, 0], [0, 0, -1], [1, 0, 0]])  # camera looks along +x (OpenCV)
+    w2c[0, 3] = 0.0
+    pts = gauss.means.clone() * 0.2
+    pose_t, pose_t1 = nodes.poses[0, 0].clone(), nodes.poses[0, 1].clone()
+    pose_t[0, 3], pose_t1[0, 3] = 10.0, 10.5
+
+    def project(pose):
+        cam = (pts @ pose[:3, :3].T + pose[:3, 3]) @ w2c[:3, :3].T + w2c[:3, 3]
+        pix = cam @ K.T
+        return pix[:, :2] / pix[:, 2:]
+
+    uv0, uv1 = project(pose_t), project(pose_t1)
+    flow = torch.zeros(48, 64, 2)
+    px = uv0.floor().long()
+    flow[px[:, 1], px[:, 0]] = uv1 - uv0  # exact flow at each point's pixel
+    assert float(s2loss.flow_consistency(pts, pose_t, pose_t1, K, w2c, w2c, flow)) < 1e-6
+    wrong = pose_t1.clone()
+    wrong[1, 3] += 0.3
+    assert float(s2loss.flow_consistency(pts, pose_t, wrong, K, w2c, w2c, flow)) > 1e-3
+
+
+def test_registered_extra_term_joins_the_render_terms():
+    from evolsplat_ns import registry
+    from evolsplat_ns.model.stage2.loss import Stage2CompleteLoss, Stage2TermInputs
+
+    def edge_loss(inputs: Stage2TermInputs) -> torch.Tensor:
+        grad = lambda im: (im[:, 1:] - im[:, :-1]).abs()  # noqa: E731
+        return (grad(inputs.rgb) - grad(inputs.gt)).abs().mean()
+
+    registry.register("losses", "edge", edge_loss)
+    try:
+        loss = Stage2CompleteLoss(small_config(extra_loss_terms={"edge": 0.5}))
+        gt = torch.rand(6, 8, 3)
+        flat = Stage2TermInputs(torch.full_like(gt, 0.5), gt, torch.ones(6, 8, 1), None, torch.ones(6, 8, 1), 0)
+        terms = loss.render_terms(flat)
+        assert set(terms) >= {"s2_rgb", "s2_edge"} and float(terms["s2_edge"]) > 0
+        assert float(loss.render_terms(Stage2TermInputs(gt, gt, flat.depth, None, flat.accumulation, 0))["s2_edge"]) == 0
+        assert "s2_lpips" not in terms and loss.status()["lpips"].startswith("off")
+    finally:
+        registry.unregister("losses", "edge")
+
+
+# -- 4. controller: schedule -------------------------------------------------------------------------
+
+from evolsplat_ns.engine.stage2 import SKIP_REASONS, OnlineStage2Trainer  # noqa: E402
+
+
+@pytest.mark.parametrize("start, every, expected", [
+    (0, 1, list(range(21))),
+    (5, 3, [5, 8, 11, 14, 17, 20]),
+    (10, 5, [10, 15, 20]),
+])
+def test_schedule_table_over_steps(start, every, expected):
+    ctl = OnlineStage2Trainer(small_config(start_step=start, stage2_frequency=every), None, None, steps_per_epoch=4)
+    assert [s for s in range(21) if ctl.should_run(ctl.epoch_of(s), s)] == expected
+
+
+def test_schedule_by_epoch_and_disabled():
+    ctl = OnlineStage2Trainer(small_config(stage2_start_epoch=2, stage2_frequency=3), None, None, steps_per_epoch=4)
+    assert ctl.start_step == 8
+    assert [s for s in range(21) if ctl.should_run(ctl.epoch_of(s), s)] == [8, 11, 14, 17, 20]
+    assert not ctl.should_run(1, 7) and ctl.should_run(2, 8)
+    off = OnlineStage2Trainer(Stage2Config(enabled=False), None, None, steps_per_epoch=4)
+    assert not any(off.should_run(e, s) for e in range(20) for s in range(100))
+    default = OnlineStage2Trainer(Stage2Config(enabled=True), None, None, steps_per_epoch=6)
+    assert default.start_step == 60 and default.should_run(10, 65) and not default.should_run(10, 62)

@@ -17,14 +17,16 @@ TRAIN_STEPS = 4
 
 
 def lite_trainer(data: Path, out: Path, load_dir: Path | None = None, experiment: str | None = None,
-                 configure: Callable[[Any], None] | None = None, **trainer_settings):
+                 configure: Callable[[Any], None] | None = None, config_fn: Callable[[], Any] | None = None,
+                **trainer_settings):
     """An evolsplat-lite trainer on ``data`` (CPU, 1500 Gaussians per segment), set up and seeded.
     ``configure(config)`` may change the trainer config before set-up; ``trainer_settings`` set
-    fields of its ``EVolSplatTrainerConfig`` (e.g. ``deterministic=True``)."""
+    fields of its ``EVolSplatTrainerConfig`` (e.g. ``deterministic=True``); ``config_fn`` gives another
+    lite method's config (default ``evolsplat_lite_config``)."""
     from evolsplat_ns.method_configs import evolsplat_lite_config
 
     torch.manual_seed(0)
-    cfg = evolsplat_lite_config()
+    cfg = (config_fn or evolsplat_lite_config)()
     cfg.data = cfg.pipeline.datamanager.data = data
     cfg.experiment_name = experiment
     cfg.pipeline.datamanager.dataset.preload = False

@@ -172,11 +172,11 @@ def test_depth_term_uses_ground_truth_only_where_present():
 
 def test_flow_consistency_is_zero_with_the_true_flow():
     gauss, nodes = toy_actors(K=1, F=2)
-    K = torch.tensor([[50.0, 0, 32], [0, 50, 24], [0, 0, 1]])
+    K = torch.tensor([[500.0, 0, 320], [0, 500, 240], [0, 0, 1]])
     w2c = torch.eye(4)
     w2c[:3, :3] = torch.tensor([[0.0, -1, 0], [0, 0, -1], [1, 0, 0]])  # camera looks along +x (OpenCV)
     w2c[0, 3] = 0.0
-    pts = gauss.means.clone() * 0.2
+    pts = gauss.means.clone()
     pose_t, pose_t1 = nodes.poses[0, 0].clone(), nodes.poses[0, 1].clone()
     pose_t[0, 3], pose_t1[0, 3] = 10.0, 10.5
 
@@ -186,8 +186,9 @@ def test_flow_consistency_is_zero_with_the_true_flow():
         return pix[:, :2] / pix[:, 2:]
 
     uv0, uv1 = project(pose_t), project(pose_t1)
-    flow = torch.zeros(48, 64, 2)
+    flow = torch.zeros(480, 640, 2)
     px = uv0.floor().long()
+    assert len({tuple(p) for p in px.tolist()}) == len(px), "one point per pixel, so the flow is exact there"
     flow[px[:, 1], px[:, 0]] = uv1 - uv0  # exact flow at each point's pixel
     assert float(s2loss.flow_consistency(pts, pose_t, pose_t1, K, w2c, w2c, flow)) < 1e-6
     wrong = pose_t1.clone()

@@ -241,3 +241,145 @@ def test_schedule_by_epoch_and_disabled():
     assert not any(off.should_run(e, s) for e in range(20) for s in range(100))
     default = OnlineStage2Trainer(Stage2Config(enabled=True), None, None, steps_per_epoch=6)
     assert default.start_step == 60 and default.should_run(10, 65) and not default.should_run(10, 62)
+
+
+# -- 2, 4, 5. inside training (stage2-lite on the tiny synthetic scenes) -------------------------------
+
+from tiny_run import lite_trainer  # noqa: E402
+
+
+def stage2_trainer(data, out, **stage2):
+    from dataclasses import replace
+
+    from evolsplat_ns.method_configs import evolsplat_stage2_lite_config
+
+    def configure(cfg):
+        cfg.pipeline.model.stage2 = replace(cfg.pipeline.model.stage2, **stage2)
+
+    return lite_trainer(data, out, config_fn=evolsplat_stage2_lite_config, configure=configure)
+
+
+def _actor_alpha(model, actors, c2w, K, W, H) -> torch.Tensor:
+    return model.rasterize_gaussians(actors, None, c2w, K, W, H)["accumulation"][..., 0]
+
+
+def test_refined_pose_moves_the_rendered_actor_and_leaves_static_pixels(tiny_dataset, tmp_path):
+    trainer = stage2_trainer(tiny_dataset, tmp_path)
+    model = trainer.pipeline.model
+    trainer.train_step(1)  # not scheduled (every 2nd step): makes the segment the context
+    src = model.context.sources
+    v = 0
+    c2w, K, W, H, t = src.camtoworlds[v], src.intrinsics[v], src.width, src.height, float(src.frame_ids[v])
+    with torch.no_grad():
+        base = model.render(model.encode(), c2w, K, W, H, time=t)
+        refiner, model.stage2 = model.stage2, None
+        stage1 = model.render(model.encode(), c2w, K, W, H, time=t)
+        model.stage2 = refiner
+        assert torch.equal(base["rgb"], stage1["rgb"]), "an untrained refiner renders exactly stage 1"
+        refiner.pose_head.out.bias[3] = 3.0  # +0.5 tanh(3) m along every box's own x axis
+        moved = model.render(model.encode(), c2w, K, W, H, time=t)
+    shift = moved["actors"].means - base["actors"].means
+    assert torch.allclose(shift.norm(dim=-1), torch.full((shift.shape[0],), 0.5 * math.tanh(3.0)), atol=1e-4)
+    alpha = torch.maximum(_actor_alpha(model, base["actors"], c2w, K, W, H),
+                          _actor_alpha(model, moved["actors"], c2w, K, W, H))
+    static = alpha == 0
+    assert static.any() and (~static).any()
+    # untouched up to float summation order (the rasteriser composites every Gaussian in one call)
+    assert (moved["rgb"][static] - base["rgb"][static]).abs().max() < 1e-6, "static pixels are untouched"
+    assert (moved["rgb"][~static] - base["rgb"][~static]).abs().max() > 1e-3, "the actor moved in the image"
+
+
+def test_stage2_loss_is_in_the_backward_before_the_optimizer_step(tiny_dataset, tmp_path):
+    trainer = stage2_trainer(tiny_dataset, tmp_path)
+    model = trainer.pipeline.model
+    before = {n: p.detach().clone() for n, p in model.stage2.named_parameters()}
+    seen = {}
+    step_all = trainer.optimizers.optimizer_scaler_step_all
+
+    def spy(scaler):
+        seen["grads"] = [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in model.stage2.pose_head.out.parameters()]
+        return step_all(scaler)
+
+    trainer.optimizers.optimizer_scaler_step_all = spy
+    _, losses, _ = trainer.train_step(0)
+    assert "s2_rgb" in losses and "s2_reg_pose" in losses
+    assert seen["grads"] == [True, True], "stage-2 gradients exist when the optimizer steps"
+    changed = [n for n, p in model.stage2.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert any(n.startswith("pose_head.out") for n in changed) and any(n.startswith("gaussian_head.out") for n in changed)
+    assert "stage2" in trainer.optimizers.optimizers
+    assert trainer.optimizers.optimizers["stage2"].param_groups[0]["initial_lr"] == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("mode, trained, frozen", [("gaussian_only", "gaussian_head", "pose_head"),
+                                                    ("pose_only", "pose_head", "gaussian_head")])
+def test_each_mode_freezes_what_it_says(tiny_dataset, tmp_path, mode, trained, frozen):
+    trainer = stage2_trainer(tiny_dataset, tmp_path)
+    model, ctl = trainer.pipeline.model, trainer.pipeline.stage2_controller
+    ctl.set_training_mode(mode)
+    group = trainer.optimizers.optimizers["stage2"].param_groups[0]["params"]
+    assert {id(p) for p in group} == {id(p) for p in getattr(model.stage2, trained).parameters()}
+    before = {n: p.detach().clone() for n, p in model.stage2.named_parameters()}
+    trainer.train_step(0)
+    for n, p in model.stage2.named_parameters():
+        if n.startswith(frozen):
+            assert torch.equal(p.detach(), before[n]), f"{n} is frozen in {mode}"
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in model.stage2.named_parameters() if n.startswith(trained))
+    assert ctl.get_statistics()["mode"] == mode
+    with pytest.raises(ValueError, match="stage2_training_mode"):
+        ctl.set_training_mode("both")
+
+
+def test_statistics_add_up_under_scripted_failures(tiny_dataset, tmp_path, monkeypatch):
+    trainer = stage2_trainer(tiny_dataset, tmp_path, stage2_frequency=1)
+    model, ctl = trainer.pipeline.model, trainer.pipeline.stage2_controller
+    refiner, loss = model.stage2, model.stage2_loss
+    real_forward, real_objects, real_terms = refiner.forward, refiner.objects, loss.render_terms
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("scripted")
+
+    def nan_terms(inputs):
+        return {k: v * float("nan") for k, v in real_terms(inputs).items()}
+
+    script = {1: ("forward", oom), 2: ("objects", lambda nodes: []), 3: ("render_terms", nan_terms)}
+    budget = refiner.point_budget
+    for step in range(6):
+        if step in script:
+            name, fn = script[step]
+            target = loss if name == "render_terms" else refiner
+            monkeypatch.setattr(target, name, fn)
+        networks = [p.detach().clone() for p in model.predictor.parameters()]
+        _, losses, _ = trainer.train_step(step)
+        if step == 1:  # stage 1 still steps after a stage-2 OOM, with no stage-2 gradient
+            assert any(not torch.equal(a, p.detach()) for a, p in zip(networks, model.predictor.parameters()))
+            assert all(p.grad is None for p in refiner.parameters())
+            assert refiner.point_budget == max(256, budget // 2)
+        if step == 3:
+            assert not any(k.startswith("s2_") for k in losses)
+        monkeypatch.setattr(refiner, "forward", real_forward)
+        monkeypatch.setattr(refiner, "objects", real_objects)
+        monkeypatch.setattr(loss, "render_terms", real_terms)
+    s = ctl.get_statistics()
+    assert (s["calls"], s["runs"], s["skipped_oom"], s["skipped_no_objects"], s["skipped_nonfinite"],
+            s["skipped_schedule"]) == (6, 3, 1, 1, 1, 0)
+    assert s["runs"] + sum(s[f"skipped_{r}"] for r in SKIP_REASONS) == s["calls"]
+    assert math.isfinite(s["last_loss"]) and s["time_avg_s"] > 0 and s["objects_avg"] >= 1
+    assert s["flow_trusted"] is False and s["segmenter_trusted"] is False
+
+
+def test_tiny_end_to_end_run_with_stage2_and_exact_resume(tiny_dataset, tmp_path):
+    trainer = stage2_trainer(tiny_dataset, tmp_path / "a")
+    for step in range(4):
+        _, losses, _ = trainer.train_step(step)
+        assert all(torch.isfinite(v) for v in losses.values())
+    s = trainer.pipeline.stage2_controller.get_statistics()
+    assert (s["calls"], s["runs"], s["skipped_schedule"]) == (4, 2, 2)
+    assert s["pose_corr_trans_m_avg"] > 0, "the pose head moved off the identity and its corrections were applied"
+    trainer.save_checkpoint(3)
+    model = trainer.pipeline.model
+    resumed = stage2_trainer(tiny_dataset, tmp_path / "b")
+    resumed.config.load_dir = trainer.checkpoint_dir
+    resumed._load_checkpoint()
+    for (n, a), b in zip(model.stage2.state_dict().items(), resumed.pipeline.model.stage2.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert resumed.optimizers.optimizers["stage2"].state_dict()["state"], "the stage-2 optimizer state travels"

@@ -42,7 +42,8 @@ def method_configs():
     """The registered method configs by name; skipped while the model package cannot be imported."""
     mc = pytest.importorskip("evolsplat_ns.method_configs", exc_type=ImportError,
                              reason="evolsplat_ns.method_configs does not import (model not available)")
-    return {"evolsplat": mc.evolsplat_config(), "evolsplat-lite": mc.evolsplat_lite_config()}
+    return {"evolsplat": mc.evolsplat_config(), "evolsplat-lite": mc.evolsplat_lite_config(),
+            "evolsplat-stage2": mc.evolsplat_stage2_config(), "evolsplat-stage2-lite": mc.evolsplat_stage2_lite_config()}
 
 
 # Every kind of leaf a preset sets: int, float from int, bool, None, Literal, Path, variable and

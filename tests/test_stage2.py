@@ -383,3 +383,24 @@ def test_tiny_end_to_end_run_with_stage2_and_exact_resume(tiny_dataset, tmp_path
     for (n, a), b in zip(model.stage2.state_dict().items(), resumed.pipeline.model.stage2.state_dict().values()):
         assert torch.equal(a, b), n
     assert resumed.optimizers.optimizers["stage2"].state_dict()["state"], "the stage-2 optimizer state travels"
+
+
+def test_methods_are_registered_with_the_guide_defaults():
+    import tomllib
+    from pathlib import Path
+
+    from evolsplat_ns import method_configs as mc
+
+    full, lite = mc.evolsplat_stage2_config(), mc.evolsplat_stage2_lite_config()
+    s2 = full.pipeline.model.stage2
+    assert (full.method_name, s2.enabled, s2.start_step, s2.stage2_start_epoch, s2.stage2_frequency,
+            s2.stage2_training_mode, s2.stage2_memory_efficient) == ("evolsplat-stage2", True, None, 10, 5, "joint", True)
+    assert full.optimizers["stage2"]["optimizer"].lr == s2.stage2_learning_rate == 1e-5
+    ls2 = lite.pipeline.model.stage2
+    assert (lite.method_name, ls2.start_step, ls2.stage2_frequency) == ("evolsplat-stage2-lite", 0, 2)
+    assert not mc.evolsplat_config().pipeline.model.stage2.enabled, "plain evolsplat has no stage 2"
+    eps = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["entry-points"]
+    methods = eps["nerfstudio.method_configs"]
+    assert methods["evolsplat-stage2"] == "evolsplat_ns.method_configs:evolsplat_stage2"
+    assert methods["evolsplat-stage2-lite"] == "evolsplat_ns.method_configs:evolsplat_stage2_lite"
+    assert isinstance(mc.evolsplat_stage2_lite, type(mc.evolsplat_lite))

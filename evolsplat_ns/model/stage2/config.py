@@ -33,20 +33,31 @@ class Stage2Config:
     max_points_per_object: int = 2048
     """Point budget per object for the refine heads (halves after an OOM, grows back after clean runs)."""
     input_gaussian_dim: int = 14
+    """Width of the Gaussian vector the heads read (layout: evolsplat_ns.model.stage2.heads, 14 only)."""
     gaussian_feature_dim: int = 128
+    """Feature width of the Gaussian refine head's attention blocks."""
     gaussian_num_layers: int = 2
+    """Attention blocks over an object's Gaussians."""
     gaussian_num_heads: int = 4
+    """Attention heads (both refine heads)."""
     pose_feature_dim: int = 128
+    """Feature width of the pose refine head (per-frame pose features and object token)."""
     pose_num_layers: int = 2
+    """Temporal transformer layers of the pose refine head."""
     # -- loss weights (Stage2CompleteLoss) ------------------------------------------------------
     rgb_loss_weight: float = 0.5
+    """Weight of the full-image L1 of the joint (static + refined actors) render."""
     depth_loss_weight: float = 0.05
+    """Weight of the inverse-depth L1 against ground-truth depth (where the data has it)."""
     lpips_loss_weight: float = 0.05
     """Used only when LPIPS with real pretrained weights is available (else off, and said so)."""
     consistency_loss_weight: float = 0.02
     """Cross-frame consistency, warped by ground-truth or trusted flow only (else off)."""
     gaussian_reg_weight: float = 0.005
+    """Weight of the Gaussian-residual regulariser."""
     pose_reg_weight: float = 0.005
+    """Weight of the pose-correction regulariser."""
     temporal_smooth_weight: float = 0.002
+    """Weight of the temporal smoothness of the corrected poses."""
     extra_loss_terms: dict[str, float] = field(default_factory=dict)
     """Registered loss terms (registry group ``losses``) added with these weights; see docs/stage2.md."""

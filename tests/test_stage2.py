@@ -484,3 +484,49 @@ def test_aggregation_falls_back_to_the_box_on_weak_evidence():
     line = torch.linspace(0, 1, 50, dtype=torch.float64)[:, None] * torch.tensor([[1.0, 2, 3]], dtype=torch.float64)
     fit = robust_rigid_fit(line, line, fallback)
     assert not fit.ok and torch.isfinite(fit.transform).all()
+
+
+# -- 6. perception: RAFT and SAM2 from user paths, untrusted without weights ---------------------------
+
+from evolsplat_ns.model.stage2 import perception  # noqa: E402
+
+
+def test_raft_without_weights_is_untrusted_and_pads_odd_sizes(tmp_path):
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="untrusted"):
+        raft = perception.RaftFlow(perception.RaftConfig("raft_small"))
+    assert raft.trusted is False
+    im0, im1 = torch.rand(47, 61, 3), torch.rand(47, 61, 3)
+    flow = raft(im0, im1)
+    assert flow.shape == (47, 61, 2) and torch.isfinite(flow).all()
+    path = tmp_path / "raft_small.pth"
+    torch.save(raft.net.state_dict(), path)
+    loaded = perception.RaftFlow(perception.RaftConfig("raft_small", optical_flow_weights=path))
+    assert loaded.trusted is True and torch.equal(loaded(im0, im1), flow)
+    with pytest.raises(perception.WeightsNotFoundError, match="optical_flow_weights"):
+        perception.RaftFlow(perception.RaftConfig("raft_small", optical_flow_weights=tmp_path / "missing.pth"))
+
+
+def test_forward_backward_check():
+    fw = torch.zeros(8, 10, 2)
+    fw[..., 0] = 2.0
+    bw = -fw.clone()
+    assert perception.forward_backward_valid(fw, bw)[:, :6].all()  # consistent where the target is inside
+    bw[2:4] = 3.0
+    valid = perception.forward_backward_valid(fw, bw)
+    assert not valid[2:4, :6].any() and valid[5:, :6].all()
+
+
+def test_sam2_missing_checkpoint_is_a_clear_error_and_random_sam2_never_supervises(tmp_path):
+    pytest.importorskip("sam2")
+    with pytest.raises(perception.WeightsNotFoundError, match="sam2_checkpoint.*github.com/facebookresearch/sam2"):
+        perception.Sam2BoxSegmenter(perception.Sam2Config(sam2_checkpoint=tmp_path / "sam2.1_hiera_tiny.pt"))
+    torch.manual_seed(0)
+    seg = perception.Sam2BoxSegmenter(perception.Sam2Config())
+    assert seg.trusted is False
+    image, boxes = torch.rand(48, 64, 3), torch.tensor([[5.0, 5, 30, 30], [20, 10, 60, 40]])
+    masks, scores = seg(image, boxes)
+    assert masks.shape == (2, 48, 64) and masks.dtype == torch.bool and scores.shape == (2,)
+    box_masks = torch.zeros(2, 48, 64, dtype=torch.bool)
+    box_masks[0, 5:30, 5:30] = box_masks[1, 10:40, 20:60] = True
+    assert torch.equal(seg.supervision_masks(image, boxes, box_masks), box_masks)

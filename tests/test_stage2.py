@@ -248,7 +248,7 @@ def test_schedule_by_epoch_and_disabled():
 from tiny_run import lite_trainer  # noqa: E402
 
 
-def stage2_trainer(data, out, **stage2):
+def stage2_trainer(data, out, load_dir=None, **stage2):
     from dataclasses import replace
 
     from evolsplat_ns.method_configs import evolsplat_stage2_lite_config
@@ -256,7 +256,7 @@ def stage2_trainer(data, out, **stage2):
     def configure(cfg):
         cfg.pipeline.model.stage2 = replace(cfg.pipeline.model.stage2, **stage2)
 
-    return lite_trainer(data, out, config_fn=evolsplat_stage2_lite_config, configure=configure)
+    return lite_trainer(data, out, load_dir=load_dir, config_fn=evolsplat_stage2_lite_config, configure=configure)
 
 
 def _actor_alpha(model, actors, c2w, K, W, H) -> torch.Tensor:
@@ -375,14 +375,20 @@ def test_tiny_end_to_end_run_with_stage2_and_exact_resume(tiny_dataset, tmp_path
     s = trainer.pipeline.stage2_controller.get_statistics()
     assert (s["calls"], s["runs"], s["skipped_schedule"]) == (4, 2, 2)
     assert s["pose_corr_trans_m_avg"] > 0, "the pose head moved off the identity and its corrections were applied"
+    assert s["peak_mem_mb_avg"] == 0.0 and 0 < s["time_ratio_refine"] < 1  # CPU: no CUDA memory to measure
     trainer.save_checkpoint(3)
+    import json
+
+    written = json.loads((trainer.base_dir / "stage2_stats.json").read_text())
+    assert written["runs"] == 2 and written["calls"] == 4 and written["mode"] == "joint"
     model = trainer.pipeline.model
-    resumed = stage2_trainer(tiny_dataset, tmp_path / "b")
-    resumed.config.load_dir = trainer.checkpoint_dir
-    resumed._load_checkpoint()
+    resumed = stage2_trainer(tiny_dataset, tmp_path / "b", load_dir=trainer.checkpoint_dir)
     for (n, a), b in zip(model.stage2.state_dict().items(), resumed.pipeline.model.stage2.state_dict().values()):
         assert torch.equal(a, b), n
     assert resumed.optimizers.optimizers["stage2"].state_dict()["state"], "the stage-2 optimizer state travels"
+    back = resumed.pipeline.stage2_controller.get_statistics()
+    assert {k: back[k] for k in ("calls", "runs", "skipped_schedule", "avg_loss")} == \
+        {k: s[k] for k in ("calls", "runs", "skipped_schedule", "avg_loss")}, "counters resume"
 
 
 def test_methods_are_registered_with_the_guide_defaults():

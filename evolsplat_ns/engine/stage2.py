@@ -16,12 +16,16 @@ defines it); from there it runs every ``stage2_frequency`` steps.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
+from pathlib import Path
 from typing import Optional
 
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
 from nerfstudio.engine.optimizers import Optimizers
+from nerfstudio.utils import writer
+from nerfstudio.utils.rich_utils import CONSOLE
 
 from evolsplat_ns.model.stage2.config import Stage2Config, Stage2Mode
 from evolsplat_ns.model.stage2.step import OUTCOMES, Stage2Report
@@ -31,6 +35,9 @@ SKIP_REASONS = ("schedule", "no_objects", "nonfinite", "oom", "stage1_skipped")
 stage-2 loss; CUDA OOM inside stage 2; stage 1 failed the step before stage 2 finished."""
 MIN_POINT_BUDGET = 256
 GROW_AFTER_CLEAN_RUNS = 200
+SUMMARY_EVERY_CALLS = 100
+"""A one-line stage-2 summary prints to the console every this many calls."""
+_SERIES = ("losses", "times", "refine_times", "peak_mem", "objects", "points", "trans", "rot")
 
 
 class OnlineStage2Trainer:
@@ -53,12 +60,11 @@ class OnlineStage2Trainer:
         self.runs = 0
         self._scheduled = False
         self._clean_runs = 0
-        self._losses: list[float] = []
-        self._times: list[float] = []
-        self._objects: list[int] = []
-        self._points: list[float] = []
-        self._trans: list[float] = []
-        self._rot: list[float] = []
+        self._series: dict[str, list[float]] = {k: [] for k in _SERIES}
+        self._log = True
+        """Write stage2/ scalars to nerfstudio's writer and print the periodic summary line."""
+        if model is not None and getattr(model, "stage2_counters", None):
+            self.load_state_dict(model.stage2_counters)  # resumed: the checkpoint's counters go on
 
     # -- schedule ------------------------------------------------------------------------------------
 
@@ -107,10 +113,16 @@ class OnlineStage2Trainer:
             self.skipped["schedule"] += 1
 
     def after_step(self, step: int) -> None:
-        if not self._scheduled:
-            return
-        self._scheduled = self.model.stage2_active = False
-        self.record(self.model.stage2_report)
+        if self._scheduled:
+            self._scheduled = self.model.stage2_active = False
+            self.record(self.model.stage2_report)
+            if self._log:
+                numbers = {k: float(v) for k, v in self.get_statistics().items()
+                           if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+                writer.put_dict(name="stage2", scalar_dict=numbers, step=step)
+        self.model.stage2_counters = self.state_dict()  # travels in checkpoints (model extra state)
+        if self._log and self.calls % SUMMARY_EVERY_CALLS == 0:
+            CONSOLE.print(f"step {step}: {self.summary_line()}")
 
     def record(self, report: Optional[Stage2Report]) -> None:
         """Count one scheduled step's outcome (None: stage 1 failed the step first)."""
@@ -124,12 +136,9 @@ class OnlineStage2Trainer:
                 self._shrink_budget()
             return
         self.runs += 1
-        self._losses.append(report.loss)
-        self._times.append(report.time_s)
-        self._objects.append(report.objects)
-        self._points.append(report.points_per_object)
-        self._trans.append(report.trans_m)
-        self._rot.append(report.rot_deg)
+        for key, value in zip(_SERIES, (report.loss, report.time_s, report.refine_s, report.peak_mem_mb, report.objects,
+                                        report.points_per_object, report.trans_m, report.rot_deg)):
+            self._series[key].append(float(value))
         self._clean_runs += 1
         if self._clean_runs >= GROW_AFTER_CLEAN_RUNS:
             self._grow_budget()
@@ -149,22 +158,45 @@ class OnlineStage2Trainer:
     def get_statistics(self) -> dict:
         """Measured numbers only (plain Python values); ``runs + sum(skipped_*) == calls``."""
         mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+        s = self._series
+        total_time = sum(s["times"])
         loss_status = self.model.stage2_loss.status() if self.model.stage2_loss is not None else {}
         return {
             "calls": self.calls, "runs": self.runs,
             **{f"skipped_{r}": int(self.skipped[r]) for r in SKIP_REASONS},
             "run_ratio": self.runs / self.calls if self.calls else 0.0,
-            "last_loss": self._losses[-1] if self._losses else math.nan,
-            "avg_loss": mean(self._losses) if self._losses else math.nan,
-            "time_total_s": sum(self._times), "time_avg_s": mean(self._times),
-            "objects_avg": mean(self._objects), "points_per_object_avg": mean(self._points),
+            "last_loss": s["losses"][-1] if s["losses"] else math.nan,
+            "avg_loss": mean(s["losses"]) if s["losses"] else math.nan,
+            "time_total_s": total_time, "time_avg_s": mean(s["times"]),
+            "time_ratio_refine": sum(s["refine_times"]) / total_time if total_time > 0 else 0.0,
+            "time_ratio_loss_and_backward": 1 - sum(s["refine_times"]) / total_time if total_time > 0 else 0.0,
+            "peak_mem_mb_avg": mean(s["peak_mem"]), "peak_mem_mb_max": max(s["peak_mem"], default=0.0),
+            "objects_avg": mean(s["objects"]), "points_per_object_avg": mean(s["points"]),
             "point_budget": self.model.stage2.point_budget,
-            "pose_corr_trans_m_avg": mean(self._trans), "pose_corr_rot_deg_avg": mean(self._rot),
+            "pose_corr_trans_m_avg": mean(s["trans"]), "pose_corr_rot_deg_avg": mean(s["rot"]),
             "mode": self.model.stage2.mode,
             # objects, identities and masks come from box tracks; no segmenter or flow model runs yet
             "segmenter_trusted": False, "flow_trusted": False, "objects_from": "box tracks",
             "lpips": loss_status.get("lpips", "off"), "consistency": loss_status.get("consistency", "off"),
         }
+
+    def state_dict(self) -> dict:
+        return {"calls": self.calls, "runs": self.runs, "skipped": dict(self.skipped), "clean_runs": self._clean_runs,
+                "series": {k: list(v) for k, v in self._series.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls, self.runs, self._clean_runs = state["calls"], state["runs"], state["clean_runs"]
+        self.skipped = Counter({r: int(state["skipped"].get(r, 0)) for r in SKIP_REASONS})
+        self._series = {k: list(state["series"].get(k, [])) for k in _SERIES}
+
+    def write_statistics(self, run_dir: Path) -> Path:
+        """``stage2_stats.json`` in ``run_dir`` (the trainer calls this at each checkpoint)."""
+        path = Path(run_dir) / "stage2_stats.json"
+        stats = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in self.get_statistics().items()}
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(stats, indent=2))
+        tmp.replace(path)
+        return path
 
     def summary_line(self) -> str:
         s = self.get_statistics()

@@ -218,6 +218,9 @@ class EVolSplatTrainer(Trainer):
             "scalers": self.grad_scaler.state_dict(),
         }
         checkpoints.save_checkpoint(self.checkpoint_dir, step, state, self.config.save_only_latest_checkpoint)
+        controller = getattr(pipeline, "stage2_controller", None)
+        if controller is not None:
+            controller.write_statistics(self.base_dir)
 
     def _load_checkpoint(self) -> None:
         """Resume from ``load_dir``'s newest intact checkpoint (broken ones named and skipped), or

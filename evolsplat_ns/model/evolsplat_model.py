@@ -213,6 +213,8 @@ class EVolSplatModel(SplatfactoSurface):
         self.stage2_step: Optional[Stage2Step] = None
         self.stage2_report: Optional[Stage2Report] = None
         """What the last scheduled stage-2 step did (None: not scheduled, or stage 1 failed first)."""
+        self.stage2_counters: dict = {}
+        """The stage-2 controller's counters, kept here so that checkpoints carry them."""
 
     def get_param_groups(self) -> dict[str, list[Parameter]]:
         groups = {"networks": list(self.predictor.parameters())}
@@ -508,6 +510,7 @@ class EVolSplatModel(SplatfactoSurface):
         extra = {"segments": self.segments.state_dict(), "step": self.step}
         if self.stage2 is not None:
             extra["stage2_point_budget"] = self.stage2.point_budget
+            extra["stage2_counters"] = self.stage2_counters
         return extra
 
     def set_extra_state(self, state: dict) -> None:
@@ -519,6 +522,7 @@ class EVolSplatModel(SplatfactoSurface):
         self.step = state.get("step", 0)
         if self.stage2 is not None and "stage2_point_budget" in state:
             self.stage2.point_budget = int(state["stage2_point_budget"])
+            self.stage2_counters = state.get("stage2_counters", {})
 
     def _require_context(self) -> SegmentContext:
         if self.context is None:

@@ -29,8 +29,9 @@ class Stage2Report:
 
     outcome: one of ``OUTCOMES``; loss: total stage-2 loss (float, NaN if not ran); objects: refined
     objects; points_per_object: mean points the heads saw; trans_m / rot_deg: mean applied pose
-    correction ‖v‖ (m) and ‖ω‖ (deg) over refined valid frames; time_s: refine + loss wall time
-    (CUDA-synchronised); terms: the weighted terms (floats)."""
+    correction ‖v‖ (m) and ‖ω‖ (deg) over refined valid frames; time_s: refine + loss + backward wall
+    time (CUDA-synchronised), of which refine_s the refine heads' forward; peak_mem_mb: peak CUDA
+    memory above the entry allocation during that time (0.0 on CPU); terms: the weighted terms."""
 
     outcome: str
     loss: float = math.nan
@@ -39,6 +40,8 @@ class Stage2Report:
     trans_m: float = 0.0
     rot_deg: float = 0.0
     time_s: float = 0.0
+    refine_s: float = 0.0
+    peak_mem_mb: float = 0.0
     terms: dict[str, float] = field(default_factory=dict)
 
 
@@ -64,11 +67,17 @@ class Stage2Step:
         self.device = actors.means.device
         _sync(self.device)
         self.start_time = time.perf_counter()
+        self.start_mem = 0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_mem = torch.cuda.memory_allocated(self.device)
         source = actors
         if refiner.config.detach_stage1:
             source = ActorGaussians(*(t.detach() for t in (actors.means, actors.quats, actors.scales,
                                                               actors.opacities, actors.sh)), actors.actor)
         out = refiner(source, nodes)
+        _sync(self.device)
+        self.refine_s = time.perf_counter() - self.start_time
         self._boundary: list[tuple[torch.Tensor, torch.Tensor]] = []
         if split_backward and torch.is_grad_enabled():
             cut = lambda t: _leaf(t, self._boundary)  # noqa: E731
@@ -134,6 +143,9 @@ class Stage2Step:
     def report(self) -> Stage2Report:
         _sync(self.device)
         elapsed = time.perf_counter() - self.start_time
+        peak = 0.0
+        if self.device.type == "cuda":
+            peak = (torch.cuda.max_memory_allocated(self.device) - self.start_mem) / 2**20
         if self.nonfinite:
             return Stage2Report("nonfinite", time_s=elapsed)
         o = self.out
@@ -143,7 +155,8 @@ class Stage2Step:
         rot = float(xi[:, :3].norm(dim=-1).mean()) * 180 / math.pi if xi.shape[0] else 0.0
         refined = int(o.refined.sum())
         ppo = float(o.points[o.refined].float().mean()) if refined else 0.0
-        return Stage2Report("ran", sum(self.totals.values()), refined, ppo, trans, rot, elapsed, dict(self.totals))
+        return Stage2Report("ran", sum(self.totals.values()), refined, ppo, trans, rot, elapsed, self.refine_s, peak,
+                            dict(self.totals))
 
     def _add(self, terms: dict[str, torch.Tensor]) -> None:
         for k, v in terms.items():

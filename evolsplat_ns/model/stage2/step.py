@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from evolsplat_ns.model.actors import ActorGaussians, ActorNodes
+from evolsplat_ns.model.predictor import _boundary_leaf  # the one gradient-boundary helper
 from evolsplat_ns.model.stage2.loss import Stage2CompleteLoss, Stage2TermInputs
 from evolsplat_ns.model.stage2.refiner import RefineOutput, Stage2Refiner
 
@@ -50,14 +51,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _leaf(t: torch.Tensor, boundary: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    if not t.requires_grad:
-        return t
-    leaf = t.detach().requires_grad_(True)
-    boundary.append((t, leaf))
-    return leaf
-
-
 class Stage2Step:
     """Refine a segment's actors once and hand the refined, posed actors to the renderer."""
 
@@ -80,7 +73,7 @@ class Stage2Step:
         self.refine_s = time.perf_counter() - self.start_time
         self._boundary: list[tuple[torch.Tensor, torch.Tensor]] = []
         if split_backward and torch.is_grad_enabled():
-            cut = lambda t: _leaf(t, self._boundary)  # noqa: E731
+            cut = lambda t: _boundary_leaf(t, self._boundary)  # noqa: E731
             g = out.gaussians
             out = RefineOutput(ActorGaussians(cut(g.means), cut(g.quats), cut(g.scales), cut(g.opacities), cut(g.sh),
                                               g.actor), cut(out.poses), cut(out.xi), cut(out.delta), out.refined,

@@ -137,6 +137,41 @@ def profile_pass(trainer, first: int, iters: int, table: Path | None = None) -> 
     }
 
 
+def sync_sites(trainer, first: int, iters: int, top: int = 25) -> dict[str, float]:
+    """Where the step synchronises the host with the GPU: per step, how often each call site does.
+
+    Runs ``iters`` steps under ``torch.cuda.set_sync_debug_mode("warn")``, which warns at every
+    synchronising CUDA call; each warning is attributed to the innermost stack frame inside this
+    project (else the innermost outside the standard library), as ``file:line function``.
+    """
+    import traceback
+    import warnings
+
+    if not torch.cuda.is_available():
+        return {}
+    sites: Counter = Counter()
+
+    def on_warning(message, category, filename, lineno, file=None, line=None):
+        frames = traceback.extract_stack()[:-1]
+        ours = [f for f in frames if "evolsplat_ns" in f.filename]
+        outside = [f for f in frames if "/torch/" not in f.filename and "warnings" not in f.filename]
+        f = (ours or outside or frames)[-1]
+        sites[f"{Path(f.filename).name}:{f.lineno} {f.name}"] += 1
+
+    previous = warnings.showwarning
+    warnings.showwarning = on_warning
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = on_warning
+            timed_pass(trainer, first, iters)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = previous
+    return {k: v / iters for k, v in sites.most_common(top)}
+
+
 def print_table(r: dict) -> None:
     rows = [("iterations/s", f"{r['iterations_per_s']:.2f}"), ("ms/iteration", f"{r['ms_per_iteration']:.1f}"),
             ("peak GPU memory (GB)", f"{r['peak_gpu_memory_gb']:.2f}" if r["peak_gpu_memory_gb"] else "-"),
@@ -174,6 +209,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=42, help="seeds the network initialisation")
     p.add_argument("--json", default=None, help="also write the figures here")
     p.add_argument("--profile-table", type=Path, default=None, help="write the profiler's op tables here")
+    p.add_argument("--sync-iters", type=int, default=0,
+                   help="then list, per step, the call sites that synchronise the host with the GPU")
     p.add_argument("--eval", action="store_true",
                    help="then score the held-out views (PSNR after this run's steps; compare runs of equal steps)")
     p.add_argument("--viewer-frames", type=int, default=0,
@@ -195,6 +232,8 @@ def main() -> None:
     step += args.phase_iters
     prof = profile_pass(trainer, step, args.profile_iters, args.profile_table) if args.profile_iters > 0 else None
     step += args.profile_iters
+    syncs = sync_sites(trainer, step, args.sync_iters) if args.sync_iters > 0 else None
+    step += args.sync_iters
     held_out = viewer = None
     pipeline = trainer.pipeline
     if args.eval:
@@ -222,6 +261,7 @@ def main() -> None:
         "amp": args.amp or "off",
         "profile": prof,
         "gpu_busy_fraction": prof["gpu_busy_ms_per_step"] / ms if prof and cuda else None,
+        "sync_sites_per_step": syncs,
         "skipped_steps": dict(trainer.skipped_steps),
         "steps_trained": step,
         "held_out": held_out,

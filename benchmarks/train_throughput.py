@@ -63,7 +63,6 @@ def build_trainer(args: argparse.Namespace):
     cfg.machine.device_type = "cuda" if torch.cuda.is_available() else "cpu"
     cfg.output_dir = Path(args.output_dir)
     cfg.vis = "tensorboard"
-    cfg.pipeline.model.compile_heads = args.compile_heads
     cfg.use_mixed_precision = args.amp is not None
     if args.amp is not None and hasattr(cfg, "mixed_precision_dtype"):
         cfg.mixed_precision_dtype = {"bf16": "bfloat16", "fp16": "float16"}[args.amp]
@@ -206,8 +205,6 @@ def main() -> None:
     p.add_argument("--iters-per-segment", type=int, default=10)
     p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=("bf16", "fp16"),
                    help="mixed precision (bare --amp: bf16)")
-    p.add_argument("--compile-heads", action="store_true",
-                   help="torch.compile the per-target decode (--pipeline.model.compile-heads); warmup pays the compile")
     p.add_argument("--output-dir", default="/tmp/evolsplat_bench")
     p.add_argument("--seed", type=int, default=42, help="seeds the network initialisation")
     p.add_argument("--json", default=None, help="also write the figures here")

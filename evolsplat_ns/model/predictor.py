@@ -18,7 +18,7 @@ Frames: node positions and Gaussians in the **segment frame**; cameras OpenCV ca
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -78,10 +78,6 @@ class PredictorConfig:
     left out of the reconstruction, as before actors existed)."""
     actor_hidden: int = 64
     """Hidden width of the actor head."""
-    compile_heads: bool = False
-    """Run the per-target decode (view features + colour, scale/rotation and opacity heads, forward
-    and backward) through ``torch.compile`` with dynamic row counts: fewer, fused kernels per
-    target. The first steps pay the compilation (tens of seconds); same outputs as eager."""
 
 
 @dataclass
@@ -180,8 +176,6 @@ class GaussianPredictor(nn.Module):
             self.projector.window_size, c.sparseConv_outdim, c.sh_degree, c.color_hidden
         )
         self.scale_rotation_head = ScaleRotationHead(c.sparseConv_outdim, c.geometry_hidden)
-        # Compiled lazily (first predict) so that building a predictor never starts a compiler.
-        self._compiled_decode = None
         self.opacity_head = OpacityHead(c.sparseConv_outdim, c.geometry_hidden)
         self.offset_head = OffsetHead(c.sparseConv_outdim, c.geometry_hidden, c.offset_max)
         self.background = (
@@ -330,38 +324,20 @@ class GaussianPredictor(nn.Module):
         offset = state.offset[index]
         means = inputs.anchors + offset
         volume_feat = state.volume_feat[index]
-        sh, scales, quats, opacities = self._decoder()(inputs.image_feat, volume_feat, means, target_c2w, target_K,
-                                                       inputs.anchor_dc, inputs.base_log_scale)
-        return GaussianParams(means=means, quats=quats, scales=scales, opacities=opacities, sh=sh, index=index,
-                              offset=offset.detach())
-
-    def decode(self, image_feat: torch.Tensor, volume_feat: torch.Tensor, means: torch.Tensor,
-               target_c2w: torch.Tensor, target_K: torch.Tensor, anchor_dc: torch.Tensor,
-               base_log_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One target's Gaussian attributes from per-Gaussian rows (the eager reference of the
-        compiled path).
-
-        Args:
-            image_feat: [M, A] aggregated source windows; volume_feat: [M, C]; means: [M, 3]
-                (segment frame); target_c2w: [4, 4] OpenCV camera-to-segment; target_K: [3, 3];
-                anchor_dc: [M, 3]; base_log_scale: [M, 3].
-        Returns:
-            sh [M, bases, 3], scales [M, 3], unit wxyz quats [M, 4], opacities [M].
-        """
         # View features from the detached position: geometry heads should not move Gaussians
         # through the view-direction input.
         view_feat = view_features(means.detach(), target_c2w, target_K)
-        sh = self.color_head(image_feat, volume_feat, view_feat, anchor_dc)
-        scales, quats = self.scale_rotation_head(volume_feat, view_feat, base_log_scale)
-        return sh, scales, quats, self.opacity_head(volume_feat, view_feat)
-
-    def _decoder(self) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """:meth:`decode`, compiled once with dynamic row counts when ``compile_heads`` is on."""
-        if not self.config.compile_heads:
-            return self.decode
-        if self._compiled_decode is None:
-            self._compiled_decode = torch.compile(self.decode, dynamic=True)
-        return self._compiled_decode
+        sh = self.color_head(inputs.image_feat, volume_feat, view_feat, inputs.anchor_dc)
+        scales, quats = self.scale_rotation_head(volume_feat, view_feat, inputs.base_log_scale)
+        return GaussianParams(
+            means=means,
+            quats=quats,
+            scales=scales,
+            opacities=self.opacity_head(volume_feat, view_feat),
+            sh=sh,
+            index=index,
+            offset=offset.detach(),
+        )
 
     def predict_background(self, state: SharedState) -> Optional[GaussianParams]:
         """Sky-dome Gaussians to rasterise behind the foreground, or None without a background.

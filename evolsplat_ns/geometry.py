@@ -47,7 +47,9 @@ def invert_rigid(T: torch.Tensor) -> torch.Tensor:
     out = torch.zeros_like(T)
     out[..., :3, :3] = R.transpose(-1, -2)
     out[..., :3, 3:] = -R.transpose(-1, -2) @ t
-    out[..., 3, 3] = 1.0
+    # fill_ is a kernel; assigning a Python scalar through __setitem__ copies a host tensor to the
+    # device, which synchronises the stream (once per rendered view).
+    out[..., 3, 3].fill_(1.0)
     return out
 
 

@@ -210,6 +210,8 @@ def setup(device_type: str, timeout_s: float, local_rank: int = 0) -> Distribute
     if dist.is_available() and dist.is_initialized():
         world = World(dist.get_rank(), dist.get_world_size(), local_rank)
         if world.parallel:
+            if backend == "nccl":
+                torch.cuda.set_device(local_rank)
             compute = dist.new_group(backend=dist.get_backend(), timeout=timeout)
             objects = dist.new_group(backend="gloo", timeout=timeout)
             _CURRENT = Distributed(world, timeout, compute, objects)

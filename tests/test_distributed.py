@@ -236,3 +236,34 @@ def test_resume_with_one_process_from_a_two_rank_checkpoint(two_rank_run, union_
         assert float(got) == pytest.approx(float(want), rel=1e-5, abs=1e-7), f"rank {r}'s sample"
     loss = float(resumed.train_step(K + 1)[0])
     assert math.isfinite(loss), "and it trains on from there"
+
+
+def test_resume_as_rank_one_of_two_loads_its_segments_and_continues_its_stream(two_rank_run, tiny_dataset,
+                                                                             monkeypatch):
+    """Same world size: rank 1 of a resumed 2-rank run holds only its own segment's state (as
+    trained, offsets included) and draws from its own saved stream. The process group is not
+    needed to build and load a pipeline, so rank 1's view is made here by naming the world."""
+    from evolsplat_ns.engine import distributed
+    from evolsplat_ns.method_configs import evolsplat_lite_config
+
+    _, run_dir = two_rank_run
+    state = _checkpoint(run_dir)
+    monkeypatch.setattr(distributed, "_CURRENT", distributed.Distributed(distributed.World(rank=1, size=2)))
+    config = evolsplat_lite_config().pipeline
+    config.datamanager.data = tiny_dataset
+    config.datamanager.dataset.preload = False
+    config.datamanager.prefetch = False
+    config.model.max_gaussians_per_segment = 1500
+    pipeline = config.setup(device="cpu", test_mode="val")
+    dataset = pipeline.datamanager.dataset
+    mine = {dataset.key(i) for i in dataset.train_segment_ids}
+    assert len(mine) == 1 and all(dataset.segment_owner[k] == 1 for k in mine)
+    pipeline.load_pipeline(state["pipeline"], state["step"])
+    assert set(pipeline.model.segments.keys()) == mine, "rank 1 loads only its own segments"
+    saved = state["pipeline"]["_model._extra_state"]["segments"]
+    for key in mine:
+        torch.testing.assert_close(pipeline.model.segments.get(key).node.offset, saved[str(key)]["node"]["offset"])
+    streams = state["pipeline"]["datamanager._extra_state"]["streams"]
+    assert pipeline.datamanager.get_extra_state() == streams[1], "rank 1 continues its own data stream"
+    assert pipeline.datamanager.next_train(state["step"] + 1)[0].key in mine
+    dataset.close()

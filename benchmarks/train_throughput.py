@@ -45,6 +45,25 @@ _LAUNCH_NAMES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "c
 _SYNC_NAMES = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 
 
+def add_trainer_args(p: argparse.ArgumentParser) -> None:
+    """The flags :func:`build_trainer` reads (data, method, shape, timed steps), shared by the benchmarks."""
+    p.add_argument("--data", required=True)
+    p.add_argument("--method", default="evolsplat", choices=["evolsplat", "evolsplat-lite"])
+    p.add_argument("--iters", type=int, default=50, help="steps of the timed pass")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--cameras", type=int, nargs="+", default=[0])
+    p.add_argument("--sources", type=int, default=3, help="source keyframes (x cameras = source views)")
+    p.add_argument("--targets", type=int, default=4, help="target keyframes (x cameras = target views)")
+    p.add_argument("--downscale", type=float, default=1.0)
+    p.add_argument("--segment-length", type=int, default=20)
+    p.add_argument("--iters-per-segment", type=int, default=10)
+    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=("bf16", "fp16"),
+                   help="mixed precision (bare --amp: bf16)")
+    p.add_argument("--output-dir", default="/tmp/evolsplat_bench")
+    p.add_argument("--seed", type=int, default=42, help="seeds the network initialisation")
+    add_pointcloud_args(p)
+
+
 def build_trainer(args: argparse.Namespace):
     # Same initial weights in every run (ns-train seeds through machine.seed; a bare Trainer does
     # not), so held-out PSNRs of runs with equal steps are comparable.
@@ -191,22 +210,9 @@ def print_table(r: dict) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True)
-    p.add_argument("--method", default="evolsplat", choices=["evolsplat", "evolsplat-lite"])
-    p.add_argument("--iters", type=int, default=50, help="steps of the timed pass")
-    p.add_argument("--warmup", type=int, default=10)
+    add_trainer_args(p)
     p.add_argument("--phase-iters", type=int, default=10, help="steps with phase timers (0 = skip)")
     p.add_argument("--profile-iters", type=int, default=5, help="steps under torch.profiler (0 = skip)")
-    p.add_argument("--cameras", type=int, nargs="+", default=[0])
-    p.add_argument("--sources", type=int, default=3, help="source keyframes (x cameras = source views)")
-    p.add_argument("--targets", type=int, default=4, help="target keyframes (x cameras = target views)")
-    p.add_argument("--downscale", type=float, default=1.0)
-    p.add_argument("--segment-length", type=int, default=20)
-    p.add_argument("--iters-per-segment", type=int, default=10)
-    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=("bf16", "fp16"),
-                   help="mixed precision (bare --amp: bf16)")
-    p.add_argument("--output-dir", default="/tmp/evolsplat_bench")
-    p.add_argument("--seed", type=int, default=42, help="seeds the network initialisation")
     p.add_argument("--json", default=None, help="also write the figures here")
     p.add_argument("--profile-table", type=Path, default=None, help="write the profiler's op tables here")
     p.add_argument("--sync-iters", type=int, default=0,
@@ -215,7 +221,6 @@ def main() -> None:
                    help="then score the held-out views (PSNR after this run's steps; compare runs of equal steps)")
     p.add_argument("--viewer-frames", type=int, default=0,
                    help="then time the viewer's render on the trained pipeline (viewer_fps.py's figures)")
-    add_pointcloud_args(p)
     args = p.parse_args()
 
     trainer = build_trainer(args)

@@ -2,6 +2,8 @@
 
     evolsplat-train --preset configs/waymo_full.yaml [ns-train flags ...]
     evolsplat-train --preset configs/demo_cpu.yaml --print-only
+    evolsplat-train METHOD [ns-train flags ...]        (no preset: exactly ns-train)
+    torchrun --nproc_per_node 2 $(which evolsplat-train) evolsplat-lite --data DIR   (docs/distributed.md)
 
 The preset (see :mod:`evolsplat_ns.presets`) is first validated against its method's registered
 config, so a typo or a wrong type is reported with the file and dotted key. Then ns-train runs as
@@ -45,12 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="evolsplat-train", description=__doc__, allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="All other arguments go to ns-train after the preset's flags (ns-train METHOD --help lists them).")
-    parser.add_argument("--preset", type=Path, required=True, help="preset YAML file, e.g. configs/waymo_full.yaml")
+    parser.add_argument("--preset", type=Path, help="preset YAML file, e.g. configs/waymo_full.yaml (without it "
+                        "the arguments go to ns-train unchanged)")
     parser.add_argument("--print-only", action="store_true", help="print the ns-train command and exit")
     # allow_abbrev=False: otherwise argparse would read an ns-train flag like --pre... as --preset.
     args, extra = parser.parse_known_args(argv)
     try:
-        ns_args = ns_train_args(args.preset, extra)
+        ns_args = ns_train_args(args.preset, extra) if args.preset is not None else extra
     except PresetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -69,3 +72,7 @@ def entrypoint() -> None:
 
     prepare_process()  # third-party warnings filtered, ffmpeg on PATH
     sys.exit(main())
+
+
+if __name__ == "__main__":  # python -m evolsplat_ns.cli.train, torchrun -m evolsplat_ns.cli.train
+    entrypoint()

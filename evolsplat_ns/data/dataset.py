@@ -41,6 +41,7 @@ from evolsplat_ns.data.pointcloud.base import PointCloudGeneratorConfig, make_ge
 from evolsplat_ns.data.scene import SceneData
 from evolsplat_ns.data.sources import get_source
 from evolsplat_ns.data.scheduler import SegmentScheduler
+from evolsplat_ns.data.sharding import Shard, assign_segments, shard_seed
 from evolsplat_ns.data.segments import (
     SegmentSpec, SelectionMode, ViewPair, adapt_counts, can_sample, eval_frame_mask, nearest_sources,
     select_train_views, split_segments,
@@ -116,10 +117,17 @@ class MultiSceneDatasetConfig:
 
 
 class MultiSceneDataset:
-    """Scenes, their segments, the split, the segment scheduler and the point-cloud cache."""
+    """Scenes, their segments, the split, the segment scheduler and the point-cloud cache.
 
-    def __init__(self, config: MultiSceneDatasetConfig):
+    With a ``shard`` (data-parallel training, :mod:`evolsplat_ns.data.sharding`) the training
+    segments are this rank's share of them: ``train_segment_ids`` lists only those (the scheduler
+    and the selection draw over them, from streams seeded per rank), ``all_train_segment_ids`` all
+    of them and ``segment_owner`` the rank of each. Eval items are never sharded.
+    """
+
+    def __init__(self, config: MultiSceneDatasetConfig, shard: Optional[Shard] = None):
         self.config = c = config
+        self.shard = shard or Shard()
         source = get_source(c.data_source)
         self.scenes = [self._open(source, p) for p in source.find_scenes(Path(c.data))]
         self.eval_scene_ids = self._pick_eval_scenes()
@@ -130,14 +138,20 @@ class MultiSceneDataset:
             self._index_scene(si, scene)
         self._index_of = {self.key(i): i for i in range(len(self.segments))}
         single = len(self.scenes) == 1
-        self.train_segment_ids = [
+        self.all_train_segment_ids = [
             i for i, s in enumerate(self.segments) if s.held_out_camera is None
             and (s.scene_index not in self.eval_scene_ids or c.train_on_eval_scenes or single)
         ]
+        shards = assign_segments([str(self.key(i)) for i in self.all_train_segment_ids], self.shard.world_size, c.seed)
+        self.segment_owner: dict[SegmentKey, int] = {
+            self.key(self.all_train_segment_ids[j]): r for r, part in enumerate(shards) for j in part}
+        """Rank that trains each training segment (every one 0 in a one-process run)."""
+        self.train_segment_ids = [self.all_train_segment_ids[j] for j in shards[self.shard.rank]]
         self._check_keyframe_counts()
         self._warn_adapted()
-        self.rng = np.random.default_rng(c.seed)
-        self.scheduler = SegmentScheduler(len(self.train_segment_ids), c.iters_per_segment, c.segment_order, c.seed)
+        seed = shard_seed(c.seed, self.shard)
+        self.rng = np.random.default_rng(seed)
+        self.scheduler = SegmentScheduler(len(self.train_segment_ids), c.iters_per_segment, c.segment_order, seed)
         self.cache = PointCloudCache(self._build_point_cloud, int(c.cache_max_mb * 2**20), c.preload)
         self._generators: dict[str, object] = {}
 
@@ -240,7 +254,7 @@ class MultiSceneDataset:
         a setting to fix; a whole short scene adapts unless it cannot give one target and one source."""
         c = self.config
         need = c.num_source_keyframes + c.num_target_keyframes
-        ids = self.train_segment_ids + sorted({s for s, _ in self.eval_items})
+        ids = self.all_train_segment_ids + sorted({s for s, _ in self.eval_items})
         short = [(str(self.key(i)), len(self.keyframes(i))) for i in ids
                  if len(self.keyframes(i)) < need and not self.segments[i].whole_scene]
         if short:
@@ -290,6 +304,13 @@ class MultiSceneDataset:
                              f"keyframe(s), selection '{p['selection']}' in segments of {p['keyframes']} keyframe(s)")
             if notes:
                 warnings.warn(f"scene {name} ({plan['frames']} frame(s)): " + "; ".join(notes), stacklevel=3)
+
+    def holds(self, key: SegmentKey) -> bool:
+        """Whether this rank keeps ``key``'s state: its own training segments, and on rank 0 every
+        segment no rank trains (eval segments, which only rank 0 evaluates). Always True in a
+        one-process run."""
+        owner = self.segment_owner.get(key)
+        return owner == self.shard.rank if owner is not None else self.shard.rank == 0
 
     def segment_index(self, key: SegmentKey) -> int:
         """Index into ``segments`` of the segment named by ``key``."""

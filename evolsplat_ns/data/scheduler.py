@@ -9,7 +9,7 @@ generator state, saved in checkpoints so a resumed run continues the exact same 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 
@@ -26,7 +26,7 @@ class ScheduleStep:
 class SegmentScheduler:
     def __init__(
         self, num_segments: int, iters_per_segment: int = 1,
-        order: Literal["sequential", "shuffle"] = "shuffle", seed: int = 0,
+        order: Literal["sequential", "shuffle"] = "shuffle", seed: int | Sequence[int] = 0,
     ):
         if num_segments <= 0:
             raise ValueError("no training segments: check the data path and the eval split settings")

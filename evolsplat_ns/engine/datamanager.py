@@ -14,6 +14,7 @@ them while replacing every behaviour (none of their ray-sampling fields is used;
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional, Type
@@ -27,6 +28,8 @@ from nerfstudio.data.scene_box import SceneBox
 from nerfstudio.data.utils.dataloaders import FixedIndicesEvalDataloader
 
 from evolsplat_ns.data.dataset import MultiSceneDataset, MultiSceneDatasetConfig
+from evolsplat_ns.data.sharding import Shard
+from evolsplat_ns.engine import distributed
 from evolsplat_ns.data.prefetch import Prefetcher
 from evolsplat_ns.data.sources import get_source
 from evolsplat_ns.data.validate import raise_on_errors
@@ -94,6 +97,18 @@ class ImageFiles:
     dataparser_scale: float = 1.0
     metadata: dict = field(default_factory=dict)
     """Empty: nerfstudio's pipeline looks here for seed points (``points3D_xyz``); ours come per segment."""
+
+    def save_dataparser_transform(self, path: Path) -> None:
+        """What ``Trainer.train`` writes first (``dataparser_transforms.json``): ours is the identity
+        at scale 1, since every sample is posed in its own segment frame (docs/architecture.md).
+        Written by rank 0 only in a data-parallel job."""
+        if not distributed.current().world.is_main:
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"transform": np.eye(4)[:3].tolist(), "scale": self.dataparser_scale,
+                                    "note": "identity: evolsplat-ns poses every sample in its segment frame"},
+                                   indent=2))
 
 
 class SegmentImages:
@@ -211,8 +226,12 @@ class EVolSplatDataManager(VanillaDataManager):
         if config.data is not None:
             config.dataset.data = Path(config.data)
         validate_dataset(config.dataset, config.validation)
-        self.world_size = world_size
-        self.dataset = MultiSceneDataset(config.dataset)
+        world = distributed.current().world
+        # Training in a data-parallel job: this rank's shard of the training segments. Evaluation
+        # and tools (ns-eval, ns-viewer, ...) never shard.
+        self.shard = Shard(world.rank, world.size) if test_mode == "val" else Shard()
+        self.world_size = self.shard.world_size
+        self.dataset = MultiSceneDataset(config.dataset, self.shard)
         self.train_dataset = SegmentImages.of_segment(self.dataset, self.dataset.train_segment_ids[0])
         self.eval_dataset = EvalViews(self.dataset) if self.dataset.eval_items else None
         self._eval_cursor = 0
@@ -298,6 +317,18 @@ class EVolSplatDataManager(VanillaDataManager):
 
     def set_extra_state(self, state: dict) -> None:
         """Restore the stream when training resumes; evaluation and inference (possibly on other
-        data, e.g. zero-shot scenes) have no stream to restore."""
-        if self.test_mode == "val":
-            self._train_stream.load_state_dict(state)
+        data, e.g. zero-shot scenes) have no stream to restore.
+
+        ``state`` is one stream (a one-process checkpoint) or ``{"world_size": W, "streams": [...]}``
+        (a data-parallel one, one per rank). Resumed with the same number of ranks, each rank
+        continues its own stream; with another number, segments are reassigned
+        (:mod:`evolsplat_ns.data.sharding`) and the streams start again from the seed (said once).
+        """
+        if self.test_mode != "val":
+            return
+        streams, saved = (state["streams"], state["world_size"]) if "streams" in state else ([state], 1)
+        if saved == self.shard.world_size:
+            self._train_stream.load_state_dict(streams[self.shard.rank])
+        elif self.shard.rank == 0:
+            print(f"the checkpoint's data streams are for {saved} rank(s), this run has {self.shard.world_size}: "
+                  "training segments are reassigned to the ranks and the data streams start from the seed", flush=True)

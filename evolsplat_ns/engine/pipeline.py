@@ -24,11 +24,16 @@ from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineC
 
 from evolsplat_ns.data.types import Sample
 from evolsplat_ns.engine import ns_hooks
+from evolsplat_ns.engine.distributed import Distributed
 from evolsplat_ns.engine.datamanager import SegmentImages
 from evolsplat_ns.engine.evaluation import evaluate_held_out, image_writer, score_view
 from evolsplat_ns.engine.stage2 import OnlineStage2Trainer
 from evolsplat_ns.model.evolsplat_model import EmptySegmentError
 
+
+MODEL_EXTRA_STATE = "_model._extra_state"
+DATAMANAGER_EXTRA_STATE = "datamanager._extra_state"
+"""Keys of the model's and the data manager's ``get_extra_state`` in the pipeline's state dict."""
 
 SEGMENT_ENV = "EVOLSPLAT_SEGMENT"
 """Environment variable choosing the shown segment for stock tools that have no flag for it
@@ -57,7 +62,11 @@ class EVolSplatPipeline(VanillaPipeline):
                  test_mode: Literal["test", "val", "inference"] = "val", world_size: int = 1,
                  local_rank: int = 0, grad_scaler: Optional[Any] = None) -> None:
         ns_hooks.install(EVolSplatPipeline)  # ns-eval / ns-viewer / ns-export: intact checkpoints, no overwrite
-        super().__init__(config, device, test_mode, world_size, local_rank, grad_scaler)
+        # world_size 1: no DDP wrapper. Data parallel training averages gradients in the trainer
+        # (evolsplat_ns.engine.distributed says why); the data manager shards by the process group.
+        super().__init__(config, device, test_mode, 1, local_rank, grad_scaler)
+        self.world_size = world_size
+        self.model.segment_filter = self.datamanager.dataset.holds  # each rank loads only its segments
         # A viewer renders bare cameras as soon as a browser connects (before any training step,
         # or right after ns-viewer loads a checkpoint), so there is always a context to render.
         self.shown: SegmentImages = self.datamanager.train_dataset
@@ -177,6 +186,33 @@ class EVolSplatPipeline(VanillaPipeline):
             self.show_segment(with_node[0])
         if self.test_mode != "val":  # loaded for a tool (viewer, ns-render, ns-export), not for training
             self._announce_shown()
+
+    def gathered_state_dict(self, dist: Distributed) -> Optional[dict[str, Any]]:
+        """Collective (every rank calls it): on rank 0 its :meth:`state_dict` with every rank's
+        segment states and data streams; None on the other ranks.
+
+        Segments: the union of the ranks' stores (a key held by several ranks is taken from the
+        rank that trains it). Data streams: ``{"world_size": W, "streams": [rank 0's, ...]}`` under
+        the data manager's extra state (:meth:`EVolSplatDataManager.set_extra_state` reads both forms).
+        """
+        main = dist.world.is_main
+        state = self.state_dict() if main else None
+        own = self.model.segments.state_dict() if not main else None  # rank 0's are in ``state``
+        segments = dist.gather_objects(own, "gathering every rank's segment states for a checkpoint")
+        streams = dist.gather_objects(self.datamanager.get_extra_state(), "gathering the data streams")
+        if not main:
+            return None
+        model_extra = state[MODEL_EXTRA_STATE]
+        segments[0] = model_extra["segments"]
+        owner = {str(k): r for k, r in self.datamanager.dataset.segment_owner.items()}
+        merged: dict[str, dict] = {}
+        for rank, held in enumerate(segments):
+            for key, segment in held.items():
+                if key not in merged or owner.get(key) == rank:
+                    merged[key] = segment
+        model_extra["segments"] = merged
+        state[DATAMANAGER_EXTRA_STATE] = {"world_size": dist.world.size, "streams": streams}
+        return state
 
     def _announce_shown(self) -> None:
         """Say which segment bare-camera tools render and export, and how to choose another."""

@@ -18,7 +18,15 @@ the logs and ``trainer.skipped_steps``) and skipped:
 - ``oom``: CUDA out of memory on a segment -> step skipped, CUDA cache emptied.
 
 More than ``max_skipped_fraction`` of the last ``skip_window`` steps skipped stops the run
-(:mod:`evolsplat_ns.engine.skips`). Checkpoints are written and found crash-safely
+(:mod:`evolsplat_ns.engine.skips`).
+
+Data parallel (``torchrun``, ``ns-train --machine.num-devices N``; :mod:`evolsplat_ns.engine.distributed`,
+``docs/distributed.md``): each rank trains its own shard of segments with the same per-target
+backward; after the target loop the ranks agree whether to skip (one rank skipping makes all skip,
+reason ``peer_skip`` on the others, so skip counts and limits stay identical) and then average the
+gradients in one all-reduce, clip and step: the step equals one process whose loss is the mean of
+the ranks' sample losses. Evaluation, the viewer, logging and checkpoint writing are rank 0's; a
+checkpoint holds every rank's segments and data stream. Checkpoints are written and found crash-safely
 (:mod:`evolsplat_ns.engine.checkpoints`); a run folder that already holds checkpoints is only
 trained into when resuming (``--load-dir``) or with ``--overwrite True``.
 """
@@ -36,11 +44,10 @@ import tyro
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from nerfstudio.utils import writer
-from nerfstudio.utils.decorators import check_main_thread
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from evolsplat_ns.data.types import Sample
-from evolsplat_ns.engine import checkpoints
+from evolsplat_ns.engine import checkpoints, distributed
 from evolsplat_ns.engine.skips import SkipLimit
 from evolsplat_ns.model.evolsplat_model import EmptySegmentError, SampleLoss
 from evolsplat_ns.utils.timing import phase
@@ -73,6 +80,10 @@ class EVolSplatTrainerConfig(TrainerConfig):
     deterministic: bool = False
     """Bit-exact repeatable runs and resume: one CPU thread and torch's deterministic algorithms
     (slower). Without it, CPU runs with more than one thread may differ in the last bits."""
+    distributed_timeout: float = 600.0
+    """Seconds any rank of a data-parallel run waits for the others in a collective (gradient
+    all-reduce, checkpoint gather) before the job stops with a message naming the dead or hung
+    rank's operation. Must exceed the longest phase only rank 0 runs (evaluation of all images)."""
     overwrite: bool = False
     """Train into a run folder that already holds checkpoints (they are replaced once this run
     saves its first verified checkpoint). Without it such a folder is refused unless resuming."""
@@ -82,9 +93,15 @@ class EVolSplatTrainerConfig(TrainerConfig):
     prompt: tyro.conf.Suppress[Optional[str]] = None
 
     def save_config(self) -> None:
-        """Refuse a run folder holding another run's checkpoints before its config.yml is replaced."""
+        """Refuse a run folder holding another run's checkpoints before its config.yml is replaced.
+        Under torchrun only rank 0 writes it (every rank runs ns-train's ``main``)."""
         refuse_reused_run_folder(self)
-        super().save_config()
+        if distributed.world_from_env().is_main:
+            super().save_config()
+
+    def print_to_terminal(self) -> None:
+        if distributed.world_from_env().is_main:
+            super().print_to_terminal()
 
 
 def refuse_reused_run_folder(config: EVolSplatTrainerConfig) -> None:
@@ -107,6 +124,13 @@ class RunFolderError(checkpoints.CheckpointError, FileExistsError):
     """The run folder already holds another run's checkpoints."""
 
 
+def _without_viewer(vis: str) -> str:
+    """``--vis`` for a rank other than 0: the same loggers (nerfstudio's writers write on rank 0
+    only anyway), no viewer."""
+    rest = vis.replace("viewer_legacy", "").replace("viewer", "").strip("+")
+    return rest or "tensorboard"
+
+
 def require_device(device_type: str) -> None:
     """Exit with one line (no traceback) when the configured device does not exist here."""
     if device_type == "cuda" and not torch.cuda.is_available():
@@ -127,6 +151,14 @@ class EVolSplatTrainer(Trainer):
         if config.deterministic:
             torch.set_num_threads(1)
             torch.use_deterministic_algorithms(True, warn_only=True)
+        self.dist = distributed.setup(config.machine.device_type, config.distributed_timeout, local_rank)
+        world = self.dist.world
+        if world.parallel:
+            local_rank, world_size = world.local_rank, world.size
+            # ranks may have stamped their run folder a second apart: all use rank 0's
+            config.timestamp = self.dist.broadcast_object(config.timestamp, "agreeing on the run folder")
+            if not world.is_main:  # one viewer per job (nerfstudio starts one per node's local rank 0)
+                config.vis = _without_viewer(config.vis)
         refuse_reused_run_folder(config)
         super().__init__(config, local_rank, world_size)
         self.skipped_steps: dict[str, int] = defaultdict(int)
@@ -139,7 +171,11 @@ class EVolSplatTrainer(Trainer):
     def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
         super().setup(test_mode)
         # Segments beyond the host-memory bound spill under the run folder, not a system temp dir.
-        self.pipeline.model.segments.set_spill_dir(self.base_dir / "segments")
+        world = self.dist.world
+        spill = self.base_dir / "segments"
+        self.pipeline.model.segments.set_spill_dir(spill / f"rank{world.rank}" if world.parallel else spill)
+        # every rank starts from rank 0's weights (each was seeded differently by its launcher)
+        self.dist.broadcast_module(self.pipeline.model)
 
     def train_step(self, step: int):
         """One iteration as nerfstudio's training loop runs it: callbacks before, ``train_iteration``,
@@ -158,27 +194,65 @@ class EVolSplatTrainer(Trainer):
         with phase("data"):
             sample, batch = self.pipeline.datamanager.next_train(step)
         model.step = step
-        try:
-            result = self._sample_loss(sample, batch, step)
-        except torch.cuda.OutOfMemoryError:
-            return self._skip(step, "oom", f"CUDA out of memory on segment {sample.key}")
-        except EmptySegmentError as e:
-            return self._skip(step, "empty_segment", str(e))
-        for v in result.dropped_targets:
-            self._count("no_visible", step, f"target {v} of segment {sample.key} sees no Gaussian; left out")
-        loss = result.total
-        if result.projected_index.numel() == 0:
-            return self._skip(step, "no_visible_step", f"no target view of segment {sample.key} sees any Gaussian")
-        if result.nonfinite:  # the step's one host read of a device value
-            return self._skip(step, "nonfinite", f"non-finite loss {float(loss)} on segment {sample.key}")
-        self.optimizers.optimizer_scaler_step_all(self.grad_scaler)
+        result, skip = self._local_loss(sample, batch, step)
+        skip = self._agree_on_skip(result, skip, step, sample)
+        if skip is not None:
+            return self._skip(step, *skip)
+        if self.dist.world.parallel:
+            with phase("allreduce"):
+                self.dist.average_gradients(self._trained_parameters(), model.buffers(),
+                                            f"the gradient all-reduce of step {step}")
+        self.optimizers.optimizer_scaler_step_all(self.grad_scaler)  # clips (max_norm) the averaged gradients
         scale = self.grad_scaler.get_scale()
         self.grad_scaler.update()
         if scale <= self.grad_scaler.get_scale():
             self.optimizers.scheduler_step_all(step)
         model.offsets.stage(result.state, result.projected_index)
         metrics = {"psnr": result.psnr, "num_gaussians": torch.tensor(float(result.projected_index.numel()))}
-        return loss, result.losses, metrics
+        return result.total, result.losses, metrics
+
+    def _local_loss(self, sample: Sample, batch: dict, step: int
+                    ) -> tuple[Optional[SampleLoss], Optional[tuple[str, str]]]:
+        """This rank's losses and gradients of ``sample``, and (reason, message) if it cannot train."""
+        try:
+            result = self._sample_loss(sample, batch, step)
+        except torch.cuda.OutOfMemoryError:
+            return None, ("oom", f"CUDA out of memory on segment {sample.key}")
+        except EmptySegmentError as e:
+            return None, ("empty_segment", str(e))
+        for v in result.dropped_targets:
+            self._count("no_visible", step, f"target {v} of segment {sample.key} sees no Gaussian; left out")
+        if result.projected_index.numel() == 0:
+            return result, ("no_visible_step", f"no target view of segment {sample.key} sees any Gaussian")
+        return result, None
+
+    def _agree_on_skip(self, result: Optional[SampleLoss], skip: Optional[tuple[str, str]], step: int,
+                       sample: Sample) -> Optional[tuple[str, str]]:
+        """Whether (and why) this step is skipped. One process: its own reason, or a non-finite loss
+        (the step's one host read of a device value). Data parallel: skipped on every rank if on any
+        (one all-reduced flag, still one host read), so all ranks take the same optimizer steps."""
+        if not self.dist.world.parallel:
+            if skip is None and result.nonfinite:
+                return "nonfinite", f"non-finite loss {float(result.total)} on segment {sample.key}"
+            return skip
+        flag = torch.ones((), device=self.device) if skip is not None else \
+            (~torch.isfinite(result.total.to(self.device))).float()
+        if not self.dist.any_rank(flag, f"the skip agreement of step {step}"):
+            return None
+        if skip is not None:
+            return skip
+        if result.nonfinite:
+            return "nonfinite", f"non-finite loss {float(result.total)} on segment {sample.key}"
+        return "peer_skip", "another rank cannot train this step, so no rank does (the ranks stay identical)"
+
+    def _trained_parameters(self) -> list[torch.nn.Parameter]:
+        """Every optimised parameter, in the same order on every rank."""
+        return [p for group in self.optimizers.parameters.values() for p in group]
+
+    def eval_iteration(self, step: int) -> None:
+        """Evaluation runs on rank 0 only (the other ranks go on to the next step and wait there)."""
+        if self.dist.world.is_main:
+            super().eval_iteration(step)
 
     def _sample_loss(self, sample: Sample, batch: dict, step: int) -> SampleLoss:
         """The model's one loss loop with per-target backward (graphs freed between targets)."""
@@ -206,17 +280,25 @@ class EVolSplatTrainer(Trainer):
 
     # -- checkpoints (crash-safe; see evolsplat_ns.engine.checkpoints) ---------------------------
 
-    @check_main_thread
     def save_checkpoint(self, step: int) -> None:
-        """nerfstudio's checkpoint content, written atomically and verified before older ones go."""
+        """nerfstudio's checkpoint content, written atomically and verified before older ones go.
+
+        Data parallel: called on every rank (it gathers every rank's segments and data stream to
+        rank 0, :meth:`EVolSplatPipeline.gathered_state_dict`); only rank 0 writes, one file.
+        """
         pipeline = self.pipeline.module if hasattr(self.pipeline, "module") else self.pipeline
+        pipeline_state = pipeline.gathered_state_dict(self.dist) if self.dist.world.parallel else pipeline.state_dict()
+        if not self.dist.world.is_main:
+            return
         state = {
             "step": step,
-            "pipeline": pipeline.state_dict(),
+            "pipeline": pipeline_state,
             "optimizers": {k: v.state_dict() for k, v in self.optimizers.optimizers.items()},
             "schedulers": {k: v.state_dict() for k, v in self.optimizers.schedulers.items()},
             "scalers": self.grad_scaler.state_dict(),
         }
+        if self.dist.world.parallel:
+            state["distributed"] = {"world_size": self.dist.world.size}
         checkpoints.save_checkpoint(self.checkpoint_dir, step, state, self.config.save_only_latest_checkpoint)
         controller = getattr(pipeline, "stage2_controller", None)
         if controller is not None:

@@ -192,6 +192,9 @@ class EVolSplatModel(SplatfactoSurface):
     render_time: Optional[float] = None
     """Scene time (frame units) at which bare cameras place the actors (the viewer's time control);
     None = the frame of the source view nearest to the camera."""
+    segment_filter: Optional[Callable[[SegmentKey], bool]] = None
+    """Which segments' states :meth:`set_extra_state` loads from a checkpoint (set by the pipeline:
+    a data-parallel rank loads only its own segments); None = all."""
     camera_renderer: Optional[Callable[[Cameras], Optional[dict]]] = None
     """Set by the pipeline for cameras whose ``metadata`` names a held-out view or a segment (the
     datasets' ``cameras``, e.g. in ``ns-render dataset``): renders a held-out view exactly as
@@ -514,7 +517,10 @@ class EVolSplatModel(SplatfactoSurface):
         return extra
 
     def set_extra_state(self, state: dict) -> None:
-        self.segments.load_state_dict(state["segments"] if "segments" in state else _legacy_segments(state))
+        segments = state["segments"] if "segments" in state else _legacy_segments(state)
+        if self.segment_filter is not None:
+            segments = {k: s for k, s in segments.items() if self.segment_filter(SegmentKey.parse(k))}
+        self.segments.load_state_dict(segments)
         if self.context is not None and self.context.key in self.segments:  # keep the shown segment renderable
             self.set_context(self.context.key, self.context.sources)
         # Otherwise the shown segment is not in the checkpoint: it keeps rendering from the state it

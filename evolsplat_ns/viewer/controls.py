@@ -39,7 +39,7 @@ def segment_menu(dataset: MultiSceneDataset) -> dict[str, dict[str, int]]:
     Scenes the model never trains on are labelled "(eval)": what the viewer shows there is a
     feed-forward reconstruction of an unseen scene.
     """
-    train = set(dataset.train_segment_ids)
+    train = set(dataset.all_train_segment_ids)  # every rank's, in a data-parallel run
     menu: dict[str, dict[str, int]] = {}
     for i, seg in enumerate(dataset.segments):
         scene = dataset.scenes[seg.scene_index].name

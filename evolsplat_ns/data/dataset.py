@@ -382,7 +382,7 @@ class MultiSceneDataset:
                     *, is_new_segment: bool = False, lidar: bool = False, target_masks: bool = False) -> Sample:
         """Sample of segment ``seg_id``: ``source``/``target`` are frames (every camera each) or
         (frame, camera) pairs. ``target_masks`` loads the targets' dynamic masks where the scene
-        has them (the dynamic/static-region metrics)."""
+        has them, and their sky masks (the dynamic/static and sky/rest region metrics)."""
         c = self.config
         seg = self.segments[seg_id]
         scene = self.scenes[seg.scene_index]
@@ -401,7 +401,7 @@ class MultiSceneDataset:
         return Sample(
             key=self.key(seg_id),
             source=views(source),
-            target=views(target, **({"dynamic": True} if target_masks else {})),
+            target=views(target, **({"dynamic": True, "sky": True} if target_masks else {})),
             segment_to_world=torch.from_numpy(seg_to_world).float(),
             segment_frames=list(seg.frames),
             lidar=scene.load_lidar(target_frames, seg_from_world) if lidar and scene.layout.has("lidar") else None,

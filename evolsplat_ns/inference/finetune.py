@@ -4,8 +4,9 @@ predicts for a segment become plain parameters, optimised on that segment's trai
 1. **Initialisation** (:func:`predict_initial_gaussians`): for reference keyframes spread over the
    segment (every ``ref_stride``-th), the model encodes the reference's nearest source keyframes
    (the rule evaluation uses) and predicts the Gaussians for each of its cameras; each node
-   Gaussian keeps the first prediction that includes it, so points seen only late in the segment
-   are covered too. The sky dome keeps the first colour of each dome point that some source saw;
+   Gaussian keeps the prediction made for the camera nearest to it, so points seen only late in
+   the segment are covered too, each from where the model saw it best.
+   The sky dome keeps the first colour of each dome point that some source saw;
    the moving actors (object frames) come from the reference nearest the segment's middle.
 2. **Optimisation** (:func:`finetune_segment`): means, log scales, quaternions, opacity logits and
    SH colours (DC and higher bands) of the static and actor Gaussians, and the dome's colours and
@@ -181,7 +182,7 @@ def predict_initial_gaussians(model: EVolSplatModel, dataset: MultiSceneDataset,
     cams = [c for c in scene.cameras if c != seg.held_out_camera]
     pc = dataset.point_cloud(segment_index)
     static: dict[str, torch.Tensor] = {}
-    assigned = bg = bg_assigned = actors = actor_nodes = None
+    best = bg = bg_assigned = actors = actor_nodes = None
     for f in refs:
         sources = [(s, c) for s in nearest_sources(keyframes, [f], nsk, scene.ego_to_world) for c in cams]
         sample = dataset.load_sample(segment_index, sources, [(f, c) for c in cams])
@@ -189,16 +190,19 @@ def predict_initial_gaussians(model: EVolSplatModel, dataset: MultiSceneDataset,
         state = model.encode(split_backward=False)
         for v in range(len(sample.target)):
             g = model.predictor.predict(state, sample.target.camtoworlds[v], sample.target.intrinsics[v])
-            if assigned is None:
+            if best is None:
                 n = len(state.anchors)
-                assigned = torch.zeros(n, dtype=torch.bool, device=g.means.device)
+                best = torch.full((n,), float("inf"), device=g.means.device)
                 static = {k: torch.zeros(n, *getattr(g, k).shape[1:], device=g.means.device, dtype=getattr(g, k).dtype)
                           for k in ("means", "quats", "scales", "opacities", "sh")}
-            new = ~assigned[g.index]
-            rows = g.index[new]
+            # Each Gaussian keeps the prediction of the reference camera nearest to it (where the
+            # feed-forward model saw it best), over every camera of every reference.
+            dist = (g.means - sample.target.camtoworlds[v, :3, 3].to(g.means.device)).norm(dim=-1)
+            better = dist < best[g.index]
+            rows = g.index[better]
             for k, val in static.items():
-                val[rows] = getattr(g, k)[new].to(val.dtype)
-            assigned[rows] = True
+                val[rows] = getattr(g, k)[better].to(val.dtype)
+            best[rows] = dist[better]
         b = model.predictor.predict_background(state)
         if b is not None:
             if bg is None:
@@ -210,6 +214,7 @@ def predict_initial_gaussians(model: EVolSplatModel, dataset: MultiSceneDataset,
                 bg_assigned |= take
         if f == middle and state.actors is not None:
             actors, actor_nodes = state.actors, state.actor_nodes
+    assigned = torch.isfinite(best) if best is not None else None
     if assigned is None or not assigned.any():
         raise ValueError(f"segment {dataset.key(segment_index)}: the model predicted no Gaussian for any training view")
     keep = assigned.nonzero()[:, 0]

@@ -67,6 +67,10 @@ class EVolSplatModelConfig(ModelConfig, PredictorConfig):
     """Initial Gaussian scale in metres; 0 = mean distance to the 3 nearest neighbours."""
     renderer: Literal["auto", "gsplat", "reference"] = "auto"
     """Rasteriser: gsplat (CUDA), the PyTorch reference, or auto (gsplat when on CUDA)."""
+    normalize_background: bool = True
+    """Divide the sky-dome render by its own accumulated opacity (where above 0.05): the dome is an
+    opaque surface, and its Gaussians' falloff between centres would otherwise darken the sky and
+    show the dome as a lattice of dots (False: the composite as before this setting existed)."""
     sky_loss_weight: float = 0.0
     """Sky supervision (needs ``--pipeline.datamanager.dataset.load-sky-masks True``; 0 = off): on a
     target's sky-mask pixels the photometric loss is left out and replaced by this weight times the
@@ -382,7 +386,10 @@ class EVolSplatModel(SplatfactoSurface):
             rgb, alpha = fg.rgb[0], fg.alpha[0]
             bg_rgb = None
             if background is not None:
-                bg_rgb = draw(background).rgb[0]
+                bg = draw(background)
+                bg_rgb = bg.rgb[0]
+                if self.config.normalize_background:
+                    bg_rgb = torch.where(bg.alpha[0] > 0.05, bg_rgb / bg.alpha[0].clamp(min=0.05), bg_rgb)
                 rgb = rgb + (1.0 - alpha) * bg_rgb
         return {"rgb": rgb, "depth": fg.depth[0], "accumulation": alpha, "background_rgb": bg_rgb}
 

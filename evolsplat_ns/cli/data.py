@@ -58,7 +58,7 @@ def _add_export_parser(sub) -> None:
     p.add_argument("--eval-frame-interval", type=int, default=4,
                    help="hold out every k-th frame (the same rule as training/evolsplat-infer)")
     p.add_argument("--pointcloud-generator", default="auto",
-                   help="point-cloud generator for sparse_pc.ply: lidar, depth, hybrid or auto")
+                   help="point-cloud generator for sparse_pc.ply: lidar, depth, hybrid or auto (hybrid with LiDAR and depth maps)")
     p.add_argument("--masks", choices=("none", "dynamic", "sky", "dynamic+sky"), default="none",
                    help="write nerfstudio masks that ignore these pixels")
     p.add_argument("--copy", action="store_true", help="copy images instead of hard-linking them")

@@ -95,7 +95,9 @@ class MultiSceneDatasetConfig:
     segment_order: Literal["sequential", "shuffle"] = "shuffle"
     """Order in which training segments are visited (reshuffled each pass, or dataset order)."""
     pointcloud_generator: str = "auto"
-    """Registered generator name; ``auto`` = lidar if present, else depth."""
+    """Registered generator name; ``auto`` = hybrid where a scene has LiDAR and depth maps (LiDAR
+    misses building tops and the road next to the car; synthetic scenes), lidar where it has only
+    LiDAR (drivestudio's Waymo), else depth."""
     pointcloud: PointCloudGeneratorConfig = field(default_factory=PointCloudGeneratorConfig)
     """Options shared by all generators (sparsity, filters, voxel size, crop); a generator's own
     config class (e.g. ``DepthPointCloudConfig(pixel_stride=1)``) also sets that generator's options."""
@@ -418,7 +420,9 @@ class MultiSceneDataset:
     def _generator_name(self, scene: SceneData) -> str:
         name = self.config.pointcloud_generator
         if name == "auto":
-            return "lidar" if scene.layout.has("lidar") else "depth"
+            if scene.layout.has("lidar"):
+                return "hybrid" if scene.layout.has("depth") else "lidar"
+            return "depth"
         return name
 
     def _build_point_cloud(self, segment_index: int) -> PointCloud:

@@ -60,7 +60,7 @@ class NerfstudioExport:
     eval_frame_interval: int = 4
     """Hold out every k-th frame (as ``dataset.eval_frame_interval``; short scenes adapt as there)."""
     pointcloud_generator: str = "auto"
-    """Registered generator for ``sparse_pc.ply`` (``auto``: lidar if present, else depth)."""
+    """Registered generator for ``sparse_pc.ply`` (``auto`` as the dataset: hybrid, lidar or depth)."""
     masks: MaskKind = "none"
     """Pixels nerfstudio should ignore: moving objects, sky, both, or none (no ``masks/``)."""
     copy: bool = False

@@ -13,8 +13,9 @@ predicts for a segment become plain parameters, optimised on that segment's trai
    log scales, as ``nn.Parameter`` with Adam at splatfacto's per-parameter learning rates (means
    scaled by the extent of the training cameras, since splatfacto works in a scene normalised to
    about +-1, and decayed to 1% over the run). One random training view per step, the model's
-   photometric loss (``rgb_loss``, ``ssim_lambda``), the model's rasteriser. No densification or
-   pruning (the feed-forward prediction already places the Gaussians).
+   training loss (``EVolSplatModel.image_losses``: photometric, entropy, and the sky terms when the
+   run trained with sky supervision and its views carry sky masks), the model's rasteriser. No
+   densification or pruning (the feed-forward prediction already places the Gaussians).
 3. **Evaluation**: the segment's held-out views, scored by :func:`engine.evaluation.view_metrics`
    (the metrics of ``ns-eval`` / ``evolsplat-infer``), at the start and every ``eval_every`` steps;
    the clock (``seconds``) excludes these evaluations.
@@ -333,7 +334,7 @@ def finetune_segment(model: EVolSplatModel, dataset: MultiSceneDataset, segment_
         means_group["lr"] = base_means_lr * 0.01 ** ((step - 1) / max(1, cfg.steps))
         out = gaussians.render(model, views.camtoworlds[v], views.intrinsics[v], views.width, views.height,
                                float(views.frame_ids[v]))
-        loss = model.rgb_loss(out["rgb"], views.images[v], model.config.ssim_lambda)
+        loss = sum(model.image_losses(out, views.images[v], step, model.sky_mask(views, v)).values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -449,21 +449,27 @@ class EVolSplatModel(SplatfactoSurface):
         if len(out["gaussians"]) == 0:
             return None
         gt = targets.images[v]
-        sky = self._sky_mask(targets, v)
         with full_precision(gt.device):  # SSIM's variance terms cancel catastrophically below fp32
-            # Sky pixels: the image itself stands in for the composite there, so they add no
-            # photometric gradient; the sky terms supervise the background and foreground opacity.
-            shown = out if sky is None else {**out, "rgb": torch.where(sky[..., None], gt, out["rgb"])}
-            terms = self.view_loss(shown, gt, step)
-            if sky is not None:
-                terms.update(self.sky_losses(out, gt, sky))
+            terms = self.image_losses(out, gt, step, self.sky_mask(targets, v))
             losses = {k: val / len(targets) for k, val in terms.items()}
             if self.stage2_step is not None:
                 depth = targets.depths[v].to(self.device) if targets.depths is not None else None
                 losses.update(self.stage2_step.target_terms(out, gt, depth, step, len(targets)))
         return TargetLoss(losses, psnr(out["rgb"].detach().float(), gt), out["gaussians"].index)
 
-    def _sky_mask(self, targets: Views, v: int) -> Optional[torch.Tensor]:
+    def image_losses(self, outputs: dict[str, torch.Tensor], gt: torch.Tensor, step: int,
+                     sky: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """Loss terms of one rendered view against ``gt`` [H, W, 3]: :meth:`view_loss`, and with a sky
+        mask ``sky`` [H, W] (:meth:`sky_mask`) the sky terms, the sky pixels then adding no
+        photometric gradient (the image itself stands in for the composite there). Training and
+        ``evolsplat-finetune`` both use it."""
+        shown = outputs if sky is None else {**outputs, "rgb": torch.where(sky[..., None], gt, outputs["rgb"])}
+        terms = self.view_loss(shown, gt, step)
+        if sky is not None:
+            terms.update(self.sky_losses(outputs, gt, sky))
+        return terms
+
+    def sky_mask(self, targets: Views, v: int) -> Optional[torch.Tensor]:
         """Target ``v``'s sky mask [H, W] bool on the device when sky supervision is on, else None
         (also None, with one warning, when the samples carry no sky masks)."""
         if self.config.sky_loss_weight <= 0 and self.config.sky_opacity_weight <= 0:

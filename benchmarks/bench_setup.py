@@ -31,7 +31,7 @@ def add_pointcloud_args(parser: argparse.ArgumentParser) -> None:
     """Flags choosing the segment point cloud (see this module's docstring for their effect)."""
     g = parser.add_argument_group("point cloud (how many Gaussians; see bench_setup.py)")
     g.add_argument("--generator", default="auto", choices=("auto", "lidar", "depth", "hybrid"),
-                   help="point-cloud generator (auto: lidar if present, else depth)")
+                   help="point-cloud generator (auto: hybrid with LiDAR + depth maps, lidar with LiDAR only, else depth)")
     g.add_argument("--pixel-stride", type=int, default=None,
                    help="depth/hybrid: back-project every k-th pixel (generator default 4; 1 = every pixel)")
     g.add_argument("--pc-voxel-size", type=float, default=None,

@@ -95,7 +95,9 @@ class MultiSceneDatasetConfig:
     segment_order: Literal["sequential", "shuffle"] = "shuffle"
     """Order in which training segments are visited (reshuffled each pass, or dataset order)."""
     pointcloud_generator: str = "auto"
-    """Registered generator name; ``auto`` = lidar if present, else depth."""
+    """Registered generator name; ``auto`` = hybrid where a scene has LiDAR and depth maps (LiDAR
+    misses building tops and the road next to the car; synthetic scenes), lidar where it has only
+    LiDAR (drivestudio's Waymo), else depth."""
     pointcloud: PointCloudGeneratorConfig = field(default_factory=PointCloudGeneratorConfig)
     """Options shared by all generators (sparsity, filters, voxel size, crop); a generator's own
     config class (e.g. ``DepthPointCloudConfig(pixel_stride=1)``) also sets that generator's options."""
@@ -106,8 +108,9 @@ class MultiSceneDatasetConfig:
     load_depth: bool = False
     """Load depth maps into samples (the depth point-cloud generator reads them on its own)."""
     load_sky_masks: bool = False
-    """Load sky masks into samples (nothing in the model reads them; the point-cloud generators'
-    sky filter reads them on its own)."""
+    """Load sky masks into training samples (the model's sky supervision, ``sky_loss_weight``, reads
+    them; the point-cloud generators' sky filter reads them on its own; eval targets always
+    carry them for the sky/non-sky metrics)."""
     load_dynamic_masks: bool = False
     """Load dynamic-object masks into samples."""
     load_lidar_for_eval: bool = True
@@ -382,7 +385,7 @@ class MultiSceneDataset:
                     *, is_new_segment: bool = False, lidar: bool = False, target_masks: bool = False) -> Sample:
         """Sample of segment ``seg_id``: ``source``/``target`` are frames (every camera each) or
         (frame, camera) pairs. ``target_masks`` loads the targets' dynamic masks where the scene
-        has them (the dynamic/static-region metrics)."""
+        has them, and their sky masks (the dynamic/static and sky/rest region metrics)."""
         c = self.config
         seg = self.segments[seg_id]
         scene = self.scenes[seg.scene_index]
@@ -401,7 +404,7 @@ class MultiSceneDataset:
         return Sample(
             key=self.key(seg_id),
             source=views(source),
-            target=views(target, **({"dynamic": True} if target_masks else {})),
+            target=views(target, **({"dynamic": True, "sky": True} if target_masks else {})),
             segment_to_world=torch.from_numpy(seg_to_world).float(),
             segment_frames=list(seg.frames),
             lidar=scene.load_lidar(target_frames, seg_from_world) if lidar and scene.layout.has("lidar") else None,
@@ -417,7 +420,9 @@ class MultiSceneDataset:
     def _generator_name(self, scene: SceneData) -> str:
         name = self.config.pointcloud_generator
         if name == "auto":
-            return "lidar" if scene.layout.has("lidar") else "depth"
+            if scene.layout.has("lidar"):
+                return "hybrid" if scene.layout.has("depth") else "lidar"
+            return "depth"
         return name
 
     def _build_point_cloud(self, segment_index: int) -> PointCloud:

@@ -26,7 +26,9 @@ from tqdm import tqdm
 from evolsplat_ns.data.types import Sample
 from evolsplat_ns.geometry import invert_rigid, project_points
 from evolsplat_ns.data.dataset import MultiSceneDataset
-from evolsplat_ns.model.metrics import depth_metrics, dilate, perceptual_status, region_metrics, warp_error
+from evolsplat_ns.model.metrics import (
+    depth_metrics, dilate, image_metrics, masked_region_metrics, perceptual_status, region_metrics, warp_error,
+)
 from evolsplat_ns.model.node import concat_gaussians
 from evolsplat_ns.model.predictor import SharedState
 from evolsplat_ns.utils.timing import StageTimer
@@ -99,25 +101,59 @@ def next_frame(dataset: MultiSceneDataset, sample: Sample, v: int) -> Optional[N
     return NextFrame(nxt.camtoworlds[0], nxt.images[0], flow, float(t + 1))
 
 
-def dynamic_metrics(model: EVolSplatModel, sample: Sample, state: SharedState, v: int, rgb: torch.Tensor,
-                    following: Optional[NextFrame]) -> dict[str, float]:
+Renderer = Callable[[torch.Tensor, torch.Tensor, int, int, float], dict]
+"""``render(c2w [4, 4] OpenCV camera-to-segment, K [3, 3], width, height, time) -> {"rgb": [H, W, 3], ...}``:
+how a method renders another camera (the temporal error renders the view's camera at t+1)."""
+
+
+def dynamic_metrics(sample: Sample, v: int, rgb: torch.Tensor, following: Optional[NextFrame],
+                    render: Optional[Renderer]) -> dict[str, float]:
     """Region PSNR/SSIM (dynamic vs static pixels) and the temporal warping error on dynamic
-    pixels (rendered minus ground truth), when the view has a dynamic mask (docs/metrics.md)."""
+    pixels (rendered minus ground truth, needs ``following`` and ``render``), when the view has a
+    dynamic mask (docs/metrics.md)."""
     target = sample.target
     if target.dynamic_masks is None:
         return {}
     gt, dynamic = target.images[v].to(rgb.device), target.dynamic_masks[v].to(rgb.device)
     radius = max(1, round(DYNAMIC_DILATION * target.width))
     out = region_metrics(rgb, gt, dynamic, radius)
-    if following is not None and dynamic.any():
-        c2w = following.c2w.to(model.device)
-        rendered = model.render(state, c2w, target.intrinsics[v].to(model.device), target.width, target.height,
-                                time=following.time)["rgb"].clamp(0, 1)
+    if following is not None and render is not None and dynamic.any():
+        rendered = render(following.c2w, target.intrinsics[v], target.width, target.height,
+                          following.time)["rgb"].clamp(0, 1)
         region, flow = dilate(dynamic, radius), following.flow.to(rgb.device)
-        e_render = warp_error(rgb, rendered, flow, region)
+        e_render = warp_error(rgb, rendered.to(rgb.device), flow, region)
         e_gt = warp_error(gt, following.image.to(rgb.device), flow, region)
         if np.isfinite(e_render) and np.isfinite(e_gt):
             out["temporal_warp_error"] = e_render - e_gt
+    return out
+
+
+def sky_metrics(sample: Sample, v: int, rgb: torch.Tensor) -> dict[str, float]:
+    """PSNR/SSIM on the view's sky pixels (``psnr_sky``, ``ssim_sky``; absent without sky pixels)
+    and on the rest (``psnr_non_sky``, ``ssim_non_sky``), when the view has a sky mask."""
+    if sample.target.sky_masks is None:
+        return {}
+    gt = sample.target.images[v].to(rgb.device)
+    return masked_region_metrics(rgb, gt, sample.target.sky_masks[v].to(rgb.device), "sky", "non_sky")
+
+
+def view_metrics(sample: Sample, v: int, outputs: dict[str, torch.Tensor], render: Optional[Renderer] = None,
+                 following: Optional[NextFrame] = None) -> dict[str, float]:
+    """Every metric of target ``v`` of ``sample`` rendered as ``outputs`` (rgb [H, W, 3], optional
+    depth [H, W, 1] OpenCV z): image metrics, LiDAR depth error, region (dynamic/static, sky/rest)
+    and temporal metrics. Any method's renders (ours, fine-tuned, baselines) are scored by this."""
+    rgb = outputs["rgb"].clamp(0, 1)
+    metrics = image_metrics(rgb, sample.target.images[v].to(rgb.device)[..., :3])
+    return {**metrics, **view_extra_metrics(sample, v, outputs, render, following)}
+
+
+def view_extra_metrics(sample: Sample, v: int, outputs: dict[str, torch.Tensor], render: Optional[Renderer] = None,
+                       following: Optional[NextFrame] = None) -> dict[str, float]:
+    """The metrics of :func:`view_metrics` beyond the whole-image ones."""
+    rgb = outputs["rgb"].clamp(0, 1)
+    out = lidar_depth_metrics(sample, v, outputs["depth"]) if outputs.get("depth") is not None else {}
+    out.update(dynamic_metrics(sample, v, rgb, following, render))
+    out.update(sky_metrics(sample, v, rgb))
     return out
 
 
@@ -141,8 +177,11 @@ def score_view(model: EVolSplatModel, sample: Sample, state: SharedState, v: int
         with timer("rasterize_ms"):  # the Gaussians exist now: rasterisation alone
             model.rasterize_gaussians(concat_gaussians(parts), background, c2w, K, target.width, target.height)
     metrics, images = model.get_image_metrics_and_images(out, {"image": target.images[v]})
-    metrics.update(lidar_depth_metrics(sample, v, out["depth"]))
-    metrics.update(dynamic_metrics(model, sample, state, v, out["rgb"].clamp(0, 1), following))
+
+    def render(c2w, K, width, height, time):
+        return model.render(state, c2w.to(model.device), K.to(model.device), width, height, time=time)
+
+    metrics.update(view_extra_metrics(sample, v, out, render, following))
     return HeldOutView(sample, v, out, metrics, images)
 
 

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from evolsplat_ns.export.ply import read_ply, write_ply
+from evolsplat_ns.utils.ply import read_ply, write_ply
 from evolsplat_ns.model.node import GaussianParams
 
 # Opacities are clamped to [EPS, 1 - EPS] before the logit: the sky dome is fully opaque (1.0),

@@ -32,7 +32,7 @@ class SkyDome:
     Attributes:
         means: [B, 3] positions (segment frame).
         dirs: [B, 3] unit directions from the dome centre.
-        rgb: [B, 3] colour from the first source view that sees the point (else the mean colour).
+        rgb: [B, 3] colour from the first source view that sees the point (else the nearest seen point's).
         seen: [B] bool, some source view saw the point.
         log_scale: [] isotropic log scale matching the point spacing on the dome (a device
             scalar, so building the dome needs no host sync).
@@ -58,20 +58,37 @@ def dome_directions(n: int, min_elevation_deg: float, device: torch.device) -> t
     return torch.stack([r * azimuth.cos(), r * azimuth.sin(), z], dim=-1)
 
 
-def first_view_colors(points: torch.Tensor, source: Views) -> tuple[torch.Tensor, torch.Tensor]:
-    """Colour [B, 3] of ``points`` [B, 3] (segment frame) in the first source view that sees each one,
-    and a mask [B] of points seen by any view; unseen points get the mean source colour."""
+def first_view_colors(points: torch.Tensor, source: Views, sky_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Colour [B, 3] of ``points`` [B, 3] (segment frame) in the first source view that sees each one
+    (on a sky pixel, with ``sky_only`` and sources carrying sky masks), and a mask [B] of points so seen; unseen
+    points take the nearest seen point's colour (:func:`fill_unseen`)."""
     uv, depth = project_points(points, source.intrinsics, invert_rigid(source.camtoworlds))
     h, w = source.height, source.width
     valid = (depth > 0) & (uv[..., 0] >= 0) & (uv[..., 0] < w) & (uv[..., 1] >= 0) & (uv[..., 1] < h)
+    if sky_only and source.sky_masks is not None:
+        # Only sky pixels colour the dome: a facade or tree in front of a dome point would
+        # otherwise darken the sky around it.
+        ix = uv[..., 0].floor().long().clamp(0, w - 1)
+        iy = uv[..., 1].floor().long().clamp(0, h - 1)
+        views = torch.arange(uv.shape[0], device=uv.device)[:, None]
+        valid &= source.sky_masks.to(uv.device)[views, iy, ix]
     sampled = F.grid_sample(
         source.images.permute(0, 3, 1, 2), to_grid(uv[:, :, None], h, w), align_corners=False
     )[..., 0].permute(0, 2, 1)  # [V, B, 3]
     first = valid.float().argmax(dim=0)  # first True view (0 if none)
     rgb = sampled[first, torch.arange(points.shape[0], device=points.device)]
     seen = valid.any(dim=0)
-    mean_rgb = source.images.reshape(-1, 3).mean(dim=0)
-    return torch.where(seen[:, None], rgb, mean_rgb), seen
+    return fill_unseen(points, rgb, seen, source), seen
+
+
+def fill_unseen(points: torch.Tensor, rgb: torch.Tensor, seen: torch.Tensor, source: Views) -> torch.Tensor:
+    """``rgb`` [B, 3] with each unseen point (``seen`` [B] False) given the colour of the nearest
+    seen point, so the dome above the cameras' view continues the sky at the images' top edge
+    (not the images' mean colour, which is grey); the mean source colour when nothing is seen."""
+    # Dense [B, B] distances (B ~ 2k: a few MB) instead of indexing the seen points: no host sync.
+    dist = torch.cdist(points, points).masked_fill(~seen[None, :], float("inf"))
+    filled = torch.where(seen[:, None], rgb, rgb[dist.argmin(dim=1)])
+    return torch.where(seen.any(), filled, source.images.reshape(-1, 3).mean(dim=0))
 
 
 class BackgroundModel(nn.Module):
@@ -83,6 +100,8 @@ class BackgroundModel(nn.Module):
         min_elevation_deg: lowest dome elevation (segment-frame z up).
         hidden: MLP width.
         sh_degree: SH degree of the output (bands above 0 are zero: the sky is view-independent).
+        sky_colors: colour the dome from the sources' sky pixels only (when they carry sky masks);
+            otherwise from whatever the sources show there (buildings in front included).
     """
 
     def __init__(
@@ -92,8 +111,10 @@ class BackgroundModel(nn.Module):
         min_elevation_deg: float = -10.0,
         hidden: int = 64,
         sh_degree: int = 1,
+        sky_colors: bool = False,
     ) -> None:
         super().__init__()
+        self.sky_colors = sky_colors
         self.num_points = num_points
         self.radius_scale = radius_scale
         self.min_elevation_deg = min_elevation_deg
@@ -115,7 +136,7 @@ class BackgroundModel(nn.Module):
         radius = self.radius_scale * 0.5 * (hi - lo).norm().clamp(min=1.0)
         dirs = self.directions.to(points.device)
         means = 0.5 * (lo + hi) + radius * dirs
-        rgb, seen = first_view_colors(means, source)
+        rgb, seen = first_view_colors(means, source, self.sky_colors)
         # log sqrt(cap area / points), cap area = 2 pi r^2 (1 - sin(min elevation)).
         cap_per_point = 2 * math.pi * (1 - math.sin(math.radians(self.min_elevation_deg))) / self.num_points
         return SkyDome(means, dirs, rgb, seen, radius.log() + 0.5 * math.log(cap_per_point))

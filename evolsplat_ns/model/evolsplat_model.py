@@ -13,6 +13,7 @@ here is OpenCV camera-to-segment and the segment frame.
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields, replace
@@ -66,6 +67,18 @@ class EVolSplatModelConfig(ModelConfig, PredictorConfig):
     """Initial Gaussian scale in metres; 0 = mean distance to the 3 nearest neighbours."""
     renderer: Literal["auto", "gsplat", "reference"] = "auto"
     """Rasteriser: gsplat (CUDA), the PyTorch reference, or auto (gsplat when on CUDA)."""
+    normalize_background: bool = True
+    """Divide the sky-dome render by its own accumulated opacity (where above 0.05): the dome is an
+    opaque surface, and its Gaussians' falloff between centres would otherwise darken the sky and
+    show the dome as a lattice of dots (False: the composite as before this setting existed)."""
+    sky_loss_weight: float = 0.0
+    """Sky supervision (needs ``--pipeline.datamanager.dataset.load-sky-masks True``; 0 = off): on a
+    target's sky-mask pixels the photometric loss is left out and replaced by this weight times the
+    L1 between the background (sky dome) render alone and the image, so sky pixels supervise only
+    the background model."""
+    sky_opacity_weight: float = 0.0
+    """Weight of the mean foreground opacity on sky-mask pixels (keeps Gaussians out of the sky;
+    with ``sky_loss_weight``, needs the sky masks too)."""
     max_gaussians_per_segment: int = 0
     """Randomly subsample a segment's points to at most this many Gaussians (0 = all)."""
     max_points_per_actor: int = 5000
@@ -371,9 +384,14 @@ class EVolSplatModel(SplatfactoSurface):
         with torch.autocast(device_type=c2w.device.type, enabled=False), phase("render"):
             fg = draw(params)
             rgb, alpha = fg.rgb[0], fg.alpha[0]
+            bg_rgb = None
             if background is not None:
-                rgb = rgb + (1.0 - alpha) * draw(background).rgb[0]
-        return {"rgb": rgb, "depth": fg.depth[0], "accumulation": alpha}
+                bg = draw(background)
+                bg_rgb = bg.rgb[0]
+                if self.config.normalize_background:
+                    bg_rgb = torch.where(bg.alpha[0] > 0.05, bg_rgb / bg.alpha[0].clamp(min=0.05), bg_rgb)
+                rgb = rgb + (1.0 - alpha) * bg_rgb
+        return {"rgb": rgb, "depth": fg.depth[0], "accumulation": alpha, "background_rgb": bg_rgb}
 
     # -- the training/eval route: one sample, one loss loop ----------------------------------------
 
@@ -432,11 +450,50 @@ class EVolSplatModel(SplatfactoSurface):
             return None
         gt = targets.images[v]
         with full_precision(gt.device):  # SSIM's variance terms cancel catastrophically below fp32
-            losses = {k: val / len(targets) for k, val in self.view_loss(out, gt, step).items()}
+            terms = self.image_losses(out, gt, step, self.sky_mask(targets, v))
+            losses = {k: val / len(targets) for k, val in terms.items()}
             if self.stage2_step is not None:
                 depth = targets.depths[v].to(self.device) if targets.depths is not None else None
                 losses.update(self.stage2_step.target_terms(out, gt, depth, step, len(targets)))
         return TargetLoss(losses, psnr(out["rgb"].detach().float(), gt), out["gaussians"].index)
+
+    def image_losses(self, outputs: dict[str, torch.Tensor], gt: torch.Tensor, step: int,
+                     sky: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """Loss terms of one rendered view against ``gt`` [H, W, 3]: :meth:`view_loss`, and with a sky
+        mask ``sky`` [H, W] (:meth:`sky_mask`) the sky terms, the sky pixels then adding no
+        photometric gradient (the image itself stands in for the composite there). Training and
+        ``evolsplat-finetune`` both use it."""
+        shown = outputs if sky is None else {**outputs, "rgb": torch.where(sky[..., None], gt, outputs["rgb"])}
+        terms = self.view_loss(shown, gt, step)
+        if sky is not None:
+            terms.update(self.sky_losses(outputs, gt, sky))
+        return terms
+
+    def sky_mask(self, targets: Views, v: int) -> Optional[torch.Tensor]:
+        """Target ``v``'s sky mask [H, W] bool on the device when sky supervision is on, else None
+        (also None, with one warning, when the samples carry no sky masks)."""
+        if self.config.sky_loss_weight <= 0 and self.config.sky_opacity_weight <= 0:
+            return None
+        if targets.sky_masks is None:
+            if not getattr(self, "_warned_no_sky", False):
+                self._warned_no_sky = True
+                warnings.warn("sky_loss_weight/sky_opacity_weight are set but the samples have no sky masks: "
+                              "pass --pipeline.datamanager.dataset.load-sky-masks True (scenes need sky_masks/); "
+                              "sky supervision is off")
+            return None
+        return targets.sky_masks[v].to(self.device, non_blocking=True)
+
+    def sky_losses(self, outputs: dict[str, torch.Tensor], gt: torch.Tensor, sky: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Sky terms of one target: background-only L1 and foreground opacity on sky pixels ``sky`` [H, W]."""
+        m = sky[..., None].to(gt.dtype)
+        n = m.sum().clamp(min=1.0)
+        losses = {}
+        if self.config.sky_loss_weight > 0 and outputs.get("background_rgb") is not None:
+            err = (outputs["background_rgb"] - gt).abs() * m
+            losses["sky_loss"] = self.config.sky_loss_weight * err.sum() / (3 * n)
+        if self.config.sky_opacity_weight > 0:
+            losses["sky_opacity_loss"] = self.config.sky_opacity_weight * (outputs["accumulation"] * m).sum() / n
+        return losses
 
     def view_loss(self, outputs: dict[str, torch.Tensor], gt: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         """Loss of one target view: photometric (+ entropy on accumulation every N steps)."""
@@ -462,7 +519,7 @@ class EVolSplatModel(SplatfactoSurface):
         ctx = self._require_context()
         with neighbour_count(self.predictor.projector, self.render_num_sources):
             out = self.render(self._encode_nearest(ctx, c2w), c2w, K, W, H, time=self._render_time(ctx, camera, c2w))
-        return {k: v for k, v in out.items() if k not in ("gaussians", "actors")}
+        return {k: v for k, v in out.items() if k not in ("gaussians", "actors", "background_rgb")}
 
     def _render_time(self, ctx: SegmentContext, camera: Cameras, c2w: torch.Tensor) -> float:
         """When a bare camera is rendered: ``render_time`` if set (the viewer's time control), else

@@ -212,17 +212,26 @@ def ssim_map(pred: torch.Tensor, gt: torch.Tensor, win: int = 11, sigma: float =
     return s[0].mean(0)
 
 
+def masked_region_metrics(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor, inside: str,
+                          outside: str) -> dict[str, float]:
+    """PSNR and mean SSIM-map value inside ``mask`` [H, W] (keys ``psnr_{inside}``, ``ssim_{inside}``;
+    absent when the mask is empty) and outside it (``psnr_{outside}``, ``ssim_{outside}``; absent
+    when the mask covers everything)."""
+    mask = mask.to(pred.device).bool()
+    smap = ssim_map(pred, gt)
+    out = {}
+    for name, region in ((outside, ~mask), (inside, mask)):
+        if region.any():
+            out[f"psnr_{name}"], out[f"ssim_{name}"] = masked_psnr(pred, gt, region), float(smap[region].mean())
+    return out
+
+
 def region_metrics(pred: torch.Tensor, gt: torch.Tensor, dynamic: torch.Tensor, radius: int) -> dict[str, float]:
     """PSNR/SSIM on dynamic pixels (``dynamic`` [H, W] dilated by ``radius`` px) and on the rest.
 
     Keys ``psnr_dynamic``, ``ssim_dynamic`` (absent when the view has no dynamic pixel),
     ``psnr_static``, ``ssim_static``; definitions in docs/metrics.md."""
-    region = dilate(dynamic.to(pred.device), radius)
-    smap = ssim_map(pred, gt)
-    out = {"psnr_static": masked_psnr(pred, gt, ~region), "ssim_static": float(smap[~region].mean())}
-    if region.any():
-        out.update(psnr_dynamic=masked_psnr(pred, gt, region), ssim_dynamic=float(smap[region].mean()))
-    return out
+    return masked_region_metrics(pred, gt, dilate(dynamic.to(pred.device), radius), "dynamic", "static")
 
 
 def warp_error(frame_t: torch.Tensor, frame_next: torch.Tensor, flow: torch.Tensor, mask: torch.Tensor) -> float:

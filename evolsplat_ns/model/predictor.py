@@ -71,6 +71,10 @@ class PredictorConfig:
     """Hidden width of the background model."""
     background_points: int = 2048
     """Gaussians on the background dome."""
+    background_sky_colors: bool = False
+    """Colour the dome only from the sources' sky pixels (needs ``dataset.load_sky_masks True``);
+    False: from whatever the sources show in its direction, which lets the dome stand in for
+    foreground the point cloud misses (building tops above the LiDAR), see docs/fidelity.md."""
     occlusion_tau: float = 1.0
     """Metres of occlusion cue over which a source view's weight falls by 1/e."""
     enable_actors: bool = True
@@ -179,7 +183,8 @@ class GaussianPredictor(nn.Module):
         self.opacity_head = OpacityHead(c.sparseConv_outdim, c.geometry_hidden)
         self.offset_head = OffsetHead(c.sparseConv_outdim, c.geometry_hidden, c.offset_max)
         self.background = (
-            BackgroundModel(c.background_points, hidden=c.background_hidden, sh_degree=c.sh_degree)
+            BackgroundModel(c.background_points, hidden=c.background_hidden, sh_degree=c.sh_degree,
+                            sky_colors=c.background_sky_colors)
             if c.enable_background
             else None
         )

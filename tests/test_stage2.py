@@ -330,7 +330,9 @@ def test_each_mode_freezes_what_it_says(tiny_dataset, tmp_path, mode, trained, f
 
 
 def test_statistics_add_up_under_scripted_failures(tiny_dataset, tmp_path, monkeypatch):
-    trainer = stage2_trainer(tiny_dataset, tmp_path, stage2_frequency=1)
+    # flow aggregation off: no flow is used, so none may be reported trusted (the processor's
+    # dataset-flow path is tested in test_stage2_processor.py)
+    trainer = stage2_trainer(tiny_dataset, tmp_path, stage2_frequency=1, use_optical_flow_aggregation=False)
     model, ctl = trainer.pipeline.model, trainer.pipeline.stage2_controller
     refiner, loss = model.stage2, model.stage2_loss
     real_forward, real_objects, real_terms = refiner.forward, refiner.objects, loss.render_terms

@@ -77,6 +77,7 @@ class EVolSplatPipeline(VanillaPipeline):
         else:
             self._show_first_nonempty()
         self.model.camera_renderer = self._render_named_camera
+        self.model.stage2_observations = self._segment_observations
         self._held_out: Optional[tuple[int, Any, Sample, Any]] = None
         """(eval index, context, sample, encoded state) of the held-out view rendered last by
         :meth:`_render_named_camera` (its sample's views share one encode, as in evaluation)."""
@@ -94,6 +95,15 @@ class EVolSplatPipeline(VanillaPipeline):
                                                          training_callback_attributes.optimizers, steps_per_epoch)
             callbacks += self.stage2_controller.callbacks()
         return callbacks
+
+    def _segment_observations(self, key):
+        """The stage-2 processor's lazy depth / flow / images of segment ``key`` (None if the
+        dataset does not have it, e.g. a checkpoint rendered on other data)."""
+        dataset = self.datamanager.dataset
+        try:
+            return dataset.observations(dataset.segment_index(key))
+        except KeyError:
+            return None
 
     def _chosen_segment(self) -> Optional[int]:
         """Index of the segment named by $EVOLSPLAT_SEGMENT or ``shown_segment`` (None: not chosen)."""

@@ -28,6 +28,7 @@ from torch.nn import Parameter
 
 from evolsplat_ns import registry
 from evolsplat_ns.data.cameras import camera_to_opencv, reference_view
+from evolsplat_ns.data.observations import SegmentObservations
 from evolsplat_ns.data.types import PointCloud, Sample, SegmentKey, Views
 from evolsplat_ns.geometry import invert_rigid
 from evolsplat_ns.model.losses import entropy_loss
@@ -40,6 +41,7 @@ from evolsplat_ns.model.render import rasterize
 from evolsplat_ns.model.segment_store import SegmentState, SegmentStore
 from evolsplat_ns.model.stage2.config import Stage2Config
 from evolsplat_ns.model.stage2.loss import Stage2CompleteLoss
+from evolsplat_ns.model.stage2.processor import OnlineDynamicProcessor
 from evolsplat_ns.model.stage2.refiner import Stage2Refiner
 from evolsplat_ns.model.stage2.step import Stage2Report, Stage2Step
 from evolsplat_ns.model.splatfacto_compat import SplatfactoSurface
@@ -211,6 +213,13 @@ class EVolSplatModel(SplatfactoSurface):
         s2 = self.config.stage2
         self.stage2 = Stage2Refiner(s2) if s2.enabled else None
         self.stage2_loss = Stage2CompleteLoss(s2) if s2.enabled else None
+        self.stage2_processor = OnlineDynamicProcessor(s2) if s2.enabled else None
+        self.stage2_observations: Optional[Callable[[SegmentKey], Optional[SegmentObservations]]] = None
+        """Set by the pipeline: a segment's lazy depth / flow / images for the stage-2 processor."""
+        self.stage2_started = False
+        """Set by the stage-2 controller once the schedule has started (checkpointed): from then on
+        every segment the model encodes is processed once (observed motion, fitted poses)."""
+        self._stage2_process_s: dict[str, float] = {}
         self.stage2_active = False
         """Set before each training step by the stage-2 controller (:mod:`evolsplat_ns.engine.stage2`)."""
         self.stage2_step: Optional[Stage2Step] = None
@@ -275,15 +284,32 @@ class EVolSplatModel(SplatfactoSurface):
         backward passes stop there and ``state.backward_shared()`` finishes the step.
         """
         ctx = self._require_context()
+        self._observe_motion(ctx)
         poses = ctx.source_poses if sources is None else None  # else copied back once (a sync)
         sources = sources if sources is not None else ctx.sources
         state = self.predictor.encode(ctx.node, sources, self._frozen_volume(ctx.segment), split_backward,
                                       actors=ctx.segment.actors, source_poses=poses)
         if self.stage2 is not None and state.actors is not None and not torch.is_grad_enabled():
             # renders without a training graph (viewer, evaluation) show the refined actors too
-            out = self.stage2(state.actors, state.actor_nodes)
+            out = self.stage2(state.actors, state.actor_nodes, ctx.segment.motion)
             state.actors, state.actor_nodes = out.gaussians, replace(state.actor_nodes, poses=out.poses)
         return state
+
+    def _observe_motion(self, ctx: SegmentContext) -> None:
+        """Once stage 2 has started, process the context segment once (the processor's observed
+        motion is cached on its state): from then on its actors are posed by the fitted trajectory
+        (stage 1's windows, every render, the refiner's base), the boxes kept in ``motion.box_poses``."""
+        segment = ctx.segment
+        if (self.stage2_processor is None or not self.stage2_started or segment.actors is None
+                or segment.motion is not None):
+            return
+        obs = self.stage2_observations(ctx.key) if self.stage2_observations is not None else None
+        motion = self.stage2_processor.process(segment.actors, obs)
+        segment.actors.poses = motion.poses
+        segment.motion = motion
+        segment.clear_render_caches()
+        for k, v in motion.times.items():
+            self._stage2_process_s[k] = self._stage2_process_s.get(k, 0.0) + v
 
     def _start_stage2(self, state: SharedState, split_backward: bool) -> Optional[Stage2Step]:
         """Refine the step's actors when stage 2 is scheduled (the state then renders the refined
@@ -295,7 +321,9 @@ class EVolSplatModel(SplatfactoSurface):
             self.stage2_report = Stage2Report("no_objects")
             return None
         try:
-            step2 = Stage2Step(self.stage2, self.stage2_loss, state.actors, state.actor_nodes, split_backward)
+            step2 = Stage2Step(self.stage2, self.stage2_loss, state.actors, state.actor_nodes, split_backward,
+                               self.context.segment.motion, self._stage2_process_s)
+            self._stage2_process_s = {}
         except torch.cuda.OutOfMemoryError:  # stage 1 keeps stepping; the controller shrinks the budget
             self.stage2.zero_grad(set_to_none=True)
             if torch.cuda.is_available():
@@ -514,6 +542,7 @@ class EVolSplatModel(SplatfactoSurface):
         if self.stage2 is not None:
             extra["stage2_point_budget"] = self.stage2.point_budget
             extra["stage2_counters"] = self.stage2_counters
+            extra["stage2_started"] = self.stage2_started
         return extra
 
     def set_extra_state(self, state: dict) -> None:
@@ -529,6 +558,7 @@ class EVolSplatModel(SplatfactoSurface):
         if self.stage2 is not None and "stage2_point_budget" in state:
             self.stage2.point_budget = int(state["stage2_point_budget"])
             self.stage2_counters = state.get("stage2_counters", {})
+            self.stage2_started = bool(state.get("stage2_started", False))
 
     def _require_context(self) -> SegmentContext:
         if self.context is None:

@@ -21,6 +21,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -55,8 +56,10 @@ def _pose_errors(trainer, truth) -> tuple[float, float, int]:
             continue
         with torch.no_grad():
             state = model.encode()  # renders refined poses when stage 2 exists (identity before training)
-        poses = state.actor_nodes.poses.double() if state.actor_nodes is not None else box.poses.double()
-        correction = torch.linalg.solve(box.poses.double(), poses)  # Exp(ξ) per actor and frame
+        motion = model.context.segment.motion  # the processor's fit; its box_poses are the data's boxes
+        box_poses = (motion.box_poses if motion is not None else box.poses).double()
+        poses = state.actor_nodes.poses.double() if state.actor_nodes is not None else box_poses
+        correction = torch.linalg.solve(box_poses, poses)  # T_box⁻¹ · T_rendered per actor and frame
         si = dataset.segments[i].scene_index
         for row, inst in enumerate(box.ids):
             for f, t in enumerate(box.frames.tolist()):
@@ -68,21 +71,33 @@ def _pose_errors(trainer, truth) -> tuple[float, float, int]:
     return (sum(trans) / n if n else math.nan, sum(rot) / n if n else math.nan, n)
 
 
-def run(data: Path, out: Path, stage2: bool, steps: int, device: str, mode: str, lr: float) -> dict:
+RUNS = {
+    "stage2_off": None,
+    "stage2_on": {},
+    "stage2_on_flow+prior": {"motion_prior_sigma_m": 0.05, "motion_prior_sigma_deg": 0.5},
+    "stage2_on_prior_only": {"motion_prior_sigma_m": 0.05, "motion_prior_sigma_deg": 0.5,
+                             "use_optical_flow_aggregation": False},
+    "stage2_on_no_processor": {"use_optical_flow_aggregation": False},
+}
+"""Named runs: None = evolsplat-lite (stage 2 off); a dict = evolsplat-stage2-lite with these stage-2 settings."""
+
+
+def run(data: Path, out: Path, stage2: Optional[dict], steps: int, device: str, mode: str, lr: float,
+        name: str) -> dict:
     from dataclasses import replace
 
     from evolsplat_ns.method_configs import evolsplat_lite_config, evolsplat_stage2_lite_config
 
     torch.manual_seed(0)
-    cfg = evolsplat_stage2_lite_config() if stage2 else evolsplat_lite_config()
+    cfg = evolsplat_stage2_lite_config() if stage2 is not None else evolsplat_lite_config()
     cfg.data = cfg.pipeline.datamanager.data = data
     cfg.pipeline.datamanager.dataset.preload = False
-    cfg.output_dir, cfg.timestamp, cfg.vis = out, "on" if stage2 else "off", "tensorboard"
+    cfg.output_dir, cfg.timestamp, cfg.vis = out, name, "tensorboard"
     cfg.machine.device_type = device
     cfg.max_num_iterations = steps
-    if stage2:
+    if stage2 is not None:
         cfg.pipeline.model.stage2 = replace(cfg.pipeline.model.stage2, stage2_training_mode=mode,
-                                            stage2_learning_rate=lr)
+                                            stage2_learning_rate=lr, **stage2)
         cfg.optimizers["stage2"]["optimizer"].lr = lr
     trainer = cfg.setup(local_rank=0, world_size=1)
     trainer.setup()
@@ -95,13 +110,13 @@ def run(data: Path, out: Path, stage2: bool, steps: int, device: str, mode: str,
     scenes = {si: Path(s.layout.root) for si, s in enumerate(trainer.pipeline.datamanager.dataset.scenes)}
     trans, rot, n = _pose_errors(trainer, _true_errors(scenes))
     metrics = trainer.pipeline.get_average_eval_image_metrics()
-    stats = trainer.pipeline.stage2_controller.get_statistics() if stage2 else {}
+    stats = trainer.pipeline.stage2_controller.get_statistics() if stage2 is not None else {}
     trainer.pipeline.datamanager.dataset.close()
     keys = ("psnr", "psnr_dynamic", "temporal_warp_error")
     return {"pose_err_trans_m": trans, "pose_err_rot_deg": rot, "pose_samples": n,
             **{k: metrics[k] for k in keys if k in metrics}, "ms_per_step": 1e3 * train_s / steps,
             **({"stage2_runs": stats["runs"], "stage2_calls": stats["calls"],
-                "applied_corr_m": stats["pose_corr_trans_m_avg"]} if stage2 else {})}
+                "applied_corr_m": stats["pose_corr_trans_m_avg"]} if stage2 is not None else {})}
 
 
 def main() -> None:
@@ -117,6 +132,8 @@ def main() -> None:
     p.add_argument("--mode", default="joint", choices=["joint", "gaussian_only", "pose_only"])
     p.add_argument("--lr", type=float, default=1e-4, help="stage-2 learning rate")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--runs", nargs="+", default=["stage2_off", "stage2_on"], choices=list(RUNS),
+                   help="which named runs (RUNS in this file)")
     a = p.parse_args()
     from evolsplat_ns.data.synth import SynthConfig, generate_dataset
 
@@ -125,8 +142,7 @@ def main() -> None:
         generate_dataset(SynthConfig(scenes=a.scenes, frames=a.frames, cameras=3, width=a.width, height=a.height,
                                      moving_cars=2, seed=0, box_noise_trans=a.box_noise_trans,
                                      box_noise_rot=a.box_noise_rot), data)
-    results = {name: run(data, a.out / "runs", on, a.steps, a.device, a.mode, a.lr)
-               for name, on in (("stage2_off", False), ("stage2_on", True))}
+    results = {name: run(data, a.out / "runs", RUNS[name], a.steps, a.device, a.mode, a.lr, name) for name in a.runs}
     print(json.dumps(results, indent=2))
     keys = sorted({k for r in results.values() for k in r})
     print(f"{'metric':<22}" + "".join(f"{n:>14}" for n in results))

@@ -43,7 +43,7 @@ from evolsplat_ns.model.stage2.config import Stage2Config
 from evolsplat_ns.model.stage2.loss import Stage2CompleteLoss
 from evolsplat_ns.model.stage2.processor import OnlineDynamicProcessor
 from evolsplat_ns.model.stage2.refiner import Stage2Refiner
-from evolsplat_ns.model.stage2.step import Stage2Report, Stage2Step
+from evolsplat_ns.model.stage2.step import FlowView, Stage2Report, Stage2Step
 from evolsplat_ns.model.splatfacto_compat import SplatfactoSurface
 from evolsplat_ns.model.state_cache import neighbour_count
 from evolsplat_ns.utils.timing import phase
@@ -463,8 +463,31 @@ class EVolSplatModel(SplatfactoSurface):
             losses = {k: val / len(targets) for k, val in self.view_loss(out, gt, step).items()}
             if self.stage2_step is not None:
                 depth = targets.depths[v].to(self.device) if targets.depths is not None else None
-                losses.update(self.stage2_step.target_terms(out, gt, depth, step, len(targets)))
+                losses.update(self.stage2_step.target_terms(out, gt, depth, step, len(targets),
+                                                            self._flow_view(targets, v)))
         return TargetLoss(losses, psnr(out["rgb"].detach().float(), gt), out["gaussians"].index)
+
+    def _flow_view(self, targets: Views, v: int) -> Optional[FlowView]:
+        """Trusted flow from target ``v``'s frame to the next of its camera, for the stage-2
+        consistency term: the dataset's flow/ (a real observation); None (and the loss status says
+        why) without it, when the weight is 0, or at the segment's last frame."""
+        loss = self.stage2_loss
+        if loss is None or self.config.stage2.consistency_loss_weight <= 0:
+            return None
+        ctx = self._require_context()
+        obs = self.stage2_observations(ctx.key) if self.stage2_observations is not None else None
+        if obs is None or not obs.has_flow:
+            loss.consistency_status = "off (no dataset flow/ for this segment; RAFT flow never supervises a loss here)"
+            return None
+        loss.consistency_status = "on (dataset flow)"
+        t, cam = int(targets.frame_ids[v]), int(targets.cam_ids[v])
+        frames = ctx.segment.actors.frames.tolist() if ctx.segment.actors is not None else []
+        if t + 1 not in obs.frames or t not in frames or t + 1 not in frames:
+            return None  # the segment's last frame has no next one
+        pair = obs.pair(t, cam)
+        to = lambda x: x.to(self.device, non_blocking=True)  # noqa: E731
+        return FlowView(to(pair.flow), frames.index(t), to(pair.view_t.K), to(invert_rigid(pair.view_t.c2w)),
+                        to(invert_rigid(pair.view_t1.c2w)))
 
     def view_loss(self, outputs: dict[str, torch.Tensor], gt: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         """Loss of one target view: photometric (+ entropy on accumulation every N steps)."""

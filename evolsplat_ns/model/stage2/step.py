@@ -18,7 +18,7 @@ import torch
 
 from evolsplat_ns.model.actors import ActorGaussians, ActorNodes
 from evolsplat_ns.model.predictor import _boundary_leaf  # the one gradient-boundary helper
-from evolsplat_ns.model.stage2.loss import Stage2CompleteLoss, Stage2TermInputs
+from evolsplat_ns.model.stage2.loss import Stage2CompleteLoss, Stage2TermInputs, flow_consistency
 from evolsplat_ns.model.stage2.processor import ObservedMotion
 from evolsplat_ns.model.stage2.refiner import RefineOutput, Stage2Refiner
 from evolsplat_ns.model.stage2.se3 import se3_log
@@ -50,6 +50,19 @@ class Stage2Report:
     peak_mem_mb: float = 0.0
     terms: dict[str, float] = field(default_factory=dict)
     process_s: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class FlowView:
+    """Trusted flow of one target view to the same camera's next frame: flow [H, W, 2] (pixels,
+    t -> t+1), col (the target frame's column in the actors' track), K [3, 3], w2c_t / w2c_t1
+    [4, 4] OpenCV world(segment)-to-camera at t and t+1."""
+
+    flow: torch.Tensor
+    col: int
+    K: torch.Tensor
+    w2c_t: torch.Tensor
+    w2c_t1: torch.Tensor
 
 
 def _sync(device: torch.device) -> None:
@@ -98,18 +111,35 @@ class Stage2Step:
         return self.out.gaussians
 
     def target_terms(self, outputs: dict[str, torch.Tensor], gt: torch.Tensor, gt_depth: Optional[torch.Tensor],
-                     step: int, num_targets: int) -> dict[str, torch.Tensor]:
-        """Weighted render terms of one target (divided by ``num_targets``); {} once non-finite."""
+                     step: int, num_targets: int, flow: Optional["FlowView"] = None) -> dict[str, torch.Tensor]:
+        """Weighted render terms of one target (divided by ``num_targets``); {} once non-finite.
+        With ``flow`` (trusted flow from the target's frame to the next) the cross-frame
+        consistency term of the refined actors joins them."""
         if self.nonfinite:
             return {}
         terms = self.loss.render_terms(Stage2TermInputs(outputs["rgb"], gt, outputs["depth"], gt_depth,
                                                         outputs["accumulation"], step))
+        if flow is not None and (term := self._consistency(flow)) is not None:
+            terms["s2_consistency"] = term
         terms = {k: v / num_targets for k, v in terms.items()}
         if not all(bool(torch.isfinite(v)) for v in terms.values()):
             self.nonfinite = True
             return {}
         self._add(terms)
         return terms
+
+    def _consistency(self, flow: "FlowView") -> Optional[torch.Tensor]:
+        """Weighted mean :func:`flow_consistency` over refined actors valid at both frames (None: none)."""
+        o, valid = self.out, self.nodes.valid
+        if flow.col + 1 >= valid.shape[1]:
+            return None
+        rows = (valid[:, flow.col] & valid[:, flow.col + 1] & o.refined).nonzero()[:, 0].tolist()
+        g = o.gaussians
+        values = [flow_consistency(g.means[g.actor == k], o.poses[k, flow.col], o.poses[k, flow.col + 1], flow.K,
+                                   flow.w2c_t, flow.w2c_t1, flow.flow) for k in rows]
+        if not values:
+            return None
+        return self.loss.config.consistency_loss_weight * torch.stack(values).mean()
 
     def step_terms(self) -> dict[str, torch.Tensor]:
         o = self.out

@@ -73,11 +73,11 @@ def _pose_errors(trainer, truth) -> tuple[float, float, int]:
 
 RUNS = {
     "stage2_off": None,
-    "stage2_on": {},
-    "stage2_on_flow+prior": {"motion_prior_sigma_m": 0.05, "motion_prior_sigma_deg": 0.5},
-    "stage2_on_prior_only": {"motion_prior_sigma_m": 0.05, "motion_prior_sigma_deg": 0.5,
-                             "use_optical_flow_aggregation": False},
-    "stage2_on_no_processor": {"use_optical_flow_aggregation": False},
+    "stage2_on": {},  # defaults: dataset flow + depth increments and the constant-velocity prior
+    "stage2_on_flow_only": {"motion_prior_sigma_m": 0.0, "motion_prior_sigma_deg": 0.0},
+    "stage2_on_prior_only": {"use_optical_flow_aggregation": False},
+    "stage2_on_no_processor": {"use_optical_flow_aggregation": False, "motion_prior_sigma_m": 0.0,
+                               "motion_prior_sigma_deg": 0.0},
 }
 """Named runs: None = evolsplat-lite (stage 2 off); a dict = evolsplat-stage2-lite with these stage-2 settings."""
 

@@ -62,7 +62,8 @@ def test_processor_trajectory_is_closer_to_the_true_boxes_than_the_noisy_boxes(n
 
     ds = _dataset(noisy_dataset)
     nodes = ActorNodes.from_point_cloud(ds.point_cloud(0))
-    motion = OnlineDynamicProcessor(Stage2Config(enabled=True)).process(nodes, ds.observations(0))
+    flow_only = Stage2Config(enabled=True, motion_prior_sigma_m=0.0, motion_prior_sigma_deg=0.0)
+    motion = OnlineDynamicProcessor(flow_only).process(nodes, ds.observations(0))
     assert torch.equal(motion.box_poses, nodes.poses)
     assert int(motion.increments_ok.sum()) >= 10, "dataset flow + depth tie frames together"
     tied = motion.weight > 0
@@ -79,9 +80,10 @@ def test_processor_trajectory_is_closer_to_the_true_boxes_than_the_noisy_boxes(n
     assert torch.equal(motion.poses[~tied], nodes.poses[~tied])
     assert set(motion.times) == {"segmentation", "flow", "aggregation"} and motion.flow_source == "dataset"
     # the motion prior (constant velocity) ties every run of valid frames
-    prior = OnlineDynamicProcessor(Stage2Config(enabled=True, motion_prior_sigma_m=0.05, motion_prior_sigma_deg=0.5))
-    with_prior = prior.process(nodes, ds.observations(0))
+    with_prior = OnlineDynamicProcessor(Stage2Config(enabled=True)).process(nodes, ds.observations(0))
     assert bool(with_prior.weight[nodes.valid].all())
+    prior_t, _ = _errors_vs_truth(ds, 0, nodes, with_prior.poses)
+    assert mean(prior_t) < 0.6 * mean(box_t), (mean(box_t), mean(prior_t))
     ds.close()
 
 
@@ -90,11 +92,12 @@ def test_processor_without_flow_keeps_the_boxes(noisy_dataset):
 
     ds = _dataset(noisy_dataset)
     nodes = ActorNodes.from_point_cloud(ds.point_cloud(0))
-    off = OnlineDynamicProcessor(Stage2Config(enabled=True, use_optical_flow_aggregation=False))
+    off = OnlineDynamicProcessor(Stage2Config(enabled=True, use_optical_flow_aggregation=False, motion_prior_sigma_m=0.0,
+                                              motion_prior_sigma_deg=0.0))
     motion = off.process(nodes, ds.observations(0))
     assert torch.equal(motion.poses, nodes.poses) and not bool(motion.weight.any())
     assert off.status()["flow_trusted"] is False and "use_optical_flow_aggregation" in off.status()["flow_source"]
-    none = OnlineDynamicProcessor(Stage2Config(enabled=True))
+    none = OnlineDynamicProcessor(replace(off.config, use_optical_flow_aggregation=True))
     assert torch.equal(none.process(nodes, None).poses, nodes.poses)
     ds.close()
 
@@ -120,6 +123,15 @@ def test_fit_trajectory_averages_box_noise_along_flow_increments():
     poses, tied, _ = fit_trajectory(box, valid, increments, ok, (0.01, math.radians(0.1)))
     assert tied.tolist() == [False, False, True, True] + [False] * 8
     assert torch.equal(poses[~tied], box[~tied].float())
+    # a held-out frame (a gap in the scene frames) breaks the constant-velocity prior there
+    gap = torch.ones(F - 1, dtype=torch.bool)
+    gap[5] = False
+    ok[:] = False
+    _, tied, _ = fit_trajectory(box, valid, increments, ok, (0.01, 0.001), (0.05, 0.01), consecutive=gap)
+    assert bool(tied.all())
+    _, tied, _ = fit_trajectory(box[:7], valid[:7], increments[:6], ok[:6], (0.01, 0.001), (0.05, 0.01),
+                                consecutive=torch.tensor([True, True, True, True, False, True]))
+    assert tied.tolist() == [True] * 5 + [False] * 2
 
 
 def test_observed_motion_is_cached_on_the_segment_state_and_checkpointed(noisy_dataset, tmp_path):

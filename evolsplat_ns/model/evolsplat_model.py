@@ -305,7 +305,7 @@ class EVolSplatModel(SplatfactoSurface):
             return
         obs = self.stage2_observations(ctx.key) if self.stage2_observations is not None else None
         motion = self.stage2_processor.process(segment.actors, obs)
-        segment.actors.poses = motion.poses
+        segment.actors.repose(motion.poses)
         segment.motion = motion
         segment.clear_render_caches()
         for k, v in motion.times.items():

@@ -73,10 +73,10 @@ class Stage2Config:
     """Noise (m) of a flow-aggregated increment's translation in the trajectory fit."""
     flow_increment_sigma_deg: float = 0.3
     """Noise (degrees) of a flow-aggregated increment's yaw in the trajectory fit."""
-    motion_prior_sigma_m: float = 0.0
+    motion_prior_sigma_m: float = 0.05
     """Constant-velocity prior of the trajectory fit: noise (m per frame²) of a box centre's second
-    difference (0 = off: only boxes and flow). A real car at 10 Hz: 0.03 (3 m/s²) to 0.08 (hard braking)."""
-    motion_prior_sigma_deg: float = 0.0
+    difference (0 = off: only boxes and flow). At 10 Hz, 0.05 allows 5 m/s² of acceleration."""
+    motion_prior_sigma_deg: float = 0.5
     """Constant-yaw-rate prior: noise (degrees per frame²) of the heading's second difference (0 = off)."""
     # -- loss weights (Stage2CompleteLoss) ------------------------------------------------------
     rgb_loss_weight: float = 0.5

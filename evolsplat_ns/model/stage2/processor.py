@@ -20,11 +20,12 @@ identities come from the tracks):
    motion by a robust weighted Kabsch fit (:func:`~evolsplat_ns.model.stage2.aggregate.robust_rigid_fit`);
    weak evidence (< ``min_correspondences`` points, or points on a line) gives no increment.
 4. **Trajectory fit**: the noisy boxes are absolute observations of each frame's pose, the flow
-   increments relative observations between frames; a weighted least-squares fit of the box
-   centre (3) and heading (yaw about the segment's z) per frame (:func:`fit_trajectory`) averages
-   independent box noise over the frames that the increments tie together. Where a frame is tied
-   to no other (no flow, weak evidence, ``use_optical_flow_aggregation`` off) its box is kept
-   exactly. Roll and pitch stay the box's (driving boxes are heading-only).
+   increments relative observations between frames, and (``motion_prior_sigma_m`` / ``_deg`` > 0)
+   a constant-velocity prior on consecutive frames; a weighted least-squares fit of the box centre
+   (3) and heading (yaw about the segment's z) per frame (:func:`fit_trajectory`, box noise
+   estimated from the residuals) averages independent box noise over the frames tied together.
+   Where a frame is tied to no other its box is kept exactly. Roll and pitch stay the box's
+   (driving boxes are heading-only).
 
 Without box tracks nothing is discovered (flow-only discovery of moving objects is not built; the
 processor reports ``objects_from = "none"``).
@@ -188,7 +189,8 @@ class _Rows:
 
 def fit_trajectory(box: torch.Tensor, valid: torch.Tensor, increments: torch.Tensor, ok: torch.Tensor,
                    increment_sigma: tuple[float, float], prior_sigma: tuple[float, float] = (0.0, 0.0),
-                   rounds: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   rounds: int = 3, consecutive: Optional[torch.Tensor] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fit per-frame poses to noisy boxes (absolute) and flow increments (relative).
 
     Args:
@@ -200,6 +202,8 @@ def fit_trajectory(box: torch.Tensor, valid: torch.Tensor, increments: torch.Ten
             heading (second differences ≈ 0); 0 = no prior.
         rounds: the box noise (translation, yaw) is re-estimated from the residuals this many times
             (variance components with the hat-matrix redundancy), starting from 0.3 m / 3 deg.
+        consecutive: [F-1] bool, columns f and f+1 are consecutive scene frames (None: all are);
+            the prior only spans consecutive frames (a held-out frame breaks it).
     Returns:
         poses [F, 4, 4] (the box exactly where a frame is tied to no other), tied [F] bool, the
         estimated box noise [2] (m, rad).
@@ -212,7 +216,9 @@ def fit_trajectory(box: torch.Tensor, valid: torch.Tensor, increments: torch.Ten
     box = box.double()
     F = box.shape[0]
     ok = ok & valid[:-1] & valid[1:]
-    triples = valid[:-2] & valid[1:-1] & valid[2:] if F >= 3 else torch.zeros(0, dtype=torch.bool)
+    step = consecutive if consecutive is not None else torch.ones(max(F - 1, 0), dtype=torch.bool)
+    triples = (valid[:-2] & valid[1:-1] & valid[2:] & step[:-1] & step[1:] if F >= 3
+               else torch.zeros(0, dtype=torch.bool))
     use_prior = prior_sigma[0] > 0 and prior_sigma[1] > 0
     tied = torch.zeros(F, dtype=torch.bool)
     tied[:-1] |= ok
@@ -338,9 +344,11 @@ class OnlineDynamicProcessor:
                     self._pair(obs, t, i, rows, box, nodes.sizes.detach().cpu(), increments, ok, inliers, times)
         poses, weight, sigma = box.clone().float(), torch.zeros(K, F), torch.zeros(K, 2, dtype=torch.float64)
         start = time.perf_counter()
+        frames_t = nodes.frames.detach().cpu()
+        consecutive = frames_t[1:] - frames_t[:-1] == 1
         for k in range(K):
             poses[k], tied, sigma[k] = fit_trajectory(box[k], valid[k], increments[k], ok[k], self._increment_sigma(),
-                                                      self._prior_sigma())
+                                                      self._prior_sigma(), consecutive=consecutive)
             weight[k] = tied.float()
         xi = se3_log(torch.linalg.solve(box, poses.double())).float() * weight[..., None]
         times["aggregation"] += time.perf_counter() - start

@@ -28,6 +28,7 @@ from evolsplat_ns.engine.distributed import Distributed
 from evolsplat_ns.engine.datamanager import SegmentImages
 from evolsplat_ns.engine.evaluation import evaluate_held_out, image_writer, score_view
 from evolsplat_ns.engine.stage2 import OnlineStage2Trainer
+from evolsplat_ns.engine.stage2_strategies import make_controller
 from evolsplat_ns.model.evolsplat_model import EmptySegmentError
 
 
@@ -93,8 +94,9 @@ class EVolSplatPipeline(VanillaPipeline):
         if self.model.stage2 is not None:
             c = self.datamanager.config.dataset
             steps_per_epoch = len(self.datamanager.dataset.train_segment_ids) * c.iters_per_segment
-            self.stage2_controller = OnlineStage2Trainer(self.model.config.stage2, self.model,
-                                                         training_callback_attributes.optimizers, steps_per_epoch)
+            s2 = self.model.config.stage2
+            self.stage2_controller = make_controller(s2.stage2_controller, s2, self.model,
+                                                     training_callback_attributes.optimizers, steps_per_epoch)
             callbacks += self.stage2_controller.callbacks()
         return callbacks
 

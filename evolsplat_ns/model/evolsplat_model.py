@@ -40,7 +40,7 @@ from evolsplat_ns.model.predictor import GaussianPredictor, PredictorConfig, Sha
 from evolsplat_ns.model.render import rasterize
 from evolsplat_ns.model.segment_store import SegmentState, SegmentStore
 from evolsplat_ns.model.stage2.config import Stage2Config
-from evolsplat_ns.model.stage2.loss import Stage2CompleteLoss
+from evolsplat_ns.model.stage2.loss import stage2_loss_class
 from evolsplat_ns.model.stage2.processor import OnlineDynamicProcessor
 from evolsplat_ns.model.stage2.refiner import Stage2Refiner
 from evolsplat_ns.model.stage2.step import FlowView, Stage2Report, Stage2Step
@@ -212,7 +212,7 @@ class EVolSplatModel(SplatfactoSurface):
         self.step = 0
         s2 = self.config.stage2
         self.stage2 = Stage2Refiner(s2) if s2.enabled else None
-        self.stage2_loss = Stage2CompleteLoss(s2) if s2.enabled else None
+        self.stage2_loss = stage2_loss_class(s2.stage2_loss)(s2) if s2.enabled else None
         self.stage2_processor = OnlineDynamicProcessor(s2) if s2.enabled else None
         self.stage2_observations: Optional[Callable[[SegmentKey], Optional[SegmentObservations]]] = None
         """Set by the pipeline: a segment's lazy depth / flow / images for the stage-2 processor."""

@@ -23,6 +23,11 @@ class Stage2Config:
     stage2_training_mode: Stage2Mode = "joint"
     """joint: both heads train; gaussian_only: poses stay the boxes, the pose head leaves the optimizer;
     pose_only: Gaussians stay stage 1's, the Gaussian head leaves the optimizer."""
+    stage2_controller: str = "default"
+    """Controller by name: default, memory_adaptive, epoch_phases, or one you registered
+    (evolsplat_ns.engine.stage2_strategies.register_controller)."""
+    stage2_loss: str = "complete"
+    """The stage-2 loss: complete (Stage2CompleteLoss) or a subclass registered in the ``losses`` group."""
     stage2_memory_efficient: bool = True
     """Subsample objects to the point budget and checkpoint the attention blocks."""
     stage2_learning_rate: float = 1e-5

@@ -168,3 +168,15 @@ class Stage2CompleteLoss:
             self._lpips_net.requires_grad_(False)
         to = lambda x: x.permute(2, 0, 1)[None] * 2 - 1  # noqa: E731
         return self._lpips_net(to(rgb), to(gt)).reshape(())
+
+
+def stage2_loss_class(name: str) -> type[Stage2CompleteLoss]:
+    """``complete`` -> :class:`Stage2CompleteLoss`; any other name: a subclass registered in the
+    ``losses`` group (``registry.register("losses", name, cls)`` or an entry point)."""
+    if name == "complete":
+        return Stage2CompleteLoss
+    cls = registry.get("losses", name)
+    if not (isinstance(cls, type) and issubclass(cls, Stage2CompleteLoss)):
+        raise ValueError(f"stage2_loss={name!r} names {cls!r} in the losses group, which is not a "
+                         "Stage2CompleteLoss subclass (a per-term function goes in extra_loss_terms instead)")
+    return cls

@@ -40,7 +40,7 @@ from typing import Optional
 
 import torch
 
-from evolsplat_ns.data.observations import SegmentObservations, ViewObservation
+from evolsplat_ns.data.observations import PairObservation, SegmentObservations, ViewObservation
 from evolsplat_ns.model.actors import ActorNodes
 from evolsplat_ns.model.stage2.aggregate import box_increment, flow_correspondences, lift, robust_rigid_fit
 from evolsplat_ns.model.stage2.config import Stage2Config
@@ -102,8 +102,9 @@ def box_label_map(view: ViewObservation, poses: torch.Tensor, sizes: torch.Tenso
     """[H, W] long: row of the box (``poses`` [K, 4, 4] object-to-segment, ``sizes`` [K, 3]) whose
     enlarged volume holds the pixel's depth-lifted point, -1 for none (or no depth)."""
     H, W = view.depth.shape
-    labels = torch.full((H, W), -1, dtype=torch.long)
+    labels = torch.full((H, W), -1, dtype=torch.long, device=view.depth.device)
     has = view.depth > 0
+    poses, sizes = poses.to(view.depth.device), sizes.to(view.depth.device)
     if poses.shape[0] == 0 or not bool(has.any()):
         return labels
     rows, cols = has.nonzero(as_tuple=True)
@@ -267,17 +268,18 @@ class OnlineDynamicProcessor:
     """Masks, flow and observed motion of a segment's moving objects (see the module docstring).
 
     Args:
-        config: the stage-2 settings (mask, flow, aggregation and SAM2/RAFT keys).
-        device: where RAFT / SAM2 run when they are used.
+        config: the stage-2 settings (mask, flow, aggregation and SAM2/RAFT keys). Masks, fits,
+            RAFT and SAM2 run on the device of the actors being processed.
     """
 
-    def __init__(self, config: Stage2Config, device: str | torch.device = "cpu") -> None:
-        self.config, self.device = config, device
+    def __init__(self, config: Stage2Config) -> None:
+        self.config = config
         self._raft = None
         self._sam2 = None
         self.flow_trusted = False
         self.segmenter_trusted = False
         self.flow_source = "not run yet"
+        self._device = torch.device("cpu")
 
     # -- components, built on first use (RAFT/SAM2 only when the data needs them) ------------------
 
@@ -289,7 +291,7 @@ class OnlineDynamicProcessor:
 
             c = self.config
             self._sam2 = Sam2BoxSegmenter(Sam2Config(c.sam2_model_cfg, c.sam2_checkpoint, c.confidence_threshold,
-                                                     c.min_mask_area), self.device)
+                                                     c.min_mask_area), self._device)
             self.segmenter_trusted = self._sam2.trusted
         return self._sam2
 
@@ -298,7 +300,7 @@ class OnlineDynamicProcessor:
             from evolsplat_ns.model.stage2.perception import RaftConfig, RaftFlow
 
             c = self.config
-            self._raft = RaftFlow(RaftConfig(c.optical_flow_model, c.optical_flow_weights), self.device)
+            self._raft = RaftFlow(RaftConfig(c.optical_flow_model, c.optical_flow_weights), self._device)
         return self._raft
 
     def _flow_plan(self, obs: SegmentObservations) -> tuple[str, bool]:
@@ -332,6 +334,7 @@ class OnlineDynamicProcessor:
         times = {"segmentation": 0.0, "flow": 0.0, "aggregation": 0.0}
         source, usable = self._flow_plan(obs) if obs is not None else ("none (no observations for this segment)", False)
         self.flow_source, self.flow_trusted = source, usable
+        self._device = nodes.poses.device  # masks and fits run where the model runs
         if usable:
             frames = nodes.frames.tolist()
             col = {int(t): i for i, t in enumerate(frames)}
@@ -373,7 +376,7 @@ class OnlineDynamicProcessor:
         seg = self._segmenter()
         for cam in obs.cameras:
             start = time.perf_counter()
-            pair = obs.pair(t, cam, images=seg is not None or not obs.has_flow)
+            pair = _pair_on(obs.pair(t, cam, images=seg is not None or not obs.has_flow), self._device)
             flow = pair.flow if pair.flow is not None else self._flow_model()(pair.view_t.image, pair.view_t1.image)
             times["flow"] += time.perf_counter() - start
             start = time.perf_counter()
@@ -394,9 +397,10 @@ class OnlineDynamicProcessor:
         for k in rows:
             if not X[k]:
                 continue
-            fit = robust_rigid_fit(torch.cat(X[k]), torch.cat(Y[k]), increments[k, i], min_points=c.min_correspondences)
+            fit = robust_rigid_fit(torch.cat(X[k]), torch.cat(Y[k]), increments[k, i].to(self._device),
+                                   min_points=c.min_correspondences)
             if fit.ok:
-                increments[k, i], ok[k, i], inliers[k, i] = fit.transform.double(), True, fit.inlier_fraction
+                increments[k, i], ok[k, i], inliers[k, i] = fit.transform.double().cpu(), True, fit.inlier_fraction
         times["aggregation"] += time.perf_counter() - start
 
     def _labels(self, view: ViewObservation, poses: torch.Tensor, sizes: torch.Tensor, seg) -> torch.Tensor:
@@ -413,11 +417,20 @@ class OnlineDynamicProcessor:
         if not boxes:
             return labels
         box_masks = torch.stack([labels == j for j in keep])
-        masks = seg.supervision_masks(view.image, torch.stack(boxes), box_masks).cpu() & (view.depth > 0)
+        masks = seg.supervision_masks(view.image, torch.stack(boxes), box_masks).to(labels.device) & (view.depth > 0)
         out = torch.full_like(labels, -1)
         for m, j in zip(masks, keep):
             out[m & (out < 0)] = j
         return out
+
+
+def _pair_on(pair: PairObservation, device: torch.device) -> PairObservation:
+    def view(v: ViewObservation) -> ViewObservation:
+        move = lambda x: x.to(device) if x is not None else None  # noqa: E731
+        return ViewObservation(v.frame, v.cam, move(v.K), move(v.c2w), move(v.depth), move(v.image))
+
+    return PairObservation(view(pair.view_t), view(pair.view_t1),
+                           pair.flow.to(device) if pair.flow is not None else None)
 
 
 def box_increment_all(box: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ The error is frame-independent: with T_noisy, T_true the written and true object
 the rendered pose is T_noisy·Exp(ξ) (in any common frame), so its error is Exp(ξ)⁻¹·T_noisy⁻¹·T_true.
 
     python benchmarks/stage2_quality.py --out /tmp/s2q --steps 100
-    python benchmarks/stage2_quality.py --out /tmp/s2q --steps 2000 --width 960 --height 640 --device cuda
+    python benchmarks/stage2_quality.py --out /tmp/s2q --steps 600 --width 960 --height 640 --device cuda --full
 """
 
 from __future__ import annotations
@@ -83,13 +83,18 @@ RUNS = {
 
 
 def run(data: Path, out: Path, stage2: Optional[dict], steps: int, device: str, mode: str, lr: float,
-        name: str) -> dict:
+        name: str, full: bool = False) -> dict:
     from dataclasses import replace
 
-    from evolsplat_ns.method_configs import evolsplat_lite_config, evolsplat_stage2_lite_config
+    from evolsplat_ns import method_configs as mc
 
     torch.manual_seed(0)
-    cfg = evolsplat_stage2_lite_config() if stage2 is not None else evolsplat_lite_config()
+    if full:  # the full methods (GPU); stage 2 from step 0 every other step, as the lite one
+        cfg = mc.evolsplat_stage2_config() if stage2 is not None else mc.evolsplat_config()
+        if stage2 is not None:
+            stage2 = {"start_step": 0, "stage2_frequency": 2, **stage2}
+    else:
+        cfg = mc.evolsplat_stage2_lite_config() if stage2 is not None else mc.evolsplat_lite_config()
     cfg.data = cfg.pipeline.datamanager.data = data
     cfg.pipeline.datamanager.dataset.preload = False
     cfg.output_dir, cfg.timestamp, cfg.vis = out, name, "tensorboard"
@@ -132,6 +137,7 @@ def main() -> None:
     p.add_argument("--mode", default="joint", choices=["joint", "gaussian_only", "pose_only"])
     p.add_argument("--lr", type=float, default=1e-4, help="stage-2 learning rate")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--full", action="store_true", help="the full evolsplat / evolsplat-stage2 methods (GPU)")
     p.add_argument("--runs", nargs="+", default=["stage2_off", "stage2_on"], choices=list(RUNS),
                    help="which named runs (RUNS in this file)")
     a = p.parse_args()
@@ -142,7 +148,8 @@ def main() -> None:
         generate_dataset(SynthConfig(scenes=a.scenes, frames=a.frames, cameras=3, width=a.width, height=a.height,
                                      moving_cars=2, seed=0, box_noise_trans=a.box_noise_trans,
                                      box_noise_rot=a.box_noise_rot), data)
-    results = {name: run(data, a.out / "runs", RUNS[name], a.steps, a.device, a.mode, a.lr, name) for name in a.runs}
+    results = {name: run(data, a.out / "runs", RUNS[name], a.steps, a.device, a.mode, a.lr, name, a.full)
+               for name in a.runs}
     print(json.dumps(results, indent=2))
     keys = sorted({k for r in results.values() for k in r})
     print(f"{'metric':<22}" + "".join(f"{n:>14}" for n in results))

@@ -44,14 +44,14 @@ $BIN/evolsplat-infer --load-config "$CONFIG" --data "$HELD" --output-dir "$REPOR
 $BIN/evolsplat-infer --load-config "$CONFIG" --data "$HELD" --output-dir "$REPORT/untrained" --untrained \
   --no-progress --video-frames 2
 
-# Stage 2 on vs off: the same checkpoint trained S2ITERS more steps with and without stage 2.
-TOTAL=$((ITERS + S2ITERS))
+# Stage 2 on vs off: the same checkpoint trained S2ITERS more steps with and without stage 2
+# (after --load-dir, ns-train's --max-num-iterations counts the steps it adds).
 for RUN in off on; do
   M=$METHOD; [ $RUN = on ] && M=$S2METHOD
   $BIN/ns-train $M --data "$DATA" --output-dir "$OUT/runs" --timestamp "$STAMP-stage2-$RUN" --vis tensorboard \
-    --machine.device-type $DEVICE --max-num-iterations $TOTAL --load-dir "$CKPT"
+    --machine.device-type $DEVICE --max-num-iterations $S2ITERS --load-dir "$CKPT"
   $BIN/evolsplat-infer --load-config "$OUT/runs/$(basename "$DATA")/$M/$STAMP-stage2-$RUN/config.yml" --data "$HELD" \
-    --output-dir "$REPORT/stage2_$RUN" --no-progress --video-frames 2
+    --output-dir "$REPORT/stage2_$RUN" --no-progress --video-frames 0
 done
 $PY - "$REPORT" <<'PYEOF'
 import json, sys

@@ -40,6 +40,18 @@ def _load_points_without_open3d(self, ply_file_path: Path, transform_matrix: tor
     return {"points3D_xyz": xyz * scale_factor, "points3D_rgb": rgb}
 
 
+class _NoLpips(torch.nn.Module):
+    """Stands in for splatfacto's torchmetrics LPIPS, whose constructor downloads AlexNet weights
+    (no network on the GPU machine). This benchmark scores splatfacto with our own
+    ``view_metrics``, never with splatfacto's eval metrics, so it is never called."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__()
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("LPIPS is unavailable here: it needs pretrained AlexNet weights")
+
+
 def splatfacto_trainer(export_dir: Path, out_dir: Path):
     """nerfstudio's splatfacto trainer on ``export_dir`` (full resolution, no viewer), set up."""
     from nerfstudio.configs.method_configs import method_configs
@@ -47,6 +59,9 @@ def splatfacto_trainer(export_dir: Path, out_dir: Path):
 
     if importlib.util.find_spec("open3d") is None:
         nerfstudio_dataparser.Nerfstudio._load_3D_points = _load_points_without_open3d
+    import torchmetrics.image.lpip
+
+    torchmetrics.image.lpip.LearnedPerceptualImagePatchSimilarity = _NoLpips
     cfg = copy.deepcopy(method_configs["splatfacto"])
     cfg.data = cfg.pipeline.datamanager.data = Path(export_dir)
     cfg.pipeline.datamanager.dataparser.downscale_factor = 1

@@ -11,7 +11,7 @@ The error is frame-independent: with T_noisy, T_true the written and true object
 the rendered pose is T_noisy·Exp(ξ) (in any common frame), so its error is Exp(ξ)⁻¹·T_noisy⁻¹·T_true.
 
     python benchmarks/stage2_quality.py --out /tmp/s2q --steps 100
-    python benchmarks/stage2_quality.py --out /tmp/s2q --steps 2000 --width 960 --height 640 --device cuda
+    python benchmarks/stage2_quality.py --out /tmp/s2q --steps 600 --width 960 --height 640 --device cuda --full
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -55,8 +56,10 @@ def _pose_errors(trainer, truth) -> tuple[float, float, int]:
             continue
         with torch.no_grad():
             state = model.encode()  # renders refined poses when stage 2 exists (identity before training)
-        poses = state.actor_nodes.poses.double() if state.actor_nodes is not None else box.poses.double()
-        correction = torch.linalg.solve(box.poses.double(), poses)  # Exp(ξ) per actor and frame
+        motion = model.context.segment.motion  # the processor's fit; its box_poses are the data's boxes
+        box_poses = (motion.box_poses if motion is not None else box.poses).double()
+        poses = state.actor_nodes.poses.double() if state.actor_nodes is not None else box_poses
+        correction = torch.linalg.solve(box_poses.cpu(), poses.cpu())  # T_box⁻¹ · T_rendered per actor and frame
         si = dataset.segments[i].scene_index
         for row, inst in enumerate(box.ids):
             for f, t in enumerate(box.frames.tolist()):
@@ -68,21 +71,38 @@ def _pose_errors(trainer, truth) -> tuple[float, float, int]:
     return (sum(trans) / n if n else math.nan, sum(rot) / n if n else math.nan, n)
 
 
-def run(data: Path, out: Path, stage2: bool, steps: int, device: str, mode: str, lr: float) -> dict:
+RUNS = {
+    "stage2_off": None,
+    "stage2_on": {},  # defaults: dataset flow + depth increments and the constant-velocity prior
+    "stage2_on_flow_only": {"motion_prior_sigma_m": 0.0, "motion_prior_sigma_deg": 0.0},
+    "stage2_on_prior_only": {"use_optical_flow_aggregation": False},
+    "stage2_on_no_processor": {"use_optical_flow_aggregation": False, "motion_prior_sigma_m": 0.0,
+                               "motion_prior_sigma_deg": 0.0},
+}
+"""Named runs: None = evolsplat-lite (stage 2 off); a dict = evolsplat-stage2-lite with these stage-2 settings."""
+
+
+def run(data: Path, out: Path, stage2: Optional[dict], steps: int, device: str, mode: str, lr: float,
+        name: str, full: bool = False) -> dict:
     from dataclasses import replace
 
-    from evolsplat_ns.method_configs import evolsplat_lite_config, evolsplat_stage2_lite_config
+    from evolsplat_ns import method_configs as mc
 
     torch.manual_seed(0)
-    cfg = evolsplat_stage2_lite_config() if stage2 else evolsplat_lite_config()
+    if full:  # the full methods (GPU); stage 2 from step 0 every other step, as the lite one
+        cfg = mc.evolsplat_stage2_config() if stage2 is not None else mc.evolsplat_config()
+        if stage2 is not None:
+            stage2 = {"start_step": 0, "stage2_frequency": 2, **stage2}
+    else:
+        cfg = mc.evolsplat_stage2_lite_config() if stage2 is not None else mc.evolsplat_lite_config()
     cfg.data = cfg.pipeline.datamanager.data = data
     cfg.pipeline.datamanager.dataset.preload = False
-    cfg.output_dir, cfg.timestamp, cfg.vis = out, "on" if stage2 else "off", "tensorboard"
+    cfg.output_dir, cfg.timestamp, cfg.vis = out, name, "tensorboard"
     cfg.machine.device_type = device
     cfg.max_num_iterations = steps
-    if stage2:
+    if stage2 is not None:
         cfg.pipeline.model.stage2 = replace(cfg.pipeline.model.stage2, stage2_training_mode=mode,
-                                            stage2_learning_rate=lr)
+                                            stage2_learning_rate=lr, **stage2)
         cfg.optimizers["stage2"]["optimizer"].lr = lr
     trainer = cfg.setup(local_rank=0, world_size=1)
     trainer.setup()
@@ -95,13 +115,13 @@ def run(data: Path, out: Path, stage2: bool, steps: int, device: str, mode: str,
     scenes = {si: Path(s.layout.root) for si, s in enumerate(trainer.pipeline.datamanager.dataset.scenes)}
     trans, rot, n = _pose_errors(trainer, _true_errors(scenes))
     metrics = trainer.pipeline.get_average_eval_image_metrics()
-    stats = trainer.pipeline.stage2_controller.get_statistics() if stage2 else {}
+    stats = trainer.pipeline.stage2_controller.get_statistics() if stage2 is not None else {}
     trainer.pipeline.datamanager.dataset.close()
     keys = ("psnr", "psnr_dynamic", "temporal_warp_error")
     return {"pose_err_trans_m": trans, "pose_err_rot_deg": rot, "pose_samples": n,
             **{k: metrics[k] for k in keys if k in metrics}, "ms_per_step": 1e3 * train_s / steps,
             **({"stage2_runs": stats["runs"], "stage2_calls": stats["calls"],
-                "applied_corr_m": stats["pose_corr_trans_m_avg"]} if stage2 else {})}
+                "applied_corr_m": stats["pose_corr_trans_m_avg"]} if stage2 is not None else {})}
 
 
 def main() -> None:
@@ -117,6 +137,9 @@ def main() -> None:
     p.add_argument("--mode", default="joint", choices=["joint", "gaussian_only", "pose_only"])
     p.add_argument("--lr", type=float, default=1e-4, help="stage-2 learning rate")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--full", action="store_true", help="the full evolsplat / evolsplat-stage2 methods (GPU)")
+    p.add_argument("--runs", nargs="+", default=["stage2_off", "stage2_on"], choices=list(RUNS),
+                   help="which named runs (RUNS in this file)")
     a = p.parse_args()
     from evolsplat_ns.data.synth import SynthConfig, generate_dataset
 
@@ -125,8 +148,8 @@ def main() -> None:
         generate_dataset(SynthConfig(scenes=a.scenes, frames=a.frames, cameras=3, width=a.width, height=a.height,
                                      moving_cars=2, seed=0, box_noise_trans=a.box_noise_trans,
                                      box_noise_rot=a.box_noise_rot), data)
-    results = {name: run(data, a.out / "runs", on, a.steps, a.device, a.mode, a.lr)
-               for name, on in (("stage2_off", False), ("stage2_on", True))}
+    results = {name: run(data, a.out / "runs", RUNS[name], a.steps, a.device, a.mode, a.lr, name, a.full)
+               for name in a.runs}
     print(json.dumps(results, indent=2))
     keys = sorted({k for r in results.values() for k in r})
     print(f"{'metric':<22}" + "".join(f"{n:>14}" for n in results))

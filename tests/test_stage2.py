@@ -330,7 +330,9 @@ def test_each_mode_freezes_what_it_says(tiny_dataset, tmp_path, mode, trained, f
 
 
 def test_statistics_add_up_under_scripted_failures(tiny_dataset, tmp_path, monkeypatch):
-    trainer = stage2_trainer(tiny_dataset, tmp_path, stage2_frequency=1)
+    # flow aggregation off: no flow is used, so none may be reported trusted (the processor's
+    # dataset-flow path is tested in test_stage2_processor.py)
+    trainer = stage2_trainer(tiny_dataset, tmp_path, stage2_frequency=1, use_optical_flow_aggregation=False)
     model, ctl = trainer.pipeline.model, trainer.pipeline.stage2_controller
     refiner, loss = model.stage2, model.stage2_loss
     real_forward, real_objects, real_terms = refiner.forward, refiner.objects, loss.render_terms
@@ -536,3 +538,26 @@ def test_sam2_missing_checkpoint_is_a_clear_error_and_random_sam2_never_supervis
     box_masks = torch.zeros(2, 48, 64, dtype=torch.bool)
     box_masks[0, 5:30, 5:30] = box_masks[1, 10:40, 20:60] = True
     assert torch.equal(seg.supervision_masks(image, boxes, box_masks), box_masks)
+
+
+# -- stage-1 warm start ------------------------------------------------------------------------------
+
+
+def test_plain_evolsplat_checkpoint_warm_starts_stage2(tiny_dataset, tmp_path_factory, tmp_path):
+    from tiny_run import tiny_checkpoint
+
+    config_path = tiny_checkpoint(tiny_dataset, tmp_path_factory)
+    ckpt_dir = config_path.parent / "nerfstudio_models"
+    saved = torch.load(sorted(ckpt_dir.glob("step-*.ckpt"))[-1], map_location="cpu", weights_only=False)
+    assert not any(".stage2." in k for k in saved["pipeline"]), "a plain evolsplat checkpoint has no stage-2 heads"
+    trainer = stage2_trainer(tiny_dataset, tmp_path, load_dir=ckpt_dir)
+    model = trainer.pipeline.model
+    for name, p in model.predictor.named_parameters():
+        assert torch.equal(p.detach(), saved["pipeline"][f"_model.predictor.{name}"]), f"stage 1 loaded: {name}"
+    for head in (model.stage2.pose_head, model.stage2.gaussian_head):
+        assert not head.out.weight.any() and not head.out.bias.any(), "stage-2 heads start at identity"
+    assert trainer.pipeline.stage2_warm_start, "the pipeline says it warm-started stage 2 from a stage-1 checkpoint"
+    start = trainer._start_step
+    _, losses, _ = trainer.train_step(start)
+    assert "s2_rgb" in losses and all(torch.isfinite(v) for v in losses.values())
+    assert trainer.pipeline.stage2_controller.get_statistics()["runs"] == 1

@@ -37,6 +37,7 @@ import torch
 import tyro
 
 from evolsplat_ns.data.cache import PointCloudCache
+from evolsplat_ns.data.observations import SegmentObservations
 from evolsplat_ns.data.pointcloud.base import PointCloudGeneratorConfig, make_generator
 from evolsplat_ns.data.scene import SceneData
 from evolsplat_ns.data.sources import get_source
@@ -410,6 +411,14 @@ class MultiSceneDataset:
             lidar=scene.load_lidar(target_frames, seg_from_world) if lidar and scene.layout.has("lidar") else None,
             is_new_segment=is_new_segment,
         )
+
+    def observations(self, segment_index: int) -> SegmentObservations:
+        """Lazy depth / flow / images of the segment's context frames and cameras (stage 2's
+        processor); a held-out camera is left out, as from the point cloud."""
+        seg = self.segments[segment_index]
+        scene = self.scenes[seg.scene_index]
+        cams = [c for c in scene.cameras if c != seg.held_out_camera]
+        return SegmentObservations(scene, seg.frames, cams, np.linalg.inv(scene.ego_to_world[seg.frames[0]]))
 
     # -- point clouds --------------------------------------------------------------------------
 

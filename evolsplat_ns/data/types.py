@@ -152,6 +152,8 @@ class PointCloud:
         tracks: instance id -> its box track over the segment (``evolsplat_ns.data.actors.ActorTrack``:
             object-to-segment poses and validity per frame); same keys as ``dynamic``.
         metadata: free-form provenance (generator name, counts before/after filtering, ...).
+        dynamic_frames: instance id -> [M] long, the scene frame whose box placed each of its
+            ``dynamic`` points in the object frame (stage 2 re-places them by its fitted poses).
     """
 
     points: torch.Tensor
@@ -159,6 +161,7 @@ class PointCloud:
     dynamic: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     tracks: dict = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
+    dynamic_frames: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.points.shape[0]
@@ -169,6 +172,7 @@ class PointCloud:
             points=self.points.to(device),
             colors=self.colors.to(device),
             dynamic={k: (p.to(device), c.to(device)) for k, (p, c) in self.dynamic.items()},
+            dynamic_frames={k: f.to(device) for k, f in self.dynamic_frames.items()},
         )
 
     def as_array(self) -> torch.Tensor:

@@ -28,6 +28,7 @@ from evolsplat_ns.engine.distributed import Distributed
 from evolsplat_ns.engine.datamanager import SegmentImages
 from evolsplat_ns.engine.evaluation import evaluate_held_out, image_writer, score_view
 from evolsplat_ns.engine.stage2 import OnlineStage2Trainer
+from evolsplat_ns.engine.stage2_strategies import make_controller
 from evolsplat_ns.model.evolsplat_model import EmptySegmentError
 
 
@@ -77,6 +78,9 @@ class EVolSplatPipeline(VanillaPipeline):
         else:
             self._show_first_nonempty()
         self.model.camera_renderer = self._render_named_camera
+        self.model.stage2_observations = self._segment_observations
+        self.stage2_warm_start = False
+        """True after loading a checkpoint without stage-2 heads into a stage-2 method (stage-1 warm start)."""
         self._held_out: Optional[tuple[int, Any, Sample, Any]] = None
         """(eval index, context, sample, encoded state) of the held-out view rendered last by
         :meth:`_render_named_camera` (its sample's views share one encode, as in evaluation)."""
@@ -90,10 +94,20 @@ class EVolSplatPipeline(VanillaPipeline):
         if self.model.stage2 is not None:
             c = self.datamanager.config.dataset
             steps_per_epoch = len(self.datamanager.dataset.train_segment_ids) * c.iters_per_segment
-            self.stage2_controller = OnlineStage2Trainer(self.model.config.stage2, self.model,
-                                                         training_callback_attributes.optimizers, steps_per_epoch)
+            s2 = self.model.config.stage2
+            self.stage2_controller = make_controller(s2.stage2_controller, s2, self.model,
+                                                     training_callback_attributes.optimizers, steps_per_epoch)
             callbacks += self.stage2_controller.callbacks()
         return callbacks
+
+    def _segment_observations(self, key):
+        """The stage-2 processor's lazy depth / flow / images of segment ``key`` (None if the
+        dataset does not have it, e.g. a checkpoint rendered on other data)."""
+        dataset = self.datamanager.dataset
+        try:
+            return dataset.observations(dataset.segment_index(key))
+        except KeyError:
+            return None
 
     def _chosen_segment(self) -> Optional[int]:
         """Index of the segment named by $EVOLSPLAT_SEGMENT or ``shown_segment`` (None: not chosen)."""
@@ -176,8 +190,19 @@ class EVolSplatPipeline(VanillaPipeline):
         """Load a checkpoint, then show a segment on the loaded nodes: the one shown before if the
         checkpoint has its node, else the first segment it has one for. Loading adds no node: with
         none in the checkpoint, the context made at construction (its node built from the point
-        cloud) stays as it is."""
+        cloud) stays as it is.
+
+        A plain ``evolsplat`` checkpoint loads into ``evolsplat-stage2`` (a stage-1 warm start):
+        stage 1 is restored and the stage-2 heads, absent from the checkpoint, keep their identity
+        initialisation (``stage2_warm_start`` is then True and a line says so)."""
+        self.stage2_warm_start = self.model.stage2 is not None and not any(
+            k.removeprefix("module.").startswith("_model.stage2.") for k in loaded_state)
         super().load_pipeline(loaded_state, step)
+        if self.stage2_warm_start:
+            from nerfstudio.utils.rich_utils import CONSOLE
+
+            CONSOLE.print(f"Stage-1 checkpoint (step {step}) loaded into a stage-2 method: the stage-2 heads start "
+                          "at identity (an untrained stage 2 renders exactly stage 1)")
         dataset = self.datamanager.dataset
         with_node = [i for i in range(len(dataset.segments)) if dataset.key(i) in self.model.segments]
         if self._chosen is not None or self.shown.segment_index in with_node:

@@ -37,7 +37,10 @@ MIN_POINT_BUDGET = 256
 GROW_AFTER_CLEAN_RUNS = 200
 SUMMARY_EVERY_CALLS = 100
 """A one-line stage-2 summary prints to the console every this many calls."""
-_SERIES = ("losses", "times", "refine_times", "peak_mem", "objects", "points", "trans", "rot")
+_SERIES = ("losses", "times", "refine_times", "peak_mem", "objects", "points", "trans", "rot", "segmentation_times",
+           "flow_times", "aggregation_times")
+PROCESS_PARTS = ("segmentation", "flow", "aggregation")
+"""The processor's components (their time shares are in the statistics next to refine and loss)."""
 
 
 class OnlineStage2Trainer:
@@ -76,13 +79,16 @@ class OnlineStage2Trainer:
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
 
-    def should_run(self, epoch: int, step: int) -> bool:
-        """Stage 2 at (``epoch``, ``step``)? On from the start (step, or epoch), every ``stage2_frequency`` steps."""
+    def has_started(self, epoch: int, step: int) -> bool:
+        """Has the schedule started at (``epoch``, ``step``) (``start_step``, else ``stage2_start_epoch``)?"""
         c = self.config
         if not c.enabled:
             return False
-        started = step >= c.start_step if c.start_step is not None else epoch >= c.stage2_start_epoch
-        return started and (step - self.start_step) % c.stage2_frequency == 0
+        return step >= c.start_step if c.start_step is not None else epoch >= c.stage2_start_epoch
+
+    def should_run(self, epoch: int, step: int) -> bool:
+        """Stage 2 at (``epoch``, ``step``)? On from the start (step, or epoch), every ``stage2_frequency`` steps."""
+        return self.has_started(epoch, step) and (step - self.start_step) % self.config.stage2_frequency == 0
 
     # -- modes ---------------------------------------------------------------------------------------
 
@@ -106,6 +112,8 @@ class OnlineStage2Trainer:
 
     def before_step(self, step: int) -> None:
         self.calls += 1
+        if self.has_started(self.epoch_of(step), step):
+            self.model.stage2_started = True  # the processor runs on each segment from now on
         self._scheduled = self.should_run(self.epoch_of(step), step)
         self.model.stage2_active = self._scheduled
         self.model.stage2_report = None
@@ -136,8 +144,9 @@ class OnlineStage2Trainer:
                 self._shrink_budget()
             return
         self.runs += 1
+        process = [report.process_s.get(p, 0.0) for p in PROCESS_PARTS]
         for key, value in zip(_SERIES, (report.loss, report.time_s, report.refine_s, report.peak_mem_mb, report.objects,
-                                        report.points_per_object, report.trans_m, report.rot_deg)):
+                                        report.points_per_object, report.trans_m, report.rot_deg, *process)):
             self._series[key].append(float(value))
         self._clean_runs += 1
         if self._clean_runs >= GROW_AFTER_CLEAN_RUNS:
@@ -168,17 +177,32 @@ class OnlineStage2Trainer:
             "last_loss": s["losses"][-1] if s["losses"] else math.nan,
             "avg_loss": mean(s["losses"]) if s["losses"] else math.nan,
             "time_total_s": total_time, "time_avg_s": mean(s["times"]),
-            "time_ratio_refine": sum(s["refine_times"]) / total_time if total_time > 0 else 0.0,
-            "time_ratio_loss_and_backward": 1 - sum(s["refine_times"]) / total_time if total_time > 0 else 0.0,
+            **self._time_shares(total_time),
             "peak_mem_mb_avg": mean(s["peak_mem"]), "peak_mem_mb_max": max(s["peak_mem"], default=0.0),
             "objects_avg": mean(s["objects"]), "points_per_object_avg": mean(s["points"]),
             "point_budget": self.model.stage2.point_budget,
             "pose_corr_trans_m_avg": mean(s["trans"]), "pose_corr_rot_deg_avg": mean(s["rot"]),
             "mode": self.model.stage2.mode,
-            # objects, identities and masks come from box tracks; no segmenter or flow model runs yet
-            "segmenter_trusted": False, "flow_trusted": False, "objects_from": "box tracks",
+            **self._processor_status(),
             "lpips": loss_status.get("lpips", "off"), "consistency": loss_status.get("consistency", "off"),
         }
+
+    def _time_shares(self, total: float) -> dict[str, float]:
+        """Measured share of stage-2 time per component: the processor's segmentation / flow /
+        aggregation (on the steps it ran), the refine heads' forward, and the rest (loss + backward)."""
+        s = self._series
+        parts = {p: sum(s[f"{p}_times"]) for p in PROCESS_PARTS}
+        parts["refine"] = sum(s["refine_times"])
+        shares = {f"time_ratio_{p}": (v / total if total > 0 else 0.0) for p, v in parts.items()}
+        shares["time_ratio_loss_and_backward"] = max(0.0, 1 - sum(parts.values()) / total) if total > 0 else 0.0
+        return shares
+
+    def _processor_status(self) -> dict:
+        processor = getattr(self.model, "stage2_processor", None)
+        if processor is None:
+            return {"segmenter_trusted": False, "flow_trusted": False, "flow_source": "none", "objects_from": "box tracks"}
+        status = processor.status()
+        return {k: status[k] for k in ("segmenter_trusted", "flow_trusted", "flow_source", "objects_from")}
 
     def state_dict(self) -> dict:
         return {"calls": self.calls, "runs": self.runs, "skipped": dict(self.skipped), "clean_runs": self._clean_runs,

@@ -50,6 +50,8 @@ class ActorNodes:
         valid: [K, F] bool, the actor has a box at that frame.
         sizes: [K, 3] box (l, w, h).
         ids: the K instance ids (``instances_info.json`` keys), in row order.
+        source_frame: [N] long, the scene frame whose box placed each anchor in its object frame
+            (None when unknown, e.g. older checkpoints): :meth:`repose` re-places anchors by it.
     """
 
     means: torch.Tensor
@@ -61,6 +63,7 @@ class ActorNodes:
     valid: torch.Tensor
     sizes: torch.Tensor
     ids: tuple[str, ...] = ()
+    source_frame: Optional[torch.Tensor] = None
 
     @classmethod
     def from_point_cloud(cls, pc: PointCloud, max_points_per_actor: int = 0, min_points: int = 4) -> Optional["ActorNodes"]:
@@ -71,12 +74,17 @@ class ActorNodes:
         ids = [k for k in sorted(pc.dynamic) if k in pc.tracks and pc.dynamic[k][0].shape[0] >= min_points]
         if not ids:
             return None
-        means, colors, scales, actor = [], [], [], []
+        means, colors, scales, actor, source = [], [], [], [], []
+        has_frames = all(k in pc.dynamic_frames for k in ids)
         for row, k in enumerate(ids):
             pts, rgb = pc.dynamic[k]
+            fr = pc.dynamic_frames[k] if has_frames else None
             if 0 < max_points_per_actor < pts.shape[0]:
                 keep = torch.randperm(pts.shape[0], generator=torch.Generator().manual_seed(row))[:max_points_per_actor]
                 pts, rgb = pts[keep.to(pts.device)], rgb[keep.to(pts.device)]
+                fr = fr[keep.to(fr.device)] if fr is not None else None
+            if fr is not None:
+                source.append(fr.to(pts.device))
             means.append(pts.float())
             colors.append(rgb.float())
             scales.append(knn_mean_distance(pts.float()).clamp(1e-3, 1.0).log()[:, None].repeat(1, 3))
@@ -86,7 +94,7 @@ class ActorNodes:
         return cls(torch.cat(means), rgb_to_sh0(torch.cat(colors)), torch.cat(scales), torch.cat(actor),
                    tracks[0].frames.to(dev), torch.stack([t.poses for t in tracks]).to(dev),
                    torch.stack([t.valid for t in tracks]).to(dev), torch.stack([t.size for t in tracks]).to(dev),
-                   tuple(ids))
+                   tuple(ids), torch.cat(source) if has_frames else None)
 
     def __len__(self) -> int:
         return self.means.shape[0]
@@ -101,14 +109,29 @@ class ActorNodes:
         return poses[0], valid[0]
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "ids"}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name != "ids" and getattr(self, f.name) is not None}
 
     def state_dict(self) -> dict:
         return {**self._tensors(), "ids": list(self.ids)}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "ActorNodes":
-        return cls(**{f.name: state[f.name] for f in fields(cls) if f.name != "ids"}, ids=tuple(state.get("ids", ())))
+        return cls(**{f.name: state.get(f.name) for f in fields(cls) if f.name != "ids"}, ids=tuple(state.get("ids", ())))
+
+    def repose(self, poses: torch.Tensor) -> None:
+        """Replace the tracks' poses by ``poses`` [K, F, 4, 4] (e.g. stage 2's fitted trajectory),
+        re-placing each anchor in its object frame by the pose change of the frame that placed it
+        (``T_new(t)⁻¹ · T_old(t)``), so the object-frame shape is the one the new poses imply.
+        Without ``source_frame`` only the poses change."""
+        if self.source_frame is not None and self.means.shape[0]:
+            col = torch.searchsorted(self.frames.to(self.source_frame.device), self.source_frame)
+            col = col.clamp(max=self.frames.numel() - 1).to(self.means.device)
+            change = torch.linalg.solve(poses.double(), self.poses.double())[self.actor, col]  # [N, 4, 4]
+            self.means = ((change[:, :3, :3] @ self.means.double()[:, :, None])[..., 0] + change[:, :3, 3]).to(self.means.dtype)
+            self.scales = torch.cat([knn_mean_distance(self.means[self.actor == k]).clamp(1e-3, 1.0).log()[:, None]
+                                     for k in range(self.num_actors)]).repeat(1, 3)[_inverse_order(self.actor)]
+        self.poses = poses.to(self.poses.dtype)
 
     def to(self, device: torch.device | str) -> "ActorNodes":
         for name, tensor in self._tensors().items():
@@ -123,6 +146,14 @@ class ActorNodes:
         keep = gaussians.actor == row
         return GaussianParams(means=gaussians.means[keep], quats=gaussians.quats[keep], scales=gaussians.scales[keep],
                               opacities=gaussians.opacities[keep], sh=gaussians.sh[keep])
+
+
+def _inverse_order(actor: torch.Tensor) -> torch.Tensor:
+    """Indices that put rows grouped by actor (0, 1, ...) back into the order of ``actor`` [N]."""
+    order = torch.argsort(actor, stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return inverse
 
 
 @dataclass

@@ -29,6 +29,7 @@ from torch.nn import Parameter
 
 from evolsplat_ns import registry
 from evolsplat_ns.data.cameras import camera_to_opencv, reference_view
+from evolsplat_ns.data.observations import SegmentObservations
 from evolsplat_ns.data.types import PointCloud, Sample, SegmentKey, Views
 from evolsplat_ns.geometry import invert_rigid
 from evolsplat_ns.model.losses import entropy_loss
@@ -40,9 +41,10 @@ from evolsplat_ns.model.predictor import GaussianPredictor, PredictorConfig, Sha
 from evolsplat_ns.model.render import rasterize
 from evolsplat_ns.model.segment_store import SegmentState, SegmentStore
 from evolsplat_ns.model.stage2.config import Stage2Config
-from evolsplat_ns.model.stage2.loss import Stage2CompleteLoss
+from evolsplat_ns.model.stage2.loss import stage2_loss_class
+from evolsplat_ns.model.stage2.processor import OnlineDynamicProcessor
 from evolsplat_ns.model.stage2.refiner import Stage2Refiner
-from evolsplat_ns.model.stage2.step import Stage2Report, Stage2Step
+from evolsplat_ns.model.stage2.step import FlowView, Stage2Report, Stage2Step
 from evolsplat_ns.model.splatfacto_compat import SplatfactoSurface
 from evolsplat_ns.model.state_cache import neighbour_count
 from evolsplat_ns.utils.timing import phase
@@ -223,7 +225,14 @@ class EVolSplatModel(SplatfactoSurface):
         self.step = 0
         s2 = self.config.stage2
         self.stage2 = Stage2Refiner(s2) if s2.enabled else None
-        self.stage2_loss = Stage2CompleteLoss(s2) if s2.enabled else None
+        self.stage2_loss = stage2_loss_class(s2.stage2_loss)(s2) if s2.enabled else None
+        self.stage2_processor = OnlineDynamicProcessor(s2) if s2.enabled else None
+        self.stage2_observations: Optional[Callable[[SegmentKey], Optional[SegmentObservations]]] = None
+        """Set by the pipeline: a segment's lazy depth / flow / images for the stage-2 processor."""
+        self.stage2_started = False
+        """Set by the stage-2 controller once the schedule has started (checkpointed): from then on
+        every segment the model encodes is processed once (observed motion, fitted poses)."""
+        self._stage2_process_s: dict[str, float] = {}
         self.stage2_active = False
         """Set before each training step by the stage-2 controller (:mod:`evolsplat_ns.engine.stage2`)."""
         self.stage2_step: Optional[Stage2Step] = None
@@ -288,15 +297,32 @@ class EVolSplatModel(SplatfactoSurface):
         backward passes stop there and ``state.backward_shared()`` finishes the step.
         """
         ctx = self._require_context()
+        self._observe_motion(ctx)
         poses = ctx.source_poses if sources is None else None  # else copied back once (a sync)
         sources = sources if sources is not None else ctx.sources
         state = self.predictor.encode(ctx.node, sources, self._frozen_volume(ctx.segment), split_backward,
                                       actors=ctx.segment.actors, source_poses=poses)
         if self.stage2 is not None and state.actors is not None and not torch.is_grad_enabled():
             # renders without a training graph (viewer, evaluation) show the refined actors too
-            out = self.stage2(state.actors, state.actor_nodes)
+            out = self.stage2(state.actors, state.actor_nodes, ctx.segment.motion)
             state.actors, state.actor_nodes = out.gaussians, replace(state.actor_nodes, poses=out.poses)
         return state
+
+    def _observe_motion(self, ctx: SegmentContext) -> None:
+        """Once stage 2 has started, process the context segment once (the processor's observed
+        motion is cached on its state): from then on its actors are posed by the fitted trajectory
+        (stage 1's windows, every render, the refiner's base), the boxes kept in ``motion.box_poses``."""
+        segment = ctx.segment
+        if (self.stage2_processor is None or not self.stage2_started or segment.actors is None
+                or segment.motion is not None):
+            return
+        obs = self.stage2_observations(ctx.key) if self.stage2_observations is not None else None
+        motion = self.stage2_processor.process(segment.actors, obs)
+        segment.actors.repose(motion.poses)
+        segment.motion = motion
+        segment.clear_render_caches()
+        for k, v in motion.times.items():
+            self._stage2_process_s[k] = self._stage2_process_s.get(k, 0.0) + v
 
     def _start_stage2(self, state: SharedState, split_backward: bool) -> Optional[Stage2Step]:
         """Refine the step's actors when stage 2 is scheduled (the state then renders the refined
@@ -308,7 +334,9 @@ class EVolSplatModel(SplatfactoSurface):
             self.stage2_report = Stage2Report("no_objects")
             return None
         try:
-            step2 = Stage2Step(self.stage2, self.stage2_loss, state.actors, state.actor_nodes, split_backward)
+            step2 = Stage2Step(self.stage2, self.stage2_loss, state.actors, state.actor_nodes, split_backward,
+                               self.context.segment.motion, self._stage2_process_s)
+            self._stage2_process_s = {}
         except torch.cuda.OutOfMemoryError:  # stage 1 keeps stepping; the controller shrinks the budget
             self.stage2.zero_grad(set_to_none=True)
             if torch.cuda.is_available():
@@ -454,7 +482,8 @@ class EVolSplatModel(SplatfactoSurface):
             losses = {k: val / len(targets) for k, val in terms.items()}
             if self.stage2_step is not None:
                 depth = targets.depths[v].to(self.device) if targets.depths is not None else None
-                losses.update(self.stage2_step.target_terms(out, gt, depth, step, len(targets)))
+                losses.update(self.stage2_step.target_terms(out, gt, depth, step, len(targets),
+                                                            self._flow_view(targets, v)))
         return TargetLoss(losses, psnr(out["rgb"].detach().float(), gt), out["gaussians"].index)
 
     def image_losses(self, outputs: dict[str, torch.Tensor], gt: torch.Tensor, step: int,
@@ -494,6 +523,28 @@ class EVolSplatModel(SplatfactoSurface):
         if self.config.sky_opacity_weight > 0:
             losses["sky_opacity_loss"] = self.config.sky_opacity_weight * (outputs["accumulation"] * m).sum() / n
         return losses
+
+    def _flow_view(self, targets: Views, v: int) -> Optional[FlowView]:
+        """Trusted flow from target ``v``'s frame to the next of its camera, for the stage-2
+        consistency term: the dataset's flow/ (a real observation); None (and the loss status says
+        why) without it, when the weight is 0, or at the segment's last frame."""
+        loss = self.stage2_loss
+        if loss is None or self.config.stage2.consistency_loss_weight <= 0:
+            return None
+        ctx = self._require_context()
+        obs = self.stage2_observations(ctx.key) if self.stage2_observations is not None else None
+        if obs is None or not obs.has_flow:
+            loss.consistency_status = "off (no dataset flow/ for this segment; RAFT flow never supervises a loss here)"
+            return None
+        loss.consistency_status = "on (dataset flow)"
+        t, cam = int(targets.frame_ids[v]), int(targets.cam_ids[v])
+        frames = ctx.segment.actors.frames.tolist() if ctx.segment.actors is not None else []
+        if t + 1 not in obs.frames or t not in frames or t + 1 not in frames:
+            return None  # the segment's last frame has no next one
+        pair = obs.pair(t, cam)
+        to = lambda x: x.to(self.device, non_blocking=True)  # noqa: E731
+        return FlowView(to(pair.flow), frames.index(t), to(pair.view_t.K), to(invert_rigid(pair.view_t.c2w)),
+                        to(invert_rigid(pair.view_t1.c2w)))
 
     def view_loss(self, outputs: dict[str, torch.Tensor], gt: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         """Loss of one target view: photometric (+ entropy on accumulation every N steps)."""
@@ -571,6 +622,7 @@ class EVolSplatModel(SplatfactoSurface):
         if self.stage2 is not None:
             extra["stage2_point_budget"] = self.stage2.point_budget
             extra["stage2_counters"] = self.stage2_counters
+            extra["stage2_started"] = self.stage2_started
         return extra
 
     def set_extra_state(self, state: dict) -> None:
@@ -586,6 +638,7 @@ class EVolSplatModel(SplatfactoSurface):
         if self.stage2 is not None and "stage2_point_budget" in state:
             self.stage2.point_budget = int(state["stage2_point_budget"])
             self.stage2_counters = state.get("stage2_counters", {})
+            self.stage2_started = bool(state.get("stage2_started", False))
 
     def _require_context(self) -> SegmentContext:
         if self.context is None:

@@ -26,6 +26,7 @@ from evolsplat_ns.data.types import SegmentKey
 from evolsplat_ns.model.actors import ActorNodes
 from evolsplat_ns.model.node import GaussianNode, GaussianParams
 from evolsplat_ns.model.sparse_volume import SparseVolume
+from evolsplat_ns.model.stage2.processor import ObservedMotion
 from evolsplat_ns.model.state_cache import EncodedStateCache
 
 
@@ -37,6 +38,9 @@ class SegmentState:
         node: anchor Gaussians and their offset cache (persisted).
         actors: the segment's moving actors, object-frame anchors + box tracks (persisted; None without).
         frozen_volume: the detached sparse volume when ``freeze_volume`` (persisted).
+        motion: stage 2's observed motion of the actors (the processor's per-segment cache; persisted;
+            None until stage 2 processed the segment). ``actors.poses`` then hold the fitted poses and
+            ``motion.box_poses`` the boxes as the data gave them.
         encoded: encoded states of chosen sources for bare-camera renders (never persisted;
             cleared whenever the segment becomes active, so weights that changed are not served stale).
         snapshot: (model step, Gaussians) for exporters (never persisted; cleared likewise).
@@ -45,6 +49,7 @@ class SegmentState:
     node: GaussianNode
     actors: Optional[ActorNodes] = None
     frozen_volume: Optional[SparseVolume] = None
+    motion: Optional[ObservedMotion] = None
     encoded: EncodedStateCache = field(default_factory=EncodedStateCache, repr=False)
     snapshot: Optional[tuple[int, GaussianParams]] = field(default=None, repr=False)
 
@@ -59,24 +64,29 @@ class SegmentState:
             self.actors.to(device)
         if self.frozen_volume is not None:
             self.frozen_volume = self.frozen_volume.to(device)
+        if self.motion is not None:
+            self.motion.to(device)
         self.clear_render_caches()
         return self
 
     def nbytes(self) -> int:
         return (self.node.nbytes() + (self.actors.nbytes() if self.actors is not None else 0)
-                + (self.frozen_volume.nbytes() if self.frozen_volume is not None else 0))
+                + (self.frozen_volume.nbytes() if self.frozen_volume is not None else 0)
+                + (self.motion.nbytes() if self.motion is not None else 0))
 
     def state_dict(self) -> dict:
         return {"node": self.node.state_dict(),
                 "actors": self.actors.state_dict() if self.actors is not None else None,
-                "frozen_volume": self.frozen_volume.state_dict() if self.frozen_volume is not None else None}
+                "frozen_volume": self.frozen_volume.state_dict() if self.frozen_volume is not None else None,
+                "motion": self.motion.state_dict() if self.motion is not None else None}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "SegmentState":
-        volume, actors = state.get("frozen_volume"), state.get("actors")
+        volume, actors, motion = state.get("frozen_volume"), state.get("actors"), state.get("motion")
         return cls(GaussianNode.from_state_dict(state["node"]),
                    ActorNodes.from_state_dict(actors) if actors is not None else None,
-                   SparseVolume.from_state_dict(volume) if volume is not None else None)
+                   SparseVolume.from_state_dict(volume) if volume is not None else None,
+                   ObservedMotion.from_state_dict(motion) if motion is not None else None)
 
 
 class SegmentStore:

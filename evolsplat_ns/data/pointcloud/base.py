@@ -88,9 +88,10 @@ class RGBPointCloudGenerator:
         used = list(frames)[:: max(1, cfg.frame_stride)]
         pts, rgb, fids = self.raw_points(scene, used, seg_from_world)
         n_raw = pts.shape[0]
-        dynamic, tracks = {}, {}
+        dynamic, tracks, dynamic_frames = {}, {}, {}
         if cfg.split_dynamic:
-            pts, rgb, fids, dynamic, tracks = self._split_dynamic(scene, frames, seg_to_world, pts, rgb, fids)
+            pts, rgb, fids, dynamic, tracks, dynamic_frames = self._split_dynamic(scene, frames, seg_to_world, pts,
+                                                                                  rgb, fids)
         keep = self._crop_mask(scene, frames, seg_from_world, pts)
         pts, rgb = pts[keep], rgb[keep]
         pts, rgb = ops.voxel_downsample(pts, rgb, cfg.voxel_size)
@@ -105,7 +106,7 @@ class RGBPointCloudGenerator:
         meta = {"generator": type(self).__name__, "raw_points": n_raw, "points": pts.shape[0],
                 "frames": used, "scene": scene.name}
         return PointCloud(points=pts.float(), colors=rgb.float().clamp(0, 1), dynamic=dynamic, tracks=tracks,
-                          metadata=meta)
+                          metadata=meta, dynamic_frames=dynamic_frames)
 
     # -- shared filters -----------------------------------------------------------------------
 
@@ -138,15 +139,16 @@ class RGBPointCloudGenerator:
         if not scene.layout.has("instances"):
             _warn_once(f"scene {scene.name} has no instances/instances_info.json: moving objects cannot be "
                        "separated and train as static points (actors need box tracks)")
-            return pts, rgb, fids, {}, {}
+            return pts, rgb, fids, {}, {}, {}
         dynamic: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        dynamic_frames: dict[str, torch.Tensor] = {}
         tracks: dict[str, ActorTrack] = {}
         seg_from_world = torch.as_tensor(np.linalg.inv(seg_to_world), dtype=torch.float64)
         background = torch.ones(pts.shape[0], dtype=torch.bool, device=pts.device)
         seg_to_world_t = torch.as_tensor(seg_to_world, dtype=pts.dtype, device=pts.device)
         world_pts = pts @ seg_to_world_t[:3, :3].T + seg_to_world_t[:3, 3]
         for inst_id, boxes in moving_instances(scene, frames, cfg.dynamic_motion_threshold).items():
-            local_all, rgb_all = [], []
+            local_all, rgb_all, frame_all = [], [], []
             for t, (obj_to_world, size) in boxes.items():
                 sel = (fids == t) & background
                 if not sel.any():
@@ -160,10 +162,12 @@ class RGBPointCloudGenerator:
                 background[idx] = False
                 local_all.append(local[inside])
                 rgb_all.append(rgb[idx])
+                frame_all.append(torch.full((idx.numel(),), int(t), dtype=torch.long, device=pts.device))
             if local_all and sum(x.shape[0] for x in local_all):
                 dynamic[str(inst_id)] = (torch.cat(local_all).float(), torch.cat(rgb_all).float())
+                dynamic_frames[str(inst_id)] = torch.cat(frame_all)
                 tracks[str(inst_id)] = track_from_boxes(str(inst_id), boxes, list(frames), seg_from_world)
-        return pts[background], rgb[background], fids[background], dynamic, tracks
+        return pts[background], rgb[background], fids[background], dynamic, tracks, dynamic_frames
 
 
 _WARNED: set[str] = set()

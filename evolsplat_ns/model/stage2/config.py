@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional
 
 Stage2Mode = Literal["joint", "gaussian_only", "pose_only"]
@@ -22,6 +23,11 @@ class Stage2Config:
     stage2_training_mode: Stage2Mode = "joint"
     """joint: both heads train; gaussian_only: poses stay the boxes, the pose head leaves the optimizer;
     pose_only: Gaussians stay stage 1's, the Gaussian head leaves the optimizer."""
+    stage2_controller: str = "default"
+    """Controller by name: default, memory_adaptive, epoch_phases, or one you registered
+    (evolsplat_ns.engine.stage2_strategies.register_controller)."""
+    stage2_loss: str = "complete"
+    """The stage-2 loss: complete (Stage2CompleteLoss) or a subclass registered in the ``losses`` group."""
     stage2_memory_efficient: bool = True
     """Subsample objects to the point budget and checkpoint the attention blocks."""
     stage2_learning_rate: float = 1e-5
@@ -44,6 +50,39 @@ class Stage2Config:
     """Feature width of the pose refine head (per-frame pose features and object token)."""
     pose_num_layers: int = 2
     """Temporal transformer layers of the pose refine head."""
+    # -- OnlineDynamicProcessor (masks, flow, observed motion; evolsplat_ns.model.stage2.processor) ----
+    use_optical_flow_aggregation: bool = True
+    """Estimate each object's motion from flow + depth and fit its trajectory to boxes and flow (off:
+    the boxes are the poses stage 2 starts from)."""
+    optical_flow_model: Literal["raft_small", "raft_large"] = "raft_small"
+    """Flow model for data without a flow/ folder (torchvision RAFT)."""
+    optical_flow_weights: Optional[Path] = None
+    """RAFT state-dict file; without it RAFT is untrusted and its flow is not used."""
+    segmenter: Literal["box", "sam2_box"] = "box"
+    """Object masks: depth-lifted pixels inside the (enlarged) boxes, or SAM2 prompted by the projected boxes."""
+    sam2_model_cfg: str = "configs/sam2.1/sam2.1_hiera_t.yaml"
+    """SAM2 model config name inside the sam2 package."""
+    sam2_checkpoint: Optional[Path] = None
+    """SAM2 checkpoint; without it SAM2 is untrusted and the box masks are used."""
+    confidence_threshold: float = 0.3
+    """Keep a SAM2 mask only if its predicted IoU is at least this."""
+    min_mask_area: int = 100
+    """Keep a SAM2 mask only with at least this many pixels."""
+    mask_box_margin: float = 0.5
+    """Metres a box is enlarged by (sides and top) when assigning depth-lifted pixels to it (box noise)."""
+    mask_ground_clearance: float = 0.2
+    """Pixels lower than this above the box floor are road, not the object."""
+    min_correspondences: int = 30
+    """Fewer flow + depth correspondences than this give no motion increment (the box is kept)."""
+    flow_increment_sigma_m: float = 0.03
+    """Noise (m) of a flow-aggregated increment's translation in the trajectory fit."""
+    flow_increment_sigma_deg: float = 0.3
+    """Noise (degrees) of a flow-aggregated increment's yaw in the trajectory fit."""
+    motion_prior_sigma_m: float = 0.05
+    """Constant-velocity prior of the trajectory fit: noise (m per frame²) of a box centre's second
+    difference (0 = off: only boxes and flow). At 10 Hz, 0.05 allows 5 m/s² of acceleration."""
+    motion_prior_sigma_deg: float = 0.5
+    """Constant-yaw-rate prior: noise (degrees per frame²) of the heading's second difference (0 = off)."""
     # -- loss weights (Stage2CompleteLoss) ------------------------------------------------------
     rgb_loss_weight: float = 0.5
     """Weight of the full-image L1 of the joint (static + refined actors) render."""

@@ -26,6 +26,7 @@ Gaussian vector layouts (object frame of the actor, metres):
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -106,12 +107,14 @@ class PoseRefineHead(nn.Module):
     """Per-frame twists ``xi [F, 6] = [omega, v]`` of one object from its points and its box track.
 
     Object token: max- and mean-pooled point features (points in box-normalised object coordinates
-    with their Gaussian vector). Per-frame pose features: normalised time, validity and the box pose
-    relative to the object's first valid frame (6D rotation, translation / |size|), embedded to
-    ``pose_feature_dim``; a ``num_layers`` transformer over the valid frames mixes them in time.
-    Output bounded by ``MAX_ROT_CORRECTION`` rad and ``MAX_TRANS_CORRECTION`` m; zero at init."""
+    with their Gaussian vector). Per-frame pose features: normalised time, validity, the pose
+    relative to the object's first valid frame (6D rotation, translation / |size|) and the
+    processor's observed evidence (its correction of the box ``xi_obs`` (6) and weight (1), zero
+    without), embedded to ``pose_feature_dim``; a ``num_layers`` transformer over the valid frames
+    mixes them in time. Output bounded by ``MAX_ROT_CORRECTION`` rad and ``MAX_TRANS_CORRECTION`` m;
+    zero at init."""
 
-    FRAME_DIM = 2 + 6 + 3
+    FRAME_DIM = 2 + 6 + 3 + 7
 
     def __init__(self, input_dim: int = INPUT_GAUSSIAN_DIM, pose_feature_dim: int = 128, num_layers: int = 2,
                  num_heads: int = 4) -> None:
@@ -123,12 +126,16 @@ class PoseRefineHead(nn.Module):
         self.temporal = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
         self.out = _zero_last(nn.Linear(d, 6))
 
-    def forward(self, g: torch.Tensor, poses: torch.Tensor, valid: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
-        """g [N, 14] the object's Gaussian vectors; poses [F, 4, 4] box object-to-segment; valid [F]
-        bool (at least one True); size [3] box (l, w, h) -> xi [F, 6] (zero where not valid)."""
+    def forward(self, g: torch.Tensor, poses: torch.Tensor, valid: torch.Tensor, size: torch.Tensor,
+                evidence: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """g [N, 14] the object's Gaussian vectors; poses [F, 4, 4] object-to-segment poses the
+        correction applies to; valid [F] bool (at least one True); size [3] box (l, w, h); evidence
+        [F, 7] (``xi_obs`` scaled as the output bounds, weight) or None -> xi [F, 6] (zero where not valid)."""
         feat = self.point_mlp(g)
         token = torch.cat([feat.max(0).values, feat.mean(0)])
-        frames = _frame_features(poses, valid, size)
+        if evidence is None:
+            evidence = poses.new_zeros(poses.shape[0], 7)
+        frames = torch.cat([_frame_features(poses, valid, size), evidence.to(poses.dtype)], -1)
         x = self.frame_embed(torch.cat([frames, token.expand(frames.shape[0], -1)], -1))[None]
         x = self.temporal(x, src_key_padding_mask=~valid[None])[0]
         raw = self.out(x)

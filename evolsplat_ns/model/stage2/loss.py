@@ -18,8 +18,9 @@ Per-step terms (on the refine outputs):
 - ``s2_reg_pose`` = ``pose_reg_weight`` · mean over refined valid (k, t) of ‖ω‖² + ‖v‖² / ‖size_k‖²;
 - ``s2_smooth`` = ``temporal_smooth_weight`` · mean over refined (k, t) with t-1, t, t+1 valid of
   ‖t(t+1) − 2 t(t) + t(t−1)‖² + ‖Log(R(t)ᵀR(t+1)) − Log(R(t−1)ᵀR(t))‖² on the corrected poses;
-- ``s2_consistency`` = ``consistency_loss_weight`` · :func:`flow_consistency`, only when the step
-  has ground-truth or trusted flow (the current samples carry none: off, and ``status()`` says so).
+- ``s2_consistency`` = ``consistency_loss_weight`` · mean over refined actors of :func:`flow_consistency`
+  (per target view: the refined, posed actor points must move by the observed flow to the next
+  frame), only with trusted flow: the dataset's ``flow/``; otherwise off and ``status()`` says why.
 """
 
 from __future__ import annotations
@@ -128,11 +129,14 @@ class Stage2CompleteLoss:
         self.lpips_on, self.lpips_reason = lpips_status() if config.lpips_loss_weight > 0 else (False, "weight 0")
         self._lpips_net = None
         self.extra = {name: (registry.get("losses", name), w) for name, w in config.extra_loss_terms.items()}
+        self.consistency_status = ("off (consistency_loss_weight 0)" if config.consistency_loss_weight <= 0 else
+                                   "off (no step with trusted flow yet)")
+        """Set by the model when it decides per target view (on with the dataset's flow, else off and why)."""
 
     def status(self) -> dict[str, str]:
         """Which optional terms are on, and why not."""
         return {"lpips": "on" if self.lpips_on else f"off ({self.lpips_reason})",
-                "consistency": "off (the training samples carry no ground-truth or trusted flow)"}
+                "consistency": self.consistency_status}
 
     def render_terms(self, inputs: Stage2TermInputs) -> dict[str, torch.Tensor]:
         c = self.config
@@ -164,3 +168,15 @@ class Stage2CompleteLoss:
             self._lpips_net.requires_grad_(False)
         to = lambda x: x.permute(2, 0, 1)[None] * 2 - 1  # noqa: E731
         return self._lpips_net(to(rgb), to(gt)).reshape(())
+
+
+def stage2_loss_class(name: str) -> type[Stage2CompleteLoss]:
+    """``complete`` -> :class:`Stage2CompleteLoss`; any other name: a subclass registered in the
+    ``losses`` group (``registry.register("losses", name, cls)`` or an entry point)."""
+    if name == "complete":
+        return Stage2CompleteLoss
+    cls = registry.get("losses", name)
+    if not (isinstance(cls, type) and issubclass(cls, Stage2CompleteLoss)):
+        raise ValueError(f"stage2_loss={name!r} names {cls!r} in the losses group, which is not a "
+                         "Stage2CompleteLoss subclass (a per-term function goes in extra_loss_terms instead)")
+    return cls

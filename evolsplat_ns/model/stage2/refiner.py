@@ -9,7 +9,7 @@ the correction is in the object's own axes), and the raw residuals for the regul
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -20,6 +20,8 @@ from evolsplat_ns.model.stage2.config import Stage2Config, Stage2Mode
 from evolsplat_ns.model.stage2.heads import GAUSSIAN_INPUT_LAYOUT as IN
 from evolsplat_ns.model.stage2.heads import GAUSSIAN_OUTPUT_LAYOUT as OUT
 from evolsplat_ns.model.stage2.heads import OUTPUT_GAUSSIAN_DIM, GaussianRefineHead, PoseRefineHead
+from evolsplat_ns.model.stage2.heads import MAX_ROT_CORRECTION, MAX_TRANS_CORRECTION
+from evolsplat_ns.model.stage2.processor import ObservedMotion
 from evolsplat_ns.model.stage2.se3 import quat_exp, se3_exp
 
 
@@ -86,8 +88,10 @@ class Stage2Refiner(nn.Module):
         rows.sort(key=lambda k: -int(counts[k]))
         return sorted(rows[:self.config.max_objects_per_frame])
 
-    def forward(self, g: ActorGaussians, nodes: ActorNodes) -> RefineOutput:
-        """Refine the actors' Gaussians ``g`` (object frames) and box poses of ``nodes``."""
+    def forward(self, g: ActorGaussians, nodes: ActorNodes, motion: Optional[ObservedMotion] = None) -> RefineOutput:
+        """Refine the actors' Gaussians ``g`` (object frames) and the poses of ``nodes`` (the boxes,
+        or the processor's fitted poses once it ran); ``motion`` (the processor's observation of
+        these actors) is the pose head's per-frame evidence."""
         vec = gaussian_vector(g, nodes.sizes)
         delta = vec.new_zeros(len(g.actor), OUTPUT_GAUSSIAN_DIM)
         xi = vec.new_zeros(*nodes.poses.shape[:2], 6)
@@ -104,7 +108,8 @@ class Stage2Refiner(nn.Module):
                 deltas.append(self.gaussian_head(vec[idx], checkpoint=self.config.stage2_memory_efficient)[0])
                 rows_idx.append(idx)
             if self.mode != "gaussian_only":
-                xis.append(self.pose_head(vec[idx], nodes.poses[k].to(vec.dtype), nodes.valid[k], nodes.sizes[k]))
+                xis.append(self.pose_head(vec[idx], nodes.poses[k].to(vec.dtype), nodes.valid[k], nodes.sizes[k],
+                                          _evidence(motion, k)))
                 xi_rows.append(k)
         if deltas:
             delta = delta.index_put((torch.cat(rows_idx),), torch.cat(deltas))
@@ -112,3 +117,13 @@ class Stage2Refiner(nn.Module):
             xi = xi.index_put((torch.tensor(xi_rows, device=vec.device),), torch.stack(xis))
         poses = nodes.poses.to(vec.dtype) @ se3_exp(xi)
         return RefineOutput(apply_delta(g, delta, nodes.sizes), poses, xi, delta, refined, points)
+
+
+def _evidence(motion: Optional[ObservedMotion], k: int) -> Optional[torch.Tensor]:
+    """[F, 7] pose-head evidence of actor ``k``: the observed correction of its box in units of the
+    head's output bounds (rotation, translation) and the observation weight; None without."""
+    if motion is None:
+        return None
+    xi = motion.xi[k]
+    scaled = torch.cat([xi[:, :3] / MAX_ROT_CORRECTION, xi[:, 3:] / MAX_TRANS_CORRECTION], -1)
+    return torch.cat([scaled, motion.weight[k][:, None]], -1)

@@ -77,16 +77,18 @@ class SegmentObservations:
         present = set(self.frames)
         return [(t, t + 1) for t in self.frames if t + 1 in present]
 
-    def view(self, t: int, cam: int, image: bool = False) -> ViewObservation:
+    def view(self, t: int, cam: int, image: bool = False, depth: bool = True) -> ViewObservation:
+        """Camera ``cam`` at frame ``t``; ``depth=False`` skips reading its depth map (None then)."""
         c2w = torch.from_numpy(self.seg_from_world @ self.scene.cam_to_world(t, cam)).float()
         K = torch.from_numpy(self.scene.calib[cam].K).float()
-        depth = self.scene._load_depth(t, cam, self.size) if self.has_depth else None
+        depth = self.scene._load_depth(t, cam, self.size) if self.has_depth and depth else None
         img = self.scene.load_view_pairs([(t, cam)], self.seg_from_world).images[0] if image else None
         return ViewObservation(t, cam, K, c2w, depth, img)
 
-    def pair(self, t: int, cam: int, images: bool = False) -> PairObservation:
-        """Camera ``cam`` between frames ``t`` and ``t + 1`` (both must be in the segment)."""
+    def pair(self, t: int, cam: int, images: bool = False, depth: bool = True) -> PairObservation:
+        """Camera ``cam`` between frames ``t`` and ``t + 1`` (both must be in the segment);
+        ``depth=False`` reads no depth maps (the per-step consistency term needs only the flow)."""
         if t not in self.frames or t + 1 not in self.frames:
             raise ValueError(f"frames {t}, {t + 1} are not both in this segment ({self.frames})")
         flow = self.scene.load_flow(t, cam, self.size) if self.has_flow else None
-        return PairObservation(self.view(t, cam, images), self.view(t + 1, cam, images), flow)
+        return PairObservation(self.view(t, cam, images, depth), self.view(t + 1, cam, images, depth), flow)

@@ -541,7 +541,7 @@ class EVolSplatModel(SplatfactoSurface):
         frames = ctx.segment.actors.frames.tolist() if ctx.segment.actors is not None else []
         if t + 1 not in obs.frames or t not in frames or t + 1 not in frames:
             return None  # the segment's last frame has no next one
-        pair = obs.pair(t, cam)
+        pair = obs.pair(t, cam, depth=False)
         to = lambda x: x.to(self.device, non_blocking=True)  # noqa: E731
         return FlowView(to(pair.flow), frames.index(t), to(pair.view_t.K), to(invert_rigid(pair.view_t.c2w)),
                         to(invert_rigid(pair.view_t1.c2w)))

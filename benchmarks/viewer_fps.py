@@ -161,7 +161,31 @@ def switch_ms(pipeline, cams: list[Cameras]) -> dict[str, float] | None:
     return {"switch_ms": 1e3 * (mid - start), "first_frame_ms": 1e3 * (end - mid)}
 
 
-def measure(pipeline, frames: int, step: float, width: int, height: int, fov: float) -> dict:
+def profile_frames(model, camera: Cameras, frames: int, table: Path | None) -> dict:
+    """Per cached-encoding frame of ``camera`` (rendered ``frames`` times): kernel launches, host
+    syncs and GPU busy ms (torch.profiler, as ``train_throughput.profile_pass`` counts them)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from train_throughput import _LAUNCH_NAMES, _SYNC_NAMES, _union_us
+
+    model.get_outputs_for_camera(camera.to(model.device))  # the encoding is cached from here
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(frames):
+            model.get_outputs_for_camera(camera.to(model.device))
+        _sync(model.device)
+    if table is not None:
+        table.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=50))
+    events = prof.events()
+    device = [e for e in events if e.device_type == DeviceType.CUDA]
+    names = [e.name for e in events if e.device_type == DeviceType.CPU]
+    return {"launches_per_frame": sum(n in _LAUNCH_NAMES for n in names) / frames,
+            "syncs_per_frame": sum(n in _SYNC_NAMES for n in names) / frames,
+            "gpu_busy_ms_per_frame": _union_us([(e.time_range.start, e.time_range.end) for e in device]) / 1e3 / frames}
+
+
+def measure(pipeline, frames: int, step: float, width: int, height: int, fov: float,
+            profile: int = 0, profile_table: Path | None = None) -> dict:
     """Every figure of this benchmark for ``pipeline``'s shown segment (printed and returned)."""
     model = pipeline.model
     start = pipeline.shown.cameras.camera_to_worlds[0].float()
@@ -187,6 +211,9 @@ def measure(pipeline, frames: int, step: float, width: int, height: int, fov: fl
         print(f"raw gsplat.rasterization on the same Gaussians: {raw['foreground']:.2f} ms (foreground), "
               f"{raw.get('with_sky', float('nan')):.2f} ms (with sky dome); this frame / raw = "
               f"{result['ratio_to_raw_gsplat']:.2f}x")
+        if profile > 0:
+            result["profile"] = profile_frames(model, cams[-1], profile, profile_table)
+            print(f"profiled frame: {result['profile']}")
     result["encode_ms"] = encode_ms(model)
     print(f"feed-forward reconstruction (encode, warm): {result['encode_ms']:.1f} ms")
     switch = switch_ms(pipeline, cams)
@@ -211,6 +238,9 @@ def main() -> None:
     parser.add_argument("--segment", type=int, default=None, help="segment index to show (default: as loaded)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--profile-frames", type=int, default=0,
+                        help="CUDA: frames under torch.profiler (launches, syncs, GPU busy per frame)")
+    parser.add_argument("--profile-table", type=Path, default=None, help="write the profiler's op table here")
     add_pointcloud_args(parser)
     args = parser.parse_args()
     if args.threads > 0:
@@ -219,7 +249,8 @@ def main() -> None:
     pipeline = load_pipeline(args)
     if args.segment is not None:
         pipeline.show_segment(args.segment)
-    result = measure(pipeline, args.frames, args.step, args.width, args.height, args.fov)
+    result = measure(pipeline, args.frames, args.step, args.width, args.height, args.fov, args.profile_frames,
+                     args.profile_table)
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1))
 

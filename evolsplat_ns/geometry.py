@@ -91,13 +91,52 @@ def project_points(
 # -- rotations as quaternions (wxyz, as gsplat) ------------------------------------------------------
 
 
+# matrix_to_quat as one linear map: the ten quantities d = [4w², 4x², 4y², 4z² (each up to the
+# shared 1 + ...), and the six sums/differences of off-diagonal entries] are A · vec(R) + b, and
+# the symmetric 4x4 matrix N = d[_QUAT_ROWS] has row i = 4 q_i · q. The row of the largest q_i²
+# normalised is q: a dozen kernels instead of one per matrix entry (this runs per target view).
+_QUAT_D_OF_R = np.zeros((9, 10))
+_QUAT_D_BIAS = np.array([1.0, 1.0, 1.0, 1.0, 0, 0, 0, 0, 0, 0])
+for _col, _terms in enumerate([
+        {0: 1, 4: 1, 8: 1}, {0: 1, 4: -1, 8: -1}, {0: -1, 4: 1, 8: -1}, {0: -1, 4: -1, 8: 1},
+        {7: 1, 5: -1}, {2: 1, 6: -1}, {3: 1, 1: -1},  # m21 - m12, m02 - m20, m10 - m01
+        {1: 1, 3: 1}, {2: 1, 6: 1}, {5: 1, 7: 1}]):  # m01 + m10, m02 + m20, m12 + m21
+    for _entry, _sign in _terms.items():
+        _QUAT_D_OF_R[_entry, _col] = _sign
+_QUAT_ROWS = [[0, 4, 5, 6], [4, 1, 7, 8], [5, 7, 2, 9], [6, 8, 9, 3]]
+_QUAT_CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _quat_constants(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    key = (device, dtype)
+    if key not in _QUAT_CONSTANTS:  # built once per device: no host-to-device copy per call
+        _QUAT_CONSTANTS[key] = (torch.as_tensor(_QUAT_D_OF_R, dtype=dtype, device=device),
+                                torch.as_tensor(_QUAT_D_BIAS, dtype=dtype, device=device),
+                                torch.as_tensor(_QUAT_ROWS, dtype=torch.long, device=device).reshape(-1))
+    return _QUAT_CONSTANTS[key]
+
+
 def matrix_to_quat(R: torch.Tensor) -> torch.Tensor:
-    """Unit quaternions [..., 4] (wxyz, w >= 0) of rotation matrices ``R`` [..., 3, 3]."""
+    """Unit quaternions [..., 4] (wxyz, w >= 0) of rotation matrices ``R`` [..., 3, 3].
+
+    Shepperd's method: of the four ways to read q off R, the one dividing by the largest of
+    4w², 4x², 4y², 4z² is used (stable everywhere); differentiable. Reference: :func:`_matrix_to_quat_reference`.
+    """
+    A, b, rows = _quat_constants(R.device, R.dtype)
+    d = torch.addmm(b, R.reshape(-1, 9), A)  # [M, 10]
+    best = d[:, :4].argmax(dim=-1, keepdim=True)  # [M, 1]
+    n = d[:, rows].reshape(-1, 4, 4)  # row i = 4 q_i q
+    q = n.gather(1, best[:, :, None].expand(-1, 1, 4))[:, 0]
+    q = q * torch.where(q[:, :1] < 0, -1.0, 1.0) / q.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    return q.reshape(*R.shape[:-2], 4)
+
+
+def _matrix_to_quat_reference(R: torch.Tensor) -> torch.Tensor:
+    """Entry-by-entry Shepperd's method (the readable twin of :func:`matrix_to_quat`, for tests)."""
     m = R.reshape(-1, 3, 3)
     tr = m[:, 0, 0] + m[:, 1, 1] + m[:, 2, 2]
-    cand = torch.stack([  # 4 * q_i^2 for i = w, x, y, z; pick the largest for stability
-        1 + tr, 1 + m[:, 0, 0] - m[:, 1, 1] - m[:, 2, 2],
-        1 - m[:, 0, 0] + m[:, 1, 1] - m[:, 2, 2], 1 - m[:, 0, 0] - m[:, 1, 1] + m[:, 2, 2]], dim=-1)
+    cand = torch.stack([1 + tr, 1 + m[:, 0, 0] - m[:, 1, 1] - m[:, 2, 2],
+                        1 - m[:, 0, 0] + m[:, 1, 1] - m[:, 2, 2], 1 - m[:, 0, 0] - m[:, 1, 1] + m[:, 2, 2]], dim=-1)
     best = cand.argmax(dim=-1)
     s = cand.gather(1, best[:, None])[:, 0].clamp(min=1e-12).sqrt() * 2  # 4 * |q_best|
     rows = {
@@ -122,8 +161,35 @@ def quat_to_matrix(q: torch.Tensor) -> torch.Tensor:
         2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], dim=-1).reshape(*q.shape[:-1], 3, 3)
 
 
+def _hamilton_table() -> np.ndarray:
+    """[4, 16] C with (a ⊗ b)_i = sum_jk C[i, 4j + k] a_j b_k (wxyz)."""
+    C = np.zeros((4, 4, 4))
+    for i, j, k, sign in [(0, 0, 0, 1), (0, 1, 1, -1), (0, 2, 2, -1), (0, 3, 3, -1),
+                          (1, 0, 1, 1), (1, 1, 0, 1), (1, 2, 3, 1), (1, 3, 2, -1),
+                          (2, 0, 2, 1), (2, 1, 3, -1), (2, 2, 0, 1), (2, 3, 1, 1),
+                          (3, 0, 3, 1), (3, 1, 2, 1), (3, 2, 1, -1), (3, 3, 0, 1)]:
+        C[i, j, k] = sign
+    return C.reshape(4, 16)
+
+
+_HAMILTON = _hamilton_table()
+_HAMILTON_ON: dict[tuple, torch.Tensor] = {}
+
+
 def quat_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Hamilton product ``a ⊗ b`` of quaternions [..., 4] (wxyz): rotate by ``b``, then by ``a``."""
+    """Hamilton product ``a ⊗ b`` of quaternions [..., 4] (wxyz): rotate by ``b``, then by ``a``.
+
+    One outer product and one matrix product (two kernels, per actor Gaussian per target view)
+    instead of sixteen products and twelve sums; :func:`_quat_multiply_reference` is the formula."""
+    key = (a.device, a.dtype)
+    if key not in _HAMILTON_ON:
+        _HAMILTON_ON[key] = torch.as_tensor(_HAMILTON, dtype=a.dtype, device=a.device)
+    a, b = torch.broadcast_tensors(a, b)
+    outer = (a[..., :, None] * b[..., None, :]).reshape(*a.shape[:-1], 16)
+    return outer @ _HAMILTON_ON[key].T
+
+
+def _quat_multiply_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     aw, ax, ay, az = a.unbind(-1)
     bw, bx, by, bz = b.unbind(-1)
     return torch.stack([aw * bw - ax * bx - ay * by - az * bz, aw * bx + ax * bw + ay * bz - az * by,
@@ -145,6 +211,13 @@ def slerp(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     wb = torch.where(near, w, torch.sin(w * theta) / sin.clamp(min=1e-12))
     q = wa * a + wb * b
     return q / q.norm(dim=-1, keepdim=True)
+
+
+def rigid_matrix(R: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Rigid transforms [..., 4, 4] from rotations ``R`` [..., 3, 3] and translations ``t`` [..., 3]."""
+    bottom = torch.zeros(*R.shape[:-2], 1, 4, dtype=R.dtype, device=R.device)
+    bottom[..., 0, 3].fill_(1)  # fill_, not a scalar __setitem__ (that copies the scalar: a CUDA sync)
+    return torch.cat([torch.cat([R, t[..., None]], dim=-1), bottom], dim=-2)
 
 
 def interpolate_rigid(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

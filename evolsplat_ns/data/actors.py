@@ -13,11 +13,11 @@ else (outside the track, or next to a frame without a box) the actor is not rend
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from evolsplat_ns.geometry import interpolate_rigid
+from evolsplat_ns.geometry import matrix_to_quat, quat_to_matrix, rigid_matrix, slerp
 
 
 @dataclass
@@ -57,16 +57,18 @@ def track_from_boxes(instance_id: str, boxes: dict[int, tuple], frames: Sequence
                       poses.float(), valid)
 
 
-def poses_at(frames: torch.Tensor, poses: torch.Tensor, valid: torch.Tensor,
-             times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Poses of K tracks at ``times`` (scene frame units, fractional allowed).
+def track_at(frames: torch.Tensor, poses: torch.Tensor, valid: torch.Tensor, times: torch.Tensor,
+             quats: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rotations and positions of K tracks at ``times`` (scene frame units, fractional allowed).
 
     Args:
         frames: [F] long ascending segment frames; poses: [K, F, 4, 4] object-to-segment;
-            valid: [K, F] bool; times: [T] float.
+            valid: [K, F] bool; times: [T] float; quats: [K, F, 4] the rotations of ``poses`` as
+            wxyz quaternions if the caller has them (saves converting every call).
     Returns:
-        poses [T, K, 4, 4] and valid [T, K]: at an exact frame that frame's pose; strictly
-        between two consecutive frames, both valid, the interpolated pose; otherwise invalid.
+        quats [T, K, 4] (wxyz, object-to-segment), positions [T, K, 3] (segment frame) and valid
+        [T, K]: at an exact frame that frame's pose; strictly between two consecutive frames, both
+        valid, the interpolation (slerp + linear position); otherwise invalid.
     """
     f = frames.to(times.device, torch.float64)
     t = times.to(torch.float64).clamp(f[0], f[-1])
@@ -76,7 +78,17 @@ def poses_at(frames: torch.Tensor, poses: torch.Tensor, valid: torch.Tensor,
     lo = torch.where(exact_hi, hi, lo)
     w = torch.where(hi == lo, torch.zeros_like(t), (t - f[lo]) / (f[hi] - f[lo]).clamp(min=1e-9))
     inside = (times.to(torch.float64) >= f[0]) & (times.to(torch.float64) <= f[-1])
-    a, b = poses[:, lo].transpose(0, 1), poses[:, hi].transpose(0, 1)  # [T, K, 4, 4]
-    out = interpolate_rigid(a, b, w.to(poses.dtype)[:, None].expand(-1, poses.shape[0]))
+    quats = matrix_to_quat(poses[..., :3, :3]) if quats is None else quats
+    w = w.to(poses.dtype)[:, None].expand(-1, poses.shape[0])  # [T, K]
+    q = slerp(quats[:, lo].transpose(0, 1), quats[:, hi].transpose(0, 1), w)
+    pos = torch.lerp(poses[:, lo, :3, 3].transpose(0, 1), poses[:, hi, :3, 3].transpose(0, 1), w[..., None])
     ok = valid[:, lo].T & valid[:, hi].T & inside[:, None]
-    return out, ok
+    return q, pos, ok
+
+
+def poses_at(frames: torch.Tensor, poses: torch.Tensor, valid: torch.Tensor, times: torch.Tensor,
+             quats: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Poses [T, K, 4, 4] (object-to-segment) and valid [T, K] of K tracks at ``times``; the
+    arguments and the interpolation are :func:`track_at`'s."""
+    q, pos, ok = track_at(frames, poses, valid, times, quats)
+    return rigid_matrix(quat_to_matrix(q), pos), ok

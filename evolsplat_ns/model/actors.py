@@ -27,9 +27,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from evolsplat_ns.data.actors import poses_at
+from evolsplat_ns.data.actors import poses_at, track_at
 from evolsplat_ns.data.types import PointCloud, Views
-from evolsplat_ns.geometry import matrix_to_quat, quat_multiply
+from evolsplat_ns.geometry import matrix_to_quat, quat_multiply, quat_to_matrix, rigid_matrix
 from evolsplat_ns.model.heads import aggregate_views, aggregated_dim, mlp
 from evolsplat_ns.model.node import GaussianParams, knn_mean_distance
 from evolsplat_ns.model.projector import Projector
@@ -105,8 +105,39 @@ class ActorNodes:
 
     def poses_at(self, time: float) -> tuple[torch.Tensor, torch.Tensor]:
         """[K, 4, 4] object-to-segment poses and [K] validity at ``time`` (frame units, fractional ok)."""
-        poses, valid = poses_at(self.frames, self.poses, self.valid, torch.tensor([float(time)], device=self.poses.device))
-        return poses[0], valid[0]
+        R, pos, _, ok = self.pose_at(time)
+        return rigid_matrix(R, pos), ok
+
+    def pose_at(self, time: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotations R [K, 3, 3], positions [K, 3], quaternions [K, 4] (wxyz; all object-to-segment)
+        and validity [K] at ``time`` (frame units). At one of the track's frames (every keyframe
+        a training sample renders) the stored pose is read directly, with no interpolation."""
+        col = self._frame_column(float(time))
+        if col is not None:
+            return self.poses[:, col, :3, :3], self.poses[:, col, :3, 3], self.box_quats()[:, col], self.valid[:, col]
+        q, pos, ok = track_at(self.frames, self.poses, self.valid,
+                              torch.tensor([float(time)], device=self.poses.device), self.box_quats())
+        return quat_to_matrix(q[0]), pos[0], q[0], ok[0]
+
+    def box_quats(self) -> torch.Tensor:
+        """[K, F, 4] wxyz quaternions of the track rotations; cached while the poses are plain
+        tensors (poses in a training graph, stage 2's, are converted on each call so every
+        target's backward owns its graph)."""
+        if self.poses.requires_grad:
+            return matrix_to_quat(self.poses[..., :3, :3])
+        cached = getattr(self, "_box_quats", None)
+        if cached is None or cached[0] is not self.poses:
+            cached = (self.poses, matrix_to_quat(self.poses[..., :3, :3]))
+            self._box_quats = cached
+        return cached[1]
+
+    def _frame_column(self, time: float) -> Optional[int]:
+        """Column of ``time`` in ``frames`` when it is one of them exactly, else None (host only)."""
+        cached = getattr(self, "_frames_host", None)
+        if cached is None or cached[0] is not self.frames:
+            cached = (self.frames, {float(f): i for i, f in enumerate(self.frames.tolist())})  # one sync per track set
+            self._frames_host = cached
+        return cached[1].get(time)
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)
@@ -206,7 +237,8 @@ def sample_actor_windows(projector: Projector, nodes: ActorNodes, source: Views,
     """[N, A] aggregated colour windows of the actors' anchors over ``source`` views, each actor
     placed at each view's own frame (a view where its actor has no box does not count). All views
     are projected in one batch: the projector takes per-view positions [V, N, 3]."""
-    poses, ok = poses_at(nodes.frames, nodes.poses, nodes.valid, source.frame_ids.to(nodes.poses.device))
+    poses, ok = poses_at(nodes.frames, nodes.poses, nodes.valid, source.frame_ids.to(nodes.poses.device),
+                         nodes.box_quats())
     T = poses[:, nodes.actor]  # [V, N, 4, 4] object-to-segment of each anchor's actor at each view's time
     positions = (T[..., :3, :3] @ nodes.means[None, :, :, None])[..., 0] + T[..., :3, 3]
     proj = projector.sample(positions, source)
@@ -217,13 +249,11 @@ def sample_actor_windows(projector: Projector, nodes: ActorNodes, source: Views,
 def place_actors(gaussians: ActorGaussians, nodes: ActorNodes, time: float) -> GaussianParams:
     """The actors' Gaussians posed in the segment frame at ``time``; actors without a box then are
     left out. Means ``R x + t``, rotations ``q_pose ⊗ q``."""
-    poses, ok = nodes.poses_at(time)
-    poses = poses.to(gaussians.means.dtype)
-    box_quats = matrix_to_quat(poses[:, :3, :3])  # [K, 4], once per actor
+    R, pos, box_quats, ok = nodes.pose_at(time)
+    R, pos, box_quats = R.to(gaussians.means.dtype), pos.to(gaussians.means.dtype), box_quats.to(gaussians.means.dtype)
     keep = ok[gaussians.actor]
     actor = gaussians.actor[keep]
-    T = poses[actor]
-    means = (T[:, :3, :3] @ gaussians.means[keep][:, :, None])[..., 0] + T[:, :3, 3]
+    means = (R[actor] @ gaussians.means[keep][:, :, None])[..., 0] + pos[actor]
     quats = quat_multiply(box_quats[actor], gaussians.quats[keep])
     return GaussianParams(means=means, quats=quats, scales=gaussians.scales[keep],
                           opacities=gaussians.opacities[keep], sh=gaussians.sh[keep])

@@ -22,6 +22,7 @@ on generated data, e.g.:
     python benchmarks/train_throughput.py --data /tmp/synth --generator depth --pixel-stride 1 \\
         --pc-voxel-size 0.02 --max-gaussians 1000000 --pc-device cuda   # 1M Gaussians per segment
     ... --amp bf16                                              # mixed precision (heads in bf16)
+    ... --tf32 off                                              # IEEE fp32 matrix products (TF32 is the default)
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def add_trainer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters-per-segment", type=int, default=10)
     p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=("bf16", "fp16"),
                    help="mixed precision (bare --amp: bf16)")
+    p.add_argument("--tf32", choices=("on", "off"), default="on",
+                   help="TF32 tensor cores for fp32 matrix products (the trainer's tf32_matmul; default on)")
     p.add_argument("--output-dir", default="/tmp/evolsplat_bench")
     p.add_argument("--seed", type=int, default=42, help="seeds the network initialisation")
     add_pointcloud_args(p)
@@ -83,6 +86,7 @@ def build_trainer(args: argparse.Namespace):
     cfg.output_dir = Path(args.output_dir)
     cfg.vis = "tensorboard"
     cfg.use_mixed_precision = args.amp is not None
+    cfg.tf32_matmul = args.tf32 == "on"
     if args.amp is not None and hasattr(cfg, "mixed_precision_dtype"):
         cfg.mixed_precision_dtype = {"bf16": "bfloat16", "fp16": "float16"}[args.amp]
     trainer = cfg.setup(local_rank=0, world_size=1)
@@ -203,7 +207,7 @@ def print_table(r: dict) -> None:
                  ("host syncs/step", ", ".join(f"{k} {v:.0f}" for k, v in prof["host_syncs_per_step"].items()))]
     rows += [(f"  phase {k} (ms)", f"{v:.1f}") for k, v in r["ms_per_phase"].items()]
     width = max(len(k) for k, _ in rows)
-    print(f"{r['device']} {r['image']} {r['source_views']} src + {r['target_views']} tgt, amp={r['amp']}")
+    print(f"{r['device']} {r['image']} {r['source_views']} src + {r['target_views']} tgt, amp={r['amp']}, tf32={r.get('tf32_matmul')}")
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
 
@@ -264,6 +268,7 @@ def main() -> None:
         "peak_gpu_memory_gb": peak,
         "gaussians_per_segment": {str(k): len(segments.get(k).node) for k in segments.keys()},
         "amp": args.amp or "off",
+        "tf32_matmul": args.tf32,
         "profile": prof,
         "gpu_busy_fraction": prof["gpu_busy_ms_per_step"] / ms if prof and cuda else None,
         "sync_sites_per_step": syncs,

@@ -73,6 +73,11 @@ class EVolSplatTrainerConfig(TrainerConfig):
     mixed_precision_dtype: Literal["bfloat16", "float16"] = "bfloat16"
     """Autocast dtype. bfloat16 has fp32's range, so it needs no GradScaler (no loss scaling, no
     per-step host read of the scale); float16 runs the sparse U-Net in fp16 too, behind a GradScaler."""
+    tf32_matmul: bool = True
+    """Let fp32 matrix products (the MLP heads, their backward) run on TF32 tensor cores (Ampere and
+    newer GPUs; no effect on CPU). At ~1M Gaussians per segment those products are most of the GPU
+    time in fp32 SIMT kernels otherwise. Rasterisation (gsplat's own kernels), the sparse U-Net
+    (spconv) and all geometry are unaffected. Off: IEEE fp32 products everywhere."""
     max_skipped_fraction: float = 0.3
     """Stop when more than this share of the last ``skip_window`` steps were skipped (1 = never)."""
     skip_window: int = 50
@@ -169,6 +174,8 @@ class EVolSplatTrainer(Trainer):
             self.grad_scaler = torch.amp.GradScaler("cuda", enabled=False)
 
     def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
+        # Process-wide, so set by the job that owns the process (the trainer), not by the model.
+        torch.backends.cuda.matmul.allow_tf32 = self.config.tf32_matmul
         super().setup(test_mode)
         # Segments beyond the host-memory bound spill under the run folder, not a system temp dir.
         world = self.dist.world

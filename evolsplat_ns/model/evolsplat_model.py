@@ -685,4 +685,5 @@ def _subsample(pc: PointCloud, max_points: int, seed: int) -> PointCloud:
         return pc
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(pc), generator=g)[:max_points].to(pc.points.device)
-    return replace(pc, points=pc.points[idx], colors=pc.colors[idx], metadata={**pc.metadata, "subsampled_to": max_points})
+    return replace(pc, points=pc.points[idx], colors=pc.colors[idx], metadata={**pc.metadata, "subsampled_to": max_points},
+                   frame_ids=pc.frame_ids[idx] if pc.frame_ids is not None else None)

@@ -6,24 +6,27 @@ stage 2 finds the moving objects itself, once per segment (when the segment's st
 1. **Ego flow** (:func:`ego_flow`): the flow a static world would produce, from camera t's depth
    and the two camera poses. A pixel moves on its own (:func:`moving_pixels`) where the observed
    flow differs from it by more than ``discovery_residual_px`` (and ``discovery_residual_rel`` of
-   the ego flow's magnitude), or where its surface point, found again at t+1 through the flow and
+   the ego flow's length), or where its surface point, found again at t+1 through the flow and
    that frame's depth, moved more than ``discovery_motion_m`` in the segment frame (motion along
-   the viewing ray barely moves a pixel, so a car straight ahead needs the depth test). Pixels at
-   depth edges, below ``discovery_ground_clearance`` over the local ground, or implying more than
-   ``discovery_max_motion_m`` per frame (an occlusion, not a motion) are not moving.
+   the viewing ray barely moves a pixel, so a car straight ahead needs this depth test). The depth
+   test runs only where both depths are smooth (``discovery_depth_edge``), and rejects a motion
+   that camera t already saw in place (an occlusion at t+1) or above ``discovery_max_motion_m``.
 2. **Clusters** (:func:`cluster_points`): each frame's moving points, all cameras together, lifted
-   to the segment frame, split into connected components of a voxel grid of
-   ``discovery_cluster_radius``; fewer than ``discovery_min_points`` points is noise.
+   to the segment frame, above the local ground plus ``discovery_ground_clearance``, split into
+   connected components of a voxel grid of ``discovery_cluster_radius``; fewer than
+   ``discovery_min_points`` points is noise.
 3. **Tracks** (:func:`track_clusters`): clusters associated frame to frame by their centres
    (constant-velocity prediction, greedy nearest first within ``discovery_gate_m``); a track unseen
    for up to ``tracking_memory_length`` frames can still be re-associated, after that it ends.
-4. **Pseudo-boxes** (:func:`pseudo_boxes`): per track, a heading per frame from its motion
-   direction, one size per track from its points' robust extents, the box floor on the ground and
-   the box anchored at the faces the cameras saw (a camera sees the near side of a car: the far
-   side is where the size says). Frames inside a gap of at most ``tracking_memory_length`` are
-   interpolated; tracks seen on fewer than ``discovery_min_track_frames`` frames or moving less
-   than ``discovery_motion_threshold`` metres are dropped (parked cars stay static, as with box
-   tracks).
+   Tracks that stay within ``discovery_merge_m`` of each other on every shared frame are parts of
+   one object (:func:`merge_tracks`).
+4. **Pseudo-boxes** (:func:`pseudo_boxes`): the point cloud's points of the same frame connected
+   to a track's moving points complete its shape (:func:`complete_with_cloud`); per track, a
+   heading per frame from its motion direction, one size from its points' robust extents, the box
+   floor on the ground and the box anchored at the faces the sensors saw (the far side is where
+   the size says). Frames inside a gap of at most ``tracking_memory_length`` are interpolated;
+   tracks seen on fewer than ``discovery_min_track_frames`` frames or moving at most
+   ``discovery_motion_threshold`` metres are dropped (parked cars stay static, as with box tracks).
 
 The pseudo-box tracks then split the segment's point cloud with the same rule as box tracks
 (:func:`evolsplat_ns.data.actors.split_point_cloud`), and the actors train and are refined as if
@@ -479,7 +482,7 @@ def complete_with_cloud(track: TrackObservations, points: torch.Tensor, frame_id
     ``reach`` m horizontally, above the ground clearance). In place."""
     c = config
     for t, moving in list(track.points.items()):
-        centre = moving.double().mean(0)
+        centre = moving.double().mean(0).to(points.device)
         sel = (frame_ids == t) & ((points[:, :2].double() - centre[:2]).norm(dim=-1) < reach)
         ground = track.ground.get(t)
         if ground is not None:

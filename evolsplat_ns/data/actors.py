@@ -8,16 +8,21 @@ box-local frame: origin at the box centre, x along the length (heading), y along
 Validity: a track is valid at a segment frame where its instance has a box; at a fractional time
 between two consecutive valid frames the pose is interpolated (slerp + linear position); anywhere
 else (outside the track, or next to a frame without a box) the actor is not rendered.
+
+Splitting (:func:`split_by_tracks`): the one rule that moves points of moving actors out of a
+segment's background cloud into their object frames, used both by the point-cloud generators (box
+tracks from ``instances_info.json``) and by stage 2's flow discovery (pseudo-box tracks).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import torch
 
-from evolsplat_ns.geometry import matrix_to_quat, quat_to_matrix, rigid_matrix, slerp
+from evolsplat_ns.data.types import PointCloud
+from evolsplat_ns.geometry import invert_rigid, matrix_to_quat, quat_to_matrix, rigid_matrix, slerp
 
 
 @dataclass
@@ -92,3 +97,72 @@ def poses_at(frames: torch.Tensor, poses: torch.Tensor, valid: torch.Tensor, tim
     arguments and the interpolation are :func:`track_at`'s."""
     q, pos, ok = track_at(frames, poses, valid, times, quats)
     return rigid_matrix(quat_to_matrix(q), pos), ok
+
+
+@dataclass
+class TrackSplit:
+    """What :func:`split_by_tracks` did to N points.
+
+    Attributes:
+        background: [N] bool, the points no track claimed.
+        dynamic: track id -> (points [M, 3] in its object (box-local) frame, colours [M, 3]).
+        dynamic_frames: track id -> [M] long, the scene frame whose box placed each of them.
+    """
+
+    background: torch.Tensor
+    dynamic: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    dynamic_frames: dict[str, torch.Tensor]
+
+
+def split_by_tracks(points: torch.Tensor, colors: torch.Tensor, frame_ids: torch.Tensor,
+                    tracks: dict[str, ActorTrack], margin: float, clearance: float) -> TrackSplit:
+    """Move the points inside the tracks' boxes into their object frames.
+
+    A point seen at frame t (``frame_ids``) belongs to the first track (in ``tracks``' order) with a
+    box at t whose volume holds it: in that box's frame within ``margin`` (m) of its sides and top
+    and more than ``clearance`` (m) above its floor (the road under a car stays background). The
+    box is the track's one ``size``.
+
+    Args:
+        points: [N, 3] segment frame; colors: [N, 3]; frame_ids: [N] long scene frames.
+        tracks: id -> :class:`ActorTrack` (object-to-segment poses over its ``frames``).
+    Returns:
+        a :class:`TrackSplit`; only tracks that claimed at least one point appear in ``dynamic``.
+    """
+    background = torch.ones(points.shape[0], dtype=torch.bool, device=points.device)
+    dynamic: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    dynamic_frames: dict[str, torch.Tensor] = {}
+    for track_id, track in tracks.items():
+        half = track.size.to(points.device, points.dtype) / 2
+        local_all, rgb_all, frame_all = [], [], []
+        for i in track.valid.nonzero()[:, 0].tolist():
+            t = int(track.frames[i])
+            sel = ((frame_ids == t) & background).nonzero()[:, 0]
+            if sel.numel() == 0:
+                continue
+            T = invert_rigid(track.poses[i].to(points.device, points.dtype))
+            local = points[sel] @ T[:3, :3].T + T[:3, 3]
+            inside = (local.abs() <= half + margin).all(-1) & (local[:, 2] > -half[2] + clearance)
+            idx = sel[inside]
+            background[idx] = False
+            local_all.append(local[inside])
+            rgb_all.append(colors[idx])
+            frame_all.append(torch.full((idx.numel(),), t, dtype=torch.long, device=points.device))
+        if local_all and sum(x.shape[0] for x in local_all):
+            dynamic[track_id] = (torch.cat(local_all).float(), torch.cat(rgb_all).float())
+            dynamic_frames[track_id] = torch.cat(frame_all)
+    return TrackSplit(background, dynamic, dynamic_frames)
+
+
+def split_point_cloud(pc: PointCloud, tracks: dict[str, ActorTrack], margin: float, clearance: float) -> PointCloud:
+    """``pc`` with the background points inside ``tracks``' boxes moved to actors (its ``dynamic``,
+    ``tracks`` and ``dynamic_frames``; existing actors are kept). Needs ``pc.frame_ids``."""
+    if pc.frame_ids is None:
+        raise ValueError("this point cloud has no per-point frame_ids (built by an older generator or loaded "
+                         "without them), so its points cannot be split by frame; regenerate it")
+    split = split_by_tracks(pc.points, pc.colors, pc.frame_ids, tracks, margin, clearance)
+    keep = split.background
+    return replace(pc, points=pc.points[keep], colors=pc.colors[keep], frame_ids=pc.frame_ids[keep],
+                   dynamic={**pc.dynamic, **split.dynamic}, tracks={**pc.tracks, **{k: tracks[k] for k in split.dynamic}},
+                   dynamic_frames={**pc.dynamic_frames, **split.dynamic_frames},
+                   metadata={**pc.metadata, "split_tracks": len(split.dynamic)})

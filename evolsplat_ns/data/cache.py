@@ -17,7 +17,7 @@ from evolsplat_ns.data.types import PointCloud
 
 
 def point_cloud_nbytes(pc: PointCloud) -> int:
-    n = pc.points.nbytes + pc.colors.nbytes
+    n = pc.points.nbytes + pc.colors.nbytes + (pc.frame_ids.nbytes if pc.frame_ids is not None else 0)
     return n + sum(p.nbytes + c.nbytes for p, c in pc.dynamic.values())
 
 

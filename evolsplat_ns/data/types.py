@@ -154,6 +154,9 @@ class PointCloud:
         metadata: free-form provenance (generator name, counts before/after filtering, ...).
         dynamic_frames: instance id -> [M] long, the scene frame whose box placed each of its
             ``dynamic`` points in the object frame (stage 2 re-places them by its fitted poses).
+        frame_ids: [N] long, the scene frame that observed each background point (for a point
+            averaged from several in a voxel, the earliest of them), or None when unknown. Lets a
+            later split (stage 2's flow discovery) move points inside a frame's box to an actor.
     """
 
     points: torch.Tensor
@@ -162,6 +165,7 @@ class PointCloud:
     tracks: dict = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
     dynamic_frames: dict[str, torch.Tensor] = field(default_factory=dict)
+    frame_ids: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return self.points.shape[0]
@@ -173,6 +177,7 @@ class PointCloud:
             colors=self.colors.to(device),
             dynamic={k: (p.to(device), c.to(device)) for k, (p, c) in self.dynamic.items()},
             dynamic_frames={k: f.to(device) for k, f in self.dynamic_frames.items()},
+            frame_ids=self.frame_ids.to(device) if self.frame_ids is not None else None,
         )
 
     def as_array(self) -> torch.Tensor:

@@ -68,6 +68,9 @@ class EVolSplatPipeline(VanillaPipeline):
         super().__init__(config, device, test_mode, 1, local_rank, grad_scaler)
         self.world_size = world_size
         self.model.segment_filter = self.datamanager.dataset.holds  # each rank loads only its segments
+        # before the first segment is shown: building a segment may need its observations (stage 2's
+        # flow discovery for a segment without box tracks)
+        self.model.stage2_observations = self._segment_observations
         # A viewer renders bare cameras as soon as a browser connects (before any training step,
         # or right after ns-viewer loads a checkpoint), so there is always a context to render.
         self.shown: SegmentImages = self.datamanager.train_dataset
@@ -78,7 +81,6 @@ class EVolSplatPipeline(VanillaPipeline):
         else:
             self._show_first_nonempty()
         self.model.camera_renderer = self._render_named_camera
-        self.model.stage2_observations = self._segment_observations
         self.stage2_warm_start = False
         """True after loading a checkpoint without stage-2 heads into a stage-2 method (stage-1 warm start)."""
         self._held_out: Optional[tuple[int, Any, Sample, Any]] = None

@@ -200,9 +200,11 @@ class OnlineStage2Trainer:
     def _processor_status(self) -> dict:
         processor = getattr(self.model, "stage2_processor", None)
         if processor is None:
-            return {"segmenter_trusted": False, "flow_trusted": False, "flow_source": "none", "objects_from": "box tracks"}
+            return {"segmenter_trusted": False, "flow_trusted": False, "flow_source": "none", "objects_from": "none",
+                    "objects_discovered": 0}
         status = processor.status()
-        return {k: status[k] for k in ("segmenter_trusted", "flow_trusted", "flow_source", "objects_from")}
+        return {k: status[k] for k in ("segmenter_trusted", "flow_trusted", "flow_source", "objects_from",
+                                        "objects_discovered")}
 
     def state_dict(self) -> dict:
         return {"calls": self.calls, "runs": self.runs, "skipped": dict(self.skipped), "clean_runs": self._clean_runs,

@@ -52,6 +52,8 @@ class ActorNodes:
         ids: the K instance ids (``instances_info.json`` keys), in row order.
         source_frame: [N] long, the scene frame whose box placed each anchor in its object frame
             (None when unknown, e.g. older checkpoints): :meth:`repose` re-places anchors by it.
+        origin: where the tracks came from: "box tracks" (the data's instances) or "flow discovery"
+            (stage 2's pseudo-boxes, :mod:`evolsplat_ns.model.stage2.discovery`).
     """
 
     means: torch.Tensor
@@ -64,10 +66,12 @@ class ActorNodes:
     sizes: torch.Tensor
     ids: tuple[str, ...] = ()
     source_frame: Optional[torch.Tensor] = None
+    origin: str = "box tracks"
 
     @classmethod
-    def from_point_cloud(cls, pc: PointCloud, max_points_per_actor: int = 0, min_points: int = 4) -> Optional["ActorNodes"]:
-        """Actors of ``pc`` (its ``dynamic`` object-frame clouds and ``tracks``); None if it has none.
+    def from_point_cloud(cls, pc: PointCloud, max_points_per_actor: int = 0, min_points: int = 4,
+                         origin: str = "box tracks") -> Optional["ActorNodes"]:
+        """Actors of ``pc`` (its ``dynamic`` object-frame clouds and ``tracks``, from ``origin``); None if it has none.
 
         Actors with fewer than ``min_points`` points are left out (no shape to reconstruct).
         """
@@ -94,7 +98,7 @@ class ActorNodes:
         return cls(torch.cat(means), rgb_to_sh0(torch.cat(colors)), torch.cat(scales), torch.cat(actor),
                    tracks[0].frames.to(dev), torch.stack([t.poses for t in tracks]).to(dev),
                    torch.stack([t.valid for t in tracks]).to(dev), torch.stack([t.size for t in tracks]).to(dev),
-                   tuple(ids), torch.cat(source) if has_frames else None)
+                   tuple(ids), torch.cat(source) if has_frames else None, origin)
 
     def __len__(self) -> int:
         return self.means.shape[0]
@@ -140,15 +144,15 @@ class ActorNodes:
         return cached[1].get(time)
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name != "ids" and getattr(self, f.name) is not None}
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
 
     def state_dict(self) -> dict:
-        return {**self._tensors(), "ids": list(self.ids)}
+        return {**self._tensors(), "ids": list(self.ids), "origin": self.origin}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "ActorNodes":
-        return cls(**{f.name: state.get(f.name) for f in fields(cls) if f.name != "ids"}, ids=tuple(state.get("ids", ())))
+        return cls(**{f.name: state.get(f.name) for f in fields(cls) if f.name not in ("ids", "origin")},
+                   ids=tuple(state.get("ids", ())), origin=state.get("origin", "box tracks"))
 
     def repose(self, poses: torch.Tensor) -> None:
         """Replace the tracks' poses by ``poses`` [K, F, 4, 4] (e.g. stage 2's fitted trajectory),

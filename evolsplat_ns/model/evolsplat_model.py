@@ -28,6 +28,7 @@ from nerfstudio.utils.colormaps import apply_depth_colormap
 from torch.nn import Parameter
 
 from evolsplat_ns import registry
+from evolsplat_ns.data.actors import split_point_cloud
 from evolsplat_ns.data.cameras import camera_to_opencv, reference_view
 from evolsplat_ns.data.observations import SegmentObservations
 from evolsplat_ns.data.types import PointCloud, Sample, SegmentKey, Views
@@ -41,6 +42,7 @@ from evolsplat_ns.model.predictor import GaussianPredictor, PredictorConfig, Sha
 from evolsplat_ns.model.render import rasterize
 from evolsplat_ns.model.segment_store import SegmentState, SegmentStore
 from evolsplat_ns.model.stage2.config import Stage2Config
+from evolsplat_ns.model.stage2.discovery import discover_objects
 from evolsplat_ns.model.stage2.loss import stage2_loss_class
 from evolsplat_ns.model.stage2.processor import OnlineDynamicProcessor
 from evolsplat_ns.model.stage2.refiner import Stage2Refiner
@@ -229,6 +231,8 @@ class EVolSplatModel(SplatfactoSurface):
         self.stage2_processor = OnlineDynamicProcessor(s2) if s2.enabled else None
         self.stage2_observations: Optional[Callable[[SegmentKey], Optional[SegmentObservations]]] = None
         """Set by the pipeline: a segment's lazy depth / flow / images for the stage-2 processor."""
+        self._objects_from: dict[str, str] = {}
+        """Per segment built here without box tracks: what flow discovery found, or why it did not run."""
         self.stage2_started = False
         """Set by the stage-2 controller once the schedule has started (checkpointed): from then on
         every segment the model encodes is processed once (observed motion, fitted poses)."""
@@ -265,8 +269,34 @@ class EVolSplatModel(SplatfactoSurface):
                                     "survived filtering), so there is nothing to reconstruct")
         pc = _subsample(point_cloud, self.config.max_gaussians_per_segment, _stable_seed(key)).to(self.device)
         scale = "knn" if self.config.scale_init <= 0 else self.config.scale_init
-        actors = ActorNodes.from_point_cloud(pc, self.config.max_points_per_actor) if self.config.enable_actors else None
+        pc, origin = self._discover_objects(key, pc)
+        actors = (ActorNodes.from_point_cloud(pc, self.config.max_points_per_actor, origin=origin)
+                  if self.config.enable_actors else None)
         return self.segments.put(key, SegmentState(GaussianNode.from_point_cloud(pc, scale_init=scale), actors))
+
+    def _discover_objects(self, key: SegmentKey, pc: PointCloud) -> tuple[PointCloud, str]:
+        """``pc`` and where its actors come from. A segment without box tracks, with stage 2 on and
+        ``discover_without_boxes``: stage 2's flow discovery runs once here (the segment is built
+        once, then stored and checkpointed) and its pseudo-box tracks split the cloud by the same
+        rule as box tracks, so stage 1 and the processor see actors as if the data had boxes."""
+        s2 = self.config.stage2
+        if pc.tracks or self.stage2_processor is None or not self.config.enable_actors:
+            return pc, "box tracks"
+        why = None
+        obs = self.stage2_observations(key) if self.stage2_observations is not None else None
+        if not s2.discover_without_boxes:
+            why = "none (no box tracks; discover_without_boxes is off)"
+        elif obs is None:
+            why = "none (no box tracks, and no observations of this segment to discover objects from)"
+        elif pc.frame_ids is None:
+            why = "none (no box tracks, and the point cloud has no per-point frame ids to split)"
+        if why is None:
+            tracks, report = discover_objects(obs, s2, (pc.points, pc.frame_ids), self.device)
+            why = report.objects_from
+            if tracks:
+                pc = split_point_cloud(pc, tracks, s2.discovery_box_margin, s2.mask_ground_clearance)
+        self._objects_from[str(key)] = why
+        return pc, "flow discovery"
 
     def set_context(self, key: SegmentKey, sources: Views, point_cloud: Optional[PointCloud] = None) -> SegmentContext:
         """Make segment ``key`` (with candidate ``sources``) the one rendered for bare cameras.
@@ -313,6 +343,9 @@ class EVolSplatModel(SplatfactoSurface):
         motion is cached on its state): from then on its actors are posed by the fitted trajectory
         (stage 1's windows, every render, the refiner's base), the boxes kept in ``motion.box_poses``."""
         segment = ctx.segment
+        if self.stage2_processor is not None and self.stage2_started and segment.actors is None:
+            self.stage2_processor.objects_from = self._objects_from.get(str(ctx.key), "none (no box tracks in this segment)")
+            self.stage2_processor.objects_discovered = 0
         if (self.stage2_processor is None or not self.stage2_started or segment.actors is None
                 or segment.motion is not None):
             return
@@ -685,4 +718,5 @@ def _subsample(pc: PointCloud, max_points: int, seed: int) -> PointCloud:
         return pc
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(pc), generator=g)[:max_points].to(pc.points.device)
-    return replace(pc, points=pc.points[idx], colors=pc.colors[idx], metadata={**pc.metadata, "subsampled_to": max_points})
+    return replace(pc, points=pc.points[idx], colors=pc.colors[idx], metadata={**pc.metadata, "subsampled_to": max_points},
+                   frame_ids=pc.frame_ids[idx] if pc.frame_ids is not None else None)

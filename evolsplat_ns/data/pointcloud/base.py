@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from nerfstudio.configs.base_config import InstantiateConfig
 
-from evolsplat_ns.data.actors import ActorTrack, track_from_boxes
+from evolsplat_ns.data.actors import ActorTrack, split_by_tracks, track_from_boxes
 from evolsplat_ns.data.pointcloud import ops
 from evolsplat_ns.data.scene import SceneData
 from evolsplat_ns.data.types import PointCloud
@@ -90,23 +90,27 @@ class RGBPointCloudGenerator:
         n_raw = pts.shape[0]
         dynamic, tracks, dynamic_frames = {}, {}, {}
         if cfg.split_dynamic:
-            pts, rgb, fids, dynamic, tracks, dynamic_frames = self._split_dynamic(scene, frames, seg_to_world, pts,
-                                                                                  rgb, fids)
+            tracks = self._moving_tracks(scene, frames, seg_from_world)
+            split = split_by_tracks(pts, rgb, fids, tracks, cfg.dynamic_box_margin, cfg.dynamic_ground_clearance)
+            pts, rgb, fids = pts[split.background], rgb[split.background], fids[split.background]
+            dynamic, dynamic_frames = split.dynamic, split.dynamic_frames
+            tracks = {k: tracks[k] for k in dynamic}
         keep = self._crop_mask(scene, frames, seg_from_world, pts)
-        pts, rgb = pts[keep], rgb[keep]
-        pts, rgb = ops.voxel_downsample(pts, rgb, cfg.voxel_size)
-        pts, rgb = self._remove_outliers(pts, rgb)
+        pts, rgb, fids = pts[keep], rgb[keep], fids[keep]
+        pts, rgb, fids = ops.voxel_downsample_frames(pts, rgb, fids, cfg.voxel_size)
+        keep = self._outlier_mask(pts)
+        pts, rgb, fids = pts[keep], rgb[keep], fids[keep]
         if cfg.keep_fraction < 1.0:
             g = torch.Generator().manual_seed(cfg.seed)
             idx = torch.randperm(pts.shape[0], generator=g)[: int(round(cfg.keep_fraction * pts.shape[0]))]
-            pts, rgb = pts[idx.to(pts.device)], rgb[idx.to(pts.device)]
+            pts, rgb, fids = pts[idx.to(pts.device)], rgb[idx.to(pts.device)], fids[idx.to(pts.device)]
         if pts.shape[0] == 0:
             warnings.warn(f"scene {scene.name} frames {frames[0]}..{frames[-1]}: no points survive "
                           f"point-cloud generation ({n_raw} raw); check LiDAR/depth and crop settings")
         meta = {"generator": type(self).__name__, "raw_points": n_raw, "points": pts.shape[0],
                 "frames": used, "scene": scene.name}
         return PointCloud(points=pts.float(), colors=rgb.float().clamp(0, 1), dynamic=dynamic, tracks=tracks,
-                          metadata=meta, dynamic_frames=dynamic_frames)
+                          metadata=meta, dynamic_frames=dynamic_frames, frame_ids=fids.long())
 
     # -- shared filters -----------------------------------------------------------------------
 
@@ -120,54 +124,26 @@ class RGBPointCloudGenerator:
             keep &= d <= cfg.crop_radius
         return keep
 
-    def _remove_outliers(self, pts: torch.Tensor, rgb: torch.Tensor):
+    def _outlier_mask(self, pts: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         if cfg.outlier_removal == "voxel_count":
-            keep = ops.sparse_voxel_mask(pts, 0.5, cfg.outlier_min_points)
-        elif cfg.outlier_removal == "statistical" and pts.shape[0] > cfg.outlier_nb:
-            keep = ops.statistical_outlier_mask(pts, cfg.outlier_nb, cfg.outlier_std)
-        else:
-            return pts, rgb
-        return pts[keep], rgb[keep]
+            return ops.sparse_voxel_mask(pts, 0.5, cfg.outlier_min_points)
+        if cfg.outlier_removal == "statistical" and pts.shape[0] > cfg.outlier_nb:
+            return ops.statistical_outlier_mask(pts, cfg.outlier_nb, cfg.outlier_std)
+        return torch.ones(pts.shape[0], dtype=torch.bool, device=pts.device)
 
-    def _split_dynamic(self, scene, frames, seg_to_world, pts, rgb, fids):
-        """Points inside moving instances' boxes -> object-local clouds and box tracks (segment
-        frame) keyed by instance id. A point is an actor's if, in that frame's box frame, it lies
-        within ``dynamic_box_margin`` of the box's sides and top and more than
-        ``dynamic_ground_clearance`` above its floor (so the road under a car stays static)."""
-        cfg = self.config
+    def _moving_tracks(self, scene: SceneData, frames: Sequence[int], seg_from_world: np.ndarray) -> dict[str, ActorTrack]:
+        """Box tracks (segment frame) of the instances moving more than ``dynamic_motion_threshold``;
+        the split itself is :func:`~evolsplat_ns.data.actors.split_by_tracks` (stage 2's flow
+        discovery splits by its pseudo-box tracks with the same function)."""
         if not scene.layout.has("instances"):
             _warn_once(f"scene {scene.name} has no instances/instances_info.json: moving objects cannot be "
-                       "separated and train as static points (actors need box tracks)")
-            return pts, rgb, fids, {}, {}, {}
-        dynamic: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        dynamic_frames: dict[str, torch.Tensor] = {}
-        tracks: dict[str, ActorTrack] = {}
-        seg_from_world = torch.as_tensor(np.linalg.inv(seg_to_world), dtype=torch.float64)
-        background = torch.ones(pts.shape[0], dtype=torch.bool, device=pts.device)
-        seg_to_world_t = torch.as_tensor(seg_to_world, dtype=pts.dtype, device=pts.device)
-        world_pts = pts @ seg_to_world_t[:3, :3].T + seg_to_world_t[:3, 3]
-        for inst_id, boxes in moving_instances(scene, frames, cfg.dynamic_motion_threshold).items():
-            local_all, rgb_all, frame_all = [], [], []
-            for t, (obj_to_world, size) in boxes.items():
-                sel = (fids == t) & background
-                if not sel.any():
-                    continue
-                size_t = torch.as_tensor(size, dtype=pts.dtype, device=pts.device)
-                inside, local = ops.points_in_box(
-                    world_pts[sel], torch.as_tensor(obj_to_world, dtype=pts.dtype, device=pts.device),
-                    size_t, cfg.dynamic_box_margin)
-                inside &= local[:, 2] > -size_t[2] / 2 + cfg.dynamic_ground_clearance
-                idx = sel.nonzero().squeeze(1)[inside]
-                background[idx] = False
-                local_all.append(local[inside])
-                rgb_all.append(rgb[idx])
-                frame_all.append(torch.full((idx.numel(),), int(t), dtype=torch.long, device=pts.device))
-            if local_all and sum(x.shape[0] for x in local_all):
-                dynamic[str(inst_id)] = (torch.cat(local_all).float(), torch.cat(rgb_all).float())
-                dynamic_frames[str(inst_id)] = torch.cat(frame_all)
-                tracks[str(inst_id)] = track_from_boxes(str(inst_id), boxes, list(frames), seg_from_world)
-        return pts[background], rgb[background], fids[background], dynamic, tracks, dynamic_frames
+                       "separated by box tracks and train as static points (unless stage 2's flow discovery "
+                       "finds them: --pipeline.model.stage2.discover-without-boxes)")
+            return {}
+        seg_from_world_t = torch.as_tensor(seg_from_world, dtype=torch.float64)
+        return {str(k): track_from_boxes(str(k), boxes, list(frames), seg_from_world_t)
+                for k, boxes in moving_instances(scene, frames, self.config.dynamic_motion_threshold).items()}
 
 
 _WARNED: set[str] = set()

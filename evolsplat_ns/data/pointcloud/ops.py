@@ -72,15 +72,31 @@ def voxel_downsample(
     points: torch.Tensor, colors: torch.Tensor, voxel_size: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Average points and colours per voxel of ``voxel_size`` metres. [N, 3] -> [M, 3]."""
+    p, c, _ = voxel_downsample_frames(points, colors, None, voxel_size)
+    return p, c
+
+
+def voxel_downsample_frames(
+    points: torch.Tensor, colors: torch.Tensor, frame_ids: torch.Tensor | None, voxel_size: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`voxel_downsample` that also keeps a frame index per voxel: ``frame_ids`` [N] long ->
+    [M], the earliest frame among the voxel's points (None in, None out). A moving car's points of
+    different frames lie in different voxels except where its surfaces overlap between frames, so
+    the kept frame places the voxel's point to within a voxel of where that frame saw it."""
     if voxel_size <= 0 or points.shape[0] == 0:
-        return points, colors
+        return points, colors, frame_ids
     keys = torch.floor((points - points.min(0).values) / voxel_size).long()
     _, inverse, counts = torch.unique(keys, dim=0, return_inverse=True, return_counts=True)
     M = counts.shape[0]
     out_p = torch.zeros(M, 3, dtype=points.dtype, device=points.device).index_add_(0, inverse, points)
     out_c = torch.zeros(M, 3, dtype=colors.dtype, device=colors.device).index_add_(0, inverse, colors)
     denom = counts.to(points.dtype)[:, None]
-    return out_p / denom, out_c / denom
+    out_f = None
+    if frame_ids is not None:
+        big = torch.iinfo(torch.long).max
+        out_f = torch.full((M,), big, dtype=torch.long, device=points.device).scatter_reduce_(
+            0, inverse, frame_ids.to(points.device, torch.long), reduce="amin")
+    return out_p / denom, out_c / denom, out_f
 
 
 def sparse_voxel_mask(points: torch.Tensor, cell: float, min_points: int) -> torch.Tensor:

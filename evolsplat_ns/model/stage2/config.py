@@ -83,6 +83,42 @@ class Stage2Config:
     difference (0 = off: only boxes and flow). At 10 Hz, 0.05 allows 5 m/s² of acceleration."""
     motion_prior_sigma_deg: float = 0.5
     """Constant-yaw-rate prior: noise (degrees per frame²) of the heading's second difference (0 = off)."""
+    # -- discovery without box tracks (evolsplat_ns.model.stage2.discovery) -----------------------
+    discover_without_boxes: bool = True
+    """A segment without box tracks (no instances/instances_info.json) but with depth and dataset flow:
+    find its moving objects from flow that ego-motion does not explain and make pseudo-box tracks
+    (off: such a segment has no actors and its moving objects train as static points)."""
+    tracking_memory_length: int = 5
+    """A discovered track unseen for up to this many frames keeps its identity (and the gap is
+    interpolated); unseen for longer, a reappearing object starts a new track."""
+    discovery_residual_px: float = 1.0
+    """A pixel moves on its own where its flow differs from the ego-motion flow by more than this (px)..."""
+    discovery_residual_rel: float = 0.2
+    """...and by more than this fraction of the ego-motion flow's length (flow errors grow with the flow)."""
+    discovery_motion_m: float = 0.25
+    """...or where its surface point, found at t+1 through flow and depth, moved more than this (m per frame)."""
+    discovery_depth_edge: float = 0.05
+    """The depth test runs only where depths are smooth: a 3x3 neighbourhood within this factor (1 + x)."""
+    discovery_max_motion_m: float = 3.0
+    """Apparent motions above this (m per frame) are occlusions, not motion (30 m/s at 10 Hz)."""
+    discovery_ground_clearance: float = 0.3
+    """Moving points lower than this (m) above the local ground are not objects (road)."""
+    discovery_cluster_radius: float = 0.5
+    """Voxel edge (m) of the 3D clustering of a frame's moving points (touching cells join)."""
+    discovery_min_points: int = 8
+    """A cluster with fewer moving points than this (all cameras of one frame) is noise."""
+    discovery_gate_m: float = 3.0
+    """Largest distance (m) between a track's constant-velocity prediction and the cluster it takes."""
+    discovery_merge_m: float = 2.5
+    """Tracks seen together whose centres stay closer than this (m) on every shared frame are one object."""
+    discovery_min_track_frames: int = 3
+    """Tracks observed on fewer frames than this are dropped."""
+    discovery_motion_threshold: float = 0.5
+    """Tracks whose centre moves at most this (m) over the segment are static and dropped (as the
+    point-cloud generator's ``dynamic_motion_threshold`` does for box tracks)."""
+    discovery_box_margin: float = 0.3
+    """Margin (m) of the pseudo-boxes' sides and top when moving point-cloud points into the actors
+    (above ``dynamic_ground_clearance``-like 0.1 m over the box floor)."""
     # -- loss weights (Stage2CompleteLoss) ------------------------------------------------------
     rgb_loss_weight: float = 0.5
     """Weight of the full-image L1 of the joint (static + refined actors) render."""

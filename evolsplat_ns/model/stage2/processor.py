@@ -6,7 +6,9 @@ the :class:`~evolsplat_ns.model.segment_store.SegmentStore` (LRU-bounded, spille
 with the segment), so a segment is processed once however often it is trained.
 
 For a segment with box tracks (:class:`~evolsplat_ns.model.actors.ActorNodes`: objects and
-identities come from the tracks):
+identities come from the tracks; for a segment without, from stage 2's flow discovery,
+:mod:`evolsplat_ns.model.stage2.discovery`, whose pseudo-box tracks are treated exactly like box
+tracks here):
 
 1. **Masks** (segmentation): every pixel with depth is lifted into the segment frame and assigned
    to the box it lies in, enlarged by ``mask_box_margin`` (so a noisy box still covers its car) and
@@ -27,8 +29,9 @@ identities come from the tracks):
    Where a frame is tied to no other its box is kept exactly. Roll and pitch stay the box's
    (driving boxes are heading-only).
 
-Without box tracks nothing is discovered (flow-only discovery of moving objects is not built; the
-processor reports ``objects_from = "none"``).
+``status()["objects_from"]``: "box tracks", "flow discovery" (with ``objects_discovered``), or
+"none (why)" for a segment without objects (no box tracks and no flow/depth to discover from, or
+discovery found nothing, or ``discover_without_boxes`` off).
 """
 
 from __future__ import annotations
@@ -279,6 +282,11 @@ class OnlineDynamicProcessor:
         self.flow_trusted = False
         self.segmenter_trusted = False
         self.flow_source = "not run yet"
+        self.objects_from = "not run yet"
+        """Where the last processed segment's objects came from: "box tracks", "flow discovery", or
+        "none (why)" (set by :meth:`process` from the actors, by the model for a segment without)."""
+        self.objects_discovered = 0
+        """Objects flow discovery found on the last segment it ran on (0 with box tracks)."""
         self._device = torch.device("cpu")
 
     # -- components, built on first use (RAFT/SAM2 only when the data needs them) ------------------
@@ -319,7 +327,7 @@ class OnlineDynamicProcessor:
     def status(self) -> dict:
         return {"flow_trusted": self.flow_trusted, "flow_source": self.flow_source,
                 "segmenter": self.config.segmenter, "segmenter_trusted": self.segmenter_trusted,
-                "objects_from": "box tracks"}
+                "objects_from": self.objects_from, "objects_discovered": self.objects_discovered}
 
     # -- one segment -----------------------------------------------------------------------------
 
@@ -334,6 +342,8 @@ class OnlineDynamicProcessor:
         times = {"segmentation": 0.0, "flow": 0.0, "aggregation": 0.0}
         source, usable = self._flow_plan(obs) if obs is not None else ("none (no observations for this segment)", False)
         self.flow_source, self.flow_trusted = source, usable
+        self.objects_from = nodes.origin
+        self.objects_discovered = K if nodes.origin == "flow discovery" else 0
         self._device = nodes.poses.device  # masks and fits run where the model runs
         if usable:
             frames = nodes.frames.tolist()

@@ -48,7 +48,9 @@ class RefinePlan:
     Attributes: rows (host) the refined actor rows, ascending; index [M] device long, the Gaussian
     rows each head sees, concatenated over ``rows`` (each row's point-budget subset); splits (host)
     how many of ``index`` belong to each row; refined [K] device bool; points [K] device long;
-    refined_host / points_host their host copies; rows_t [R] device long; valid_host [K, F] host bool."""
+    refined_host / points_host their host copies; rows_t [R] device long; valid_host [K, F] host bool;
+    points_mean the mean points per refined row (0.0 without); pair_rows[c] whether a refined row is
+    valid at columns c and c + 1 (host bools)."""
 
     rows: list[int]
     index: torch.Tensor
@@ -59,6 +61,8 @@ class RefinePlan:
     points_host: torch.Tensor
     rows_t: torch.Tensor
     valid_host: torch.Tensor
+    points_mean: float = 0.0
+    pair_rows: tuple[bool, ...] = ()
 
 
 CHECKPOINT_ABOVE_BYTES = 512 * 2**20
@@ -160,7 +164,9 @@ class Stage2Refiner(nn.Module):
             chosen.append(idx)
         index = torch.cat(chosen) if chosen else torch.zeros(0, dtype=torch.long)
         return RefinePlan(rows, index.to(device), [int(i.numel()) for i in chosen], refined.to(device),
-                          points.to(device), refined, points, torch.tensor(rows, dtype=torch.long).to(device), valid)
+                          points.to(device), refined, points, torch.tensor(rows, dtype=torch.long).to(device), valid,
+                          sum(i.numel() for i in chosen) / len(chosen) if chosen else 0.0,
+                          tuple((valid[:, :-1] & valid[:, 1:] & refined[:, None]).any(0).tolist()))
 
     def forward(self, g: ActorGaussians, nodes: ActorNodes, motion: Optional[ObservedMotion] = None) -> RefineOutput:
         """Refine the actors' Gaussians ``g`` (object frames) and the poses of ``nodes`` (the boxes,

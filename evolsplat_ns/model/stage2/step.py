@@ -204,9 +204,7 @@ class Stage2Step:
         """Weighted :func:`flow_consistency_objects` over refined actors valid at both frames (None:
         none, known on the host from the cached plan)."""
         plan, col = self.plan, flow.col
-        if col + 1 >= plan.valid_host.shape[1]:
-            return None
-        if not bool((plan.valid_host[:, col] & plan.valid_host[:, col + 1] & plan.refined_host).any()):
+        if col >= len(plan.pair_rows) or not plan.pair_rows[col]:
             return None
         valid = self.nodes.valid
         rows = valid[:, col] & valid[:, col + 1] & plan.refined
@@ -281,8 +279,7 @@ class Stage2Step:
         if self.nonfinite or self._read is None:
             return Stage2Report("nonfinite", time_s=elapsed)
         plan, read = self.plan, self._read
-        refined = int(plan.refined_host.sum())
-        ppo = float(plan.points_host[plan.refined_host].float().mean()) if refined else 0.0
+        refined, ppo = len(plan.rows), plan.points_mean
         extra = sum(self.process_s.values())
         totals = self.totals
         return Stage2Report("ran", sum(totals.values()), refined, ppo, read["trans"], read["rot"], elapsed + extra,

@@ -21,6 +21,7 @@ unions both. ``--pc-device cuda`` builds the point cloud on the GPU (seconds ins
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from evolsplat_ns.data.pointcloud.base import PointCloudGeneratorConfig
 from evolsplat_ns.data.pointcloud.depth import DepthPointCloudConfig
@@ -57,3 +58,32 @@ def apply_pointcloud_args(config, args: argparse.Namespace) -> None:
         base.voxel_size = args.pc_voxel_size
     base.device = args.pc_device
     pipeline.model.max_gaussians_per_segment = args.max_gaussians
+
+
+def add_synth_args(parser: argparse.ArgumentParser, *, width: int, height: int, moving_cars: int,
+                   device: str = "cpu") -> None:
+    """``--out``, ``--device`` and the generated scenes' flags (moving cars with noisy boxes; the
+    true boxes in ``instances_gt/``) shared by the stage-2 benchmarks; :func:`synth_dataset` makes them."""
+    parser.add_argument("--out", type=Path, required=True, help="output folder (generated data in OUT/data)")
+    parser.add_argument("--device", default=device)
+    g = parser.add_argument_group("generated scenes (written to OUT/data when absent; reused otherwise)")
+    g.add_argument("--width", type=int, default=width)
+    g.add_argument("--height", type=int, default=height)
+    g.add_argument("--scenes", type=int, default=2)
+    g.add_argument("--frames", type=int, default=12)
+    g.add_argument("--moving-cars", type=int, default=moving_cars)
+    g.add_argument("--box-noise-trans", type=float, default=0.3, help="m")
+    g.add_argument("--box-noise-rot", type=float, default=3.0, help="degrees")
+
+
+def synth_dataset(args: argparse.Namespace) -> Path:
+    """``args.out / "data"``: generated with :func:`add_synth_args`' settings (3 cameras, seed 0)
+    unless it exists already (then reused as it is: delete it to change the settings)."""
+    from evolsplat_ns.data.synth import SynthConfig, generate_dataset
+
+    data = args.out / "data"
+    if not data.exists():
+        generate_dataset(SynthConfig(scenes=args.scenes, frames=args.frames, cameras=3, width=args.width,
+                                     height=args.height, moving_cars=args.moving_cars, seed=0,
+                                     box_noise_trans=args.box_noise_trans, box_noise_rot=args.box_noise_rot), data)
+    return data

@@ -4,8 +4,10 @@ Generates scenes with moving cars whose *written* boxes carry noise (true boxes 
 trains ``evolsplat-lite`` (stage 2 off) and ``evolsplat-stage2-lite`` (on), same seed and steps, and
 prints, as JSON and a table: the box error of the poses each renders against the true boxes (mean
 translation m, rotation deg, over every training segment's actors and valid frames; off = the
-noisy boxes themselves), held-out whole-image and dynamic-region PSNR and the flow-warping
-temporal error (docs/metrics.md), and ms per step.
+noisy boxes themselves), held-out whole-image and dynamic-region PSNR, the flow-warping
+temporal error (docs/metrics.md), the depth error on dynamic pixels (abs rel, RMSE in metres,
+against the generated true depth maps on the true dynamic mask, undilated), LPIPS only when the
+pretrained weights are on disk ("n/a (no pretrained weights)" otherwise), and ms per step.
 
 The error is frame-independent: with T_noisy, T_true the written and true object-to-world boxes,
 the rendered pose is T_noisy·Exp(ξ) (in any common frame), so its error is Exp(ξ)⁻¹·T_noisy⁻¹·T_true.
@@ -28,6 +30,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from bench_setup import add_synth_args, synth_dataset
 
 
 def _true_errors(scene_dirs: dict[int, Path]) -> dict[tuple[int, str, int], torch.Tensor]:
@@ -73,6 +77,42 @@ def _pose_errors(trainer, truth) -> tuple[float, float, int]:
                     rot.append(float(so3_log(err[:3, :3]).norm()) * 180 / math.pi)
     n = len(trans)
     return (sum(trans) / n if n else math.nan, sum(rot) / n if n else math.nan, n)
+
+
+def dynamic_depth_errors(view, scene) -> Optional[tuple[float, float, int]]:
+    """(sum of |d - d_true| / d_true, sum of (d - d_true)², pixels) of a held-out view's rendered
+    depth over its true dynamic mask where the generated true depth is > 0 (None without pixels)."""
+    t = view.sample.target
+    if t.dynamic_masks is None:
+        return None
+    frame, cam = int(t.frame_ids[view.view]), int(t.cam_ids[view.view])
+    true = scene._load_depth(frame, cam, (t.width, t.height)).to(view.outputs["depth"].device)
+    mask = t.dynamic_masks[view.view].to(true.device) & (true > 0)
+    if not bool(mask.any()):
+        return None
+    d, g = view.outputs["depth"][..., 0][mask].float(), true[mask]
+    return float(((d - g).abs() / g).sum()), float(((d - g) ** 2).sum()), int(mask.sum())
+
+
+def held_out_metrics(trainer) -> dict:
+    """The held-out metrics (``evaluate_held_out``) plus the depth error on dynamic pixels, pooled
+    over every dynamic pixel of every held-out view."""
+    from evolsplat_ns.engine.evaluation import evaluate_held_out
+
+    pipeline = trainer.pipeline
+    dataset = pipeline.datamanager.dataset
+    sums = [0.0, 0.0, 0]
+
+    def on_view(view):
+        scene = dataset.scenes[dataset.segments[dataset.segment_index(view.sample.key)].scene_index]
+        if (e := dynamic_depth_errors(view, scene)) is not None:
+            sums[0], sums[1], sums[2] = sums[0] + e[0], sums[1] + e[1], sums[2] + e[2]
+
+    metrics = evaluate_held_out(pipeline.model, pipeline.datamanager, on_view)
+    if sums[2]:
+        metrics["depth_abs_rel_dynamic"] = sums[0] / sums[2]
+        metrics["depth_rmse_dynamic_m"] = math.sqrt(sums[1] / sums[2])
+    return metrics
 
 
 RUNS = {
@@ -204,42 +244,30 @@ def run(data: Path, out: Path, stage2: Optional[dict], steps: int, device: str, 
     else:
         found = {}
         trans, rot, n = _pose_errors(trainer, _true_errors(scenes))
-    metrics = trainer.pipeline.get_average_eval_image_metrics()
+    metrics = held_out_metrics(trainer)
     stats = trainer.pipeline.stage2_controller.get_statistics() if stage2 is not None else {}
     trainer.pipeline.datamanager.dataset.close()
-    keys = ("psnr", "psnr_dynamic", "temporal_warp_error")
+    keys = ("psnr", "psnr_dynamic", "temporal_warp_error", "depth_abs_rel_dynamic", "depth_rmse_dynamic_m")
+    lpips = metrics["lpips"] if metrics.get("lpips_available") and "lpips" in metrics else "n/a (no pretrained weights)"
     return {"pose_err_trans_m": trans, "pose_err_rot_deg": rot, "pose_samples": n, **found,
-            **{k: metrics[k] for k in keys if k in metrics}, "ms_per_step": 1e3 * train_s / steps,
+            **{k: metrics[k] for k in keys if k in metrics}, "lpips": lpips, "ms_per_step": 1e3 * train_s / steps,
             **({"stage2_runs": stats["runs"], "stage2_calls": stats["calls"],
                 "applied_corr_m": stats["pose_corr_trans_m_avg"]} if stage2 is not None else {})}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True)
+    add_synth_args(p, width=96, height=64, moving_cars=2)
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--width", type=int, default=96)
-    p.add_argument("--height", type=int, default=64)
-    p.add_argument("--scenes", type=int, default=2)
-    p.add_argument("--frames", type=int, default=12)
-    p.add_argument("--box-noise-trans", type=float, default=0.3, help="m")
-    p.add_argument("--box-noise-rot", type=float, default=3.0, help="degrees")
     p.add_argument("--mode", default="joint", choices=["joint", "gaussian_only", "pose_only"])
     p.add_argument("--lr", type=float, default=1e-4, help="stage-2 learning rate")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--full", action="store_true", help="the full evolsplat / evolsplat-stage2 methods (GPU)")
     p.add_argument("--runs", nargs="+", default=["stage2_off", "stage2_on"], choices=list(RUNS),
                    help="which named runs (RUNS in this file)")
     p.add_argument("--objects-from", default="boxes", choices=["boxes", "discovery"],
                    help="discovery: train without instances/ (stage 2's flow discovery), errors vs the true boxes")
     a = p.parse_args()
-    from evolsplat_ns.data.synth import SynthConfig, generate_dataset
-
-    data = a.out / "data"
-    if not data.exists():
-        generate_dataset(SynthConfig(scenes=a.scenes, frames=a.frames, cameras=3, width=a.width, height=a.height,
-                                     moving_cars=2, seed=0, box_noise_trans=a.box_noise_trans,
-                                     box_noise_rot=a.box_noise_rot), data)
+    data = synth_dataset(a)
     if a.objects_from == "discovery":
         data = hide_boxes(data)
     results = {name: run(data, a.out / "runs", RUNS[name], a.steps, a.device, a.mode, a.lr, name, a.full,
@@ -248,7 +276,11 @@ def main() -> None:
     keys = sorted({k for r in results.values() for k in r})
     print(f"{'metric':<22}" + "".join(f"{n:>14}" for n in results))
     for k in keys:
-        print(f"{k:<22}" + "".join(f"{results[n].get(k, float('nan')):>14.4g}" for n in results))
+        print(f"{k:<22}" + "".join(_cell(results[n].get(k, float("nan"))) for n in results))
+
+
+def _cell(value) -> str:
+    return f"{value:>14.4g}" if isinstance(value, (int, float)) else f"  {value}"
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ in the segment (flow is defined between consecutive scene frames only).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Generic, Hashable, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -92,3 +93,44 @@ class SegmentObservations:
             raise ValueError(f"frames {t}, {t + 1} are not both in this segment ({self.frames})")
         flow = self.scene.load_flow(t, cam, self.size) if self.has_flow else None
         return PairObservation(self.view(t, cam, images, depth), self.view(t + 1, cam, images, depth), flow)
+
+
+T = TypeVar("T")
+
+
+class FlowCache(Generic[T]):
+    """A small LRU of per-view flow entries bounded in bytes (``max_bytes``; 0 = keep nothing).
+
+    Stage 2's consistency term reads the flow of every target view on every stage-2 step; the model
+    keeps the views of the segments it trains here (keyed by (segment, frame, camera), already
+    resized to the render size and on its device), so steady-state steps read no file. ``get``
+    builds a missing entry with ``load() -> (entry, nbytes)``; entries larger than the bound are
+    returned without being kept."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self._items: OrderedDict[Hashable, tuple[T, int]] = OrderedDict()
+        self.nbytes = 0
+        self.hits = self.misses = 0
+
+    def get(self, key: Hashable, load: Callable[[], tuple[T, int]]) -> T:
+        if key in self._items:
+            self._items.move_to_end(key)
+            self.hits += 1
+            return self._items[key][0]
+        self.misses += 1
+        entry, size = load()
+        if size <= self.max_bytes:
+            self._items[key] = (entry, size)
+            self.nbytes += size
+            while self.nbytes > self.max_bytes:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self.nbytes -= dropped
+        return entry
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.nbytes = 0

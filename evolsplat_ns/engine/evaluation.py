@@ -109,8 +109,16 @@ how a method renders another camera (the temporal error renders the view's camer
 def dynamic_metrics(sample: Sample, v: int, rgb: torch.Tensor, following: Optional[NextFrame],
                     render: Optional[Renderer]) -> dict[str, float]:
     """Region PSNR/SSIM (dynamic vs static pixels) and the temporal warping error on dynamic
-    pixels (rendered minus ground truth, needs ``following`` and ``render``), when the view has a
-    dynamic mask (docs/metrics.md)."""
+    pixels, when the view has a dynamic mask (docs/metrics.md).
+
+    ``temporal_warp_error`` (needs ``following`` and ``render``): with the residual of a pair along
+    the ground-truth flow F (t -> t+1), ``r_X(p) = X_t(p) - X_{t+1}(p + F(p))``, it is
+    ``mean_p |r_render(p) - r_gt(p)|_1`` over the dilated dynamic region (pixels whose target stays
+    in the image): how far the render's change from t to t+1 is from the real footage's along the
+    real motion. 0 = the same change; never negative. A render static or blurred in time scores
+    ``mean |r_gt|`` (it is not rewarded, as the former ``E(render) - E(gt)`` rewarded it), and
+    actors posed wrong in one frame but not the other score more; lighting changes of the footage
+    cancel where the render reproduces them."""
     target = sample.target
     if target.dynamic_masks is None:
         return {}
@@ -121,10 +129,9 @@ def dynamic_metrics(sample: Sample, v: int, rgb: torch.Tensor, following: Option
         rendered = render(following.c2w, target.intrinsics[v], target.width, target.height,
                           following.time)["rgb"].clamp(0, 1)
         region, flow = dilate(dynamic, radius), following.flow.to(rgb.device)
-        e_render = warp_error(rgb, rendered.to(rgb.device), flow, region)
-        e_gt = warp_error(gt, following.image.to(rgb.device), flow, region)
-        if np.isfinite(e_render) and np.isfinite(e_gt):
-            out["temporal_warp_error"] = e_render - e_gt
+        error = warp_error(rgb, rendered.to(rgb.device), flow, region, reference=(gt, following.image.to(rgb.device)))
+        if np.isfinite(error):
+            out["temporal_warp_error"] = error
     return out
 
 

@@ -30,7 +30,7 @@ from torch.nn import Parameter
 from evolsplat_ns import registry
 from evolsplat_ns.data.actors import split_point_cloud
 from evolsplat_ns.data.cameras import camera_to_opencv, reference_view
-from evolsplat_ns.data.observations import SegmentObservations
+from evolsplat_ns.data.observations import FlowCache, SegmentObservations
 from evolsplat_ns.data.types import PointCloud, Sample, SegmentKey, Views
 from evolsplat_ns.geometry import invert_rigid
 from evolsplat_ns.model.losses import entropy_loss
@@ -100,6 +100,11 @@ class EVolSplatModelConfig(ModelConfig, PredictorConfig):
     loss_coefficients: tyro.conf.Suppress[dict] = field(default_factory=dict)
     eval_num_rays_per_chunk: tyro.conf.Suppress[int] = 1 << 15
     prompt: tyro.conf.Suppress[Optional[str]] = None
+
+
+STAGE2_FLOW_CACHE_BYTES = 512 * 2**20
+"""Bound of the model's cache of stage-2 flow views (device memory): 960x640 flows are 4.9 MB
+each, so about a hundred (frame, camera) views, several segments' worth at the demo's sizes."""
 
 
 class EmptySegmentError(ValueError):
@@ -244,6 +249,8 @@ class EVolSplatModel(SplatfactoSurface):
         """What the last scheduled stage-2 step did (None: not scheduled, or stage 1 failed first)."""
         self.stage2_counters: dict = {}
         """The stage-2 controller's counters, kept here so that checkpoints carry them."""
+        self._flow_views: FlowCache[tuple[str, Optional[FlowView]]] = FlowCache(STAGE2_FLOW_CACHE_BYTES)
+        """Stage 2's flow views by (segment, frame, camera), on the device: read from disk once."""
 
     def get_param_groups(self) -> dict[str, list[Parameter]]:
         groups = {"networks": list(self.predictor.parameters())}
@@ -316,6 +323,7 @@ class EVolSplatModel(SplatfactoSurface):
         own point clouds even if their keys repeat a training scene's (zero-shot)."""
         self.segments.forget()
         self.context = None
+        self._flow_views.clear()
 
     # -- prediction and rendering ----------------------------------------------------------------
 
@@ -383,16 +391,21 @@ class EVolSplatModel(SplatfactoSurface):
     def _finish_stage2(self, step2: Optional[Stage2Step], backward, totals: dict[str, torch.Tensor]) -> None:
         """The per-step stage-2 terms and the refiner's backward, before the shared stage-1 part.
 
-        Stage-2 steps check finiteness on the host (a device sync, only on those steps): a non-finite
-        stage-2 term is left out of the backward (stage 1 steps on); a non-finite stage-1 loss
-        makes the trainer skip the whole step, reported as ``stage2_report = None``."""
+        Stage-2 steps read the device once here (:meth:`Stage2Step.finish`): a non-finite stage-2
+        term leaves stage 2's part of the step out (its terms removed from ``totals``, its gradients
+        dropped; stage 1 steps on); a non-finite stage-1 loss makes the trainer skip the whole step,
+        reported as ``stage2_report = None``."""
         if step2 is None:
             return
-        if totals and not bool(torch.isfinite(sum(v.detach() for v in totals.values()))):
-            step2.discard()
+        stage1_total = sum(v.detach() for v in totals.values()) if totals else None
+        terms = step2.finish(backward, stage1_total)
+        if not step2.stage1_finite:
             self.stage2_report = self.stage2_step = None
             return
-        for k, val in step2.finish(backward).items():
+        if step2.nonfinite:
+            for k in [k for k in totals if k.startswith("s2_")]:
+                del totals[k]
+        for k, val in terms.items():
             totals[k] = totals[k] + val if k in totals else val
         self.stage2_report, self.stage2_step = step2.report(), None
 
@@ -514,7 +527,10 @@ class EVolSplatModel(SplatfactoSurface):
             terms = self.image_losses(out, gt, step, self.sky_mask(targets, v))
             losses = {k: val / len(targets) for k, val in terms.items()}
             if self.stage2_step is not None:
-                depth = targets.depths[v].to(self.device) if targets.depths is not None else None
+                depth = targets.depths[v] if targets.depths is not None else None
+                if depth is not None and depth.device.type == "cpu" and not bool((depth > 0).any()):
+                    depth = None  # no ground truth in this view (checked on the host: no device read)
+                depth = depth.to(self.device, non_blocking=True) if depth is not None else None
                 losses.update(self.stage2_step.target_terms(out, gt, depth, step, len(targets),
                                                             self._flow_view(targets, v)))
         return TargetLoss(losses, psnr(out["rgb"].detach().float(), gt), out["gaussians"].index)
@@ -560,24 +576,31 @@ class EVolSplatModel(SplatfactoSurface):
     def _flow_view(self, targets: Views, v: int) -> Optional[FlowView]:
         """Trusted flow from target ``v``'s frame to the next of its camera, for the stage-2
         consistency term: the dataset's flow/ (a real observation); None (and the loss status says
-        why) without it, when the weight is 0, or at the segment's last frame."""
+        why) without it, when the weight is 0, or at the segment's last frame. Each (segment, frame,
+        camera) is read from disk and moved to the device once (``_flow_views``, bounded)."""
         loss = self.stage2_loss
         if loss is None or self.config.stage2.consistency_loss_weight <= 0:
             return None
         ctx = self._require_context()
+        t, cam = int(targets.frame_ids[v]), int(targets.cam_ids[v])
+        status, view = self._flow_views.get((ctx.key, t, cam), lambda: self._load_flow_view(ctx, t, cam))
+        loss.consistency_status = status
+        return view
+
+    def _load_flow_view(self, ctx: SegmentContext, t: int, cam: int) -> tuple[tuple[str, Optional[FlowView]], int]:
+        """(consistency status, flow view or None) of camera ``cam`` at frame ``t`` and its bytes."""
         obs = self.stage2_observations(ctx.key) if self.stage2_observations is not None else None
         if obs is None or not obs.has_flow:
-            loss.consistency_status = "off (no dataset flow/ for this segment; RAFT flow never supervises a loss here)"
-            return None
-        loss.consistency_status = "on (dataset flow)"
-        t, cam = int(targets.frame_ids[v]), int(targets.cam_ids[v])
+            return ("off (no dataset flow/ for this segment; RAFT flow never supervises a loss here)", None), 0
+        status = "on (dataset flow)"
         frames = ctx.segment.actors.frames.tolist() if ctx.segment.actors is not None else []
         if t + 1 not in obs.frames or t not in frames or t + 1 not in frames:
-            return None  # the segment's last frame has no next one
+            return (status, None), 0  # the segment's last frame has no next one
         pair = obs.pair(t, cam, depth=False)
-        to = lambda x: x.to(self.device, non_blocking=True)  # noqa: E731
-        return FlowView(to(pair.flow), frames.index(t), to(pair.view_t.K), to(invert_rigid(pair.view_t.c2w)),
+        to = lambda x: x.to(self.device)  # noqa: E731
+        view = FlowView(to(pair.flow), frames.index(t), to(pair.view_t.K), to(invert_rigid(pair.view_t.c2w)),
                         to(invert_rigid(pair.view_t1.c2w)))
+        return (status, view), view.flow.numel() * view.flow.element_size()
 
     def view_loss(self, outputs: dict[str, torch.Tensor], gt: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         """Loss of one target view: photometric (+ entropy on accumulation every N steps)."""

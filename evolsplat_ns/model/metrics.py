@@ -16,6 +16,8 @@ import functools
 import os
 from pathlib import Path
 
+from typing import Optional
+
 import torch
 from pytorch_msssim import ssim
 
@@ -234,18 +236,29 @@ def region_metrics(pred: torch.Tensor, gt: torch.Tensor, dynamic: torch.Tensor, 
     return masked_region_metrics(pred, gt, dilate(dynamic.to(pred.device), radius), "dynamic", "static")
 
 
-def warp_error(frame_t: torch.Tensor, frame_next: torch.Tensor, flow: torch.Tensor, mask: torch.Tensor) -> float:
-    """Mean L1 over ``mask`` [H, W] of ``frame_t(p) - frame_next(p + flow(p))`` (images [H, W, 3],
-    ``flow`` [H, W, 2] pixels t -> t+1, dx right, dy down; bilinear; pixels whose target leaves the
-    image are left out). nan when nothing remains."""
+def warp_residual(frame_t: torch.Tensor, frame_next: torch.Tensor, flow: torch.Tensor,
+                  mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``frame_t(p) - frame_next(p + flow(p))`` [H, W, 3] (images [H, W, 3], ``flow`` [H, W, 2]
+    pixels t -> t+1, dx right, dy down; bilinear) and the pixels of ``mask`` [H, W] whose target
+    stays in the image [H, W] bool."""
     H, W = mask.shape
     ys, xs = torch.meshgrid(torch.arange(H, device=flow.device), torch.arange(W, device=flow.device), indexing="ij")
     x = xs + 0.5 + flow[..., 0]
     y = ys + 0.5 + flow[..., 1]
     inside = (x >= 0) & (x <= W) & (y >= 0) & (y <= H) & mask.to(flow.device)
-    if not inside.any():
-        return float("nan")
     grid = torch.stack([2 * x / W - 1, 2 * y / H - 1], dim=-1)[None].to(frame_next.dtype)
     warped = torch.nn.functional.grid_sample(frame_next.permute(2, 0, 1)[None], grid, align_corners=False)[0]
-    diff = (frame_t - warped.permute(1, 2, 0)).abs().mean(-1)
-    return float(diff[inside].mean())
+    return frame_t - warped.permute(1, 2, 0), inside
+
+
+def warp_error(frame_t: torch.Tensor, frame_next: torch.Tensor, flow: torch.Tensor, mask: torch.Tensor,
+               reference: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> float:
+    """Mean L1 (over channels, then pixels) over ``mask`` [H, W] of the warp residual
+    :func:`warp_residual` of (``frame_t``, ``frame_next``); with ``reference`` (the real pair at t
+    and t+1) of the difference of the two pairs' residuals instead. nan when no pixel remains."""
+    residual, inside = warp_residual(frame_t, frame_next, flow, mask)
+    if reference is not None:
+        residual = residual - warp_residual(reference[0], reference[1], flow, mask)[0]
+    if not inside.any():
+        return float("nan")
+    return float(residual.abs().mean(-1)[inside].mean())

@@ -147,7 +147,8 @@ def _frame_features(poses: torch.Tensor, valid: torch.Tensor, size: torch.Tensor
     """[F, 11]: normalised time, validity, box pose relative to the first valid frame (two rotation
     columns, translation / |size|)."""
     F = poses.shape[0]
-    ref = poses[int(valid.nonzero()[0, 0])]
+    first = valid.to(torch.uint8).argmax().reshape(1)  # first valid frame, on the device (no host read)
+    ref = poses.index_select(0, first)[0]
     rel = torch.linalg.solve(ref, poses)  # ref^-1 @ poses: motion in the reference's object axes
     time = torch.linspace(0, 1, F, dtype=poses.dtype, device=poses.device)
     return torch.cat([time[:, None], valid[:, None].to(poses.dtype), rel[:, :3, 0], rel[:, :3, 1],

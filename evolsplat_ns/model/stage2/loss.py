@@ -53,43 +53,47 @@ class Stage2TermInputs:
 
 
 def inverse_depth_l1(depth: torch.Tensor, gt_depth: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """mean |1/Ď − 1/D| over pixels with D > 0; None without ground truth there."""
-    if gt_depth is None or not bool((gt_depth > 0).any()):
+    """mean |1/Ď − 1/D| over pixels with D > 0; None without ground truth (``gt_depth`` None, or a
+    host map without a pixel D > 0). A device map is never read back (no sync): one without a
+    pixel D > 0 gives 0, which supervises nothing (the model passes None for those, known on the host)."""
+    if gt_depth is None:
         return None
     m = gt_depth > 0
-    return (1.0 / depth[..., 0][m].clamp(min=1e-3) - 1.0 / gt_depth[m]).abs().mean()
+    if gt_depth.device.type == "cpu" and not bool(m.any()):
+        return None
+    err = torch.where(m, (1.0 / depth[..., 0].clamp(min=1e-3) - 1.0 / gt_depth.clamp(min=1e-6)).abs(), 0.0)
+    return err.sum() / m.sum().clamp(min=1)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """mean of ``values`` over ``mask`` (same shape, bool), 0 when empty; no host read (no sync)."""
+    return torch.where(mask, values, torch.zeros_like(values)).sum() / mask.sum().clamp(min=1)
 
 
 def gaussian_reg(delta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Σ_s w_s mean ‖Δ_s‖² over ``rows`` [N] bool of ``delta`` [N, 13]."""
-    d = delta[rows]
-    if d.shape[0] == 0:
-        return delta.sum() * 0
-    return sum(w * d[:, GAUSSIAN_OUTPUT_LAYOUT[s]].pow(2).sum(-1).mean() for s, w in DELTA_REG_WEIGHTS.items())
+    """Σ_s w_s mean ‖Δ_s‖² over ``rows`` [N] bool of ``delta`` [N, 13] (0 without rows)."""
+    return sum(w * _masked_mean(delta[:, GAUSSIAN_OUTPUT_LAYOUT[s]].pow(2).sum(-1), rows)
+               for s, w in DELTA_REG_WEIGHTS.items())
 
 
 def pose_reg(xi: torch.Tensor, mask: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-    """mean over ``mask`` [K, F] of ‖ω‖² + ‖v‖² / ‖size‖² (``xi`` [K, F, 6], ``sizes`` [K, 3])."""
-    if not bool(mask.any()):
-        return xi.sum() * 0
+    """mean over ``mask`` [K, F] of ‖ω‖² + ‖v‖² / ‖size‖² (``xi`` [K, F, 6], ``sizes`` [K, 3]; 0 when empty)."""
     term = xi[..., :3].pow(2).sum(-1) + xi[..., 3:].pow(2).sum(-1) / sizes.norm(dim=-1, keepdim=True).pow(2)
-    return term[mask].mean()
+    return _masked_mean(term, mask)
 
 
 def temporal_smoothness(poses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Second differences of translation and rotation of ``poses`` [K, F, 4, 4] over frames where
-    ``mask`` [K, F] holds at t-1, t and t+1 (0 for constant-velocity tracks)."""
+    ``mask`` [K, F] holds at t-1, t and t+1 (0 for constant-velocity tracks, and without such frames)."""
     if poses.shape[1] < 3:
         return poses.sum() * 0
     ok = mask[:, :-2] & mask[:, 1:-1] & mask[:, 2:]
-    if not bool(ok.any()):
-        return poses.sum() * 0
     t = poses[..., :3, 3]
     acc = (t[:, 2:] - 2 * t[:, 1:-1] + t[:, :-2]).pow(2).sum(-1)
     R = poses[..., :3, :3]
     step = so3_log(R[:, :-1].transpose(-1, -2) @ R[:, 1:])  # [K, F-1, 3] rotation increments (object axes)
     rot = (step[:, 1:] - step[:, :-1]).pow(2).sum(-1)
-    return (acc + rot)[ok].mean()
+    return _masked_mean(acc + rot, ok)
 
 
 def flow_consistency(means_local: torch.Tensor, pose_t: torch.Tensor, pose_t1: torch.Tensor, K: torch.Tensor,
@@ -100,25 +104,48 @@ def flow_consistency(means_local: torch.Tensor, pose_t: torch.Tensor, pose_t1: t
     [4, 4] (object->segment) and projected by ``K`` [3, 3] and the OpenCV world-to-camera poses
     ``w2c_t``/``w2c_t1`` [4, 4], must move by the observed flow ``flow`` [H, W, 2] (pixels, t->t+1)
     read at their frame-t pixel: Huber(δ = ``delta`` px) of the difference, divided by the image
-    width, mean over points that project inside frame t in front of the camera.
+    width, mean over points that project inside frame t in front of the camera (0 when none).
     """
-    def project(pose, w2c):
-        world = means_local @ pose[:3, :3].T + pose[:3, 3]
+    actor = torch.zeros(means_local.shape[0], dtype=torch.long, device=means_local.device)
+    rows = torch.ones(1, dtype=torch.bool, device=means_local.device)
+    return flow_consistency_objects(means_local, actor, pose_t[None], pose_t1[None], rows, K, w2c_t, w2c_t1, flow,
+                                    delta)
+
+
+def flow_consistency_objects(means_local: torch.Tensor, actor: torch.Tensor, poses_t: torch.Tensor,
+                             poses_t1: torch.Tensor, rows: torch.Tensor, K: torch.Tensor, w2c_t: torch.Tensor,
+                             w2c_t1: torch.Tensor, flow: torch.Tensor, delta: float = 1.0) -> torch.Tensor:
+    """:func:`flow_consistency` of several objects at once, mean over the objects ``rows`` [K] bool.
+
+    ``means_local`` [N, 3] object-frame points, ``actor`` [N] their object row, ``poses_t`` /
+    ``poses_t1`` [K, 4, 4] object->segment at t and t+1. Each object's value is its own mean over its
+    points inside frame t (0 when none), so a large object does not outweigh a small one. Masked
+    sums instead of boolean indexing: nothing is read back to the host (no device sync).
+    """
+    H, W = flow.shape[:2]
+    R0, t0 = poses_t[actor, :3, :3], poses_t[actor, :3, 3]
+    R1, t1 = poses_t1[actor, :3, :3], poses_t1[actor, :3, 3]
+
+    def project(R, t, w2c):
+        world = (R @ means_local[:, :, None])[..., 0] + t
         cam = world @ w2c[:3, :3].T + w2c[:3, 3]
         pix = cam @ K.T
         return pix[:, :2] / pix[:, 2:].clamp(min=1e-6), cam[:, 2]
 
-    H, W = flow.shape[:2]
-    uv0, z0 = project(pose_t, w2c_t)
-    uv1, _ = project(pose_t1, w2c_t1)
+    uv0, z0 = project(R0, t0, w2c_t)
+    uv1, _ = project(R1, t1, w2c_t1)
     inside = (z0 > 1e-3) & (uv0[:, 0] >= 0) & (uv0[:, 0] < W) & (uv0[:, 1] >= 0) & (uv0[:, 1] < H)
-    if not bool(inside.any()):
-        return means_local.sum() * 0
-    px = uv0[inside].detach().floor().long()
-    observed = flow[px[:, 1], px[:, 0]]
-    residual = (uv1[inside] - uv0[inside] - observed).norm(dim=-1)
+    inside = inside & rows[actor]
+    px = uv0.detach().nan_to_num(0.0).floor().long()
+    observed = flow[px[:, 1].clamp(0, H - 1), px[:, 0].clamp(0, W - 1)]
+    residual = (uv1 - uv0 - observed).norm(dim=-1)
     huber = torch.where(residual < delta, 0.5 * residual ** 2, delta * (residual - 0.5 * delta))
-    return huber.mean() / W
+    huber = torch.where(inside, huber, 0.0)
+    num_rows = rows.shape[0]
+    total = huber.new_zeros(num_rows).index_add(0, actor, huber)
+    count = huber.new_zeros(num_rows).index_add(0, actor, inside.to(huber.dtype))
+    per_object = total / count.clamp(min=1)
+    return (per_object * rows).sum() / rows.sum().clamp(min=1) / W
 
 
 class Stage2CompleteLoss:

@@ -8,6 +8,7 @@ the correction is in the object's own axes), and the raw residuals for the regul
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -37,6 +38,44 @@ class RefineOutput:
     delta: torch.Tensor
     refined: torch.Tensor
     points: torch.Tensor
+
+
+@dataclass
+class RefinePlan:
+    """What a refine run of one segment's actors selects, constant while the segment's actor rows
+    and the point budget stay (built once per segment visit, so a step reads nothing back).
+
+    Attributes: rows (host) the refined actor rows, ascending; index [M] device long, the Gaussian
+    rows each head sees, concatenated over ``rows`` (each row's point-budget subset); splits (host)
+    how many of ``index`` belong to each row; refined [K] device bool; points [K] device long;
+    refined_host / points_host their host copies; rows_t [R] device long; valid_host [K, F] host bool;
+    points_mean the mean points per refined row (0.0 without); pair_rows[c] whether a refined row is
+    valid at columns c and c + 1 (host bools)."""
+
+    rows: list[int]
+    index: torch.Tensor
+    splits: list[int]
+    refined: torch.Tensor
+    points: torch.Tensor
+    refined_host: torch.Tensor
+    points_host: torch.Tensor
+    rows_t: torch.Tensor
+    valid_host: torch.Tensor
+    points_mean: float = 0.0
+    pair_rows: tuple[bool, ...] = ()
+
+
+CHECKPOINT_ABOVE_BYTES = 512 * 2**20
+"""In memory-efficient mode the Gaussian head's attention blocks are checkpointed (recomputed in
+the backward) only when a run's estimated block activations exceed this: below it the recompute
+costs time and saves little (the standard preset, 10 objects x 2048 points x 128 features, holds
+about 250 MiB of them)."""
+ACTIVATION_FLOATS_PER_FEATURE = 12
+"""Floats a pre-LN attention block keeps per point and feature for its backward (two norms, q/k/v,
+attention output, the 2x MLP hidden before and after GELU): the estimate behind the checkpoint choice."""
+
+PLAN_CACHE_SIZE = 8
+"""Refine plans kept (one per segment visit: a segment's actors on the device are one set of tensors)."""
 
 
 def gaussian_vector(g: ActorGaussians, sizes: torch.Tensor) -> torch.Tensor:
@@ -72,6 +111,7 @@ class Stage2Refiner(nn.Module):
                                         c.gaussian_num_heads)
         self.mode: Stage2Mode = c.stage2_training_mode
         self.point_budget = c.max_points_per_object
+        self._plans: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, RefinePlan]] = OrderedDict()
 
     def trainable_parameters(self, mode: Stage2Mode | None = None) -> list[nn.Parameter]:
         """Parameters of the heads that ``mode`` trains (the others leave the optimizer)."""
@@ -83,47 +123,80 @@ class Stage2Refiner(nn.Module):
 
     def objects(self, nodes: ActorNodes) -> list[int]:
         """Rows refined: actors with a valid frame and points, at most ``max_objects_per_frame`` (most points first)."""
-        counts = torch.bincount(nodes.actor, minlength=nodes.num_actors)
-        rows = [k for k in range(nodes.num_actors) if bool(nodes.valid[k].any()) and int(counts[k]) > 0]
+        return list(self.plan(nodes).rows)
+
+    def activation_bytes(self, plan: RefinePlan) -> int:
+        """Estimated bytes the Gaussian head's attention blocks keep for the backward over a run."""
+        c = self.config
+        return int(plan.index.numel()) * c.gaussian_feature_dim * c.gaussian_num_layers * ACTIVATION_FLOATS_PER_FEATURE * 4
+
+    def plan(self, nodes: ActorNodes) -> RefinePlan:
+        """The :class:`RefinePlan` of ``nodes`` at the current point budget and mode, cached: keyed by
+        the identity of the actor-row and validity tensors (a segment's actors keep them while they
+        stay on the device; the cache holds them, so an id is not reused while cached)."""
+        budget = self.point_budget if self.config.stage2_memory_efficient else 0
+        key = (id(nodes.actor), id(nodes.valid), budget, self.config.max_objects_per_frame)
+        hit = self._plans.get(key)
+        if hit is not None and hit[0] is nodes.actor and hit[1] is nodes.valid:
+            self._plans.move_to_end(key)
+            return hit[2]
+        plan = self._build_plan(nodes, budget)
+        self._plans[key] = (nodes.actor, nodes.valid, plan)
+        while len(self._plans) > PLAN_CACHE_SIZE:
+            self._plans.popitem(last=False)
+        return plan
+
+    def _build_plan(self, nodes: ActorNodes, budget: int) -> RefinePlan:
+        actor = nodes.actor.cpu()  # once per segment visit (the plan is cached)
+        valid = nodes.valid.cpu()
+        K, device = nodes.num_actors, nodes.actor.device
+        counts = torch.bincount(actor, minlength=K)
+        rows = [k for k in range(K) if bool(valid[k].any()) and int(counts[k]) > 0]
         rows.sort(key=lambda k: -int(counts[k]))
-        return sorted(rows[:self.config.max_objects_per_frame])
+        rows = sorted(rows[:self.config.max_objects_per_frame])
+        refined, points = torch.zeros(K, dtype=torch.bool), torch.zeros(K, dtype=torch.long)
+        chosen = []
+        for k in rows:
+            idx = (actor == k).nonzero()[:, 0]
+            if 0 < budget < idx.numel():  # fixed per object, so a run is reproducible
+                idx = idx[torch.randperm(idx.numel(), generator=torch.Generator().manual_seed(k))[:budget]]
+            refined[k], points[k] = True, idx.numel()
+            chosen.append(idx)
+        index = torch.cat(chosen) if chosen else torch.zeros(0, dtype=torch.long)
+        return RefinePlan(rows, index.to(device), [int(i.numel()) for i in chosen], refined.to(device),
+                          points.to(device), refined, points, torch.tensor(rows, dtype=torch.long).to(device), valid,
+                          sum(i.numel() for i in chosen) / len(chosen) if chosen else 0.0,
+                          tuple((valid[:, :-1] & valid[:, 1:] & refined[:, None]).any(0).tolist()))
 
     def forward(self, g: ActorGaussians, nodes: ActorNodes, motion: Optional[ObservedMotion] = None) -> RefineOutput:
         """Refine the actors' Gaussians ``g`` (object frames) and the poses of ``nodes`` (the boxes,
         or the processor's fitted poses once it ran); ``motion`` (the processor's observation of
         these actors) is the pose head's per-frame evidence."""
+        plan = self.plan(nodes)
         vec = gaussian_vector(g, nodes.sizes)
         delta = vec.new_zeros(len(g.actor), OUTPUT_GAUSSIAN_DIM)
         xi = vec.new_zeros(*nodes.poses.shape[:2], 6)
-        refined = torch.zeros(nodes.num_actors, dtype=torch.bool, device=vec.device)
-        points = torch.zeros(nodes.num_actors, dtype=torch.long, device=vec.device)
-        budget = self.point_budget if self.config.stage2_memory_efficient else 0
-        deltas, rows_idx, xis, xi_rows = [], [], [], []
-        for k in self.objects(nodes):
-            idx = (g.actor == k).nonzero()[:, 0]
-            if 0 < budget < idx.numel():  # fixed per object, so a run is reproducible
-                idx = idx[torch.randperm(idx.numel(), generator=torch.Generator().manual_seed(k))[:budget].to(idx.device)]
-            refined[k], points[k] = True, idx.numel()
+        checkpoint = self.config.stage2_memory_efficient and self.activation_bytes(plan) > CHECKPOINT_ABOVE_BYTES
+        if plan.rows:
+            chosen = vec[plan.index].split(plan.splits)
             if self.mode != "pose_only":
-                deltas.append(self.gaussian_head(vec[idx], checkpoint=self.config.stage2_memory_efficient)[0])
-                rows_idx.append(idx)
+                deltas = [self.gaussian_head(v, checkpoint=checkpoint)[0] for v in chosen]
+                delta = delta.index_put((plan.index,), torch.cat(deltas))
             if self.mode != "gaussian_only":
-                xis.append(self.pose_head(vec[idx], nodes.poses[k].to(vec.dtype), nodes.valid[k], nodes.sizes[k],
-                                          _evidence(motion, k)))
-                xi_rows.append(k)
-        if deltas:
-            delta = delta.index_put((torch.cat(rows_idx),), torch.cat(deltas))
-        if xis:
-            xi = xi.index_put((torch.tensor(xi_rows, device=vec.device),), torch.stack(xis))
+                poses, evidence = nodes.poses.to(vec.dtype), _evidence(motion)
+                xis = [self.pose_head(v, poses[k], nodes.valid[k], nodes.sizes[k],
+                                      evidence[k] if evidence is not None else None)
+                       for k, v in zip(plan.rows, chosen)]
+                xi = xi.index_put((plan.rows_t,), torch.stack(xis))
         poses = nodes.poses.to(vec.dtype) @ se3_exp(xi)
-        return RefineOutput(apply_delta(g, delta, nodes.sizes), poses, xi, delta, refined, points)
+        return RefineOutput(apply_delta(g, delta, nodes.sizes), poses, xi, delta, plan.refined, plan.points)
 
 
-def _evidence(motion: Optional[ObservedMotion], k: int) -> Optional[torch.Tensor]:
-    """[F, 7] pose-head evidence of actor ``k``: the observed correction of its box in units of the
-    head's output bounds (rotation, translation) and the observation weight; None without."""
+def _evidence(motion: Optional[ObservedMotion]) -> Optional[torch.Tensor]:
+    """[K, F, 7] pose-head evidence of every actor: the observed correction of its box in units of
+    the head's output bounds (rotation, translation) and the observation weight; None without."""
     if motion is None:
         return None
-    xi = motion.xi[k]
-    scaled = torch.cat([xi[:, :3] / MAX_ROT_CORRECTION, xi[:, 3:] / MAX_TRANS_CORRECTION], -1)
-    return torch.cat([scaled, motion.weight[k][:, None]], -1)
+    xi = motion.xi
+    scaled = torch.cat([xi[..., :3] / MAX_ROT_CORRECTION, xi[..., 3:] / MAX_TRANS_CORRECTION], -1)
+    return torch.cat([scaled, motion.weight[..., None].to(xi.dtype)], -1)

@@ -5,6 +5,13 @@ cut into leaves: each target's stage-2 render terms are back-propagated with tha
 (gradients gather on the leaves), then :meth:`Stage2Step.finish` back-propagates the per-step terms
 (regularisers, smoothness) and runs the refiner's graph once, **before** the shared stage-1 part and
 before the optimizer step. Without per-target backward everything stays in one graph.
+
+Host reads: a run reads the device once (:meth:`Stage2Step.finish`: whether every stage-2 term
+and the stage-1 loss are finite, the loss totals and the applied pose correction, one transfer),
+and synchronises once at its start and once at its end for the CUDA-synchronised time. Term totals
+stay on the device; a target's non-finite stage-2 term is gated on the device (its value counts 0
+and no gradient of it reaches stage 1, see :class:`_GradGate`), the finiteness being known on the
+host only at that one read; the run is then reported ``nonfinite`` and its refiner gradients dropped.
 """
 
 from __future__ import annotations
@@ -16,11 +23,12 @@ from typing import Callable, Optional
 
 import torch
 
+from evolsplat_ns.geometry import invert_rigid
 from evolsplat_ns.model.actors import ActorGaussians, ActorNodes
 from evolsplat_ns.model.predictor import _boundary_leaf  # the one gradient-boundary helper
-from evolsplat_ns.model.stage2.loss import Stage2CompleteLoss, Stage2TermInputs, flow_consistency
+from evolsplat_ns.model.stage2.loss import Stage2CompleteLoss, Stage2TermInputs, flow_consistency_objects
 from evolsplat_ns.model.stage2.processor import ObservedMotion
-from evolsplat_ns.model.stage2.refiner import RefineOutput, Stage2Refiner
+from evolsplat_ns.model.stage2.refiner import RefineOutput, RefinePlan, Stage2Refiner
 from evolsplat_ns.model.stage2.se3 import se3_log
 
 OUTCOMES = ("ran", "no_objects", "nonfinite", "oom")
@@ -70,6 +78,54 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _RunTimer:
+    """Wall time of one run: the device is synchronised at :meth:`__init__` and at :meth:`stop`
+    only; the refine part is timed by CUDA events in between (no sync), by the clock on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        _sync(device)
+        self.start = time.perf_counter()
+        self._events: Optional[list] = None
+        if device.type == "cuda":
+            self._events = [torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)]
+            self._events[0].record()
+        self._refine_s = 0.0
+
+    def mark_refine(self) -> None:
+        if self._events is not None:
+            self._events[1].record()
+        else:
+            self._refine_s = time.perf_counter() - self.start
+
+    def stop(self) -> tuple[float, float]:
+        """(seconds since the start, seconds of the refine part), after one device sync."""
+        _sync(self.device)
+        elapsed = time.perf_counter() - self.start
+        if self._events is not None:
+            return elapsed, self._events[0].elapsed_time(self._events[1]) / 1e3
+        return elapsed, self._refine_s
+
+
+class _GradGate(torch.autograd.Function):
+    """Identity forward; backward passes the gradient where ``gate`` (a device bool scalar, read at
+    backward time so it may be set after the forward) holds, zero otherwise: a non-finite stage-2
+    term's gradient never reaches stage 1, and no host read is needed to decide it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.gate = gate
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return torch.where(ctx.gate, grad, torch.zeros_like(grad)), None
+
+
+def _gated(x: Optional[torch.Tensor], gate: torch.Tensor) -> Optional[torch.Tensor]:
+    return _GradGate.apply(x, gate) if x is not None and x.requires_grad else x
+
+
 class Stage2Step:
     """Refine a segment's actors once and hand the refined, posed actors to the renderer."""
 
@@ -78,8 +134,7 @@ class Stage2Step:
                  process_s: Optional[dict[str, float]] = None) -> None:
         self.refiner, self.loss = refiner, loss
         self.device = actors.means.device
-        _sync(self.device)
-        self.start_time = time.perf_counter()
+        self.timer = _RunTimer(self.device)
         self.start_mem = 0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -90,9 +145,9 @@ class Stage2Step:
                                                               actors.opacities, actors.sh)), actors.actor)
         self.box_poses = motion.box_poses if motion is not None else nodes.poses
         self.process_s = dict(process_s or {})
+        self.plan: RefinePlan = refiner.plan(nodes)
         out = refiner(source, nodes, motion)
-        _sync(self.device)
-        self.refine_s = time.perf_counter() - self.start_time
+        self.timer.mark_refine()
         self._boundary: list[tuple[torch.Tensor, torch.Tensor]] = []
         if split_backward and torch.is_grad_enabled():
             cut = lambda t: _boundary_leaf(t, self._boundary)  # noqa: E731
@@ -103,60 +158,93 @@ class Stage2Step:
         self.out = out
         self.nodes = replace(nodes, poses=out.poses)
         self.nonfinite = False
-        self.totals: dict[str, float] = {}
+        """Known on the host: set by :meth:`discard` and by :meth:`finish`'s one read."""
+        self.stage1_finite = True
+        """Set by :meth:`finish` (the stage-1 total it was given was finite)."""
+        self._finite = torch.ones((), dtype=torch.bool, device=self.device)
+        """Device flag: every stage-2 term so far is finite."""
+        self._totals: dict[str, torch.Tensor] = {}
+        self._read: Optional[dict[str, float]] = None
 
     @property
     def actors(self) -> ActorGaussians:
         """The refined actor Gaussians (object frames) to render."""
         return self.out.gaussians
 
+    @property
+    def totals(self) -> dict[str, float]:
+        """The weighted terms summed over the run (host floats; after :meth:`finish`)."""
+        return {k: v for k, v in (self._read or {}).items() if k.startswith("s2_")}
+
     def target_terms(self, outputs: dict[str, torch.Tensor], gt: torch.Tensor, gt_depth: Optional[torch.Tensor],
                      step: int, num_targets: int, flow: Optional["FlowView"] = None) -> dict[str, torch.Tensor]:
-        """Weighted render terms of one target (divided by ``num_targets``); {} once non-finite.
-        With ``flow`` (trusted flow from the target's frame to the next) the cross-frame
-        consistency term of the refined actors joins them."""
+        """Weighted render terms of one target (divided by ``num_targets``). With ``flow`` (trusted
+        flow from the target's frame to the next) the cross-frame consistency term of the refined
+        actors joins them. Nothing is read back: once any term of the run is non-finite, this and
+        later targets' terms are 0 with no gradient into stage 1 (decided on the device), and
+        :meth:`finish` reports the run non-finite."""
         if self.nonfinite:
             return {}
-        terms = self.loss.render_terms(Stage2TermInputs(outputs["rgb"], gt, outputs["depth"], gt_depth,
-                                                        outputs["accumulation"], step))
-        if flow is not None and (term := self._consistency(flow)) is not None:
+        gate = torch.ones((), dtype=torch.bool, device=self.device)
+        terms = self.loss.render_terms(Stage2TermInputs(_gated(outputs["rgb"], gate), gt, _gated(outputs["depth"], gate),
+                                                        gt_depth, _gated(outputs["accumulation"], gate), step))
+        if flow is not None and (term := self._consistency(flow, gate)) is not None:
             terms["s2_consistency"] = term
         terms = {k: v / num_targets for k, v in terms.items()}
-        if not all(bool(torch.isfinite(v)) for v in terms.values()):
-            self.nonfinite = True
+        if not terms:
             return {}
+        ok = self._finite & torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in terms.values()])).all()
+        gate.copy_(ok)  # read by the gates' backward: a non-finite target sends no gradient to stage 1
+        self._finite = ok
+        terms = {k: torch.where(ok, v, torch.zeros_like(v)) for k, v in terms.items()}
         self._add(terms)
         return terms
 
-    def _consistency(self, flow: "FlowView") -> Optional[torch.Tensor]:
-        """Weighted mean :func:`flow_consistency` over refined actors valid at both frames (None: none)."""
-        o, valid = self.out, self.nodes.valid
-        if flow.col + 1 >= valid.shape[1]:
+    def _consistency(self, flow: "FlowView", gate: torch.Tensor) -> Optional[torch.Tensor]:
+        """Weighted :func:`flow_consistency_objects` over refined actors valid at both frames (None:
+        none, known on the host from the cached plan)."""
+        plan, col = self.plan, flow.col
+        if col >= len(plan.pair_rows) or not plan.pair_rows[col]:
             return None
-        rows = (valid[:, flow.col] & valid[:, flow.col + 1] & o.refined).nonzero()[:, 0].tolist()
-        g = o.gaussians
-        values = [flow_consistency(g.means[g.actor == k], o.poses[k, flow.col], o.poses[k, flow.col + 1], flow.K,
-                                   flow.w2c_t, flow.w2c_t1, flow.flow) for k in rows]
-        if not values:
-            return None
-        return self.loss.config.consistency_loss_weight * torch.stack(values).mean()
+        valid = self.nodes.valid
+        rows = valid[:, col] & valid[:, col + 1] & plan.refined
+        o = self.out
+        poses = _gated(o.poses, gate)
+        value = flow_consistency_objects(_gated(o.gaussians.means, gate), o.gaussians.actor, poses[:, col],
+                                         poses[:, col + 1], rows, flow.K, flow.w2c_t, flow.w2c_t1, flow.flow)
+        return self.loss.config.consistency_loss_weight * value
 
     def step_terms(self) -> dict[str, torch.Tensor]:
         o = self.out
         return self.loss.step_terms(o.xi, o.delta, o.poses, self.nodes.valid, o.refined, o.gaussians.actor,
                                     self.nodes.sizes)
 
-    def finish(self, backward: Optional[Callable[[torch.Tensor], None]]) -> dict[str, torch.Tensor]:
+    def finish(self, backward: Optional[Callable[[torch.Tensor], None]],
+               stage1_total: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """Per-step terms; with ``backward`` they are back-propagated and the refiner's graph runs
-        once (returns them detached), else they are returned in the graph for the caller."""
-        terms = self.step_terms()
-        if not all(bool(torch.isfinite(v)) for v in terms.values()):
-            self.nonfinite = True
+        once (returns them detached), else they are returned in the graph for the caller.
+
+        The run's one host read happens here: finiteness of every stage-2 term and of
+        ``stage1_total`` (the step's stage-1 loss, when given; non-finite: ``stage1_finite`` False,
+        nothing back-propagated), the term totals and the applied pose correction. Non-finite
+        stage-2 terms: the refiner's gradients dropped, {} returned, ``nonfinite`` set."""
         if self.nonfinite:
-            self._boundary = []
-            self.refiner.zero_grad(set_to_none=True)
+            self.discard()
             return {}
+        terms = self.step_terms()
+        ok = self._finite & torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in terms.values()])).all()
+        stage1_ok = torch.isfinite(stage1_total.detach().float()) if stage1_total is not None else torch.ones_like(ok)
         self._add(terms)
+        trans, rot = self._correction()
+        names = list(self._totals)
+        values = torch.stack([ok.double(), stage1_ok.double(), trans, rot,
+                              *(self._totals[k].double().reshape(()) for k in names)]).tolist()  # the one read
+        self._read = {"finite": values[0], "stage1_finite": values[1], "trans": values[2], "rot": values[3],
+                      **dict(zip(names, values[4:]))}
+        self.stage1_finite = bool(values[1])
+        if not values[0] or not self.stage1_finite:
+            self.discard()
+            return {}
         if backward is not None:
             backward(sum(terms.values()))
             pairs = [(graph, leaf.grad) for graph, leaf in self._boundary if leaf.grad is not None]
@@ -166,6 +254,17 @@ class Stage2Step:
             terms = {k: v.detach() for k, v in terms.items()}
         return terms
 
+    def _correction(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean ‖v‖ (m) and ‖ω‖ (deg) of the applied correction relative to the boxes as given, over
+        refined valid frames (device scalars; masked sums, so nothing is read back)."""
+        o = self.out
+        mask = (self.nodes.valid & o.refined[:, None]).double()
+        xi = se3_log(invert_rigid(self.box_poses.double()) @ o.poses.detach().double())
+        n = mask.sum().clamp(min=1)
+        trans = (xi[..., 3:].norm(dim=-1) * mask).sum() / n
+        rot = (xi[..., :3].norm(dim=-1) * mask).sum() / n * (180 / math.pi)
+        return trans, rot
+
     def discard(self) -> None:
         """Drop the refiner's gradients of this step (non-finite loss)."""
         self.nonfinite = True
@@ -173,24 +272,20 @@ class Stage2Step:
         self.refiner.zero_grad(set_to_none=True)
 
     def report(self) -> Stage2Report:
-        _sync(self.device)
-        elapsed = time.perf_counter() - self.start_time
+        elapsed, refine_s = self.timer.stop()
         peak = 0.0
         if self.device.type == "cuda":
             peak = (torch.cuda.max_memory_allocated(self.device) - self.start_mem) / 2**20
-        if self.nonfinite:
+        if self.nonfinite or self._read is None:
             return Stage2Report("nonfinite", time_s=elapsed)
-        o = self.out
-        mask = self.nodes.valid & o.refined[:, None]
-        xi = se3_log(torch.linalg.solve(self.box_poses.double(), o.poses.detach().double()))[mask]
-        trans = float(xi[:, 3:].norm(dim=-1).mean()) if xi.shape[0] else 0.0
-        rot = float(xi[:, :3].norm(dim=-1).mean()) * 180 / math.pi if xi.shape[0] else 0.0
-        refined = int(o.refined.sum())
-        ppo = float(o.points[o.refined].float().mean()) if refined else 0.0
+        plan, read = self.plan, self._read
+        refined, ppo = len(plan.rows), plan.points_mean
         extra = sum(self.process_s.values())
-        return Stage2Report("ran", sum(self.totals.values()), refined, ppo, trans, rot, elapsed + extra, self.refine_s,
-                            peak, dict(self.totals), self.process_s)
+        totals = self.totals
+        return Stage2Report("ran", sum(totals.values()), refined, ppo, read["trans"], read["rot"], elapsed + extra,
+                            refine_s, peak, totals, self.process_s)
 
     def _add(self, terms: dict[str, torch.Tensor]) -> None:
         for k, v in terms.items():
-            self.totals[k] = self.totals.get(k, 0.0) + float(v.detach())
+            v = v.detach()
+            self._totals[k] = self._totals[k] + v if k in self._totals else v

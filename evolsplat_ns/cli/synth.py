@@ -5,6 +5,8 @@ Example::
     evolsplat-synth --out data/synth --scenes 2 --frames 40 --cameras 3 --width 480 --height 320 --seed 0
 
 Flags mirror :class:`evolsplat_ns.data.synth.SynthConfig` (``--lidar-beams``, ``--no-shadows``, ...).
+``--raycaster torch --device cuda`` generates without open3d, e.g. on a GPU machine (``auto``, the
+default, takes open3d where it imports and torch elsewhere).
 Existing non-empty scene folders are never replaced unless ``--overwrite`` is given.
 """
 
@@ -20,7 +22,7 @@ from pathlib import Path
 from evolsplat_ns.data.synth.config import SynthConfig
 
 # SynthConfig's field annotations are strings (postponed evaluation); these are the ones it uses.
-_FIELD_TYPES = {"int": int, "float": float, "bool": bool}
+_FIELD_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=f.metadata["help"])
         else:
-            parser.add_argument(flag, type=kind, default=default, help=f.metadata["help"])
+            parser.add_argument(flag, type=kind, default=default, help=f.metadata["help"],
+                                choices=f.metadata.get("choices"))
     return parser
 
 

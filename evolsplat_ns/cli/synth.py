@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 def entrypoint(argv: list[str] | None = None) -> None:
     """Console script: parse flags, generate the scenes, print a summary; exit 2 on refusals."""
     from evolsplat_ns.data.synth.generate import SceneExistsError, generate_dataset
+    from evolsplat_ns.data.synth.sensors import describe_raycaster
 
     args = vars(build_parser().parse_args(argv))
     out = args.pop("out")
@@ -55,6 +56,10 @@ def entrypoint(argv: list[str] | None = None) -> None:
     except ValueError as e:  # name the flag, not the dataclass field
         flag = re.sub(r"SynthConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e))
         sys.exit(f"evolsplat-synth: {flag}")
+    try:
+        backend = describe_raycaster(cfg.raycaster, cfg.device)
+    except ValueError as e:  # open3d asked for but absent, CUDA asked for but absent
+        sys.exit(f"evolsplat-synth: {e}")
     start = time.perf_counter()
     try:
         scenes = generate_dataset(cfg, out)
@@ -64,7 +69,7 @@ def entrypoint(argv: list[str] | None = None) -> None:
     seconds = time.perf_counter() - start
     print(f"evolsplat-synth: wrote {len(scenes)} scene(s) x {cfg.frames} frames x {cfg.cameras} cameras "
           f"({cfg.width}x{cfg.height}) to {out} in {seconds:.1f} s "
-          f"({seconds / (len(scenes) * cfg.frames):.2f} s/frame)")
+          f"({seconds / (len(scenes) * cfg.frames):.2f} s/frame; ray casting: {backend})")
     for path in scenes:
         print(f"  {path}")
 

@@ -40,60 +40,64 @@ def resolve_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError as e:
-        raise ValueError(f"ray-casting device {device!r} is not a torch device (use auto, cpu, cuda, cuda:N)") from e
+        raise ValueError(f"--device {device!r} (ray casting) is not a torch device: use auto, cpu, cuda "
+                         f"or cuda:N") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"ray-casting device {device!r}: CUDA is not available here; use --device cpu or auto")
+        raise ValueError(f"--device {device!r} (ray casting): CUDA is not available here; use --device cpu "
+                         f"or auto")
     return dev
 
 
 @dataclass
 class _Triangles:
-    """Möller–Trumbore inputs on the device, one row per triangle plus a NaN pad row at the end.
+    """Möller–Trumbore inputs on the device, components first (struct of arrays), plus a pad slot.
 
     Attributes:
-        v0, e1, e2: [T + 1, 3] float32 first vertex and edges ``v1 - v0``, ``v2 - v0``; the last row
-            is NaN (a padding slot: never hit).
-        index: [T + 1] int64 triangle index in the caller's mesh (-1 for the pad row).
+        data: [9, T + 1] float32 rows v0 x y z, e1 = v1 - v0 x y z, e2 = v2 - v0 x y z; the last
+            column is NaN (the padding slot of partly filled leaves: never hit).
+        index: [T + 1] int64 triangle index in the caller's mesh (-1 for the pad slot).
     """
 
-    v0: torch.Tensor
-    e1: torch.Tensor
-    e2: torch.Tensor
+    data: torch.Tensor
     index: torch.Tensor
 
     @staticmethod
     def make(vertices: np.ndarray, triangles: np.ndarray, index: np.ndarray, device: torch.device) -> "_Triangles":
-        corners = vertices[triangles].astype(np.float32)                     # [T, 3, 3]
-        corners = np.concatenate([corners, np.full((1, 3, 3), np.nan, np.float32)])
-        c = torch.from_numpy(corners).to(device)
-        idx = torch.from_numpy(np.append(index, -1).astype(np.int64)).to(device)
-        return _Triangles(c[:, 0], c[:, 1] - c[:, 0], c[:, 2] - c[:, 0], idx)
+        c = vertices[triangles].astype(np.float32)                           # [T, 3, 3]
+        rows = np.concatenate([c[:, 0], c[:, 1] - c[:, 0], c[:, 2] - c[:, 0]], 1).T     # [9, T]
+        rows = np.concatenate([rows, np.full((9, 1), np.nan, np.float32)], 1)
+        idx = np.append(np.asarray(index, np.int64), -1)
+        return _Triangles(torch.from_numpy(np.ascontiguousarray(rows)).to(device), torch.from_numpy(idx).to(device))
 
     @property
     def pad(self) -> int:
         return len(self.index) - 1
 
 
-def _moller_trumbore(o: torch.Tensor, d: torch.Tensor, tri: _Triangles, k: torch.Tensor) -> torch.Tensor:
-    """Hit distance of rays ``o``, ``d`` [..., 3] with triangles ``k`` [...] (inf where missed; t >= 0)."""
-    e1, e2 = tri.e1[k], tri.e2[k]
-    p = torch.linalg.cross(d, e2)
-    det = (e1 * p).sum(-1)
+def _moller_trumbore(o: torch.Tensor, d: torch.Tensor, tri: torch.Tensor) -> torch.Tensor:
+    """Hit distance [...] of rays ``o``, ``d`` [3, ...] with triangles ``tri`` [9, ...] (broadcast;
+    inf where missed; only t >= 0 counts, as Embree's tnear = 0)."""
+    ox, oy, oz = o
+    dx, dy, dz = d
+    v0x, v0y, v0z, ax, ay, az, bx, by, bz = tri                          # a = e1, b = e2
+    px, py, pz = dy * bz - dz * by, dz * bx - dx * bz, dx * by - dy * bx  # p = d x e2
+    det = ax * px + ay * py + az * pz
+    sx, sy, sz = ox - v0x, oy - v0y, oz - v0z
+    qx, qy, qz = sy * az - sz * ay, sz * ax - sx * az, sx * ay - sy * ax  # q = s x e1
     inv = 1.0 / det
-    s = o - tri.v0[k]
-    u = (s * p).sum(-1) * inv
-    q = torch.linalg.cross(s, e1)
-    v = (d * q).sum(-1) * inv
-    t = (e2 * q).sum(-1) * inv
+    u = (sx * px + sy * py + sz * pz) * inv
+    v = (dx * qx + dy * qy + dz * qz) * inv
+    t = (bx * qx + by * qy + bz * qz) * inv
     # A tolerance of BARY_EPS closes float32 cracks along edges shared by two triangles.
     hit = (det != 0) & (u >= -BARY_EPS) & (v >= -BARY_EPS) & (u + v <= 1 + BARY_EPS) & (t >= 0)
-    return torch.where(hit, t, torch.full_like(t, torch.inf))
+    return torch.where(hit, t, torch.inf)
 
 
 def _slab(o: torch.Tensor, inv_d: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Entry and exit distances [P] of rays [P, 3] through boxes [P, 3] (NaN boxes give NaN: no hit)."""
+    """Entry and exit distances [...] of rays [3, ...] through boxes [3, ...] (NaN boxes: NaN, no hit)."""
     a, b = (lo - o) * inv_d, (hi - o) * inv_d
-    return torch.minimum(a, b).amax(-1), torch.maximum(a, b).amin(-1)
+    near, far = torch.minimum(a, b), torch.maximum(a, b)
+    return torch.maximum(torch.maximum(near[0], near[1]), near[2]), torch.minimum(torch.minimum(far[0], far[1]), far[2])
 
 
 def _median_split_leaves(centroids: np.ndarray, leaf_size: int, depth: int) -> np.ndarray:
@@ -161,6 +165,9 @@ class TorchMesh:
         small = np.flatnonzero(~big)
         self._tri = _Triangles.make(vertices, triangles[small], small, self.device)
         self._build_bvh(corners[small])
+        c = torch.from_numpy(corners.astype(np.float32)).to(self.device)
+        n = torch.linalg.cross(c[:, 1] - c[:, 0], c[:, 2] - c[:, 0])
+        self._normal = torch.cat([n / n.norm(dim=-1, keepdim=True), torch.zeros((1, 3), device=self.device)])
 
     # ------------------------------------------------------------------ build
 
@@ -190,8 +197,8 @@ class TorchMesh:
             lo = np.fmin.reduce(lo.reshape(-1, self.branching, 3), 1)
             hi = np.fmax.reduce(hi.reshape(-1, self.branching, 3), 1)
             boxes.append((lo, hi))
-        to = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(self.device)  # noqa: E731
-        self._levels = [(to(lo), to(hi)) for lo, hi in reversed(boxes)]  # root's children first
+        to = lambda a: torch.from_numpy(np.ascontiguousarray(a.T, np.float32)).to(self.device)  # noqa: E731
+        self._levels = [(to(lo), to(hi)) for lo, hi in reversed(boxes)]  # [3, nodes], root's children first
         self._slots = torch.from_numpy(slots).to(self.device)
 
     # ------------------------------------------------------------------ casting
@@ -200,74 +207,57 @@ class TorchMesh:
         """First hits of ``rays`` [N, 6] (origin, direction; float32).
 
         Returns ``t`` [N] float32 (inf = miss), triangle index [N] int64 (-1 = miss), unit
-        geometric normal [N, 3] float32 (zeros on a miss).
+        geometric normal ``normalize(cross(v1 - v0, v2 - v0))`` [N, 3] float32 (zeros on a miss).
         """
         rays_t = torch.from_numpy(np.ascontiguousarray(rays, np.float32).reshape(-1, 6))
-        out_t, out_k = [], []
+        out_t, out_k = [torch.zeros(0, device=self.device)], [torch.zeros(0, dtype=torch.int64, device=self.device)]
         with torch.no_grad():
             for chunk in rays_t.split(self.ray_chunk):
-                t, k = self._first_hits(chunk.to(self.device))
+                t, k = self._first_hits(chunk.to(self.device).T.contiguous())
                 out_t.append(t)
                 out_k.append(k)
-            t = torch.cat(out_t) if out_t else torch.zeros(0, device=self.device)
-            k = torch.cat(out_k) if out_k else torch.zeros(0, dtype=torch.int64, device=self.device)
-            normal = self._normals(k)
+            t, k = torch.cat(out_t), torch.cat(out_k)
+            normal = self._normal[k]  # k = -1 picks the zero row
         return t.cpu().numpy(), k.cpu().numpy(), normal.cpu().numpy()
 
     def test_occlusions(self, rays: np.ndarray) -> np.ndarray:
         """[N] bool: does any triangle lie at ``t`` >= 0 along ``rays`` [N, 6]."""
         rays_t = torch.from_numpy(np.ascontiguousarray(rays, np.float32).reshape(-1, 6))
-        out = []
+        out = [torch.zeros(0, dtype=torch.bool, device=self.device)]
         with torch.no_grad():
             for chunk in rays_t.split(self.ray_chunk):
-                out.append(self._any_hit(chunk.to(self.device)))
-        return torch.cat(out).cpu().numpy() if out else np.zeros(0, bool)
-
-    def _normals(self, k: torch.Tensor) -> torch.Tensor:
-        """Unit ``cross(v1 - v0, v2 - v0)`` [N, 3] of the mesh triangles ``k`` [N] (-1 -> zeros)."""
-        normal = torch.zeros((len(k), 3), device=self.device)
-        hit = k >= 0
-        if hit.any():
-            # Look the triangle up in whichever of the two sets holds it.
-            e1 = torch.zeros((self.num_triangles, 3), device=self.device)
-            e2 = torch.zeros_like(e1)
-            for tri in (self._big, self._tri):
-                e1[tri.index[:-1]] = tri.e1[:-1]
-                e2[tri.index[:-1]] = tri.e2[:-1]
-            n = torch.linalg.cross(e1[k[hit]], e2[k[hit]])
-            normal[hit] = n / n.norm(dim=-1, keepdim=True)
-        return normal
+                out.append(self._any_hit(chunk.to(self.device).T.contiguous()))
+        return torch.cat(out).cpu().numpy()
 
     def _big_hits(self, o: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Brute force against the big triangles: per ray nearest ``t`` [R] and mesh index [R]."""
-        best_t = torch.full((len(o),), torch.inf, device=self.device)
-        best_k = torch.full((len(o),), -1, dtype=torch.int64, device=self.device)
-        # A handful of triangles, in groups of 8 to bound memory. Within a group argmin keeps the
-        # first (lowest index) of equal distances; across groups a tie keeps the earlier group.
-        for js in torch.arange(self._big.pad, device=self.device).split(8):
-            t = _moller_trumbore(o[:, None], d[:, None], self._big, js[None].expand(len(o), -1))
-            t, j = t.min(1)
+        """Brute force against the big triangles: per ray [3, R] nearest ``t`` [R] and mesh index [R]."""
+        R = o.shape[1]
+        best_t = torch.full((R,), torch.inf, device=self.device)
+        best_k = torch.full((R,), -1, dtype=torch.int64, device=self.device)
+        # One triangle at a time over all rays; a tie keeps the earlier (lower index) triangle.
+        for j in range(self._big.pad):
+            t = _moller_trumbore(o, d, self._big.data[:, j, None])
             better = t < best_t
             best_t = torch.where(better, t, best_t)
-            best_k = torch.where(better & torch.isfinite(t), self._big.index[js][j], best_k)
+            best_k = torch.where(better, self._big.index[j], best_k)
         return best_t, best_k
 
     def _candidate_leaves(self, o: torch.Tensor, inv_d: torch.Tensor, t_max: torch.Tensor
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(ray, leaf, entry distance) pairs whose leaf box the ray enters before ``t_max`` [R].
+        """(ray, leaf, entry distance) pairs whose leaf box the ray [3, R] enters before ``t_max`` [R].
 
         Each level tests a (ray, parent) pair against all ``branching`` children at once, so a
         ray's origin and direction are gathered once per parent, not once per child.
         """
         B = self.branching
-        ray = torch.arange(len(o), device=self.device)
+        ray = torch.arange(o.shape[1], device=self.device)
         node = torch.zeros_like(ray)
-        t_in = torch.zeros(len(o), device=self.device)
+        t_in = torch.zeros(o.shape[1], device=self.device)
         for lo, hi in self._levels:
-            lo, hi = lo.view(-1, B, 3), hi.view(-1, B, 3)
+            lo, hi = lo.view(3, -1, B), hi.view(3, -1, B)
             keep_r, keep_n, keep_t = [], [], []
             for r, n in zip(ray.split(self.pair_chunk // B), node.split(self.pair_chunk // B)):
-                tn, tf = _slab(o[r, None], inv_d[r, None], lo[n], hi[n])            # [P, B]
+                tn, tf = _slab(o[:, r, None], inv_d[:, r, None], lo[:, n], hi[:, n])   # [P, B]
                 keep = (tn <= tf) & (tf >= 0) & (tn <= t_max[r, None])
                 p, c = keep.nonzero(as_tuple=True)
                 keep_r.append(r[p])
@@ -278,12 +268,12 @@ class TorchMesh:
 
     def _leaf_hits(self, o: torch.Tensor, d: torch.Tensor, ray: torch.Tensor, leaf: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Hits (ray, t, row in ``self._tri``) of the triangles in the (ray, leaf) pairs."""
+        """Hits (ray, t, column of ``self._tri``) of the triangles in the (ray, leaf) pairs."""
         L = self.leaf_size
-        rs, ts, ks = [], [], []
+        rs, ts, ks = [ray[:0]], [o[0, :0]], [ray[:0]]
         for r, n in zip(ray.split(self.pair_chunk // L), leaf.split(self.pair_chunk // L)):
             k = self._slots[n]                                                  # [P, L]
-            t = _moller_trumbore(o[r, None], d[r, None], self._tri, k)
+            t = _moller_trumbore(o[:, r, None], d[:, r, None], self._tri.data[:, k])
             hit = torch.isfinite(t)
             rs.append(r[:, None].expand_as(k)[hit])
             ts.append(t[hit])
@@ -291,12 +281,12 @@ class TorchMesh:
         return torch.cat(rs), torch.cat(ts), torch.cat(ks)
 
     def _first_hits(self, rays: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Nearest hit ``t`` [R] and mesh triangle index [R] (-1 on a miss) of a chunk of rays."""
-        o, d = rays[:, :3], rays[:, 3:]
+        """Nearest hit ``t`` [R] and mesh triangle index [R] (-1 on a miss) of rays [6, R]."""
+        o, d = rays[:3], rays[3:]
         big_t, big_k = self._big_hits(o, d)
         if not self._tri.pad:
             return big_t, big_k
-        inv_d = 1.0 / torch.where(d == 0, torch.full_like(d, 1e-30), d)
+        inv_d = 1.0 / torch.where(d == 0, 1e-30, d)
         ray, leaf, t_in = self._candidate_leaves(o, inv_d, big_t)
         # First each ray's nearest leaf box, then only the leaves it enters before that hit.
         order = torch.argsort(t_in, stable=True)
@@ -305,7 +295,7 @@ class TorchMesh:
         first = torch.ones_like(ray, dtype=torch.bool)
         first[1:] = ray[1:] != ray[:-1]
         hits = [self._leaf_hits(o, d, ray[first], leaf[first])]
-        near_t = big_t.clone().scatter_reduce_(0, hits[0][0], hits[0][1], "amin")
+        near_t = big_t.scatter_reduce(0, hits[0][0], hits[0][1], "amin")
         rest = ~first & (t_in <= near_t[ray])
         hits.append(self._leaf_hits(o, d, ray[rest], leaf[rest]))
         hit_ray = torch.cat([h[0] for h in hits])
@@ -320,16 +310,15 @@ class TorchMesh:
         return t, torch.where(k == none, -1, k)
 
     def _any_hit(self, rays: torch.Tensor) -> torch.Tensor:
-        """[R] bool: any triangle at t >= 0 (big triangles first, then the BVH for the rest)."""
-        o, d = rays[:, :3], rays[:, 3:]
+        """[R] bool: any triangle at t >= 0 along rays [6, R] (big triangles first, then the BVH)."""
+        o, d = rays[:3], rays[3:]
         blocked = torch.isfinite(self._big_hits(o, d)[0])
         if not self._tri.pad:
             return blocked
         todo = torch.nonzero(~blocked).squeeze(1)
         if len(todo):
-            o2, d2 = o[todo], d[todo]
-            inv_d = 1.0 / torch.where(d2 == 0, torch.full_like(d2, 1e-30), d2)
+            o2, d2 = o[:, todo], d[:, todo]
+            inv_d = 1.0 / torch.where(d2 == 0, 1e-30, d2)
             ray, leaf, _ = self._candidate_leaves(o2, inv_d, torch.full((len(todo),), torch.inf, device=self.device))
-            hit_ray = self._leaf_hits(o2, d2, ray, leaf)[0]
-            blocked[todo[hit_ray]] = True
+            blocked[todo[self._leaf_hits(o2, d2, ray, leaf)[0]]] = True
         return blocked

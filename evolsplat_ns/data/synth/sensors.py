@@ -206,13 +206,26 @@ def open3d_available() -> bool:
 def resolve_raycaster(name: str) -> str:
     """The backend ``"open3d"`` or ``"torch"`` that setting ``name`` (one of ``RAYCASTERS``) means here."""
     if name not in RAYCASTERS:
-        raise ValueError(f"raycaster {name!r} is unknown: use one of {', '.join(RAYCASTERS)}")
+        raise ValueError(f"--raycaster {name!r} is unknown: use one of {', '.join(RAYCASTERS)}")
     if name == "auto":
         return "open3d" if open3d_available() else "torch"
     if name == "open3d" and not open3d_available():
-        raise ValueError("raycaster 'open3d' asked for, but open3d does not import here; install it "
+        raise ValueError("--raycaster open3d: open3d does not import here; install it "
                          "(pip install open3d) or use --raycaster torch (or auto)")
     return name
+
+
+def describe_raycaster(raycaster: str, device: str = "auto") -> str:
+    """What settings ``raycaster`` / ``device`` resolve to here, e.g. ``"torch on cuda"``.
+
+    Raises ``ValueError`` (naming the flag) when the backend or device is not available.
+    """
+    backend = resolve_raycaster(raycaster)
+    if backend == "open3d":
+        return "open3d"
+    from evolsplat_ns.data.synth.raycast_torch import resolve_device
+
+    return f"torch on {resolve_device(device)}"
 
 
 class _Open3dMesh:

@@ -5,7 +5,8 @@
   with open3d's Embree ``RaycastingScene`` on a street (hits, distances, triangles, normals,
   occlusion);
 - a whole tiny scene generated in a subprocess with open3d made unimportable matches the scene
-  generated with open3d (images, depth, masks, LiDAR), and the CLI refuses what is not there.
+  generated with open3d (images, depth, masks, flow, LiDAR, boxes), the default point-cloud
+  generators load it there too, and the CLI refuses what is not there.
 """
 
 from __future__ import annotations
@@ -208,6 +209,11 @@ try:
 except ValueError as e:
     report["open3d_error"] = str(e)
 entrypoint(sys.argv[1:])
+# Training-side loading of the new scene with the default point-cloud settings needs no open3d either.
+from evolsplat_ns.data.pointcloud import make_generator
+from evolsplat_ns.data.scene import SceneData
+scene = SceneData(sys.argv[sys.argv.index("--out") + 1] + "/000")
+report["points"] = {g: len(make_generator(g).generate(scene, [0, 1]).points) for g in ("lidar", "depth", "hybrid")}
 report["open3d_imported"] = any(m == "open3d" or m.startswith("open3d.") for m, v in sys.modules.items()
                                 if v is not None)
 print("REPORT" + json.dumps(report))
@@ -240,6 +246,7 @@ def test_generation_without_open3d(blocked_scene):
     root, report = blocked_scene
     assert report["auto"] == "torch" and not report["open3d_imported"]
     assert "--raycaster torch" in report["open3d_error"]
+    assert all(n > 100 for n in report["points"].values()), report["points"]
     L = layout.SceneLayout.scan(root)
     assert L.frames == [0, 1] and L.cameras == [0, 1]
     for t in L.frames:

@@ -49,8 +49,10 @@ def _image_diff(a: Path, b: Path) -> float:
     """Mean absolute difference in grey levels (0-255) over all images of two scene folders."""
     import cv2
 
-    diffs = [np.abs(cv2.imread(str(p)).astype(np.float64) - cv2.imread(str(b / p.relative_to(a))).astype(np.float64)).mean()
-             for p in sorted((a / "images").glob("*.jpg"))]
+    def read(path: Path) -> np.ndarray:
+        return cv2.imread(str(path)).astype(np.float64)
+
+    diffs = [np.abs(read(p) - read(b / p.relative_to(a))).mean() for p in sorted((a / "images").glob("*.jpg"))]
     return float(np.mean(diffs))
 
 

@@ -1,8 +1,9 @@
 """Triangle soups with per-triangle surface attributes, and the primitives streets are made of.
 
 Primitives (box, cylinder, sphere) are numpy re-implementations of open3d's legacy
-``TriangleMesh.create_*`` with the identical vertex and triangle layout: open3d is not needed. Every ``TriMesh`` carries, per triangle, what shading needs:
-a material id, an RGB base colour, four material parameters and the car index it belongs to.
+``TriangleMesh.create_*`` with the identical vertex and triangle layout: open3d is not needed.
+Every ``TriMesh`` carries, per triangle, what shading needs: a material id, an RGB base colour,
+four material parameters and the car index it belongs to.
 """
 
 from __future__ import annotations

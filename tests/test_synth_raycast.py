@@ -141,6 +141,9 @@ def test_bvh_matches_brute_force_on_a_random_soup(leaf_size, branching):
     assert np.mean(k != k_ref) < 0.005
     occluded = mesh.test_occlusions(rays)
     np.testing.assert_array_equal(occluded, hit)
+    away = np.tile(np.array([[0, 0, 1000, 0.1, 0, 1]], np.float32), (5, 1))  # no box is entered at all
+    assert np.all(np.isinf(mesh.cast_rays(away)[0])) and not mesh.test_occlusions(away).any()
+    assert len(mesh.cast_rays(away[:0])[0]) == 0 and len(mesh.test_occlusions(away[:0])) == 0
 
 
 # ----------------------------------------------------------------------------- against open3d

@@ -285,6 +285,18 @@ class TorchMesh:
             ks.append(k[hit])
         return torch.cat(rs), torch.cat(ts), torch.cat(ks)
 
+    @staticmethod
+    def _nearest_first(ray: torch.Tensor, leaf: torch.Tensor, t_in: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The (ray, leaf, entry) pairs sorted by ray, then entry distance, and [P] bool marking
+        each ray's nearest leaf."""
+        order = torch.argsort(t_in, stable=True)
+        order = order[torch.argsort(ray[order], stable=True)]
+        ray, leaf, t_in = ray[order], leaf[order], t_in[order]
+        first = torch.ones_like(ray, dtype=torch.bool)
+        first[1:] = ray[1:] != ray[:-1]
+        return ray, leaf, t_in, first
+
     def _first_hits(self, rays: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest hit ``t`` [R] and mesh triangle index [R] (-1 on a miss) of rays [6, R]."""
         o, d = rays[:3], rays[3:]
@@ -292,13 +304,8 @@ class TorchMesh:
         if not self._tri.pad:
             return big_t, big_k
         inv_d = 1.0 / torch.where(d == 0, 1e-30, d)
-        ray, leaf, t_in = self._candidate_leaves(o, inv_d, big_t)
+        ray, leaf, t_in, first = self._nearest_first(*self._candidate_leaves(o, inv_d, big_t))
         # First each ray's nearest leaf box, then only the leaves it enters before that hit.
-        order = torch.argsort(t_in, stable=True)
-        order = order[torch.argsort(ray[order], stable=True)]
-        ray, leaf, t_in = ray[order], leaf[order], t_in[order]
-        first = torch.ones_like(ray, dtype=torch.bool)
-        first[1:] = ray[1:] != ray[:-1]
         hits = [self._leaf_hits(o, d, ray[first], leaf[first])]
         near_t = big_t.scatter_reduce(0, hits[0][0], hits[0][1], "amin")
         rest = ~first & (t_in <= near_t[ray])
@@ -324,6 +331,13 @@ class TorchMesh:
         if len(todo):
             o2, d2 = o[:, todo], d[:, todo]
             inv_d = 1.0 / torch.where(d2 == 0, 1e-30, d2)
-            ray, leaf, _ = self._candidate_leaves(o2, inv_d, torch.full((len(todo),), torch.inf, device=self.device))
-            blocked[todo[self._leaf_hits(o2, d2, ray, leaf)[0]]] = True
+            no_limit = torch.full((len(todo),), torch.inf, device=self.device)
+            ray, leaf, _, first = self._nearest_first(*self._candidate_leaves(o2, inv_d, no_limit))
+            # The nearest leaf usually blocks (shadow rays start on a surface): test the rest
+            # only for rays it did not block.
+            hit = torch.zeros(len(todo), dtype=torch.bool, device=self.device)
+            hit[self._leaf_hits(o2, d2, ray[first], leaf[first])[0]] = True
+            rest = ~first & ~hit[ray]
+            hit[self._leaf_hits(o2, d2, ray[rest], leaf[rest])[0]] = True
+            blocked[todo] = hit
         return blocked

@@ -5,6 +5,8 @@ Example::
     evolsplat-synth --out data/synth --scenes 2 --frames 40 --cameras 3 --width 480 --height 320 --seed 0
 
 Flags mirror :class:`evolsplat_ns.data.synth.SynthConfig` (``--lidar-beams``, ``--no-shadows``, ...).
+``--raycaster torch --device cuda`` generates without open3d, e.g. on a GPU machine (``auto``, the
+default, takes open3d where it imports and torch elsewhere).
 Existing non-empty scene folders are never replaced unless ``--overwrite`` is given.
 """
 
@@ -20,7 +22,7 @@ from pathlib import Path
 from evolsplat_ns.data.synth.config import SynthConfig
 
 # SynthConfig's field annotations are strings (postponed evaluation); these are the ones it uses.
-_FIELD_TYPES = {"int": int, "float": float, "bool": bool}
+_FIELD_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,13 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=f.metadata["help"])
         else:
-            parser.add_argument(flag, type=kind, default=default, help=f.metadata["help"])
+            parser.add_argument(flag, type=kind, default=default, help=f.metadata["help"],
+                                choices=f.metadata.get("choices"))
     return parser
 
 
 def entrypoint(argv: list[str] | None = None) -> None:
     """Console script: parse flags, generate the scenes, print a summary; exit 2 on refusals."""
     from evolsplat_ns.data.synth.generate import SceneExistsError, generate_dataset
+    from evolsplat_ns.data.synth.sensors import describe_raycaster
 
     args = vars(build_parser().parse_args(argv))
     out = args.pop("out")
@@ -52,6 +56,10 @@ def entrypoint(argv: list[str] | None = None) -> None:
     except ValueError as e:  # name the flag, not the dataclass field
         flag = re.sub(r"SynthConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e))
         sys.exit(f"evolsplat-synth: {flag}")
+    try:
+        backend = describe_raycaster(cfg.raycaster, cfg.device)
+    except ValueError as e:  # open3d asked for but absent, CUDA asked for but absent
+        sys.exit(f"evolsplat-synth: {e}")
     start = time.perf_counter()
     try:
         scenes = generate_dataset(cfg, out)
@@ -61,7 +69,7 @@ def entrypoint(argv: list[str] | None = None) -> None:
     seconds = time.perf_counter() - start
     print(f"evolsplat-synth: wrote {len(scenes)} scene(s) x {cfg.frames} frames x {cfg.cameras} cameras "
           f"({cfg.width}x{cfg.height}) to {out} in {seconds:.1f} s "
-          f"({seconds / (len(scenes) * cfg.frames):.2f} s/frame)")
+          f"({seconds / (len(scenes) * cfg.frames):.2f} s/frame; ray casting: {backend})")
     for path in scenes:
         print(f"  {path}")
 

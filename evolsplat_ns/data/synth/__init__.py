@@ -13,8 +13,9 @@ Use :func:`generate_dataset` / :func:`generate_scene` with a :class:`SynthConfig
 - ``instances/``: every car (moving and parked) as a drivestudio "Vehicle" instance.
 
 Modules: ``street`` (layout and geometry), ``mesh`` (triangles and primitives), ``textures``
-(albedo), ``sensors`` (cameras, LiDAR, ray casting), ``render`` (shading, depth, flow, masks,
-LiDAR rows), ``writer`` (files), ``generate`` (the loop).
+(albedo), ``sensors`` (cameras, LiDAR, ray casting), ``raycast_torch`` (the pure-torch ray caster
+used where open3d is absent: ``SynthConfig.raycaster`` / ``device``), ``render`` (shading, depth,
+flow, masks, LiDAR rows), ``writer`` (files), ``generate`` (the loop). Nothing here needs open3d.
 """
 
 from evolsplat_ns.data.synth.config import SynthConfig

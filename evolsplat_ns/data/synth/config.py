@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 MAX_CAMERAS = 12
+RAYCASTER_CHOICES = ("auto", "open3d", "torch")  # sensors.RAYCASTERS (kept here: config imports nothing)
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass
@@ -40,6 +43,13 @@ class SynthConfig:
                                                                 "written boxes' yaw (true boxes go to instances_gt/)"})
     jpeg_quality: int = field(default=95, metadata={"help": "JPEG quality of images/ (1 to 100)"})
     overwrite: bool = field(default=False, metadata={"help": "replace scene folders that already exist"})
+    raycaster: str = field(default="auto", metadata={
+        "help": "ray-casting backend: open3d (Embree, CPU), torch (pure torch, any device: for machines "
+                "without open3d, fast on CUDA) or auto (open3d when it imports, else torch); both give the "
+                "same scenes up to float rounding", "choices": RAYCASTER_CHOICES})
+    device: str = field(default="auto", metadata={
+        "help": "torch device of the torch ray caster: auto (cuda when available, else cpu), cpu, cuda, "
+                "cuda:N; ignored by open3d"})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -62,6 +72,8 @@ class SynthConfig:
             "box_noise_trans": (self.box_noise_trans >= 0, ">= 0 m"),
             "box_noise_rot": (self.box_noise_rot >= 0, ">= 0 degrees"),
             "jpeg_quality": (1 <= self.jpeg_quality <= 100, "1 to 100"),
+            "raycaster": (self.raycaster in RAYCASTER_CHOICES, " or ".join(RAYCASTER_CHOICES)),
+            "device": (bool(_DEVICE.fullmatch(str(self.device))), "auto, cpu, cuda or cuda:N"),
         }
         for name, (ok, rule) in rules.items():
             if not ok:

@@ -1,12 +1,15 @@
-"""Sensors of the synthetic ego vehicle and open3d ray casting against the street.
+"""Sensors of the synthetic ego vehicle and ray casting against the street.
 
 - ``CameraRig``: Waymo-like pinhole cameras. Extrinsics are camera-to-vehicle in **Waymo camera
   axes** (x forward, y left, z up), as drivestudio writes them; the OpenCV camera-to-vehicle is
   ``extrinsic @ OPENCV2DATASET``. Rays are cast in the street frame.
 - ``lidar_directions``: a spinning multi-beam LiDAR on the roof, all beams fired at the frame time
   (no rolling shutter).
-- ``Raycaster``: a static ``RaycastingScene`` built once plus a small per-frame scene of the moving
-  cars; a ray's hit is the nearer of the two.
+- ``Raycaster``: a static scene built once plus a small per-frame scene of the moving cars; a
+  ray's hit is the nearer of the two. Two backends give the same hits: open3d's Embree
+  ``RaycastingScene`` (``"open3d"``, CPU) and a pure-torch BVH (``"torch"``, any device, see
+  ``raycast_torch``); ``"auto"`` takes open3d when it imports, else torch (e.g. on a GPU machine
+  without open3d).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from evolsplat_ns.data.synth.config import SynthConfig
+from evolsplat_ns.data.synth.config import RAYCASTER_CHOICES, SynthConfig
 from evolsplat_ns.data.synth.mesh import TriMesh
 from evolsplat_ns.data.synth.street import Street, yaw_matrix
 from evolsplat_ns.geometry import OPENCV2DATASET, intrinsics_matrix
@@ -188,23 +191,101 @@ class Hits:
                     self.colour[keep], self.params[keep], self.car[keep])
 
 
-class Raycaster:
-    """Ray casting against a street at one time: static scene (built once) + moving cars."""
+RAYCASTERS = RAYCASTER_CHOICES
 
-    def __init__(self, street: Street):
+
+def open3d_available() -> bool:
+    """Whether ``import open3d`` works here (False where it is absent or blocked)."""
+    try:
+        import open3d  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_raycaster(name: str) -> str:
+    """The backend ``"open3d"`` or ``"torch"`` that setting ``name`` (one of ``RAYCASTERS``) means here."""
+    if name not in RAYCASTERS:
+        raise ValueError(f"--raycaster {name!r} is unknown: use one of {', '.join(RAYCASTERS)}")
+    if name == "auto":
+        return "open3d" if open3d_available() else "torch"
+    if name == "open3d" and not open3d_available():
+        raise ValueError("--raycaster open3d: open3d does not import here; install it "
+                         "(pip install open3d) or use --raycaster torch (or auto)")
+    return name
+
+
+def describe_raycaster(raycaster: str, device: str = "auto") -> str:
+    """What settings ``raycaster`` / ``device`` resolve to here, e.g. ``"torch on cuda"``.
+
+    Raises ``ValueError`` (naming the flag) when the backend or device is not available.
+    """
+    backend = resolve_raycaster(raycaster)
+    if backend == "open3d":
+        return "open3d"
+    from evolsplat_ns.data.synth.raycast_torch import resolve_device
+
+    return f"torch on {resolve_device(device)}"
+
+
+class _Open3dMesh:
+    """open3d's Embree ``RaycastingScene`` over one mesh, with ``TorchMesh``'s interface."""
+
+    def __init__(self, mesh: TriMesh):
+        import open3d as o3d
+
+        self._o3d = o3d
+        self.scene = o3d.t.geometry.RaycastingScene()
+        self.scene.add_triangles(o3d.core.Tensor(mesh.vertices), o3d.core.Tensor(mesh.triangles.astype(np.uint32)))
+
+    def cast_rays(self, rays: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``t`` [N] (inf = miss), triangle [N] int64 (-1 = miss), unit normal [N, 3] of ``rays`` [N, 6]."""
+        out = self.scene.cast_rays(self._o3d.core.Tensor(np.ascontiguousarray(rays, np.float32)))
+        t = out["t_hit"].numpy()
+        prim = np.where(np.isfinite(t), out["primitive_ids"].numpy().astype(np.int64), -1)
+        return t, prim, out["primitive_normals"].numpy()
+
+    def test_occlusions(self, rays: np.ndarray) -> np.ndarray:
+        """[N] bool: any triangle at t >= 0 along ``rays`` [N, 6]."""
+        hit = self.scene.test_occlusions(self._o3d.core.Tensor(np.ascontiguousarray(rays, np.float32)))
+        return hit.numpy().astype(bool)
+
+
+def mesh_caster(mesh: TriMesh, backend: str, device: str = "auto"):
+    """A ray caster over ``mesh`` for a resolved ``backend`` ("open3d" or "torch", see ``resolve_raycaster``).
+
+    Both answer ``cast_rays(rays [N, 6]) -> (t, triangle, normal)`` and ``test_occlusions(rays)``;
+    ``device`` ("auto", "cpu", "cuda", "cuda:N") matters to the torch backend only.
+    """
+    if backend == "open3d":
+        return _Open3dMesh(mesh)
+    if backend == "torch":
+        from evolsplat_ns.data.synth.raycast_torch import TorchMesh, resolve_device
+
+        return TorchMesh(mesh.vertices, mesh.triangles, resolve_device(device))
+    raise ValueError(f"mesh_caster backend {backend!r} must be 'open3d' or 'torch' (resolve 'auto' first)")
+
+
+class Raycaster:
+    """Ray casting against a street at one time: static scene (built once) + moving cars.
+
+    Args:
+        street: the street to cast against.
+        raycaster: backend setting, one of ``RAYCASTERS`` (``"auto"``: open3d if importable, else torch).
+        device: torch device of the torch backend (``"auto"``: CUDA when available).
+    """
+
+    def __init__(self, street: Street, raycaster: str = "auto", device: str = "auto"):
         self.street = street
+        self.backend = resolve_raycaster(raycaster)
+        self.device = device
         self._static_scene = self._scene(street.static)
         self._moving_scene = None
         # Triangle attributes of the static mesh followed by those of the moving cars.
         self._triangles = street.static
 
-    @staticmethod
-    def _scene(mesh: TriMesh):
-        import open3d as o3d
-
-        scene = o3d.t.geometry.RaycastingScene()
-        scene.add_triangles(o3d.core.Tensor(mesh.vertices), o3d.core.Tensor(mesh.triangles.astype(np.uint32)))
-        return scene
+    def _scene(self, mesh: TriMesh):
+        return mesh_caster(mesh, self.backend, self.device)
 
     def set_time(self, time: float) -> None:
         """Move the moving cars to ``time`` seconds (rebuilds the small dynamic scene)."""
@@ -231,17 +312,10 @@ class Raycaster:
 
     @staticmethod
     def _cast_one(scene, rays: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        import open3d as o3d
-
-        out = scene.cast_rays(o3d.core.Tensor(np.ascontiguousarray(rays, np.float32)))
-        prim = out["primitive_ids"].numpy().astype(np.int64)
-        return out["t_hit"].numpy(), prim, out["primitive_normals"].numpy()
+        return scene.cast_rays(rays)
 
     def occluded_static(self, rays: np.ndarray) -> np.ndarray:
         """[N] bool: does static geometry block ``rays`` [N, 6] (shadow rays; moving cars cast none)."""
-        import open3d as o3d
-
         if not len(rays):
             return np.zeros(0, bool)
-        hit = self._static_scene.test_occlusions(o3d.core.Tensor(np.ascontiguousarray(rays, np.float32)))
-        return hit.numpy().astype(bool)
+        return self._static_scene.test_occlusions(rays)

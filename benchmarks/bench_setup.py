@@ -74,6 +74,9 @@ def add_synth_args(parser: argparse.ArgumentParser, *, width: int, height: int, 
     g.add_argument("--moving-cars", type=int, default=moving_cars)
     g.add_argument("--box-noise-trans", type=float, default=0.3, help="m")
     g.add_argument("--box-noise-rot", type=float, default=3.0, help="degrees")
+    g.add_argument("--raycaster", default="auto", choices=("auto", "open3d", "torch"),
+                   help="generator's ray caster (torch runs where open3d is missing, e.g. the GPU machine)")
+    g.add_argument("--synth-device", default="auto", help="device of the torch ray caster (auto: cuda when available)")
 
 
 def synth_dataset(args: argparse.Namespace) -> Path:
@@ -85,5 +88,6 @@ def synth_dataset(args: argparse.Namespace) -> Path:
     if not data.exists():
         generate_dataset(SynthConfig(scenes=args.scenes, frames=args.frames, cameras=3, width=args.width,
                                      height=args.height, moving_cars=args.moving_cars, seed=0,
-                                     box_noise_trans=args.box_noise_trans, box_noise_rot=args.box_noise_rot), data)
+                                     box_noise_trans=args.box_noise_trans, box_noise_rot=args.box_noise_rot,
+                                     raycaster=args.raycaster, device=args.synth_device), data)
     return data

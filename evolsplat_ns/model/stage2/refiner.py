@@ -50,7 +50,13 @@ class RefinePlan:
     how many of ``index`` belong to each row; refined [K] device bool; points [K] device long;
     refined_host / points_host their host copies; rows_t [R] device long; valid_host [K, F] host bool;
     points_mean the mean points per refined row (0.0 without); pair_rows[c] whether a refined row is
-    valid at columns c and c + 1 (host bools)."""
+    valid at columns c and c + 1 (host bools).
+
+    The padded batch both heads run on in one call: pad_index [R, P] device long, each refined
+    row's subset (``index`` split by ``splits``) padded to P = the largest subset with its own first
+    Gaussian; pad_mask [R, P] device bool, True on the real entries; pad_flat [M] device long, where
+    each entry of ``index`` sits in the flattened [R * P] batch (to scatter the outputs back without
+    a boolean index, i.e. without a host read)."""
 
     rows: list[int]
     index: torch.Tensor
@@ -63,13 +69,21 @@ class RefinePlan:
     valid_host: torch.Tensor
     points_mean: float = 0.0
     pair_rows: tuple[bool, ...] = ()
+    pad_index: Optional[torch.Tensor] = None
+    pad_mask: Optional[torch.Tensor] = None
+    pad_flat: Optional[torch.Tensor] = None
+
+    @property
+    def padded_points(self) -> int:
+        """R * P: rows of the padded batch (what the Gaussian head's activations scale with)."""
+        return int(self.pad_index.numel()) if self.pad_index is not None else 0
 
 
 CHECKPOINT_ABOVE_BYTES = 512 * 2**20
 """In memory-efficient mode the Gaussian head's attention blocks are checkpointed (recomputed in
 the backward) only when a run's estimated block activations exceed this: below it the recompute
-costs time and saves little (the standard preset, 10 objects x 2048 points x 128 features, holds
-about 250 MiB of them)."""
+costs time and saves little (the standard preset, 10 objects padded to 2048 points x 128
+features, holds about 250 MiB of them)."""
 ACTIVATION_FLOATS_PER_FEATURE = 12
 """Floats a pre-LN attention block keeps per point and feature for its backward (two norms, q/k/v,
 attention output, the 2x MLP hidden before and after GELU): the estimate behind the checkpoint choice."""
@@ -126,9 +140,11 @@ class Stage2Refiner(nn.Module):
         return list(self.plan(nodes).rows)
 
     def activation_bytes(self, plan: RefinePlan) -> int:
-        """Estimated bytes the Gaussian head's attention blocks keep for the backward over a run."""
+        """Estimated bytes the Gaussian head's attention blocks keep for the backward over a run: of
+        the padded batch (R objects x P points, padding rows included: they are computed too). The
+        attention weights are not counted: the fused attention kernels on CUDA do not keep them."""
         c = self.config
-        return int(plan.index.numel()) * c.gaussian_feature_dim * c.gaussian_num_layers * ACTIVATION_FLOATS_PER_FEATURE * 4
+        return plan.padded_points * c.gaussian_feature_dim * c.gaussian_num_layers * ACTIVATION_FLOATS_PER_FEATURE * 4
 
     def plan(self, nodes: ActorNodes) -> RefinePlan:
         """The :class:`RefinePlan` of ``nodes`` at the current point budget and mode, cached: keyed by
@@ -163,24 +179,53 @@ class Stage2Refiner(nn.Module):
             refined[k], points[k] = True, idx.numel()
             chosen.append(idx)
         index = torch.cat(chosen) if chosen else torch.zeros(0, dtype=torch.long)
+        pad_index, pad_mask, pad_flat = _padded(chosen)
         return RefinePlan(rows, index.to(device), [int(i.numel()) for i in chosen], refined.to(device),
                           points.to(device), refined, points, torch.tensor(rows, dtype=torch.long).to(device), valid,
                           sum(i.numel() for i in chosen) / len(chosen) if chosen else 0.0,
-                          tuple((valid[:, :-1] & valid[:, 1:] & refined[:, None]).any(0).tolist()))
+                          tuple((valid[:, :-1] & valid[:, 1:] & refined[:, None]).any(0).tolist()),
+                          pad_index.to(device), pad_mask.to(device), pad_flat.to(device))
 
     def forward(self, g: ActorGaussians, nodes: ActorNodes, motion: Optional[ObservedMotion] = None) -> RefineOutput:
         """Refine the actors' Gaussians ``g`` (object frames) and the poses of ``nodes`` (the boxes,
         or the processor's fitted poses once it ran); ``motion`` (the processor's observation of
-        these actors) is the pose head's per-frame evidence."""
+        these actors) is the pose head's per-frame evidence.
+
+        Every refined object goes through each head in **one call**: their point-budget subsets
+        padded into [R, P, 14] with a mask (the plan's ``pad_*``), outputs scattered back. Same
+        result as :meth:`forward_reference` (one call per object), to float rounding."""
         plan = self.plan(nodes)
         vec = gaussian_vector(g, nodes.sizes)
         delta = vec.new_zeros(len(g.actor), OUTPUT_GAUSSIAN_DIM)
         xi = vec.new_zeros(*nodes.poses.shape[:2], 6)
-        checkpoint = self.config.stage2_memory_efficient and self.activation_bytes(plan) > CHECKPOINT_ABOVE_BYTES
+        if plan.rows:
+            R, P = plan.pad_index.shape
+            batch = vec[plan.pad_index]  # [R, P, 14]
+            if self.mode != "pose_only":
+                out = self.gaussian_head(batch, checkpoint=self._checkpoint(plan), mask=plan.pad_mask)[0]
+                delta = delta.index_put((plan.index,), out.reshape(R * P, -1).index_select(0, plan.pad_flat))
+            if self.mode != "gaussian_only":
+                rows = plan.rows_t
+                evidence = _evidence(motion)
+                xis = self.pose_head(batch, nodes.poses.to(vec.dtype).index_select(0, rows),
+                                     nodes.valid.index_select(0, rows), nodes.sizes.index_select(0, rows),
+                                     evidence.index_select(0, rows) if evidence is not None else None,
+                                     mask=plan.pad_mask)
+                xi = xi.index_put((rows,), xis)
+        return self._output(g, nodes, plan, delta, xi)
+
+    def forward_reference(self, g: ActorGaussians, nodes: ActorNodes,
+                          motion: Optional[ObservedMotion] = None) -> RefineOutput:
+        """:meth:`forward` one object at a time (each head called per object on its own subset, no
+        padding): the readable reference the batched path is tested against."""
+        plan = self.plan(nodes)
+        vec = gaussian_vector(g, nodes.sizes)
+        delta = vec.new_zeros(len(g.actor), OUTPUT_GAUSSIAN_DIM)
+        xi = vec.new_zeros(*nodes.poses.shape[:2], 6)
         if plan.rows:
             chosen = vec[plan.index].split(plan.splits)
             if self.mode != "pose_only":
-                deltas = [self.gaussian_head(v, checkpoint=checkpoint)[0] for v in chosen]
+                deltas = [self.gaussian_head(v, checkpoint=self._checkpoint(plan))[0] for v in chosen]
                 delta = delta.index_put((plan.index,), torch.cat(deltas))
             if self.mode != "gaussian_only":
                 poses, evidence = nodes.poses.to(vec.dtype), _evidence(motion)
@@ -188,8 +233,27 @@ class Stage2Refiner(nn.Module):
                                       evidence[k] if evidence is not None else None)
                        for k, v in zip(plan.rows, chosen)]
                 xi = xi.index_put((plan.rows_t,), torch.stack(xis))
-        poses = nodes.poses.to(vec.dtype) @ se3_exp(xi)
+        return self._output(g, nodes, plan, delta, xi)
+
+    def _checkpoint(self, plan: RefinePlan) -> bool:
+        return self.config.stage2_memory_efficient and self.activation_bytes(plan) > CHECKPOINT_ABOVE_BYTES
+
+    def _output(self, g: ActorGaussians, nodes: ActorNodes, plan: RefinePlan, delta: torch.Tensor,
+                xi: torch.Tensor) -> RefineOutput:
+        poses = nodes.poses.to(delta.dtype) @ se3_exp(xi)
         return RefineOutput(apply_delta(g, delta, nodes.sizes), poses, xi, delta, plan.refined, plan.points)
+
+
+def _padded(chosen: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pad_index [R, P], pad_mask [R, P], pad_flat [M]) of the per-row Gaussian index subsets
+    ``chosen`` (host long tensors, each non-empty): see :class:`RefinePlan`."""
+    if not chosen:
+        return torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0, dtype=torch.bool), torch.zeros(0, dtype=torch.long)
+    P = max(int(i.numel()) for i in chosen)
+    pad_index = torch.stack([torch.cat([i, i[:1].expand(P - i.numel())]) for i in chosen])
+    pad_mask = torch.stack([torch.arange(P) < i.numel() for i in chosen])
+    pad_flat = pad_mask.reshape(-1).nonzero()[:, 0]  # row-major: the order of torch.cat(chosen)
+    return pad_index, pad_mask, pad_flat
 
 
 def _evidence(motion: Optional[ObservedMotion]) -> Optional[torch.Tensor]:

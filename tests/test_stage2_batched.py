@@ -4,12 +4,15 @@ eval mode, objects of different sizes (one point, one object, a point budget tha
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from evolsplat_ns.model.actors import ActorGaussians, ActorNodes
 from evolsplat_ns.model.stage2.config import Stage2Config
 from evolsplat_ns.model.stage2.heads import GaussianRefineHead, PoseRefineHead
+from evolsplat_ns.model.stage2 import refiner as R
 from evolsplat_ns.model.stage2.processor import ObservedMotion
 from evolsplat_ns.model.stage2.refiner import CHECKPOINT_ABOVE_BYTES, Stage2Refiner
 from evolsplat_ns.model.stage2.se3 import se3_exp
@@ -63,14 +66,23 @@ CASES = {
 }
 
 
+@pytest.fixture(params=[4.0, math.inf], ids=["size classes", "one call"])
+def group_ratio(request, monkeypatch):
+    monkeypatch.setattr(R, "GROUP_RATIO", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("counts", list(CASES.values()), ids=list(CASES))
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_batched_heads_equal_one_call_per_object(counts, train):
+def test_batched_heads_equal_one_call_per_object(counts, train, group_ratio):
     gauss, nodes, motion = random_actors(counts)
     refiner = _trained_refiner(max_points_per_object=16)
     refiner.train(train)
     plan = refiner.plan(nodes)
-    assert plan.pad_index.shape == (len(plan.rows), max(plan.splits)), "padded to the largest subset"
+    assert plan.batch.index.shape == (len(plan.rows), max(plan.splits)), "padded to the largest subset"
+    assert sum(b.mask.shape[0] for b in plan.groups) == len(plan.rows)
+    if group_ratio == math.inf:
+        assert len(plan.groups) == 1
     with torch.no_grad():  # eval + no_grad takes torch's fused attention / encoder paths
         a, b = refiner(gauss, nodes, motion), refiner.forward_reference(gauss, nodes, motion)
     assert b.delta.abs().max() > 1e-3 and b.xi.abs().max() > 1e-3, "non-trivial outputs"
@@ -84,7 +96,7 @@ def test_batched_heads_equal_one_call_per_object(counts, train):
 
 
 @pytest.mark.parametrize("mode", ["joint", "gaussian_only", "pose_only"])
-def test_batched_gradients_equal_one_call_per_object(mode):
+def test_batched_gradients_equal_one_call_per_object(mode, group_ratio):
     counts = [1, 7, 30, 1, 12]
     refiner = _trained_refiner(max_points_per_object=16)
     refiner.mode = mode
@@ -141,20 +153,28 @@ def test_padding_content_does_not_reach_the_real_rows():
         assert torch.allclose(ph(noisy, poses, valid, size, mask=mask)[k], xi, atol=1e-5)
 
 
-def test_checkpoint_estimate_counts_the_padded_batch():
-    gauss, nodes, _ = random_actors([2, 40])
+def test_size_classes_split_where_an_object_is_much_smaller():
+    assert R.size_classes([100, 2048, 30, 1900, 600], 4.0) == [[1, 3, 4], [0, 2]]
+    assert R.size_classes([100, 2048, 30], math.inf) == [[0, 1, 2]]
+    assert R.size_classes([1, 1, 1], 4.0) == [[0, 1, 2]]
+
+
+def test_checkpoint_estimate_counts_the_padded_batch(monkeypatch):
+    gauss, nodes, _ = random_actors([2, 40, 35])
     refiner = Stage2Refiner(_config(max_points_per_object=2048))
-    plan = refiner.plan(nodes)
-    assert plan.padded_points == 2 * 40 and plan.index.numel() == 42
     c = refiner.config
-    assert refiner.activation_bytes(plan) == 80 * c.gaussian_feature_dim * c.gaussian_num_layers * 12 * 4
+    per_row = c.gaussian_feature_dim * c.gaussian_num_layers * 12 * 4
+    plan = refiner.plan(nodes)
+    assert plan.index.numel() == 77 and len(plan.groups) == 2
+    assert plan.padded_points == 40 + 40 + 2 and refiner.activation_bytes(plan) == 82 * per_row
+    monkeypatch.setattr(R, "GROUP_RATIO", math.inf)
+    refiner = Stage2Refiner(_config(max_points_per_object=2048))
+    assert refiner.activation_bytes(refiner.plan(nodes)) == 3 * 40 * per_row, "one call: every object padded to 40"
     # the standard preset's worst case (10 objects padded to 2048 points, 128 features) stays below the bound
     assert 10 * 2048 * 128 * 2 * 12 * 4 < CHECKPOINT_ABOVE_BYTES
 
 
 def test_checkpointed_batched_head_gives_the_same_gradients(monkeypatch):
-    import evolsplat_ns.model.stage2.refiner as R
-
     gauss, nodes, motion = random_actors([1, 7, 30, 1, 12])
     refiner = _trained_refiner(max_points_per_object=16)
     grads = []

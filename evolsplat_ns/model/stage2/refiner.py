@@ -52,11 +52,10 @@ class RefinePlan:
     points_mean the mean points per refined row (0.0 without); pair_rows[c] whether a refined row is
     valid at columns c and c + 1 (host bools).
 
-    The padded batch both heads run on in one call: pad_index [R, P] device long, each refined
-    row's subset (``index`` split by ``splits``) padded to P = the largest subset with its own first
-    Gaussian; pad_mask [R, P] device bool, True on the real entries; pad_flat [M] device long, where
-    each entry of ``index`` sits in the flattened [R * P] batch (to scatter the outputs back without
-    a boolean index, i.e. without a host read)."""
+    Padded batches (:class:`PaddedBatch`): ``batch``, every refined row padded to the largest
+    subset (the pose head's one call: its point cost is linear, padding costs little there), and
+    ``groups``, the same rows in size classes (:data:`GROUP_RATIO`) for the Gaussian head, whose
+    attention costs P² per object: one call per class (one class when the sizes are alike)."""
 
     rows: list[int]
     index: torch.Tensor
@@ -69,14 +68,44 @@ class RefinePlan:
     valid_host: torch.Tensor
     points_mean: float = 0.0
     pair_rows: tuple[bool, ...] = ()
-    pad_index: Optional[torch.Tensor] = None
-    pad_mask: Optional[torch.Tensor] = None
-    pad_flat: Optional[torch.Tensor] = None
+    batch: Optional["PaddedBatch"] = None
+    groups: tuple["PaddedBatch", ...] = ()
 
     @property
     def padded_points(self) -> int:
-        """R * P: rows of the padded batch (what the Gaussian head's activations scale with)."""
-        return int(self.pad_index.numel()) if self.pad_index is not None else 0
+        """Rows the Gaussian head computes over its groups (padding included: its activations scale with it)."""
+        return sum(int(b.index.numel()) for b in self.groups)
+
+
+@dataclass
+class PaddedBatch:
+    """Object subsets padded into one [B, P] batch (device tensors).
+
+    Attributes: index [B, P] long, Gaussian rows (each object's subset, padded with its own first
+    Gaussian, so padding rows hold finite values); mask [B, P] bool, True on the real entries; flat
+    [M] long, where the real entries sit in the flattened [B * P] batch; rows [M] long, their
+    Gaussian rows (``index.reshape(-1)[flat]``): outputs go back by ``out.reshape(B * P,
+    -1)[flat]`` -> ``rows`` with no boolean index (no host read)."""
+
+    index: torch.Tensor
+    mask: torch.Tensor
+    flat: torch.Tensor
+    rows: torch.Tensor
+
+    @classmethod
+    def of(cls, chosen: list[torch.Tensor], device: torch.device) -> "PaddedBatch":
+        """From per-object Gaussian row subsets ``chosen`` (host long tensors, each non-empty)."""
+        P = max(int(i.numel()) for i in chosen)
+        index = torch.stack([torch.cat([i, i[:1].expand(P - i.numel())]) for i in chosen])
+        mask = torch.stack([torch.arange(P) < i.numel() for i in chosen])
+        flat = mask.reshape(-1).nonzero()[:, 0]  # row-major: the order of torch.cat(chosen)
+        return cls(index.to(device), mask.to(device), flat.to(device), index.reshape(-1)[flat].to(device))
+
+
+GROUP_RATIO = 4.0
+"""The Gaussian head's size classes: objects sorted by points, a class ends where an object has
+fewer than 1 / ``GROUP_RATIO`` of the class's largest (so padding costs a member at most
+``GROUP_RATIO``² its own attention). ``math.inf``: all objects in one call."""
 
 
 CHECKPOINT_ABOVE_BYTES = 512 * 2**20
@@ -179,38 +208,41 @@ class Stage2Refiner(nn.Module):
             refined[k], points[k] = True, idx.numel()
             chosen.append(idx)
         index = torch.cat(chosen) if chosen else torch.zeros(0, dtype=torch.long)
-        pad_index, pad_mask, pad_flat = _padded(chosen)
+        batch = PaddedBatch.of(chosen, device) if chosen else None
+        groups = tuple(PaddedBatch.of([chosen[j] for j in g], device) for g in size_classes(
+            [int(i.numel()) for i in chosen], GROUP_RATIO)) if chosen else ()
+        if len(groups) == 1:
+            groups = (batch,)  # one class: the same batch (same order), built once
         return RefinePlan(rows, index.to(device), [int(i.numel()) for i in chosen], refined.to(device),
                           points.to(device), refined, points, torch.tensor(rows, dtype=torch.long).to(device), valid,
                           sum(i.numel() for i in chosen) / len(chosen) if chosen else 0.0,
-                          tuple((valid[:, :-1] & valid[:, 1:] & refined[:, None]).any(0).tolist()),
-                          pad_index.to(device), pad_mask.to(device), pad_flat.to(device))
+                          tuple((valid[:, :-1] & valid[:, 1:] & refined[:, None]).any(0).tolist()), batch, groups)
 
     def forward(self, g: ActorGaussians, nodes: ActorNodes, motion: Optional[ObservedMotion] = None) -> RefineOutput:
         """Refine the actors' Gaussians ``g`` (object frames) and the poses of ``nodes`` (the boxes,
         or the processor's fitted poses once it ran); ``motion`` (the processor's observation of
         these actors) is the pose head's per-frame evidence.
 
-        Every refined object goes through each head in **one call**: their point-budget subsets
-        padded into [R, P, 14] with a mask (the plan's ``pad_*``), outputs scattered back. Same
-        result as :meth:`forward_reference` (one call per object), to float rounding."""
+        The refined objects go through the heads batched: their point-budget subsets padded into
+        [B, P, 14] with a mask, the pose head in one call over all of them, the Gaussian head in one
+        call per size class (:class:`RefinePlan`), outputs scattered back. Same result as
+        :meth:`forward_reference` (one call per object), to float rounding."""
         plan = self.plan(nodes)
         vec = gaussian_vector(g, nodes.sizes)
         delta = vec.new_zeros(len(g.actor), OUTPUT_GAUSSIAN_DIM)
         xi = vec.new_zeros(*nodes.poses.shape[:2], 6)
         if plan.rows:
-            R, P = plan.pad_index.shape
-            batch = vec[plan.pad_index]  # [R, P, 14]
             if self.mode != "pose_only":
-                out = self.gaussian_head(batch, checkpoint=self._checkpoint(plan), mask=plan.pad_mask)[0]
-                delta = delta.index_put((plan.index,), out.reshape(R * P, -1).index_select(0, plan.pad_flat))
+                checkpoint = self._checkpoint(plan)
+                for b in plan.groups:
+                    out = self.gaussian_head(vec[b.index], checkpoint=checkpoint, mask=b.mask)[0]  # [B, P, 13]
+                    delta = delta.index_put((b.rows,), out.reshape(-1, out.shape[-1]).index_select(0, b.flat))
             if self.mode != "gaussian_only":
-                rows = plan.rows_t
+                rows, b = plan.rows_t, plan.batch
                 evidence = _evidence(motion)
-                xis = self.pose_head(batch, nodes.poses.to(vec.dtype).index_select(0, rows),
+                xis = self.pose_head(vec[b.index], nodes.poses.to(vec.dtype).index_select(0, rows),
                                      nodes.valid.index_select(0, rows), nodes.sizes.index_select(0, rows),
-                                     evidence.index_select(0, rows) if evidence is not None else None,
-                                     mask=plan.pad_mask)
+                                     evidence.index_select(0, rows) if evidence is not None else None, mask=b.mask)
                 xi = xi.index_put((rows,), xis)
         return self._output(g, nodes, plan, delta, xi)
 
@@ -244,16 +276,16 @@ class Stage2Refiner(nn.Module):
         return RefineOutput(apply_delta(g, delta, nodes.sizes), poses, xi, delta, plan.refined, plan.points)
 
 
-def _padded(chosen: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(pad_index [R, P], pad_mask [R, P], pad_flat [M]) of the per-row Gaussian index subsets
-    ``chosen`` (host long tensors, each non-empty): see :class:`RefinePlan`."""
-    if not chosen:
-        return torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0, dtype=torch.bool), torch.zeros(0, dtype=torch.long)
-    P = max(int(i.numel()) for i in chosen)
-    pad_index = torch.stack([torch.cat([i, i[:1].expand(P - i.numel())]) for i in chosen])
-    pad_mask = torch.stack([torch.arange(P) < i.numel() for i in chosen])
-    pad_flat = pad_mask.reshape(-1).nonzero()[:, 0]  # row-major: the order of torch.cat(chosen)
-    return pad_index, pad_mask, pad_flat
+def size_classes(points: list[int], ratio: float) -> list[list[int]]:
+    """Positions of ``points`` (per object) in classes: sorted by points, largest first, a class
+    ends before an object with fewer than its largest / ``ratio`` (each class in ascending position)."""
+    order = sorted(range(len(points)), key=lambda j: -points[j])
+    classes: list[list[int]] = []
+    for j in order:
+        if not classes or points[j] * ratio < points[classes[-1][0]]:
+            classes.append([])
+        classes[-1].append(j)
+    return [sorted(c) for c in classes]
 
 
 def _evidence(motion: Optional[ObservedMotion]) -> Optional[torch.Tensor]:

@@ -1,16 +1,18 @@
 """Stage-2 refine heads alone: every refined object in one padded call (``Stage2Refiner.forward``)
 vs one call per object (``Stage2Refiner.forward_reference``), forward and forward + backward.
 
-Builds ``--objects`` actors with point counts spread evenly from ``--points`` / ``--spread`` to
-``--points`` (the point budget is ``--points``, so the largest object sets the padding), for each
+Builds ``--objects`` actors (default: the preset's ``max_objects_per_frame``) with point counts
+spread evenly from ``--points`` / ``--spread`` to ``--points`` (default: the preset's
+``max_points_per_object``, the point budget, so the largest object sets the padding), for each
 ``--group-ratios`` value (``refiner.GROUP_RATIO``: the Gaussian head's size classes; inf = one
 call for all objects; the pose head always runs once), ``--frames`` frames,
 the heads at a preset's sizes (``standard`` = configs/stage2_online.yaml, ``memory``, ``minimal``),
 their output layers moved off zero so nothing is trivially zero. Each figure is the minimum over
-``--repeats`` timed repetitions after ``--warmup``, CUDA-synchronised at both ends; the
+``--repeats`` timed repetitions after ``--warmup``: wall time, CUDA-synchronised at both ends, on
+CUDA; process CPU time on the CPU (use ``--threads 1`` there: a shared CPU's wall time is noise); the
 max |batched - per-object| of the outputs is printed as a check.
 
-    python benchmarks/stage2_heads.py --device cpu --objects 10 --points 2048 --repeats 3
+    python benchmarks/stage2_heads.py --device cpu --threads 1 --objects 10 --points 256 --repeats 10
     python benchmarks/stage2_heads.py --device cuda --presets standard memory minimal
 """
 
@@ -27,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {"standard": "stage2_online.yaml", "memory": "stage2_memory.yaml", "minimal": "stage2_minimal.yaml"}
 
 
-def _config(preset: str, points: int, objects: int):
+def _config(preset: str, points: int | None, objects: int | None):
     from dataclasses import replace
 
     from evolsplat_ns.model.stage2.config import Stage2Config
@@ -36,9 +38,10 @@ def _config(preset: str, points: int, objects: int):
     _, overrides = load_preset(ROOT / "configs" / PRESETS[preset])
     keys = overrides.get("pipeline", {}).get("model", {}).get("stage2", {})
     heads = ("gaussian_feature_dim", "gaussian_num_layers", "gaussian_num_heads", "pose_feature_dim", "pose_num_layers",
-             "stage2_memory_efficient", "input_gaussian_dim")  # what the heads' cost depends on
-    config = Stage2Config(enabled=True, **{k: keys[k] for k in heads if k in keys})
-    return replace(config, max_points_per_object=points, max_objects_per_frame=objects)
+             "stage2_memory_efficient", "input_gaussian_dim", "max_points_per_object", "max_objects_per_frame")
+    config = Stage2Config(enabled=True, **{k: keys[k] for k in heads if k in keys})  # what the heads' cost depends on
+    return replace(config, max_points_per_object=points or config.max_points_per_object,
+                   max_objects_per_frame=objects or config.max_objects_per_frame)
 
 
 def _actors(objects: int, points: int, frames: int, device: str, spread: float):
@@ -70,15 +73,18 @@ def _sync(device: str) -> None:
 
 
 def _time(fn, device: str, warmup: int, repeats: int) -> float:
+    """Min seconds of ``fn`` over ``repeats``: wall clock (CUDA-synchronised) on CUDA; on CPU the
+    process's CPU time (with ``--threads 1`` the work itself, robust to other jobs on a shared CPU)."""
+    clock = time.perf_counter if device.startswith("cuda") else time.process_time
     for _ in range(warmup):
         fn()
     best = float("inf")
     for _ in range(repeats):
         _sync(device)
-        start = time.perf_counter()
+        start = clock()
         fn()
         _sync(device)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
     return best
 
 
@@ -88,10 +94,11 @@ def measure(args: argparse.Namespace, preset: str, ratio: float) -> dict:
     R.GROUP_RATIO = ratio
     torch.manual_seed(0)
     config = _config(preset, args.points, args.objects)
+    objects, points = config.max_objects_per_frame, config.max_points_per_object
     refiner = R.Stage2Refiner(config).to(args.device)
     for head in (refiner.gaussian_head, refiner.pose_head):
         torch.nn.init.normal_(head.out.weight, std=0.1)
-    gauss, nodes, counts = _actors(args.objects, args.points, args.frames, args.device, args.spread)
+    gauss, nodes, counts = _actors(objects, points, args.frames, args.device, args.spread)
     plan = refiner.plan(nodes)
     paths = {"batched": refiner.forward, "per_object": refiner.forward_reference}
 
@@ -120,8 +127,9 @@ def measure(args: argparse.Namespace, preset: str, ratio: float) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--objects", type=int, default=10)
-    p.add_argument("--points", type=int, default=2048, help="point budget = the largest object's points")
+    p.add_argument("--objects", type=int, default=None, help="objects (default: the preset's max_objects_per_frame)")
+    p.add_argument("--points", type=int, default=None,
+                   help="point budget = the largest object's points (default: the preset's max_points_per_object)")
     p.add_argument("--frames", type=int, default=12)
     p.add_argument("--presets", nargs="+", default=["standard"], choices=list(PRESETS))
     p.add_argument("--warmup", type=int, default=2)
@@ -130,14 +138,18 @@ def main() -> None:
                    help="refiner.GROUP_RATIO values to compare (inf: the Gaussian head in one call)")
     p.add_argument("--spread", type=float, default=4.0,
                    help="object sizes spread evenly from points / spread to points (1: all the same)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args()
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
     results = [measure(a, preset, ratio) for preset in a.presets for ratio in a.group_ratios]
     print(json.dumps(results, indent=2))
     if a.json is not None:
         a.json.write_text(json.dumps(results, indent=2))
     print(f"{'preset':<10}{'ratio':>6}{'calls':>6}{'objects':>8}{'padded':>8}{'fwd batched':>13}{'fwd per-obj':>13}{'f+b batched':>13}"
-          f"{'f+b per-obj':>13}{'max diff':>10}   (ms, min of {a.repeats}; device {a.device})")
+          f"{'f+b per-obj':>13}{'max diff':>10}   (ms, min of {a.repeats}; {a.device}"
+          f"{', CPU time' if a.device == 'cpu' else ''})")
     for r in results:
         diff = max(r["max_abs_diff_delta"], r["max_abs_diff_xi"])
         print(f"{r['preset']:<10}{r['group_ratio']:>6.3g}{r['gaussian_head_calls']:>6}{r['objects']:>8}{r['padded_points']:>8}{r['batched_forward_ms']:>13.1f}"

@@ -117,10 +117,18 @@ def measure(args: argparse.Namespace, preset: str, ratio: float) -> dict:
               "checkpointed": refiner._checkpoint(plan), "feature_dim": config.gaussian_feature_dim,
               "max_abs_diff_delta": float((a.delta - b.delta).abs().max()),
               "max_abs_diff_xi": float((a.xi - b.xi).abs().max())}
+    cuda = args.device.startswith("cuda")
     for name, path in paths.items():
         result[f"{name}_forward_ms"] = 1e3 * _time(lambda: forward(path), args.device, args.warmup, args.repeats)
+        if cuda:
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
         result[f"{name}_fwd_bwd_ms"] = 1e3 * _time(lambda: forward_backward(path), args.device, args.warmup,
                                                    args.repeats)
+        # the forward + backward's peak above what was allocated before (masked attention must stay
+        # on a fused kernel: the math fallback would keep [B, heads, P, P] weights)
+        result[f"{name}_fwd_bwd_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None
     return result
 
 
@@ -150,11 +158,12 @@ def main() -> None:
     print(f"{'preset':<10}{'ratio':>6}{'calls':>6}{'objects':>8}{'padded':>8}{'fwd batched':>13}{'fwd per-obj':>13}{'f+b batched':>13}"
           f"{'f+b per-obj':>13}{'max diff':>10}   (ms, min of {a.repeats}; {a.device}"
           f"{', CPU time' if a.device == 'cpu' else ''})")
+    mb = lambda r, k: f"{r[k]:.0f}" if r.get(k) is not None else "n/a"  # noqa: E731
     for r in results:
         diff = max(r["max_abs_diff_delta"], r["max_abs_diff_xi"])
         print(f"{r['preset']:<10}{r['group_ratio']:>6.3g}{r['gaussian_head_calls']:>6}{r['objects']:>8}{r['padded_points']:>8}{r['batched_forward_ms']:>13.1f}"
               f"{r['per_object_forward_ms']:>13.1f}{r['batched_fwd_bwd_ms']:>13.1f}{r['per_object_fwd_bwd_ms']:>13.1f}"
-              f"{diff:>10.1e}")
+              f"{diff:>10.1e}   peak MB f+b {mb(r, 'batched_fwd_bwd_peak_mb')} / {mb(r, 'per_object_fwd_bwd_peak_mb')}")
 
 
 if __name__ == "__main__":

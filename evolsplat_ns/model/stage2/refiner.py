@@ -105,7 +105,7 @@ class PaddedBatch:
 GROUP_RATIO = 4.0
 """The Gaussian head's size classes: objects sorted by points, a class ends where an object has
 fewer than 1 / ``GROUP_RATIO`` of the class's largest (so padding costs a member at most
-``GROUP_RATIO``² its own attention). ``math.inf``: all objects in one call."""
+``GROUP_RATIO``² its own attention). ``math.inf``: all objects in one call. Read when a plan is built."""
 
 
 CHECKPOINT_ABOVE_BYTES = 512 * 2**20
@@ -170,8 +170,9 @@ class Stage2Refiner(nn.Module):
 
     def activation_bytes(self, plan: RefinePlan) -> int:
         """Estimated bytes the Gaussian head's attention blocks keep for the backward over a run: of
-        the padded batch (R objects x P points, padding rows included: they are computed too). The
-        attention weights are not counted: the fused attention kernels on CUDA do not keep them."""
+        its padded batches (per size class, objects x the class's largest subset; padding rows are
+        computed too). Attention weights are not counted: the fused attention kernels on CUDA do
+        not keep them."""
         c = self.config
         return plan.padded_points * c.gaussian_feature_dim * c.gaussian_num_layers * ACTIVATION_FLOATS_PER_FEATURE * 4
 
@@ -232,15 +233,17 @@ class Stage2Refiner(nn.Module):
         delta = vec.new_zeros(len(g.actor), OUTPUT_GAUSSIAN_DIM)
         xi = vec.new_zeros(*nodes.poses.shape[:2], 6)
         if plan.rows:
+            full = vec[plan.batch.index]  # [R, P, 14]: every refined object padded to the largest
             if self.mode != "pose_only":
                 checkpoint = self._checkpoint(plan)
                 for b in plan.groups:
-                    out = self.gaussian_head(vec[b.index], checkpoint=checkpoint, mask=b.mask)[0]  # [B, P, 13]
+                    out = self.gaussian_head(full if b is plan.batch else vec[b.index], checkpoint=checkpoint,
+                                             mask=b.mask)[0]  # [B, P, 13]
                     delta = delta.index_put((b.rows,), out.reshape(-1, out.shape[-1]).index_select(0, b.flat))
             if self.mode != "gaussian_only":
                 rows, b = plan.rows_t, plan.batch
                 evidence = _evidence(motion)
-                xis = self.pose_head(vec[b.index], nodes.poses.to(vec.dtype).index_select(0, rows),
+                xis = self.pose_head(full, nodes.poses.to(vec.dtype).index_select(0, rows),
                                      nodes.valid.index_select(0, rows), nodes.sizes.index_select(0, rows),
                                      evidence.index_select(0, rows) if evidence is not None else None, mask=b.mask)
                 xi = xi.index_put((rows,), xis)

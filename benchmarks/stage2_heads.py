@@ -155,14 +155,15 @@ def main() -> None:
     print(json.dumps(results, indent=2))
     if a.json is not None:
         a.json.write_text(json.dumps(results, indent=2))
-    print(f"{'preset':<10}{'ratio':>6}{'calls':>6}{'objects':>8}{'padded':>8}{'fwd batched':>13}{'fwd per-obj':>13}{'f+b batched':>13}"
-          f"{'f+b per-obj':>13}{'max diff':>10}   (ms, min of {a.repeats}; {a.device}"
+    print(f"{'preset':<10}{'ratio':>6}{'calls':>6}{'objects':>8}{'padded':>8}{'fwd batched':>13}{'fwd per-obj':>13}"
+          f"{'f+b batched':>13}{'f+b per-obj':>13}{'max diff':>10}   (ms, min of {a.repeats}; {a.device}"
           f"{', CPU time' if a.device == 'cpu' else ''})")
     mb = lambda r, k: f"{r[k]:.0f}" if r.get(k) is not None else "n/a"  # noqa: E731
     for r in results:
         diff = max(r["max_abs_diff_delta"], r["max_abs_diff_xi"])
-        print(f"{r['preset']:<10}{r['group_ratio']:>6.3g}{r['gaussian_head_calls']:>6}{r['objects']:>8}{r['padded_points']:>8}{r['batched_forward_ms']:>13.1f}"
-              f"{r['per_object_forward_ms']:>13.1f}{r['batched_fwd_bwd_ms']:>13.1f}{r['per_object_fwd_bwd_ms']:>13.1f}"
+        print(f"{r['preset']:<10}{r['group_ratio']:>6.3g}{r['gaussian_head_calls']:>6}{r['objects']:>8}"
+              f"{r['padded_points']:>8}{r['batched_forward_ms']:>13.1f}{r['per_object_forward_ms']:>13.1f}"
+              f"{r['batched_fwd_bwd_ms']:>13.1f}{r['per_object_fwd_bwd_ms']:>13.1f}"
               f"{diff:>10.1e}   peak MB f+b {mb(r, 'batched_fwd_bwd_peak_mb')} / {mb(r, 'per_object_fwd_bwd_peak_mb')}")
 
 

@@ -214,3 +214,102 @@ def test_stage2_training_without_box_tracks_discovers_actors(hidden_boxes, tmp_p
     s = off.pipeline.stage2_controller.get_statistics()
     assert s["objects_from"].startswith("none (") and "discover_without_boxes" in s["objects_from"]
     off.pipeline.datamanager.dataset.close()
+
+
+# -- discovery from RAFT flow (no dataset flow/) ---------------------------------------------------
+
+
+class TrueFlowRaft:
+    """A flow model with RaftFlow's interface (``trusted``, ``(image0, image1) -> [H, W, 2]``)
+    that answers with the dataset's true flow of the image pair it is shown (looked up by the
+    images' bytes): what a perfect trusted RAFT would return. Counts its calls."""
+
+    def __init__(self, datasets, trusted: bool = True) -> None:
+        import hashlib
+
+        self.trusted, self.calls, self._flows = trusted, 0, {}
+        self._key = lambda im: hashlib.sha1(im.detach().cpu().float().numpy().tobytes()).hexdigest()
+        for ds in datasets:
+            for i in range(len(ds.segments)):
+                obs = ds.observations(i)
+                for t, _ in obs.pairs():
+                    for cam in obs.cameras:
+                        pair = obs.pair(t, cam, images=True, depth=False)
+                        self._flows[(self._key(pair.view_t.image), self._key(pair.view_t1.image))] = pair.flow
+
+    def __call__(self, image0: torch.Tensor, image1: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self._flows[(self._key(image0), self._key(image1))].to(image0.device)
+
+
+@pytest.fixture(scope="module")
+def no_flow(hidden_boxes, tmp_path_factory) -> Path:
+    """The hidden-box scenes without their ``flow/``: no box tracks and no dataset flow."""
+    out = Path(shutil.copytree(hidden_boxes, tmp_path_factory.mktemp("no_flow") / "data"))
+    for scene in out.iterdir():
+        if (scene / "flow").is_dir():
+            shutil.rmtree(scene / "flow")
+    return out
+
+
+def test_discovery_from_trusted_raft_flow_finds_what_dataset_flow_finds(hidden_boxes, no_flow):
+    with_flow, without = _dataset(hidden_boxes), _dataset(no_flow)
+    raft = TrueFlowRaft([with_flow])
+    config = Stage2Config(enabled=True)
+    for i in range(len(without.segments)):
+        pc = without.point_cloud(i)
+        obs = without.observations(i)
+        assert not obs.has_flow
+        calls = raft.calls
+        tracks, report = D.discover_objects(obs, config, (pc.points, pc.frame_ids), flow_model=raft)
+        assert raft.calls - calls == len(obs.pairs()) * len(obs.cameras), "every pair and camera through the model"
+        assert report.flow_source == "raft_small" and report.objects_from == "flow discovery" and tracks
+        ref_tracks, ref = D.discover_objects(with_flow.observations(i), config, (pc.points, pc.frame_ids))
+        assert ref.flow_source == "dataset" and list(tracks) == list(ref_tracks)
+        for k in tracks:  # the same flow gives the same cars (the dataset-flow test checks them against the truth)
+            assert torch.equal(tracks[k].valid, ref_tracks[k].valid)
+            assert torch.allclose(tracks[k].poses, ref_tracks[k].poses, atol=1e-5)
+    with_flow.close()
+    without.close()
+
+
+def test_untrusted_raft_never_creates_objects(hidden_boxes, no_flow, tmp_path):
+    ds = _dataset(no_flow)
+    pc = ds.point_cloud(0)
+    untrusted = TrueFlowRaft([_dataset(hidden_boxes)], trusted=False)  # even a perfect flow, if untrusted
+    tracks, report = D.discover_objects(ds.observations(0), Stage2Config(enabled=True), (pc.points, pc.frame_ids),
+                                        flow_model=untrusted)
+    assert tracks == {} and untrusted.calls == 0
+    assert report.objects_from.startswith("none (") and "untrusted" in report.objects_from
+    ds.close()
+
+    from test_stage2 import stage2_trainer  # in training: the processor's RAFT without weights is untrusted
+
+    trainer = stage2_trainer(no_flow, tmp_path)
+    trainer.train_step(0)
+    assert trainer.pipeline.model.context.segment.actors is None
+    s = trainer.pipeline.stage2_controller.get_statistics()
+    assert s["objects_from"].startswith("none (") and "untrusted" in s["objects_from"], s["objects_from"]
+    trainer.pipeline.datamanager.dataset.close()
+
+
+def test_training_discovers_actors_from_the_processors_trusted_flow(hidden_boxes, no_flow, tmp_path):
+    from test_stage2 import stage2_trainer
+
+    from evolsplat_ns.model.stage2.processor import OnlineDynamicProcessor
+
+    ref = _dataset(hidden_boxes)
+    raft = TrueFlowRaft([ref])
+    trainer = stage2_trainer(no_flow, tmp_path)
+    model = trainer.pipeline.model
+    model.segments.forget()  # the viewer's shown segment was built with the default (untrusted) RAFT
+    model.stage2_processor = OnlineDynamicProcessor(model.config.stage2, flow_model=raft)
+    trainer.train_step(0)
+    segment = model.context.segment
+    assert segment.actors is not None and segment.actors.origin == "flow discovery"
+    s = trainer.pipeline.stage2_controller.get_statistics()
+    assert s["objects_from"] == "flow discovery" and s["objects_discovered"] == segment.actors.num_actors > 0
+    assert s["flow_source"] == "raft_small" and s["flow_trusted"] is True, "the processor aggregates the same flow"
+    assert segment.motion is not None and bool(segment.motion.increments_ok.any())
+    trainer.pipeline.datamanager.dataset.close()
+    ref.close()

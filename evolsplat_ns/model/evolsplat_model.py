@@ -285,7 +285,9 @@ class EVolSplatModel(SplatfactoSurface):
         """``pc`` and where its actors come from. A segment without box tracks, with stage 2 on and
         ``discover_without_boxes``: stage 2's flow discovery runs once here (the segment is built
         once, then stored and checkpointed) and its pseudo-box tracks split the cloud by the same
-        rule as box tracks, so stage 1 and the processor see actors as if the data had boxes."""
+        rule as box tracks, so stage 1 and the processor see actors as if the data had boxes. Its
+        flow: the dataset's ``flow/``, else the processor's RAFT when trusted (the same flow the
+        processor's aggregation then uses)."""
         s2 = self.config.stage2
         if pc.tracks or self.stage2_processor is None or not self.config.enable_actors:
             return pc, "box tracks"
@@ -298,7 +300,9 @@ class EVolSplatModel(SplatfactoSurface):
         elif pc.frame_ids is None:
             why = "none (no box tracks, and the point cloud has no per-point frame ids to split)"
         if why is None:
-            tracks, report = discover_objects(obs, s2, (pc.points, pc.frame_ids), self.device)
+            # without dataset flow/, the processor's RAFT (discovery refuses it untrusted)
+            flow_model = self.stage2_processor.flow_model(self.device) if not obs.has_flow and obs.has_depth else None
+            tracks, report = discover_objects(obs, s2, (pc.points, pc.frame_ids), self.device, flow_model)
             why = report.objects_from
             if tracks:
                 pc = split_point_cloud(pc, tracks, s2.discovery_box_margin, s2.mask_ground_clearance)
@@ -311,11 +315,17 @@ class EVolSplatModel(SplatfactoSurface):
         Its render caches start empty, so encoded states never outlive a training step. Only the
         context's segment lives on the model's device; the store keeps the others in host memory
         (or on disk), so memory does not grow with the number of segments a long run has visited.
+
+        Once stage 2 has started, the segment is also processed here, once (:meth:`_observe_motion`,
+        phase ``stage2_process``), so the step that meets it renders and encodes with its fitted
+        poses and no stage-2 run has to wait for it.
         """
-        self.segment_for(key, point_cloud)
-        self.context = SegmentContext(key, sources.to(self.device, non_blocking=True),
-                                      self.segments.activate(key, self.device), on_host(sources.camtoworlds),
-                                      on_host(sources.frame_ids))
+        with phase("prepare"):
+            self.segment_for(key, point_cloud)
+            self.context = SegmentContext(key, sources.to(self.device, non_blocking=True),
+                                          self.segments.activate(key, self.device), on_host(sources.camtoworlds),
+                                          on_host(sources.frame_ids))
+        self._observe_motion(self.context)
         return self.context
 
     def forget_segments(self) -> None:
@@ -335,7 +345,7 @@ class EVolSplatModel(SplatfactoSurface):
         backward passes stop there and ``state.backward_shared()`` finishes the step.
         """
         ctx = self._require_context()
-        self._observe_motion(ctx)
+        self._observe_motion(ctx)  # a no-op after set_context, unless stage 2 started since the context was set
         poses = ctx.source_poses if sources is None else None  # else copied back once (a sync)
         sources = sources if sources is not None else ctx.sources
         state = self.predictor.encode(ctx.node, sources, self._frozen_volume(ctx.segment), split_backward,
@@ -349,7 +359,9 @@ class EVolSplatModel(SplatfactoSurface):
     def _observe_motion(self, ctx: SegmentContext) -> None:
         """Once stage 2 has started, process the context segment once (the processor's observed
         motion is cached on its state): from then on its actors are posed by the fitted trajectory
-        (stage 1's windows, every render, the refiner's base), the boxes kept in ``motion.box_poses``."""
+        (stage 1's windows, every render, the refiner's base), the boxes kept in ``motion.box_poses``.
+        Runs from :meth:`set_context`, timed as phase ``stage2_process``; its component seconds go
+        to the next stage-2 run's report (``process_s``), as the amortised share of the pass."""
         segment = ctx.segment
         if self.stage2_processor is not None and self.stage2_started and segment.actors is None:
             self.stage2_processor.objects_from = self._objects_from.get(str(ctx.key), "none (no box tracks in this segment)")
@@ -357,11 +369,12 @@ class EVolSplatModel(SplatfactoSurface):
         if (self.stage2_processor is None or not self.stage2_started or segment.actors is None
                 or segment.motion is not None):
             return
-        obs = self.stage2_observations(ctx.key) if self.stage2_observations is not None else None
-        motion = self.stage2_processor.process(segment.actors, obs)
-        segment.actors.repose(motion.poses)
-        segment.motion = motion
-        segment.clear_render_caches()
+        with phase("stage2_process"):
+            obs = self.stage2_observations(ctx.key) if self.stage2_observations is not None else None
+            motion = self.stage2_processor.process(segment.actors, obs)
+            segment.actors.repose(motion.poses)
+            segment.motion = motion
+            segment.clear_render_caches()
         for k, v in motion.times.items():
             self._stage2_process_s[k] = self._stage2_process_s.get(k, 0.0) + v
 
@@ -481,8 +494,7 @@ class EVolSplatModel(SplatfactoSurface):
         ``autocast`` wraps the forward passes (mixed precision); rasterisation stays fp32.
         """
         with autocast():
-            with phase("prepare"):
-                self.set_context(sample.key, sample.source, point_cloud)
+            self.set_context(sample.key, sample.source, point_cloud)  # phases "prepare" and "stage2_process"
             state = self.encode(split_backward=backward is not None)
             step2 = self._start_stage2(state, split_backward=backward is not None)
         # Poses stay on the host (view selection there); images go to the device without blocking.

@@ -1,7 +1,10 @@
 """Moving objects without box tracks: discovered from flow that ego-motion does not explain.
 
 For a segment whose data has no ``instances/instances_info.json`` but has depth and optical flow,
-stage 2 finds the moving objects itself, once per segment (when the segment's state is built):
+stage 2 finds the moving objects itself, once per segment (when the segment's state is built).
+The flow is the dataset's ``flow/`` when present, else the processor's RAFT when it is trusted
+(real ``optical_flow_weights``); an untrusted RAFT is refused (random weights never create
+objects) and the report says why.
 
 1. **Ego flow** (:func:`ego_flow`): the flow a static world would produce, from camera t's depth
    and the two camera poses. A pixel moves on its own (:func:`moving_pixels`) where the observed
@@ -42,7 +45,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +56,15 @@ from evolsplat_ns.model.stage2.aggregate import lift
 from evolsplat_ns.model.stage2.config import Stage2Config
 
 
+class FlowModel(Protocol):
+    """An optical-flow estimator as :class:`~evolsplat_ns.model.stage2.perception.RaftFlow` is one:
+    ``trusted`` (real weights), and images [H, W, 3] in [0, 1] (t, t+1) -> flow [H, W, 2] pixels."""
+
+    trusted: bool
+
+    def __call__(self, image0: torch.Tensor, image1: torch.Tensor) -> torch.Tensor: ...
+
+
 @dataclass
 class DiscoveryReport:
     """What discovery did on one segment.
@@ -61,6 +73,7 @@ class DiscoveryReport:
         objects_from: "flow discovery" when it found objects, else "none (why)".
         tracks: the kept tracks' ids; dropped: tracks dropped per reason (short, static).
         moving_pixels: pixels found moving over all pairs and cameras; clusters: clusters over all frames.
+        flow_source: the flow it ran on: "dataset", the RAFT variant (trusted), or "none (why)".
     """
 
     objects_from: str
@@ -68,6 +81,7 @@ class DiscoveryReport:
     dropped: dict[str, int] = field(default_factory=dict)
     moving_pixels: int = 0
     clusters: int = 0
+    flow_source: str = "none"
 
 
 # -- 1. moving pixels ------------------------------------------------------------------------------
@@ -499,18 +513,44 @@ def complete_with_cloud(track: TrackObservations, points: torch.Tensor, frame_id
 # -- the whole segment -----------------------------------------------------------------------------
 
 
+def discovery_flow(obs: SegmentObservations, config: Stage2Config, flow_model: Optional[FlowModel]) -> tuple[str, bool]:
+    """(flow source, usable) of discovery on ``obs``: the dataset's ``flow/`` when present, else
+    ``flow_model`` (RAFT) only when it is trusted; "none (why)" otherwise."""
+    if obs.has_flow:
+        return "dataset", True
+    if flow_model is None:
+        return "none (no box tracks, and no dataset flow/ to discover moving objects from)", False
+    if not flow_model.trusted:
+        return (f"none (no box tracks, no dataset flow/, and {config.optical_flow_model} without optical_flow_weights "
+                "is untrusted: random weights never create objects)"), False
+    return config.optical_flow_model, True
+
+
+def _pair_flow(obs: SegmentObservations, t: int, cam: int, flow_model: Optional[FlowModel], device):
+    """The pair (t, t+1) of camera ``cam`` and its flow [H, W, 2] on ``device``: the dataset's, or
+    ``flow_model`` on the pair's images (only called once :func:`discovery_flow` allowed it)."""
+    if obs.has_flow:
+        pair = obs.pair(t, cam)
+        return pair, pair.flow.to(device)
+    pair = obs.pair(t, cam, images=True)
+    return pair, flow_model(pair.view_t.image.to(device), pair.view_t1.image.to(device)).to(device)
+
+
 def discover_objects(obs: SegmentObservations, config: Stage2Config, cloud: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                     device: torch.device | str = "cpu") -> tuple[dict[str, ActorTrack], DiscoveryReport]:
+                     device: torch.device | str = "cpu", flow_model: Optional[FlowModel] = None
+                     ) -> tuple[dict[str, ActorTrack], DiscoveryReport]:
     """Pseudo-box tracks (segment frame, over ``obs.frames``) of the moving objects of a segment
-    from its flow and depth, and a report. Needs ``obs.has_flow`` and ``obs.has_depth`` (else no
-    tracks and the report says why).
+    from its flow and depth, and a report. Needs ``obs.has_depth`` and flow: the dataset's
+    (``obs.has_flow``), else ``flow_model`` (the processor's RAFT) when it is trusted; otherwise
+    no tracks, and the report says why (an untrusted RAFT's random weights never create objects).
 
     ``cloud``: the segment's point cloud (points [N, 3] segment frame, frame ids [N]); its points
     connected to a track's moving points complete that track's shape (:func:`complete_with_cloud`)."""
     if not obs.has_depth:
         return {}, DiscoveryReport("none (no box tracks, and no depth/ to discover moving objects from flow)")
-    if not obs.has_flow:
-        return {}, DiscoveryReport("none (no box tracks, and no dataset flow/ to discover moving objects from)")
+    flow_source, usable = discovery_flow(obs, config, flow_model)
+    if not usable:
+        return {}, DiscoveryReport(flow_source, flow_source=flow_source)
     c = config
     source: dict[int, list[torch.Tensor]] = {}  # frame -> moving points seen as flow sources (t of a pair)
     target: dict[int, list[torch.Tensor]] = {}  # frame -> moving points found as flow targets (t+1)
@@ -519,11 +559,10 @@ def discover_objects(obs: SegmentObservations, config: Stage2Config, cloud: Opti
     moving_count = 0
     for t, t1 in obs.pairs():
         for cam in obs.cameras:
-            pair = obs.pair(t, cam)
+            pair, flow = _pair_flow(obs, t, cam, flow_model, device)
             v0, v1 = pair.view_t, pair.view_t1
             to = lambda x: x.to(device)  # noqa: E731
-            mask, X_t, X_t1 = moving_pixels(to(pair.flow), to(v0.depth), to(v1.depth), to(v0.K), to(v0.c2w),
-                                            to(v1.c2w), c)
+            mask, X_t, X_t1 = moving_pixels(flow, to(v0.depth), to(v1.depth), to(v0.K), to(v0.c2w), to(v1.c2w), c)
             moving_count += int(mask.sum())
             source.setdefault(t, []).append(X_t[mask])
             ok1 = mask & torch.isfinite(X_t1).all(-1)
@@ -561,7 +600,7 @@ def discover_objects(obs: SegmentObservations, config: Stage2Config, cloud: Opti
     tracks, dropped = pseudo_boxes(observed, frames, c)
     tracks = {f"flow{i}": _renamed(tr, f"flow{i}") for i, tr in enumerate(tracks.values())}
     report = DiscoveryReport("flow discovery" if tracks else "none (no box tracks, and flow discovery found no moving object)",
-                             list(tracks), dropped, moving_count, sum(len(g) for g in clusters_at))
+                             list(tracks), dropped, moving_count, sum(len(g) for g in clusters_at), flow_source)
     return tracks, report
 
 

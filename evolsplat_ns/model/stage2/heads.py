@@ -58,7 +58,7 @@ def _zero_last(linear: nn.Linear) -> nn.Linear:
 
 
 class AttentionBlock(nn.Module):
-    """Pre-LN self-attention + MLP over one object's Gaussians (no positional index: permutation-equivariant)."""
+    """Pre-LN self-attention + MLP over objects' Gaussians (no positional index: permutation-equivariant)."""
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -66,17 +66,19 @@ class AttentionBlock(nn.Module):
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, N, dim] -> [B, N, dim]."""
+    def forward(self, x: torch.Tensor, pad: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B, N, dim] -> [B, N, dim]; ``pad`` [B, N] bool marks padding rows (True), which no row
+        attends to (their own outputs are meaningless and must be dropped by the caller)."""
         h = self.norm1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
+        x = x + self.attn(h, h, h, key_padding_mask=pad, need_weights=False)[0]
         return x + self.mlp(self.norm2(x))
 
 
 class GaussianRefineHead(nn.Module):
     """Residuals ``[N, 13]`` (``GAUSSIAN_OUTPUT_LAYOUT``) of one object's Gaussians ``[N, 14]``
-    (``GAUSSIAN_INPUT_LAYOUT``): an embedding MLP, ``num_layers`` attention blocks across the
-    object's Gaussians, a zero-initialised output layer."""
+    (``GAUSSIAN_INPUT_LAYOUT``), or ``[K, P, 13]`` of K objects padded to P points with a mask: an
+    embedding MLP, ``num_layers`` attention blocks across each object's Gaussians (never across
+    objects, never onto padding), a zero-initialised output layer."""
 
     def __init__(self, input_dim: int = INPUT_GAUSSIAN_DIM, feature_dim: int = 128, num_layers: int = 2,
                  num_heads: int = 4, bands: int = 6) -> None:
@@ -91,28 +93,38 @@ class GaussianRefineHead(nn.Module):
         self.norm = nn.LayerNorm(feature_dim)
         self.out = _zero_last(nn.Linear(feature_dim, OUTPUT_GAUSSIAN_DIM))
 
-    def forward(self, g: torch.Tensor, checkpoint: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """g [N, 14] -> (delta [N, 13], features [N, feature_dim])."""
-        x = self.embed(torch.cat([g, fourier_features(g[:, GAUSSIAN_INPUT_LAYOUT["xyz"]], self.bands)], -1))[None]
+    def forward(self, g: torch.Tensor, checkpoint: bool = False,
+                mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One object: g [N, 14] -> (delta [N, 13], features [N, feature_dim]). K objects padded to P
+        points: g [K, P, 14] with ``mask`` [K, P] bool (True: a real point; every object has one) ->
+        ([K, P, 13], [K, P, feature_dim]), the padded rows' outputs meaningless (drop them). Each
+        object's real rows equal its one-object result (padding is masked out of the attention)."""
+        single = g.dim() == 2
+        if single:
+            g, mask = g[None], None
+        pad = ~mask if mask is not None else None
+        x = self.embed(torch.cat([g, fourier_features(g[..., GAUSSIAN_INPUT_LAYOUT["xyz"]], self.bands)], -1))
         for block in self.blocks:
             if checkpoint and x.requires_grad:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, pad, use_reentrant=False)
             else:
-                x = block(x)
-        feat = self.norm(x[0])
-        return self.out(feat), feat
+                x = block(x, pad)
+        feat = self.norm(x)
+        delta = self.out(feat)
+        return (delta[0], feat[0]) if single else (delta, feat)
 
 
 class PoseRefineHead(nn.Module):
-    """Per-frame twists ``xi [F, 6] = [omega, v]`` of one object from its points and its box track.
+    """Per-frame twists ``xi [F, 6] = [omega, v]`` of one object (or ``[K, F, 6]`` of K objects in
+    one call) from its points and its box track.
 
     Object token: max- and mean-pooled point features (points in box-normalised object coordinates
-    with their Gaussian vector). Per-frame pose features: normalised time, validity, the pose
-    relative to the object's first valid frame (6D rotation, translation / |size|) and the
-    processor's observed evidence (its correction of the box ``xi_obs`` (6) and weight (1), zero
-    without), embedded to ``pose_feature_dim``; a ``num_layers`` transformer over the valid frames
-    mixes them in time. Output bounded by ``MAX_ROT_CORRECTION`` rad and ``MAX_TRANS_CORRECTION`` m;
-    zero at init."""
+    with their Gaussian vector; padding rows excluded from both pools). Per-frame pose features:
+    normalised time, validity, the pose relative to the object's first valid frame (6D rotation,
+    translation / |size|) and the processor's observed evidence (its correction of the box
+    ``xi_obs`` (6) and weight (1), zero without), embedded to ``pose_feature_dim``; a
+    ``num_layers`` transformer over each object's valid frames mixes them in time. Output bounded
+    by ``MAX_ROT_CORRECTION`` rad and ``MAX_TRANS_CORRECTION`` m; zero at init."""
 
     FRAME_DIM = 2 + 6 + 3 + 7
 
@@ -127,29 +139,44 @@ class PoseRefineHead(nn.Module):
         self.out = _zero_last(nn.Linear(d, 6))
 
     def forward(self, g: torch.Tensor, poses: torch.Tensor, valid: torch.Tensor, size: torch.Tensor,
-                evidence: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """g [N, 14] the object's Gaussian vectors; poses [F, 4, 4] object-to-segment poses the
+                evidence: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One object: g [N, 14] its Gaussian vectors; poses [F, 4, 4] object-to-segment poses the
         correction applies to; valid [F] bool (at least one True); size [3] box (l, w, h); evidence
-        [F, 7] (``xi_obs`` scaled as the output bounds, weight) or None -> xi [F, 6] (zero where not valid)."""
-        feat = self.point_mlp(g)
-        token = torch.cat([feat.max(0).values, feat.mean(0)])
+        [F, 7] (``xi_obs`` scaled as the output bounds, weight) or None -> xi [F, 6] (zero where not
+        valid). K objects: the same with a leading K (g [K, P, 14] padded to P points, ``mask``
+        [K, P] bool True on real points, at least one per object) -> xi [K, F, 6]."""
+        single = g.dim() == 2
+        if single:
+            g, poses, valid, size = g[None], poses[None], valid[None], size[None]
+            evidence, mask = evidence[None] if evidence is not None else None, None
+        feat = self.point_mlp(g)  # [K, P, d]
+        if mask is None:
+            token = torch.cat([feat.max(1).values, feat.mean(1)], -1)
+        else:
+            m = mask[..., None]
+            top = feat.masked_fill(~m, float("-inf")).max(1).values
+            mean = (feat * m.to(feat.dtype)).sum(1) / m.sum(1).clamp(min=1).to(feat.dtype)
+            token = torch.cat([top, mean], -1)
         if evidence is None:
-            evidence = poses.new_zeros(poses.shape[0], 7)
-        frames = torch.cat([_frame_features(poses, valid, size), evidence.to(poses.dtype)], -1)
-        x = self.frame_embed(torch.cat([frames, token.expand(frames.shape[0], -1)], -1))[None]
-        x = self.temporal(x, src_key_padding_mask=~valid[None])[0]
+            evidence = poses.new_zeros(*poses.shape[:2], 7)
+        frames = torch.cat([_frame_features(poses, valid, size), evidence.to(poses.dtype)], -1)  # [K, F, 18]
+        x = self.frame_embed(torch.cat([frames, token[:, None].expand(-1, frames.shape[1], -1)], -1))
+        x = self.temporal(x, src_key_padding_mask=~valid)
         raw = self.out(x)
-        xi = torch.cat([MAX_ROT_CORRECTION * torch.tanh(raw[:, :3]), MAX_TRANS_CORRECTION * torch.tanh(raw[:, 3:])], -1)
-        return xi * valid[:, None].to(xi.dtype)
+        xi = torch.cat([MAX_ROT_CORRECTION * torch.tanh(raw[..., :3]), MAX_TRANS_CORRECTION * torch.tanh(raw[..., 3:])],
+                       -1)
+        xi = xi * valid[..., None].to(xi.dtype)
+        return xi[0] if single else xi
 
 
 def _frame_features(poses: torch.Tensor, valid: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
-    """[F, 11]: normalised time, validity, box pose relative to the first valid frame (two rotation
-    columns, translation / |size|)."""
-    F = poses.shape[0]
-    first = valid.to(torch.uint8).argmax().reshape(1)  # first valid frame, on the device (no host read)
-    ref = poses.index_select(0, first)[0]
+    """[K, F, 11] of poses [K, F, 4, 4], valid [K, F], size [K, 3]: normalised time, validity, box
+    pose relative to each object's first valid frame (two rotation columns, translation / |size|)."""
+    K, F = poses.shape[:2]
+    first = valid.to(torch.uint8).argmax(-1)  # [K] first valid frame, on the device (no host read)
+    ref = poses.gather(1, first[:, None, None, None].expand(K, 1, 4, 4))  # [K, 1, 4, 4]
     rel = torch.linalg.solve(ref, poses)  # ref^-1 @ poses: motion in the reference's object axes
-    time = torch.linspace(0, 1, F, dtype=poses.dtype, device=poses.device)
-    return torch.cat([time[:, None], valid[:, None].to(poses.dtype), rel[:, :3, 0], rel[:, :3, 1],
-                      rel[:, :3, 3] / size.norm().clamp(min=1e-3)], -1)
+    time = torch.linspace(0, 1, F, dtype=poses.dtype, device=poses.device).expand(K, F)
+    scale = size.norm(dim=-1).clamp(min=1e-3)[:, None, None]
+    return torch.cat([time[..., None], valid[..., None].to(poses.dtype), rel[..., :3, 0], rel[..., :3, 1],
+                      rel[..., :3, 3] / scale], -1)

@@ -273,11 +273,14 @@ class OnlineDynamicProcessor:
     Args:
         config: the stage-2 settings (mask, flow, aggregation and SAM2/RAFT keys). Masks, fits,
             RAFT and SAM2 run on the device of the actors being processed.
+        flow_model: the flow estimator for data without ``flow/`` (RaftFlow's interface:
+            ``trusted``, ``(image0, image1) -> [H, W, 2]``); None: RAFT from the config, built on
+            first use. The same model serves flow discovery (:meth:`flow_model`).
     """
 
-    def __init__(self, config: Stage2Config) -> None:
+    def __init__(self, config: Stage2Config, flow_model=None) -> None:
         self.config = config
-        self._raft = None
+        self._raft = flow_model
         self._sam2 = None
         self.flow_trusted = False
         self.segmenter_trusted = False
@@ -303,10 +306,15 @@ class OnlineDynamicProcessor:
             self.segmenter_trusted = self._sam2.trusted
         return self._sam2
 
-    def _flow_model(self):
+    def flow_model(self, device: Optional[torch.device | str] = None):
+        """The flow model for data without ``flow/`` (trusted only with real weights), built on first
+        use on ``device`` (default: where the last segment was processed). Flow discovery asks for
+        it too (:func:`~evolsplat_ns.model.stage2.discovery.discover_objects` refuses it untrusted)."""
         if self._raft is None:
             from evolsplat_ns.model.stage2.perception import RaftConfig, RaftFlow
 
+            if device is not None:
+                self._device = torch.device(device)
             c = self.config
             self._raft = RaftFlow(RaftConfig(c.optical_flow_model, c.optical_flow_weights), self._device)
         return self._raft
@@ -319,7 +327,7 @@ class OnlineDynamicProcessor:
             return "none (the data has no depth/ to lift flow into 3D)", False
         if obs.has_flow:
             return "dataset", True
-        raft = self._flow_model()
+        raft = self.flow_model()
         if not raft.trusted:
             return f"none ({self.config.optical_flow_model} without optical_flow_weights is untrusted)", False
         return self.config.optical_flow_model, True
@@ -387,7 +395,7 @@ class OnlineDynamicProcessor:
         for cam in obs.cameras:
             start = time.perf_counter()
             pair = _pair_on(obs.pair(t, cam, images=seg is not None or not obs.has_flow), self._device)
-            flow = pair.flow if pair.flow is not None else self._flow_model()(pair.view_t.image, pair.view_t1.image)
+            flow = pair.flow if pair.flow is not None else self.flow_model()(pair.view_t.image, pair.view_t1.image)
             times["flow"] += time.perf_counter() - start
             start = time.perf_counter()
             lab_t = self._labels(pair.view_t, box[rows, i], sizes[rows], seg)

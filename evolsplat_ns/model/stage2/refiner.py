@@ -50,7 +50,12 @@ class RefinePlan:
     how many of ``index`` belong to each row; refined [K] device bool; points [K] device long;
     refined_host / points_host their host copies; rows_t [R] device long; valid_host [K, F] host bool;
     points_mean the mean points per refined row (0.0 without); pair_rows[c] whether a refined row is
-    valid at columns c and c + 1 (host bools)."""
+    valid at columns c and c + 1 (host bools).
+
+    Padded batches (:class:`PaddedBatch`): ``batch``, every refined row padded to the largest
+    subset (the pose head's one call: its point cost is linear, padding costs little there), and
+    ``groups``, the same rows in size classes (:data:`GROUP_RATIO`) for the Gaussian head, whose
+    attention costs P² per object: one call per class (one class when the sizes are alike)."""
 
     rows: list[int]
     index: torch.Tensor
@@ -63,13 +68,51 @@ class RefinePlan:
     valid_host: torch.Tensor
     points_mean: float = 0.0
     pair_rows: tuple[bool, ...] = ()
+    batch: Optional["PaddedBatch"] = None
+    groups: tuple["PaddedBatch", ...] = ()
+
+    @property
+    def padded_points(self) -> int:
+        """Rows the Gaussian head computes over its groups (padding included: its activations scale with it)."""
+        return sum(int(b.index.numel()) for b in self.groups)
+
+
+@dataclass
+class PaddedBatch:
+    """Object subsets padded into one [B, P] batch (device tensors).
+
+    Attributes: index [B, P] long, Gaussian rows (each object's subset, padded with its own first
+    Gaussian, so padding rows hold finite values); mask [B, P] bool, True on the real entries; flat
+    [M] long, where the real entries sit in the flattened [B * P] batch; rows [M] long, their
+    Gaussian rows (``index.reshape(-1)[flat]``): outputs go back by ``out.reshape(B * P,
+    -1)[flat]`` -> ``rows`` with no boolean index (no host read)."""
+
+    index: torch.Tensor
+    mask: torch.Tensor
+    flat: torch.Tensor
+    rows: torch.Tensor
+
+    @classmethod
+    def of(cls, chosen: list[torch.Tensor], device: torch.device) -> "PaddedBatch":
+        """From per-object Gaussian row subsets ``chosen`` (host long tensors, each non-empty)."""
+        P = max(int(i.numel()) for i in chosen)
+        index = torch.stack([torch.cat([i, i[:1].expand(P - i.numel())]) for i in chosen])
+        mask = torch.stack([torch.arange(P) < i.numel() for i in chosen])
+        flat = mask.reshape(-1).nonzero()[:, 0]  # row-major: the order of torch.cat(chosen)
+        return cls(index.to(device), mask.to(device), flat.to(device), index.reshape(-1)[flat].to(device))
+
+
+GROUP_RATIO = 4.0
+"""The Gaussian head's size classes: objects sorted by points, a class ends where an object has
+fewer than 1 / ``GROUP_RATIO`` of the class's largest (so padding costs a member at most
+``GROUP_RATIO``² its own attention). ``math.inf``: all objects in one call. Read when a plan is built."""
 
 
 CHECKPOINT_ABOVE_BYTES = 512 * 2**20
 """In memory-efficient mode the Gaussian head's attention blocks are checkpointed (recomputed in
 the backward) only when a run's estimated block activations exceed this: below it the recompute
-costs time and saves little (the standard preset, 10 objects x 2048 points x 128 features, holds
-about 250 MiB of them)."""
+costs time and saves little (the standard preset, 10 objects padded to 2048 points x 128
+features, holds about 250 MiB of them)."""
 ACTIVATION_FLOATS_PER_FEATURE = 12
 """Floats a pre-LN attention block keeps per point and feature for its backward (two norms, q/k/v,
 attention output, the 2x MLP hidden before and after GELU): the estimate behind the checkpoint choice."""
@@ -126,9 +169,12 @@ class Stage2Refiner(nn.Module):
         return list(self.plan(nodes).rows)
 
     def activation_bytes(self, plan: RefinePlan) -> int:
-        """Estimated bytes the Gaussian head's attention blocks keep for the backward over a run."""
+        """Estimated bytes the Gaussian head's attention blocks keep for the backward over a run: of
+        its padded batches (per size class, objects x the class's largest subset; padding rows are
+        computed too). Attention weights are not counted: the fused attention kernels on CUDA do
+        not keep them."""
         c = self.config
-        return int(plan.index.numel()) * c.gaussian_feature_dim * c.gaussian_num_layers * ACTIVATION_FLOATS_PER_FEATURE * 4
+        return plan.padded_points * c.gaussian_feature_dim * c.gaussian_num_layers * ACTIVATION_FLOATS_PER_FEATURE * 4
 
     def plan(self, nodes: ActorNodes) -> RefinePlan:
         """The :class:`RefinePlan` of ``nodes`` at the current point budget and mode, cached: keyed by
@@ -163,24 +209,58 @@ class Stage2Refiner(nn.Module):
             refined[k], points[k] = True, idx.numel()
             chosen.append(idx)
         index = torch.cat(chosen) if chosen else torch.zeros(0, dtype=torch.long)
+        batch = PaddedBatch.of(chosen, device) if chosen else None
+        groups = tuple(PaddedBatch.of([chosen[j] for j in g], device) for g in size_classes(
+            [int(i.numel()) for i in chosen], GROUP_RATIO)) if chosen else ()
+        if len(groups) == 1:
+            groups = (batch,)  # one class: the same batch (same order), built once
         return RefinePlan(rows, index.to(device), [int(i.numel()) for i in chosen], refined.to(device),
                           points.to(device), refined, points, torch.tensor(rows, dtype=torch.long).to(device), valid,
                           sum(i.numel() for i in chosen) / len(chosen) if chosen else 0.0,
-                          tuple((valid[:, :-1] & valid[:, 1:] & refined[:, None]).any(0).tolist()))
+                          tuple((valid[:, :-1] & valid[:, 1:] & refined[:, None]).any(0).tolist()), batch, groups)
 
     def forward(self, g: ActorGaussians, nodes: ActorNodes, motion: Optional[ObservedMotion] = None) -> RefineOutput:
         """Refine the actors' Gaussians ``g`` (object frames) and the poses of ``nodes`` (the boxes,
         or the processor's fitted poses once it ran); ``motion`` (the processor's observation of
-        these actors) is the pose head's per-frame evidence."""
+        these actors) is the pose head's per-frame evidence.
+
+        The refined objects go through the heads batched: their point-budget subsets padded into
+        [B, P, 14] with a mask, the pose head in one call over all of them, the Gaussian head in one
+        call per size class (:class:`RefinePlan`), outputs scattered back. Same result as
+        :meth:`forward_reference` (one call per object), to float rounding."""
         plan = self.plan(nodes)
         vec = gaussian_vector(g, nodes.sizes)
         delta = vec.new_zeros(len(g.actor), OUTPUT_GAUSSIAN_DIM)
         xi = vec.new_zeros(*nodes.poses.shape[:2], 6)
-        checkpoint = self.config.stage2_memory_efficient and self.activation_bytes(plan) > CHECKPOINT_ABOVE_BYTES
+        if plan.rows:
+            full = vec[plan.batch.index]  # [R, P, 14]: every refined object padded to the largest
+            if self.mode != "pose_only":
+                checkpoint = self._checkpoint(plan)
+                for b in plan.groups:
+                    out = self.gaussian_head(full if b is plan.batch else vec[b.index], checkpoint=checkpoint,
+                                             mask=b.mask)[0]  # [B, P, 13]
+                    delta = delta.index_put((b.rows,), out.reshape(-1, out.shape[-1]).index_select(0, b.flat))
+            if self.mode != "gaussian_only":
+                rows, b = plan.rows_t, plan.batch
+                evidence = _evidence(motion)
+                xis = self.pose_head(full, nodes.poses.to(vec.dtype).index_select(0, rows),
+                                     nodes.valid.index_select(0, rows), nodes.sizes.index_select(0, rows),
+                                     evidence.index_select(0, rows) if evidence is not None else None, mask=b.mask)
+                xi = xi.index_put((rows,), xis)
+        return self._output(g, nodes, plan, delta, xi)
+
+    def forward_reference(self, g: ActorGaussians, nodes: ActorNodes,
+                          motion: Optional[ObservedMotion] = None) -> RefineOutput:
+        """:meth:`forward` one object at a time (each head called per object on its own subset, no
+        padding): the readable reference the batched path is tested against."""
+        plan = self.plan(nodes)
+        vec = gaussian_vector(g, nodes.sizes)
+        delta = vec.new_zeros(len(g.actor), OUTPUT_GAUSSIAN_DIM)
+        xi = vec.new_zeros(*nodes.poses.shape[:2], 6)
         if plan.rows:
             chosen = vec[plan.index].split(plan.splits)
             if self.mode != "pose_only":
-                deltas = [self.gaussian_head(v, checkpoint=checkpoint)[0] for v in chosen]
+                deltas = [self.gaussian_head(v, checkpoint=self._checkpoint(plan))[0] for v in chosen]
                 delta = delta.index_put((plan.index,), torch.cat(deltas))
             if self.mode != "gaussian_only":
                 poses, evidence = nodes.poses.to(vec.dtype), _evidence(motion)
@@ -188,8 +268,27 @@ class Stage2Refiner(nn.Module):
                                       evidence[k] if evidence is not None else None)
                        for k, v in zip(plan.rows, chosen)]
                 xi = xi.index_put((plan.rows_t,), torch.stack(xis))
-        poses = nodes.poses.to(vec.dtype) @ se3_exp(xi)
+        return self._output(g, nodes, plan, delta, xi)
+
+    def _checkpoint(self, plan: RefinePlan) -> bool:
+        return self.config.stage2_memory_efficient and self.activation_bytes(plan) > CHECKPOINT_ABOVE_BYTES
+
+    def _output(self, g: ActorGaussians, nodes: ActorNodes, plan: RefinePlan, delta: torch.Tensor,
+                xi: torch.Tensor) -> RefineOutput:
+        poses = nodes.poses.to(delta.dtype) @ se3_exp(xi)
         return RefineOutput(apply_delta(g, delta, nodes.sizes), poses, xi, delta, plan.refined, plan.points)
+
+
+def size_classes(points: list[int], ratio: float) -> list[list[int]]:
+    """Positions of ``points`` (per object) in classes: sorted by points, largest first, a class
+    ends before an object with fewer than its largest / ``ratio`` (each class in ascending position)."""
+    order = sorted(range(len(points)), key=lambda j: -points[j])
+    classes: list[list[int]] = []
+    for j in order:
+        if not classes or points[j] * ratio < points[classes[-1][0]]:
+            classes.append([])
+        classes[-1].append(j)
+    return [sorted(c) for c in classes]
 
 
 def _evidence(motion: Optional[ObservedMotion]) -> Optional[torch.Tensor]:

@@ -102,6 +102,7 @@ def test_resume_gives_the_uninterrupted_parameters_with_densification(run_config
         dataset.close()
 
     counts = [e["gaussians"] for e in whole.log]
+    print(f"static Gaussians at steps 0, 12, 24: {counts}")
     assert counts[0] == counts[1] and counts[2] != counts[1], f"no densification at steps 16/20: {counts}"
     a, b = load_checkpoint(tmp_path / "whole.pt"), load_checkpoint(tmp_path / "parts.pt")
     assert a["step"] == b["step"] == 24

@@ -20,8 +20,8 @@ predicts for a segment become plain parameters, optimised on that segment's trai
    (gsplat's CUDA kernels and the PyTorch reference both give it); actors and the dome keep
    their count. On by default with the gsplat backend, off with the reference (cost, not ability).
    **Resumable**: with a checkpoint path the whole optimisation state (parameters of any count,
-   Adam moments, step, the strategy's running statistics, the view order and torch's RNG, which
-   gsplat's split draws from) is saved every ``checkpoint_every`` steps and at the end; a run
+   Adam moments, step, the strategy's running statistics, the view order and the strategy's own
+   stream of torch's RNG, which gsplat's split draws from) is saved every ``checkpoint_every`` steps and at the end; a run
    resumed from it gives the parameters of an uninterrupted run.
 3. **Evaluation**: the segment's held-out views, scored by :func:`engine.evaluation.view_metrics`
    (the metrics of ``ns-eval`` / ``evolsplat-infer``), at the start and every ``eval_every`` steps;
@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -78,7 +79,7 @@ class FinetuneConfig:
     max_train_eval_views: int = 8
     """Training views (evenly spread) on which ``train_psnr`` is measured at each log point."""
     seed: int = 0
-    """Seed of the training-view order and of torch's RNG during the optimisation (gsplat's split)."""
+    """Seed of the training-view order and of the densification's RNG stream (gsplat's split)."""
     densify: Optional[bool] = None
     """Densify and prune the static Gaussians (gsplat ``DefaultStrategy``); None = on with the gsplat
     rasteriser, off with the PyTorch reference (it works there too, but every new Gaussian costs more)."""
@@ -369,7 +370,29 @@ class _Optimisation:
         self.gaussians, self.cfg, self.extent = gaussians, cfg, extent
         self.strategy = make_strategy(cfg, num_views) if densify else None
         self.strategy_state = self.strategy.initialize_state(scene_scale=extent) if densify else None
+        device = gaussians.static.raw["means"].device
+        self.cuda_device = device if device.type == "cuda" else None
+        # gsplat's split draws from torch's global RNG; the strategy gets a private stream of it
+        # (swapped in around each call), so evaluations or lazily built modules drawing from the
+        # global RNG cannot change the run, and a resumed run continues the same stream.
+        with self._own_rng(None):
+            torch.manual_seed(cfg.seed)
         self.build_optimizers()
+
+    def _rng_state(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return torch.get_rng_state(), torch.cuda.get_rng_state(self.cuda_device) if self.cuda_device else None
+
+    @contextmanager
+    def _own_rng(self, state: Optional[tuple]) -> Iterator[None]:
+        """Torch's global RNG is ``state`` (None: left as is) inside, saved to ``self.rng`` at the end,
+        and the caller's RNG restored afterwards."""
+        with torch.random.fork_rng(devices=[self.cuda_device] if self.cuda_device else []):
+            if state is not None:
+                torch.set_rng_state(state[0])
+                if self.cuda_device is not None and state[1] is not None:
+                    torch.cuda.set_rng_state(state[1], self.cuda_device)
+            yield
+            self.rng = self._rng_state()
 
     def build_optimizers(self) -> None:
         self.optimizers = {g["name"]: torch.optim.Adam([g], eps=1e-15)
@@ -401,13 +424,14 @@ class _Optimisation:
             opt.step()
         if self.strategy is not None:
             info = _static_info(meta, len(self.gaussians.static))
-            self.strategy.step_post_backward(params, optimizers, self.strategy_state, step, info, packed=False)
+            with self._own_rng(self.rng):
+                self.strategy.step_post_backward(params, optimizers, self.strategy_state, step, info, packed=False)
         return loss
 
     def state(self) -> dict:
         return {"gaussians": {k: v.detach().clone() for k, v in self.gaussians.state_dict().items()},
                 "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-                "strategy_state": self.strategy_state}
+                "strategy_state": self.strategy_state, "strategy_rng": self.rng}
 
     def load(self, state: dict) -> None:
         """Restore :meth:`state` (any static count: the parameters are re-created, then the optimizers)."""
@@ -418,6 +442,7 @@ class _Optimisation:
         for k, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][k])
         device = self.gaussians.static.raw["means"].device
+        self.rng = state["strategy_rng"]
         self.strategy_state = None if state["strategy_state"] is None else {
             k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in state["strategy_state"].items()}
 
@@ -499,7 +524,6 @@ def finetune_segment(model: EVolSplatModel, dataset: MultiSceneDataset, segment_
     gen = torch.Generator().manual_seed(cfg.seed)
     run = SegmentRun(key, gaussians.static.params(), 0, init_seconds, gaussians=gaussians)
     elapsed, losses, first = 0.0, [], 1
-    devices = [device] if device.type == "cuda" else []
 
     def log(step: int) -> dict:
         views_now = evaluate_segment(model, dataset, gaussians, segment_index)
@@ -518,54 +542,47 @@ def finetune_segment(model: EVolSplatModel, dataset: MultiSceneDataset, segment_
         _atomic_save({"key": str(key), "step": step, "settings": dict(vars(cfg)), "init_seconds": run.init_seconds,
                       "elapsed": elapsed, "losses": list(losses), "log": run.log, "views": run.views,
                       "initial_views": run.initial_views, "densify": densify, "view_rng": gen.get_state(),
-                      "torch_rng": torch.get_rng_state(),
-                      "cuda_rng": torch.cuda.get_rng_state(device) if devices else None, **opt.state()}, checkpoint)
+                      **opt.state()}, checkpoint)
 
-    # torch's global RNG (gsplat's split draws from it) is seeded here and restored afterwards.
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(cfg.seed)
-        if ckpt is None:
-            entry = log(0)
-            if progress is not None:
-                progress(0, entry)
-        else:
-            if ckpt["densify"] != densify:
-                raise ConfigError(f"cannot resume from {checkpoint}: it was run with densify {ckpt['densify']}, "
-                                  f"now {densify}; pass --densify/--no-densify as before")
-            opt.load(ckpt)
-            gaussians = opt.gaussians
-            first, elapsed, losses = ckpt["step"] + 1, ckpt["elapsed"], list(ckpt["losses"])
-            run.init_seconds, run.log = ckpt["init_seconds"], list(ckpt["log"])
-            run.views, run.initial_views = ckpt["views"], ckpt["initial_views"]
-            gen.set_state(ckpt["view_rng"])
-            torch.set_rng_state(ckpt["torch_rng"])
-            if devices and ckpt["cuda_rng"] is not None:
-                torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+    if ckpt is None:
+        entry = log(0)
+        if progress is not None:
+            progress(0, entry)
+    else:
+        if ckpt["densify"] != densify:
+            raise ConfigError(f"cannot resume from {checkpoint}: it was run with densify {ckpt['densify']}, "
+                              f"now {densify}; pass --densify/--no-densify as before")
+        opt.load(ckpt)
+        gaussians = opt.gaussians
+        first, elapsed, losses = ckpt["step"] + 1, ckpt["elapsed"], list(ckpt["losses"])
+        run.init_seconds, run.log = ckpt["init_seconds"], list(ckpt["log"])
+        run.views, run.initial_views = ckpt["views"], ckpt["initial_views"]
+        gen.set_state(ckpt["view_rng"])
 
-        for step in range(first, cfg.steps + 1):
-            _sync(device)
-            t0 = time.perf_counter()
-            v = int(torch.randint(len(views), (1,), generator=gen))
+    for step in range(first, cfg.steps + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        v = int(torch.randint(len(views), (1,), generator=gen))
 
-            def loss_fn(with_meta: bool, v=v, step=step) -> tuple[torch.Tensor, Optional[dict]]:
-                out = gaussians.render(model, views.camtoworlds[v], views.intrinsics[v], views.width, views.height,
-                                       float(views.frame_ids[v]), with_meta=with_meta)
-                meta = out.get("meta")
-                if meta is not None:
-                    meta.setdefault("width", views.width)
-                    meta.setdefault("height", views.height)
-                return sum(model.image_losses(out, views.images[v], step, model.sky_mask(views, v)).values()), meta
+        def loss_fn(with_meta: bool, v=v, step=step) -> tuple[torch.Tensor, Optional[dict]]:
+            out = gaussians.render(model, views.camtoworlds[v], views.intrinsics[v], views.width, views.height,
+                                   float(views.frame_ids[v]), with_meta=with_meta)
+            meta = out.get("meta")
+            if meta is not None:
+                meta.setdefault("width", views.width)
+                meta.setdefault("height", views.height)
+            return sum(model.image_losses(out, views.images[v], step, model.sky_mask(views, v)).values()), meta
 
-            loss = opt.step(step, loss_fn)
-            losses.append(float(loss.detach()))  # the one host read per step (also syncs the device)
-            elapsed += time.perf_counter() - t0
-            entry = log(step) if step == cfg.steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0) else None
-            if checkpoint is not None and (step == cfg.steps or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0)):
-                save(step)
-            if entry is not None and progress is not None:
-                progress(step, entry)  # after the checkpoint: an interrupted run resumes past this step
-        if checkpoint is not None and first > cfg.steps:
-            save(cfg.steps)
+        loss = opt.step(step, loss_fn)
+        losses.append(float(loss.detach()))  # the one host read per step (also syncs the device)
+        elapsed += time.perf_counter() - t0
+        entry = log(step) if step == cfg.steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0) else None
+        if checkpoint is not None and (step == cfg.steps or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0)):
+            save(step)
+        if entry is not None and progress is not None:
+            progress(step, entry)  # after the checkpoint: an interrupted run resumes past this step
+    if checkpoint is not None and first > cfg.steps:
+        save(cfg.steps)
     run.static = raw_to_params({k: v.detach() for k, v in gaussians.static.raw.items()})
     run.num_actor_gaussians = len(gaussians.actors) if gaussians.actors is not None else 0
     return run

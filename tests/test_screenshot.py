@@ -47,10 +47,18 @@ def test_screenshot_tool_writes_the_rendered_views(tiny_dataset, tmp_path_factor
     assert np.abs(source - camera).max() < 1e-3, "the viewer did not render through source camera 1"
 
 
-def test_screenshot_tool_refusals(tmp_path):
+def test_screenshot_tool_refusals(tmp_path, monkeypatch):
+    import evolsplat_ns.viewer.screenshot as shot
     from evolsplat_ns.cli.screenshot import main
     from evolsplat_ns.utils.errors import ConfigError
-    from evolsplat_ns.viewer.screenshot import parse_views
+    from evolsplat_ns.viewer.screenshot import BrowserUnavailable, parse_views
+
+    with pytest.raises(BrowserUnavailable, match="apt-get install chromium"):
+        shot.browser_executable(tmp_path / "no-chromium")
+    with monkeypatch.context() as m:
+        m.setattr(shot.importlib.util, "find_spec", lambda name: None)
+        with pytest.raises(BrowserUnavailable, match="pip install playwright"):
+            shot.browser_executable()
 
     with pytest.raises(FileNotFoundError, match="config.yml"):
         main(["--load-config", str(tmp_path / "nope.yml"), "--out", str(tmp_path / "o")])

@@ -429,7 +429,7 @@ class _Optimisation:
         return loss
 
     def state(self) -> dict:
-        return {"gaussians": {k: v.detach().clone() for k, v in self.gaussians.state_dict().items()},
+        return {"gaussians": {k: v.detach().cpu() for k, v in self.gaussians.state_dict().items()},  # saved at once
                 "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
                 "strategy_state": self.strategy_state, "strategy_rng": self.rng}
 

@@ -6,18 +6,29 @@ Example::
         --steps 500 --output-dir finetuned/ [--segment 000/seg000] [--save-ply]
 
 Every scene of ``--data`` is read as ``evolsplat-infer`` reads new scenes (same held-out views).
+``--densify`` (default with the gsplat rasteriser, i.e. on CUDA) grows and prunes the static Gaussians
+with gsplat's ``DefaultStrategy`` as splatfacto does. Each segment's resumable state is saved in
+``checkpoints/{scene}_seg{NNN}.pt`` every ``--checkpoint-every`` steps and at its end;
+``--resume`` continues an interrupted run in the same ``--output-dir`` with the same command
+(``--steps`` may grow), giving the parameters an uninterrupted run gives.
 For each chosen segment (default: every segment holding held-out views) the model's prediction
 becomes plain Gaussian parameters, optimised ``--steps`` steps on the segment's training views
 (``evolsplat_ns/inference/finetune.py``). Writes into a new or empty ``--output-dir``:
 ``metrics.json`` (held-out metrics at the end and at step 0, as ``evolsplat-infer`` reports them),
 ``psnr_log.json`` (per segment: initialisation seconds, then step / seconds / train and held-out
-PSNR) and with ``--save-ply`` one ``{scene}_seg{NNN}.ply`` of the static Gaussians per segment.
+PSNR) and with ``--save-ply`` one ``{scene}_seg{NNN}.ply`` of the static Gaussians per segment;
+``finetune_args.json`` (the command's settings, which ``--resume`` checks) and ``checkpoints/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+
+ARGS_FILE = "finetune_args.json"
+RESUME_FREE_ARGS = ("steps", "resume", "eval_every", "checkpoint_every")
+"""Flags a resumed run may change (see ``inference.finetune.RESUME_FREE_SETTINGS``)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,15 +46,43 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the run's, as evolsplat-infer)")
     parser.add_argument("--save-ply", action="store_true", help="write each segment's static Gaussians as 3DGS PLY")
     parser.add_argument("--seed", type=int, default=0, help="seed of the training-view order")
+    parser.add_argument("--densify", action=argparse.BooleanOptionalAction, default=None,
+                        help="grow and prune the static Gaussians (gsplat DefaultStrategy, splatfacto's settings); "
+                             "default: on with the gsplat rasteriser (CUDA), off with the PyTorch reference (CPU)")
+    parser.add_argument("--densify-start", type=int, default=500, help="first densification step")
+    parser.add_argument("--checkpoint-every", type=int, default=500,
+                        help="save each segment's resumable state every N steps (0 = at its end only)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --output-dir from its checkpoints (same command; --steps may grow)")
     return parser
 
 
-def _claim(out: Path) -> None:
-    """Refuse an existing non-empty output folder before any work (nothing is ever replaced)."""
+def _saved_args(args: argparse.Namespace) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def _claim(args: argparse.Namespace) -> None:
+    """Before any work: a new or empty ``--output-dir`` (nothing is ever replaced), or with
+    ``--resume`` the folder of a run started with the same settings."""
+    out = args.output_dir
+    saved_path = out / ARGS_FILE
+    if args.resume:
+        if not saved_path.is_file():
+            raise FileNotFoundError(f"--resume: {saved_path} not found; --output-dir {out} holds no "
+                                    "evolsplat-finetune run to resume (drop --resume to start one)")
+        saved, given = json.loads(saved_path.read_text()), _saved_args(args)
+        changed = [k for k in given if k not in RESUME_FREE_ARGS and saved.get(k) != given[k]]
+        if changed:
+            what = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {given[k]!r}" for k in changed)
+            raise ValueError(f"--resume: {out} was started with other settings ({what}); "
+                             "resume with the first command's settings (only --steps may grow)")
+        return
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        hint = "; or pass --resume to continue the run in it" if saved_path.is_file() else ""
         raise FileExistsError(f"--output-dir {out} exists and is not empty; choose a new folder "
-                              "(evolsplat-finetune never replaces results)")
+                              f"(evolsplat-finetune never replaces results){hint}")
     out.mkdir(parents=True, exist_ok=True)
+    saved_path.write_text(json.dumps(_saved_args(args), indent=1))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -57,8 +96,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.steps < 0:
         raise ValueError(f"--steps {args.steps}: must be >= 0")
-    _claim(args.output_dir)
-    cfg = FinetuneConfig(steps=args.steps, eval_every=args.eval_every, seed=args.seed)
+    _claim(args)
+    cfg = FinetuneConfig(steps=args.steps, eval_every=args.eval_every, seed=args.seed, densify=args.densify,
+                         densify_start=args.densify_start, checkpoint_every=args.checkpoint_every)
+    (args.output_dir / "checkpoints").mkdir(exist_ok=True)
     _, pipeline, checkpoint = load_pipeline(args.load_config, DatasetOverrides(
         data=args.data, all_scenes_eval=True, eval_frame_interval=args.eval_frame_interval))
     dataset, model = pipeline.datamanager.dataset, pipeline.model
@@ -71,12 +112,13 @@ def main(argv: list[str] | None = None) -> dict:
                 held_psnr = "n/a" if e["held_out_psnr"] is None else f"{e['held_out_psnr']:.2f}"
                 print(f"{key} step {step:5d}  {e['seconds']:7.1f} s  train PSNR {e['train_psnr']:.2f}  "
                       f"held-out PSNR {held_psnr}")
-            runs.append(finetune_segment(model, dataset, i, cfg, show))
+            ckpt = (args.output_dir / "checkpoints" / splat_filename(dataset.key(i))).with_suffix(".pt")
+            runs.append(finetune_segment(model, dataset, i, cfg, show, checkpoint=ckpt))
             if args.save_ply:
                 path = args.output_dir / splat_filename(runs[-1].key)
-                with_grad = runs[-1].gaussians.static.params()
-                save_splat(path, type(with_grad)(**{k: getattr(with_grad, k).detach().cpu() for k in
-                                                    ("means", "quats", "scales", "opacities", "sh")}),
+                static = runs[-1].static
+                save_splat(path, type(static)(**{k: getattr(static, k).detach().cpu() for k in
+                                                 ("means", "quats", "scales", "opacities", "sh")}),
                            comments=[f"evolsplat-finetune {args.steps} steps", f"segment {runs[-1].key}",
                                      "frame: segment frame (vehicle frame at the segment's first frame)"])
     finally:

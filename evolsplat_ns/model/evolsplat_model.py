@@ -454,10 +454,12 @@ class EVolSplatModel(SplatfactoSurface):
         return out
 
     def rasterize_gaussians(self, params: GaussianParams, background: Optional[GaussianParams], c2w: torch.Tensor,
-                            K: torch.Tensor, width: int, height: int) -> dict[str, torch.Tensor]:
+                            K: torch.Tensor, width: int, height: int, with_meta: bool = False) -> dict[str, torch.Tensor]:
         """Rasterise existing Gaussians (segment frame; static and posed actors in one call, so
         depth order is right) for an OpenCV camera-to-segment pose, with ``background`` composited
-        behind. Returns rgb, depth, accumulation as :meth:`render`."""
+        behind. Returns rgb, depth, accumulation as :meth:`render`; with ``with_meta`` also the
+        foreground's rasteriser ``meta`` (``RenderOutput.meta``: ``means2d`` [1, N, 2] whose gradient
+        densification reads, ``radii`` [1, N]), N = ``len(params)`` in ``params``' order."""
         c2w, K = c2w.to(self.device, non_blocking=True), K.to(self.device, non_blocking=True)
         # A rigid inverse: torch.linalg.inv checks for singularity on the host (a device sync).
         viewmat = invert_rigid(c2w.float())[None]
@@ -478,7 +480,10 @@ class EVolSplatModel(SplatfactoSurface):
                 if self.config.normalize_background:
                     bg_rgb = torch.where(bg.alpha[0] > 0.05, bg_rgb / bg.alpha[0].clamp(min=0.05), bg_rgb)
                 rgb = rgb + (1.0 - alpha) * bg_rgb
-        return {"rgb": rgb, "depth": fg.depth[0], "accumulation": alpha, "background_rgb": bg_rgb}
+        out = {"rgb": rgb, "depth": fg.depth[0], "accumulation": alpha, "background_rgb": bg_rgb}
+        if with_meta:
+            out["meta"] = fg.meta
+        return out
 
     # -- the training/eval route: one sample, one loss loop ----------------------------------------
 

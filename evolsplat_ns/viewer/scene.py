@@ -56,12 +56,14 @@ class SegmentScene(ViewerControl):
             look_from(client, self.images.cameras.camera_to_worlds[0].numpy(force=True))
 
 
-def look_from(client: viser.ClientHandle, c2w_opengl: np.ndarray) -> None:
-    """Put ``client``'s camera behind and above an OpenGL camera-to-segment pose [3, 4], looking at
-    a point ``LOOK_AHEAD_M`` in front of it, with that camera's up as the orbit's up."""
+def look_from(client: viser.ClientHandle, c2w_opengl: np.ndarray, back_m: float = CHASE_BACK_M,
+              up_m: float = CHASE_UP_M) -> None:
+    """Put ``client``'s camera ``back_m`` behind and ``up_m`` above an OpenGL camera-to-segment pose
+    [3, 4], looking at a point ``LOOK_AHEAD_M`` in front of it, with that camera's up as the orbit's
+    up (``back_m = up_m = 0``: exactly that camera's pose)."""
     forward, up = -c2w_opengl[:3, 2], c2w_opengl[:3, 1]  # OpenGL cameras look down -z, y up
     centre = c2w_opengl[:3, 3]
-    eye = centre - CHASE_BACK_M * forward + CHASE_UP_M * up
+    eye = centre - back_m * forward + up_m * up
     with client.atomic():
         client.camera.position = eye * VISER_NERFSTUDIO_SCALE_RATIO
         client.camera.look_at = (centre + LOOK_AHEAD_M * forward) * VISER_NERFSTUDIO_SCALE_RATIO

@@ -144,19 +144,23 @@ def main() -> None:
     p.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
     p.add_argument("--frequencies", nargs="+", type=int, default=[5, 10, 1])
     p.add_argument("--lite", action="store_true", help="the CPU-sized lite methods (a CPU check, not the figure)")
-    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--runs", nargs="+", default=None, metavar="PRESET/fN",
+                   help="explicit runs (e.g. standard/f5 memory/f5) instead of --presets x --frequencies")
+    p.add_argument("--json", type=Path, default=None, help="written after every run (a cut-off run keeps the rest)")
     a = p.parse_args()
     synth_dataset(a)
+    runs = [(r.split("/f")[0], int(r.split("/f")[1])) for r in a.runs] if a.runs else \
+        [(preset, f) for preset in a.presets for f in a.frequencies]
     results = {"off": measure(a, None, 0)}
-    for preset in a.presets:
-        for f in a.frequencies:
-            r = measure(a, preset, f)
-            for phase in ("amortised", "steady"):
-                r[phase]["overhead"] = r[phase]["ms_per_step"] / results["off"][phase]["ms_per_step"] - 1
-            results[f"{preset}/f{f}"] = r
+    for preset, f in runs:
+        r = measure(a, preset, f)
+        for phase in ("amortised", "steady"):
+            r[phase]["overhead"] = r[phase]["ms_per_step"] / results["off"][phase]["ms_per_step"] - 1
+        results[f"{preset}/f{f}"] = r
+        if a.json is not None:
+            a.json.write_text(json.dumps(results, indent=2))
+        print(table(results).splitlines()[-1], flush=True)
     print(json.dumps(results, indent=2))
-    if a.json is not None:
-        a.json.write_text(json.dumps(results, indent=2))
     print(table(results))
 
 

@@ -22,7 +22,7 @@ on generated data, e.g.:
     python benchmarks/train_throughput.py --data /tmp/synth --generator depth --pixel-stride 1 \\
         --pc-voxel-size 0.02 --max-gaussians 1000000 --pc-device cuda   # 1M Gaussians per segment
     ... --amp bf16                                              # mixed precision (heads in bf16)
-    ... --tf32 off                                              # IEEE fp32 matrix products (TF32 is the default)
+    ... --tf32 on                                               # TF32 tensor cores for the fp32 matrix products
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def add_trainer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters-per-segment", type=int, default=10)
     p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=("bf16", "fp16"),
                    help="mixed precision (bare --amp: bf16)")
-    p.add_argument("--tf32", choices=("on", "off"), default="on",
-                   help="TF32 tensor cores for fp32 matrix products (the trainer's tf32_matmul; default on)")
+    p.add_argument("--tf32", choices=("on", "off"), default="off",
+                   help="TF32 tensor cores for fp32 matrix products (the trainer's tf32_matmul; default off)")
     p.add_argument("--output-dir", default="/tmp/evolsplat_bench")
     p.add_argument("--seed", type=int, default=42, help="seeds the network initialisation")
     add_pointcloud_args(p)

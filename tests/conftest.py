@@ -15,6 +15,17 @@ torch.set_num_threads(1)
 SHARED_DATA = Path(os.environ.get("EVOLSPLAT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
+@pytest.fixture(autouse=True)
+def _torch_globals_restored():
+    """Each test starts with the suite's torch globals: a trainer with ``deterministic=True`` sets
+    deterministic algorithms process-wide, and exactness tests comparing an in-process run with a
+    subprocess's must not depend on which tests ran before them."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
 def shared_file(rel: str) -> Path:
     """A file under ../shared/data, or skip the test with the reason."""
     p = SHARED_DATA / rel

@@ -163,6 +163,36 @@ def test_default_start_pose_looks_along_the_first_view():
     assert client.camera.look_at[0] == pytest.approx((1 + LOOK_AHEAD_M) * S)
 
 
+def test_start_view_uses_the_first_cameras_field_of_view_and_stands_ahead_of_it():
+    """A new client sees what the first keyframe camera saw: its vertical field of view, from
+    ahead of it at its height (so the road under the camera, which no view saw, is out of sight)."""
+    import math
+
+    import torch
+    from nerfstudio.cameras.cameras import Cameras
+    from nerfstudio.viewer.viewer import VISER_NERFSTUDIO_SCALE_RATIO as S
+
+    from evolsplat_ns.viewer.scene import start_view
+
+    class Camera:
+        position = look_at = up_direction = fov = None
+
+    class Client:
+        camera = Camera()
+
+        def atomic(self):
+            import contextlib
+
+            return contextlib.nullcontext()
+
+    c2w = torch.tensor([[[0.0, 0, -1, 1], [-1, 0, 0, 0], [0, 1, 0, 2]]])  # OpenGL, looking along +x, z up
+    cams = Cameras(camera_to_worlds=c2w, fx=100.0, fy=100.0, cx=96.0, cy=64.0, width=192, height=128)
+    client = Client()
+    start_view(client, cams)
+    assert client.camera.fov == pytest.approx(2 * math.atan(64 / 100))
+    assert client.camera.position[0] > 1 * S and client.camera.position[2] == pytest.approx(2 * S)
+
+
 def test_time_control_places_actors(pipeline):
     """The viewer's time slider sets when bare cameras place moving actors; the checkbox returns
     to the nearest source's time."""

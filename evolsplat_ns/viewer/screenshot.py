@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import numpy as np
 
 from evolsplat_ns.utils.errors import ConfigError, UserError
-from evolsplat_ns.viewer.scene import look_from
+from evolsplat_ns.viewer.scene import look_from, start_view
 
 if TYPE_CHECKING:
     import viser
@@ -313,7 +313,7 @@ def capture_views(session: ViewerSession, views: list[tuple[str, Optional[int]]]
                     session.viewer.set_camera_visibility(True)
                     if i > 0:  # back to the starting pose the viewer gave the new client
                         since = time.time()
-                        look_from(client, session.source_cameras().camera_to_worlds[0].numpy(force=True))
+                        start_view(client, session.source_cameras())
                 wait_for(lambda: session.high_render_of(client, since) is not None,
                          f"the viewer's full-resolution render of view {name}", timeout)
                 with session.lock:  # freeze renders: the page keeps showing the one recorded

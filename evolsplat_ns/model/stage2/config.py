@@ -107,6 +107,11 @@ class Stage2Config:
     """Voxel edge (m) of the 3D clustering of a frame's moving points (touching cells join)."""
     discovery_min_points: int = 8
     """A cluster with fewer moving points than this (all cameras of one frame) is noise."""
+    discovery_object_max_length_m: float = 6.0
+    """One frame's clusters whose union's footprint fits this length (m)..."""
+    discovery_object_max_width_m: float = 2.5
+    """...by this width (m), in some orientation, are fragments of one object and join (a car's faces
+    split at full resolution; two cars side by side or one behind the other never fit)."""
     discovery_gate_m: float = 3.0
     """Largest distance (m) between a track's constant-velocity prediction and the cluster it takes."""
     discovery_merge_m: float = 2.5

@@ -301,6 +301,45 @@ def cluster_points(points: torch.Tensor, radius: float, min_points: int) -> torc
     return remap[point_label]
 
 
+def join_fragments(groups: list[torch.Tensor], max_length: float, max_width: float, step_deg: float = 5.0
+                   ) -> list[torch.Tensor]:
+    """Join one frame's clusters (each [n_k, 3], segment frame, z up) that are fragments of one
+    object: greedily, closest centres first (horizontally; ties by index), two clusters become one
+    when the union's horizontal footprint fits a ``max_length`` x ``max_width`` m rectangle in some
+    orientation (every ``step_deg`` degrees). At full resolution a car's faces seen at a distance
+    (front, bonnet, roof, side) fall into separate clusters where the grazing parts between them
+    are not found moving; two cars side by side in adjacent lanes (union ≥ 3.5 m wide) or one
+    behind the other (union longer than two cars) never fit. Deterministic; order of the result:
+    by each joined group's first member."""
+    if len(groups) < 2:
+        return groups
+    a = torch.deg2rad(torch.arange(0.0, 180.0, step_deg, dtype=torch.float64))
+    dirs = torch.stack([torch.stack([a.cos(), a.sin()]), torch.stack([-a.sin(), a.cos()])])  # [2 (u, v), 2, A]
+    lo, hi = [], []  # per group [2, A]: the smallest / largest projection on u and v at each angle
+    for g in groups:
+        proj = torch.einsum("nd,kda->kna", g[:, :2].double().cpu(), dirs)
+        lo.append(proj.min(1).values)
+        hi.append(proj.max(1).values)
+    centres = torch.stack([g[:, :2].double().mean(0).cpu() for g in groups])
+    members = [[k] for k in range(len(groups))]
+    alive = list(range(len(groups)))
+    merged = True
+    while merged:
+        merged = False
+        pairs = sorted(((float((centres[i] - centres[j]).norm()), i, j) for x, i in enumerate(alive) for j in alive[x + 1:]))
+        for _, i, j in pairs:
+            ext = torch.maximum(hi[i], hi[j]) - torch.minimum(lo[i], lo[j])  # [2, A]
+            if bool(((ext[0] <= max_length) & (ext[1] <= max_width)).any()):
+                lo[i], hi[i] = torch.minimum(lo[i], lo[j]), torch.maximum(hi[i], hi[j])
+                n_i, n_j = sum(groups[k].shape[0] for k in members[i]), sum(groups[k].shape[0] for k in members[j])
+                centres[i] = (n_i * centres[i] + n_j * centres[j]) / (n_i + n_j)
+                members[i] += members[j]
+                alive.remove(j)
+                merged = True
+                break
+    return [torch.cat([groups[k] for k in sorted(members[i])]) for i in alive]
+
+
 # -- 3. tracks -------------------------------------------------------------------------------------
 
 
@@ -603,6 +642,7 @@ def discover_objects(obs: SegmentObservations, config: Stage2Config, cloud: Opti
             P = P[P[:, 2] > ground_at[t] + c.discovery_ground_clearance]
         labels = cluster_points(P, c.discovery_cluster_radius, c.discovery_min_points)
         groups = [P[labels == k] for k in range(int(labels.max()) + 1)] if labels.numel() else []
+        groups = join_fragments(groups, c.discovery_object_max_length_m, c.discovery_object_max_width_m)
         clusters_at.append(groups)
         per_frame.append(torch.stack([g.mean(0) for g in groups]) if groups else torch.zeros(0, 3, device=device))
     ids = track_clusters(frames, per_frame, c.tracking_memory_length, c.discovery_gate_m)

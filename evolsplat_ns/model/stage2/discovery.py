@@ -301,16 +301,19 @@ def cluster_points(points: torch.Tensor, radius: float, min_points: int) -> torc
     return remap[point_label]
 
 
-def join_fragments(groups: list[torch.Tensor], max_length: float, max_width: float, step_deg: float = 5.0
-                   ) -> list[torch.Tensor]:
+def join_fragments(groups: list[torch.Tensor], max_length: float, max_width: float, max_gap: float,
+                   step_deg: float = 5.0, sample: int = 2048) -> list[torch.Tensor]:
     """Join one frame's clusters (each [n_k, 3], segment frame, z up) that are fragments of one
     object: greedily, closest centres first (horizontally; ties by index), two clusters become one
-    when the union's horizontal footprint fits a ``max_length`` x ``max_width`` m rectangle in some
-    orientation (every ``step_deg`` degrees). At full resolution a car's faces seen at a distance
-    (front, bonnet, roof, side) fall into separate clusters where the grazing parts between them
-    are not found moving; two cars side by side in adjacent lanes (union ≥ 3.5 m wide) or one
-    behind the other (union longer than two cars) never fit. Deterministic; order of the result:
-    by each joined group's first member."""
+    when their closest points are less than ``max_gap`` m apart and the union's horizontal
+    footprint fits a ``max_length`` x ``max_width`` m rectangle in some orientation (every
+    ``step_deg`` degrees). At full resolution a car's faces seen at a distance (front, bonnet,
+    roof, side) fall into separate clusters where the grazing parts between them are not found
+    moving. One behind the other (union longer than two cars) never fits; two cars side by side
+    in adjacent lanes are more than ``max_gap`` apart (3.5 m lanes, 1.9 m cars: 1.6 m), which the
+    footprint alone would miss (a rear face next to a front face fits a car seen crosswise).
+    The gap is measured on at most ``sample`` points per cluster (an even stride). Deterministic;
+    order of the result: by each joined group's first member."""
     if len(groups) < 2:
         return groups
     a = torch.deg2rad(torch.arange(0.0, 180.0, step_deg, dtype=torch.float64))
@@ -321,6 +324,9 @@ def join_fragments(groups: list[torch.Tensor], max_length: float, max_width: flo
         lo.append(proj.min(1).values)
         hi.append(proj.max(1).values)
     centres = torch.stack([g[:, :2].double().mean(0).cpu() for g in groups])
+    few = [g[:: max(1, g.shape[0] // sample)].double().cpu() for g in groups]
+    near = {(i, j): float(torch.cdist(few[i], few[j]).min()) < max_gap
+            for i in range(len(groups)) for j in range(i + 1, len(groups))}
     members = [[k] for k in range(len(groups))]
     alive = list(range(len(groups)))
     merged = True
@@ -329,7 +335,8 @@ def join_fragments(groups: list[torch.Tensor], max_length: float, max_width: flo
         pairs = sorted(((float((centres[i] - centres[j]).norm()), i, j) for x, i in enumerate(alive) for j in alive[x + 1:]))
         for _, i, j in pairs:
             ext = torch.maximum(hi[i], hi[j]) - torch.minimum(lo[i], lo[j])  # [2, A]
-            if bool(((ext[0] <= max_length) & (ext[1] <= max_width)).any()):
+            touch = any(near[min(a, b), max(a, b)] for a in members[i] for b in members[j])
+            if touch and bool(((ext[0] <= max_length) & (ext[1] <= max_width)).any()):
                 lo[i], hi[i] = torch.minimum(lo[i], lo[j]), torch.maximum(hi[i], hi[j])
                 n_i, n_j = sum(groups[k].shape[0] for k in members[i]), sum(groups[k].shape[0] for k in members[j])
                 centres[i] = (n_i * centres[i] + n_j * centres[j]) / (n_i + n_j)
@@ -412,29 +419,35 @@ def _rot_z(a: float) -> torch.Tensor:
     return torch.tensor([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
 
 
-def _headings(times: torch.Tensor, centres: torch.Tensor, degree: int, huber_m: float = 0.2,
-              iterations: int = 10) -> torch.Tensor:
-    """[n] heading (rad, about z) per observation: the direction of the velocity of one polynomial
-    in time of degree ``degree`` (1 when fewer than 3·degree observations) fitted to the whole
-    track's centres [n, 2] (m), robustly (Huber weights, ``huber_m``, by iterated reweighting).
-
-    One fit over the whole track, not a line through a few neighbours: a car entering or leaving
-    the view, or half hidden, has a centroid that lags its motion for a frame or two (measured at
-    960x640: a 23° swing of a ±2-frame fit where a car leaves the side of the view), and a heading
-    that follows each centroid's jitter would turn the box on a car driving straight. Degree 2
-    still follows a car that turns at a constant rate."""
+def _robust_poly(times: torch.Tensor, values: torch.Tensor, degree: int, huber_m: float = 0.2,
+                 iterations: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """A polynomial in time of degree ``degree`` (1 when fewer than 3·degree observations) fitted
+    to ``values`` [n, d] (m) at ``times`` [n], robustly (Huber weights, ``huber_m``, by iterated
+    reweighting): (fitted values [n, d], their time derivatives [n, d] per frame)."""
     n = times.numel()
     deg = degree if n >= 3 * degree else 1
-    s = (times - times.mean()) / max(float(times.std()) if n > 1 else 1.0, 1e-9)
+    scale = max(float(times.std()) if n > 1 else 1.0, 1e-9)
+    s = (times - times.mean()) / scale
     A = torch.stack([s ** k for k in range(deg + 1)], -1)  # [n, deg + 1]
     w = torch.ones(n, dtype=torch.float64)
     for _ in range(iterations):
         sw = w.sqrt()[:, None]
-        coef = torch.linalg.lstsq(A * sw, centres * sw).solution  # [deg + 1, 2]
-        r = (A @ coef - centres).norm(dim=-1)
+        coef = torch.linalg.lstsq(A * sw, values * sw).solution  # [deg + 1, d]
+        r = (A @ coef - values).norm(dim=-1)
         w = (huber_m / r.clamp(min=huber_m)).clamp(max=1.0)
-    dA = torch.stack([k * s ** (k - 1) if k else torch.zeros_like(s) for k in range(deg + 1)], -1)
-    v = dA @ coef  # [n, 2] (per unit of normalised time: the direction is what counts)
+    dA = torch.stack([k * s ** (k - 1) if k else torch.zeros_like(s) for k in range(deg + 1)], -1) / scale
+    return A @ coef, dA @ coef
+
+
+def _headings(times: torch.Tensor, centres: torch.Tensor, degree: int) -> torch.Tensor:
+    """[n] heading (rad, about z) per observation: the direction of the velocity of one robust
+    polynomial in time (:func:`_robust_poly`, ``degree``) fitted to the whole track's centres [n, 2].
+
+    One fit over the whole track, not a line through a few neighbours: a car entering or leaving
+    the view, or half hidden, has a centroid that lags its motion for a frame or two (measured at
+    960x640: a 23° swing of a ±2-frame fit where a car leaves the side of the view), and a heading
+    that follows each centroid's jitter would turn the box on a car driving straight."""
+    _, v = _robust_poly(times, centres, degree)
     return torch.atan2(v[:, 1], v[:, 0])
 
 
@@ -503,9 +516,27 @@ def pseudo_boxes(tracks: dict[str, TrackObservations], frames: list[int], config
             centre[2] = floor_top[i][0] + 0.5 * float(size[2])
             poses[col[t], :3, :3], poses[col[t], :3, 3] = R, centre
             valid[col[t]] = True
+        _replace_outliers(poses, [col[t] for t in seen], times, c.discovery_centre_outlier_m, c.discovery_heading_degree)
         _fill_gaps(poses, valid, frames, c.tracking_memory_length)
         out[track_id] = ActorTrack(track_id, size.float(), torch.tensor(frames, dtype=torch.long), poses.float(), valid)
     return out, dropped
+
+
+def _replace_outliers(poses: torch.Tensor, rows: list[int], times: torch.Tensor, outlier_m: float,
+                      degree: int) -> None:
+    """Replace (in place) the horizontal centre of the box ``poses`` [F, 4, 4] at ``rows`` (observed at
+    ``times``) that lie more than ``outlier_m`` from the track's robust motion polynomial (degree
+    ``degree``, as its heading) through all of them by that polynomial's value: a car leaving the view at the side of a camera shows only the
+    part still inside, whose extent is cut by the image border, not by the car's far side, so its
+    anchored box slides back along the car (measured at 320x240: 1.7 m on the last frame)."""
+    if len(rows) < 4:
+        return
+    xy = poses[rows, :2, 3].double()
+    fit, _ = _robust_poly(times, xy, degree)
+    bad = (xy - fit).norm(dim=-1) > outlier_m
+    for r, b, f in zip(rows, bad.tolist(), fit):
+        if b:
+            poses[r, :2, 3] = f.to(poses.dtype)
 
 
 def _fill_gaps(poses: torch.Tensor, valid: torch.Tensor, frames: list[int], memory: int) -> None:
@@ -655,7 +686,8 @@ def discover_objects(obs: SegmentObservations, config: Stage2Config, cloud: Opti
             P = P[P[:, 2] > ground_at[t] + c.discovery_ground_clearance]
         labels = cluster_points(P, c.discovery_cluster_radius, c.discovery_min_points)
         groups = [P[labels == k] for k in range(int(labels.max()) + 1)] if labels.numel() else []
-        groups = join_fragments(groups, c.discovery_object_max_length_m, c.discovery_object_max_width_m)
+        groups = join_fragments(groups, c.discovery_object_max_length_m, c.discovery_object_max_width_m,
+                                c.discovery_join_gap_m)
         clusters_at.append(groups)
         per_frame.append(torch.stack([g.mean(0) for g in groups]) if groups else torch.zeros(0, 3, device=device))
     ids = track_clusters(frames, per_frame, c.tracking_memory_length, c.discovery_gate_m)

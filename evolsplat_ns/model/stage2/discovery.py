@@ -12,22 +12,28 @@ objects) and the report says why.
    the ego flow's length), or where its surface point, found again at t+1 through the flow and
    that frame's depth, moved more than ``discovery_motion_m`` in the segment frame (motion along
    the viewing ray barely moves a pixel, so a car straight ahead needs this depth test). The depth
-   test runs only where both depths are smooth (``discovery_depth_edge``), and rejects a motion
+   test runs only where both depths are smooth (``discovery_depth_edge``), compares the static
+   prediction with the range of the t+1 depths around the flow target, and rejects a motion
    that camera t already saw in place (an occlusion at t+1) or above ``discovery_max_motion_m``.
+   A pixel only the depth test found counts as a moving surface at t+1, not at t (a static point
+   a moving car covers at t+1 passes the test too).
 2. **Clusters** (:func:`cluster_points`): each frame's moving points, all cameras together, lifted
    to the segment frame, above the local ground plus ``discovery_ground_clearance``, split into
    connected components of a voxel grid of ``discovery_cluster_radius``; fewer than
-   ``discovery_min_points`` points is noise.
+   ``discovery_min_points`` points is noise. Touching fragments of one object join
+   (:func:`join_fragments`: within ``discovery_join_gap_m``, the union fitting
+   ``discovery_object_max_length_m`` x ``discovery_object_max_width_m``).
 3. **Tracks** (:func:`track_clusters`): clusters associated frame to frame by their centres
    (constant-velocity prediction, greedy nearest first within ``discovery_gate_m``); a track unseen
    for up to ``tracking_memory_length`` frames can still be re-associated, after that it ends.
    Tracks that stay within ``discovery_merge_m`` of each other on every shared frame are parts of
    one object (:func:`merge_tracks`).
 4. **Pseudo-boxes** (:func:`pseudo_boxes`): the point cloud's points of the same frame connected
-   to a track's moving points complete its shape (:func:`complete_with_cloud`); per track, a
-   heading per frame from its motion direction, one size from its points' robust extents, the box
-   floor on the ground and the box anchored at the faces the sensors saw (the far side is where
-   the size says). Frames inside a gap of at most ``tracking_memory_length`` are interpolated;
+   to a track's moving points complete its shape (:func:`complete_with_cloud`); per track, the
+   heading from one robust polynomial fit of its whole centre path (``discovery_heading_degree``),
+   one size from its points' robust extents, the box floor on the ground and the box anchored at
+   the faces the sensors saw (the far side is where the size says); a box centre more than
+   ``discovery_centre_outlier_m`` off that path is replaced by it. Frames inside a gap of at most ``tracking_memory_length`` are interpolated;
    tracks seen on fewer than ``discovery_min_track_frames`` frames or moving at most
    ``discovery_motion_threshold`` metres are dropped (parked cars stay static, as with box tracks).
 

@@ -114,9 +114,15 @@ def test_tracking_memory_keeps_identity_for_up_to_memory_frames(missing, same):
     assert not (a_ids & b_ids)
 
 
-def test_discovery_finds_every_moving_car_without_box_tracks(hidden_boxes):
-    ds = _dataset(hidden_boxes)
+def _check_discovery(ds, max_median_heading_deg: float, max_drift_m: float) -> list[float]:
+    """Discovery on every segment of ``ds`` against the true boxes: every track follows one true
+    moving car on every frame it has (so no false track: parked cars, road, building edges), one
+    track per moving car seen on ≥ 3 frames (recall 1), its centre inside the true box on ≥ 80 % of
+    its frames, median heading error below ``max_median_heading_deg`` per track and, after the
+    track's one constant offset in the car's axes, a mean centre drift below ``max_drift_m``.
+    Returns every frame's heading error (degrees)."""
     config = Stage2Config(enabled=True)
+    headings = []
     for i in range(len(ds.segments)):
         seg = ds.segments[i]
         scene = ds.scenes[seg.scene_index]
@@ -153,11 +159,34 @@ def test_discovery_finds_every_moving_car_without_box_tracks(hidden_boxes):
                 offset.append(local[:3, 3])
             offset = np.stack(offset)
             assert np.mean(inside) >= 0.8, ("the pseudo-box centre lies in the true box", k, inside)
-            assert np.median(heading) < 8.0, (k, heading)
+            assert np.median(heading) < max_median_heading_deg, (k, heading)
             # the box frame rides on the car: after its one constant offset in the car's own axes
             # (a car seen only from behind has an unobserved length), it follows the car closely
             drift = np.linalg.norm(offset - offset.mean(0), axis=1)
-            assert drift.mean() < 0.4, (k, drift)
+            assert drift.mean() < max_drift_m, (k, drift)
+            headings += heading
+    return headings
+
+
+def test_discovery_finds_every_moving_car_without_box_tracks(hidden_boxes):
+    ds = _dataset(hidden_boxes)
+    _check_discovery(ds, max_median_heading_deg=5.0, max_drift_m=0.4)
+    ds.close()
+
+
+def test_discovery_at_higher_resolution_has_no_false_tracks(tmp_path_factory):
+    """320x240 (11x the pixels of the module's scenes), 4 moving cars: the resolution where fixed
+    per-pixel tests broke (issue 10e: far building edges and the background a moving car covers
+    passed the depth test, cars split into several tracks, headings followed centroid jitter)."""
+    from evolsplat_ns.data.synth import SynthConfig, generate_dataset
+
+    out = tmp_path_factory.mktemp("hidden_boxes_320")
+    generate_dataset(SynthConfig(**{**SYNTH, "scenes": 1, "frames": 10, "width": 320, "height": 240,
+                                    "moving_cars": 4}), out)
+    shutil.move(out / "000" / "instances", out / "000" / "truth")
+    ds = _dataset(out)
+    headings = _check_discovery(ds, max_median_heading_deg=5.0, max_drift_m=0.4)
+    assert np.median(headings) < 2.0, headings
     ds.close()
 
 

@@ -47,8 +47,10 @@ METADATA_OPS = ("aten.view", "aten.t.", "aten._unsafe_view", "aten.detach", "ate
                 "aten.transpose", "aten.split", "aten.unbind", "aten.lift_fresh", "aten._reshape_alias",
                 "aten.reshape", "aten.empty", "aten.new_empty", "aten.numpy_T", "aten.chunk", "aten.narrow",
                 "aten.unfold", "aten.view_as", "aten.expand_as", "aten.movedim", "aten.diagonal",
-                "aten.sym_size", "aten.sym_stride", "aten.sym_numel", "aten.is_same_size")
+                "aten.sym_size", "aten.sym_stride", "aten.sym_numel", "aten.is_same_size",
+                "aten._record_function", "profiler.")
 """Ops that only make a new view of existing storage (or allocate): no kernel on the GPU."""
+HOST_READS = ("aten._local_scalar_dense",)
 REFERENCE_RENDERER = "render/reference"
 """Lumped site: the CPU reference rasteriser (gsplat replaces it on the GPU)."""
 OURS = "evolsplat_ns/"
@@ -87,10 +89,15 @@ class OpCounter(TorchDispatchMode):
         super().__init__()
         self.counts: collections.Counter = collections.Counter()
         self.ops: collections.Counter = collections.Counter()
+        self.reads: collections.Counter = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
-        if not name.startswith(METADATA_OPS):
+        if name.startswith(HOST_READS):
+            # a scalar read (.item(), .tolist(), bool()): a device sync on the GPU when the tensor is
+            # there, counted apart (the optimizers' step counters are host tensors: no sync)
+            self.reads[_site([(f.filename, f.lineno, f.name) for f in traceback.extract_stack(limit=60)])] += 1
+        elif not name.startswith(METADATA_OPS):
             node = torch._C._current_autograd_node()
             if node is None:
                 site = _site([(f.filename, f.lineno, f.name) for f in traceback.extract_stack(limit=60)])
@@ -145,16 +152,18 @@ def count_run(args: argparse.Namespace, preset: str) -> dict:
             "ops_per_step": fwd + bwd, "fwd_per_step": fwd, "bwd_per_step": bwd,
             "ops_per_step_without_reference_renderer": fwd + bwd - ref["fwd"] - ref["bwd"],
             "sites": dict(sorted(sites.items(), key=lambda kv: -(kv[1]["fwd"] + kv[1]["bwd"]))),
+            "scalar_reads_per_step": sum(counter.reads.values()) / n,
+            "scalar_reads": {k: v / n for k, v in counter.reads.most_common()},
             "top_ops": {k: v / n for k, v in counter.ops.most_common(25)}}
 
 
 def table(results: list[dict], top: int) -> str:
     """Per site: fwd+bwd ops per step of each run (and the difference of the last run to the first)."""
-    head = [f"{'run':<22}{'ops/step':>10}{'fwd':>8}{'bwd':>8}{'no-ref':>9}{'s2 runs':>8}{'CPU ms':>9}"]
+    head = [f"{'run':<22}{'ops/step':>10}{'fwd':>8}{'bwd':>8}{'no-ref':>9}{'reads':>7}{'s2 runs':>8}{'CPU ms':>9}"]
     for r in results:
         head.append(f"{r['preset'] + '/f' + str(r['frequency']):<22}{r['ops_per_step']:>10.0f}{r['fwd_per_step']:>8.0f}"
                     f"{r['bwd_per_step']:>8.0f}{r['ops_per_step_without_reference_renderer']:>9.0f}"
-                    f"{r['stage2_runs']:>8}{r['cpu_ms_per_step']:>9.0f}")
+                    f"{r['scalar_reads_per_step']:>7.0f}{r['stage2_runs']:>8}{r['cpu_ms_per_step']:>9.0f}")
     names = list(dict.fromkeys(s for r in results for s in r["sites"]))
     get = lambda r, s: r["sites"].get(s, {"fwd": 0.0, "bwd": 0.0})  # noqa: E731
     last, first = results[-1], results[0]

@@ -21,7 +21,7 @@ at each source's own time, the anchor colour and the anchor's object-frame posit
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import torch
@@ -125,15 +125,29 @@ class ActorNodes:
 
     def box_quats(self) -> torch.Tensor:
         """[K, F, 4] wxyz quaternions of the track rotations; cached while the poses are plain
-        tensors (poses in a training graph, stage 2's, are converted on each call so every
-        target's backward owns its graph)."""
+        tensors, or given with them (:meth:`with_poses`). Other poses in a training graph are
+        converted on each call, so every target's backward owns its graph."""
+        cached = getattr(self, "_box_quats", None)
+        if cached is not None and cached[0] is self.poses:
+            return cached[1]
         if self.poses.requires_grad:
             return matrix_to_quat(self.poses[..., :3, :3])
-        cached = getattr(self, "_box_quats", None)
-        if cached is None or cached[0] is not self.poses:
-            cached = (self.poses, matrix_to_quat(self.poses[..., :3, :3]))
-            self._box_quats = cached
+        cached = (self.poses, matrix_to_quat(self.poses[..., :3, :3]))
+        self._box_quats = cached
         return cached[1]
+
+    def with_poses(self, poses: torch.Tensor, quats: Optional[torch.Tensor] = None) -> "ActorNodes":
+        """A copy with the tracks' poses replaced by ``poses`` [K, F, 4, 4] (object-to-segment) and,
+        when given, their rotations as wxyz quaternions ``quats`` [K, F, 4] (the caller's own: stage
+        2 composes them from the box's and its correction's, with no matrix conversion per target;
+        with per-target backward they must be a gradient-boundary leaf like ``poses``). The host
+        copy of the frames is shared (no device read per copy)."""
+        out = replace(self, poses=poses)
+        if quats is not None:
+            out._box_quats = (poses, quats)
+        if hasattr(self, "_frames_host"):
+            out._frames_host = self._frames_host
+        return out
 
     def _frame_column(self, time: float) -> Optional[int]:
         """Column of ``time`` in ``frames`` when it is one of them exactly, else None (host only)."""

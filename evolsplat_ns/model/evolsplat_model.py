@@ -353,7 +353,7 @@ class EVolSplatModel(SplatfactoSurface):
         if self.stage2 is not None and state.actors is not None and not torch.is_grad_enabled():
             # renders without a training graph (viewer, evaluation) show the refined actors too
             out = self.stage2(state.actors, state.actor_nodes, ctx.segment.motion)
-            state.actors, state.actor_nodes = out.gaussians, replace(state.actor_nodes, poses=out.poses)
+            state.actors, state.actor_nodes = out.gaussians, state.actor_nodes.with_poses(out.poses, out.quats)
         return state
 
     def _observe_motion(self, ctx: SegmentContext) -> None:

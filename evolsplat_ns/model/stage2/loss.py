@@ -70,10 +70,27 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, values, torch.zeros_like(values)).sum() / mask.sum().clamp(min=1)
 
 
+def _delta_column_weights(delta: torch.Tensor) -> torch.Tensor:
+    """[13] weight of each residual column (``DELTA_REG_WEIGHTS`` of its slice), cached per device and dtype."""
+    key = (delta.device, delta.dtype)
+    if key not in _DELTA_WEIGHTS:
+        w = torch.zeros(delta.shape[-1], dtype=torch.float64)
+        for name, weight in DELTA_REG_WEIGHTS.items():
+            w[GAUSSIAN_OUTPUT_LAYOUT[name]] = weight
+        with torch.inference_mode(False):
+            _DELTA_WEIGHTS[key] = w.to(delta.device, delta.dtype)
+    return _DELTA_WEIGHTS[key]
+
+
+_DELTA_WEIGHTS: dict[tuple, torch.Tensor] = {}
+
+
 def gaussian_reg(delta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Σ_s w_s mean ‖Δ_s‖² over ``rows`` [N] bool of ``delta`` [N, 13] (0 without rows)."""
-    return sum(w * _masked_mean(delta[:, GAUSSIAN_OUTPUT_LAYOUT[s]].pow(2).sum(-1), rows)
-               for s, w in DELTA_REG_WEIGHTS.items())
+    """Σ_s w_s mean ‖Δ_s‖² over ``rows`` [N] bool of ``delta`` [N, 13] (0 without rows).
+
+    Every slice is averaged over the same rows, so this is the mean over ``rows`` of the
+    column-weighted Σ_j w_j Δ_j² (one masked mean instead of one per slice)."""
+    return _masked_mean((delta * delta) @ _delta_column_weights(delta), rows)
 
 
 def pose_reg(xi: torch.Tensor, mask: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
@@ -122,30 +139,44 @@ def flow_consistency_objects(means_local: torch.Tensor, actor: torch.Tensor, pos
     points inside frame t (0 when none), so a large object does not outweigh a small one. Masked
     sums instead of boolean indexing: nothing is read back to the host (no device sync).
     """
-    H, W = flow.shape[:2]
-    R0, t0 = poses_t[actor, :3, :3], poses_t[actor, :3, 3]
-    R1, t1 = poses_t1[actor, :3, :3], poses_t1[actor, :3, 3]
+    return flow_consistency_views(means_local, actor, poses_t[None], poses_t1[None], rows[None], K[None],
+                                  w2c_t[None], w2c_t1[None], flow[None], delta)[0]
 
-    def project(R, t, w2c):
-        world = (R @ means_local[:, :, None])[..., 0] + t
-        cam = world @ w2c[:3, :3].T + w2c[:3, 3]
-        pix = cam @ K.T
-        return pix[:, :2] / pix[:, 2:].clamp(min=1e-6), cam[:, 2]
 
-    uv0, z0 = project(R0, t0, w2c_t)
-    uv1, _ = project(R1, t1, w2c_t1)
-    inside = (z0 > 1e-3) & (uv0[:, 0] >= 0) & (uv0[:, 0] < W) & (uv0[:, 1] >= 0) & (uv0[:, 1] < H)
-    inside = inside & rows[actor]
+def flow_consistency_views(means_local: torch.Tensor, actor: torch.Tensor, poses_t: torch.Tensor,
+                           poses_t1: torch.Tensor, rows: torch.Tensor, K: torch.Tensor, w2c_t: torch.Tensor,
+                           w2c_t1: torch.Tensor, flow: torch.Tensor, delta: float = 1.0) -> torch.Tensor:
+    """:func:`flow_consistency_objects` of T views at once (one set of ops for all of them): [T].
+
+    ``poses_t`` / ``poses_t1`` [T, K, 4, 4] object->segment at each view's t and t+1, ``rows``
+    [T, K] bool the objects each view scores, ``K`` [T, 3, 3], ``w2c_t`` / ``w2c_t1`` [T, 4, 4]
+    OpenCV world-to-camera, ``flow`` [T, H, W, 2] (pixels, t->t+1); ``means_local`` [N, 3] and
+    ``actor`` [N] shared. Each point is taken to camera t (and t+1) by one composed transform
+    ``w2c · pose`` per (view, object), then projected.
+    """
+    T, H, W = flow.shape[:3]
+
+    def project(poses, w2c):
+        G = (w2c[:, None] @ poses)[:, actor]  # [T, N, 4, 4] object -> camera of each point's object
+        cam = (G[..., :3, :3] @ means_local[:, :, None])[..., 0] + G[..., :3, 3]  # [T, N, 3]
+        pix = cam @ K.transpose(-1, -2)
+        return pix[..., :2] / pix[..., 2:].clamp(min=1e-6), cam[..., 2]
+
+    uv0, z0 = project(poses_t, w2c_t)
+    uv1, _ = project(poses_t1, w2c_t1)
+    u, v = uv0.unbind(-1)
+    inside = (z0 > 1e-3) & (u >= 0) & (u < W) & (v >= 0) & (v < H) & rows[:, actor]
     px = uv0.detach().nan_to_num(0.0).floor().long()
-    observed = flow[px[:, 1].clamp(0, H - 1), px[:, 0].clamp(0, W - 1)]
+    view = torch.arange(T, device=flow.device)[:, None]
+    observed = flow[view, px[..., 1].clamp(0, H - 1), px[..., 0].clamp(0, W - 1)]  # [T, N, 2]
     residual = (uv1 - uv0 - observed).norm(dim=-1)
     huber = torch.where(residual < delta, 0.5 * residual ** 2, delta * (residual - 0.5 * delta))
     huber = torch.where(inside, huber, 0.0)
-    num_rows = rows.shape[0]
-    total = huber.new_zeros(num_rows).index_add(0, actor, huber)
-    count = huber.new_zeros(num_rows).index_add(0, actor, inside.to(huber.dtype))
+    num_rows = rows.shape[1]
+    total = huber.new_zeros(T, num_rows).index_add(1, actor, huber)
+    count = huber.new_zeros(T, num_rows).index_add(1, actor, inside.to(huber.dtype))
     per_object = total / count.clamp(min=1)
-    return (per_object * rows).sum() / rows.sum().clamp(min=1) / W
+    return (per_object * rows).sum(-1) / rows.sum(-1).clamp(min=1) / W
 
 
 class Stage2CompleteLoss:

@@ -30,7 +30,9 @@ from evolsplat_ns.model.stage2.se3 import quat_exp, se3_exp
 class RefineOutput:
     """Attributes: gaussians (refined, object frames); poses [K, F, 4, 4] corrected object->segment;
     xi [K, F, 6] applied twists (0 where not refined/valid); delta [N, 13] Gaussian residuals (0 for
-    Gaussians outside the point budget); refined [K] bool objects the heads saw; points [K] points each saw."""
+    Gaussians outside the point budget); refined [K] bool objects the heads saw; points [K] points
+    each saw; quats [K, F, 4] the corrected rotations as wxyz quaternions (w >= 0), ``q_box ⊗
+    Exp(omega)``: what the renderer composes with each Gaussian's, so no target converts matrices."""
 
     gaussians: ActorGaussians
     poses: torch.Tensor
@@ -38,6 +40,7 @@ class RefineOutput:
     delta: torch.Tensor
     refined: torch.Tensor
     points: torch.Tensor
+    quats: torch.Tensor
 
 
 @dataclass
@@ -276,7 +279,9 @@ class Stage2Refiner(nn.Module):
     def _output(self, g: ActorGaussians, nodes: ActorNodes, plan: RefinePlan, delta: torch.Tensor,
                 xi: torch.Tensor) -> RefineOutput:
         poses = nodes.poses.to(delta.dtype) @ se3_exp(xi)
-        return RefineOutput(apply_delta(g, delta, nodes.sizes), poses, xi, delta, plan.refined, plan.points)
+        quats = quat_multiply(nodes.box_quats().to(delta.dtype), quat_exp(xi[..., :3]))
+        quats = quats * torch.where(quats[..., :1] < 0, -1.0, 1.0)  # w >= 0, as matrix_to_quat gives
+        return RefineOutput(apply_delta(g, delta, nodes.sizes), poses, xi, delta, plan.refined, plan.points, quats)
 
 
 def size_classes(points: list[int], ratio: float) -> list[list[int]]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -26,7 +26,7 @@ import torch
 from evolsplat_ns.geometry import invert_rigid
 from evolsplat_ns.model.actors import ActorGaussians, ActorNodes
 from evolsplat_ns.model.predictor import _boundary_leaf  # the one gradient-boundary helper
-from evolsplat_ns.model.stage2.loss import Stage2CompleteLoss, Stage2TermInputs, flow_consistency_objects
+from evolsplat_ns.model.stage2.loss import Stage2CompleteLoss, Stage2TermInputs, flow_consistency_views
 from evolsplat_ns.model.stage2.processor import ObservedMotion
 from evolsplat_ns.model.stage2.refiner import RefineOutput, RefinePlan, Stage2Refiner
 from evolsplat_ns.model.stage2.se3 import se3_log
@@ -154,16 +154,20 @@ class Stage2Step:
             g = out.gaussians
             out = RefineOutput(ActorGaussians(cut(g.means), cut(g.quats), cut(g.scales), cut(g.opacities), cut(g.sh),
                                               g.actor), cut(out.poses), cut(out.xi), cut(out.delta), out.refined,
-                               out.points)
+                               out.points, cut(out.quats))
         self.out = out
-        self.nodes = replace(nodes, poses=out.poses)
+        self.nodes = nodes.with_poses(out.poses, out.quats)  # every target places the refined poses as given
         self.nonfinite = False
         """Known on the host: set by :meth:`discard` and by :meth:`finish`'s one read."""
         self.stage1_finite = True
         """Set by :meth:`finish` (the stage-1 total it was given was finite)."""
         self._finite = torch.ones((), dtype=torch.bool, device=self.device)
         """Device flag: every stage-2 term so far is finite."""
-        self._totals: dict[str, torch.Tensor] = {}
+        self._sums: dict[tuple[str, ...], torch.Tensor] = {}
+        """Detached weighted terms summed over the run, one device vector per tuple of term names."""
+        self._flows: list[tuple[FlowView, int]] = []
+        """(flow view, the step's target count) of each target scored so far with trusted flow:
+        the consistency term is computed for all of them at once in :meth:`finish`."""
         self._read: Optional[dict[str, float]] = None
 
     @property
@@ -179,45 +183,78 @@ class Stage2Step:
     def target_terms(self, outputs: dict[str, torch.Tensor], gt: torch.Tensor, gt_depth: Optional[torch.Tensor],
                      step: int, num_targets: int, flow: Optional["FlowView"] = None) -> dict[str, torch.Tensor]:
         """Weighted render terms of one target (divided by ``num_targets``). With ``flow`` (trusted
-        flow from the target's frame to the next) the cross-frame consistency term of the refined
-        actors joins them. Nothing is read back: once any term of the run is non-finite, this and
-        later targets' terms are 0 with no gradient into stage 1 (decided on the device), and
-        :meth:`finish` reports the run non-finite."""
+        flow from the target's frame to the next) the target joins the cross-frame consistency term
+        of the refined actors, which :meth:`finish` computes for every such target at once (it
+        reads only the refined actors and the flow, not the render). Nothing is read back: once any
+        term of the run is non-finite, this and later targets' terms are 0 with no gradient into
+        stage 1 (decided on the device), and :meth:`finish` reports the run non-finite."""
         if self.nonfinite:
             return {}
         gate = torch.ones((), dtype=torch.bool, device=self.device)
         terms = self.loss.render_terms(Stage2TermInputs(_gated(outputs["rgb"], gate), gt, _gated(outputs["depth"], gate),
                                                         gt_depth, _gated(outputs["accumulation"], gate), step))
-        if flow is not None and (term := self._consistency(flow, gate)) is not None:
-            terms["s2_consistency"] = term
-        terms = {k: v / num_targets for k, v in terms.items()}
+        if flow is not None and flow.col < len(self.plan.pair_rows) and self.plan.pair_rows[flow.col]:
+            self._flows.append((flow, num_targets))
         if not terms:
             return {}
-        ok = self._finite & torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in terms.values()])).all()
+        names, values = self._stacked(terms)
+        values = values / num_targets
+        ok = self._finite & torch.isfinite(values.detach()).all()
         gate.copy_(ok)  # read by the gates' backward: a non-finite target sends no gradient to stage 1
         self._finite = ok
-        terms = {k: torch.where(ok, v, torch.zeros_like(v)) for k, v in terms.items()}
-        self._add(terms)
-        return terms
+        values = torch.where(ok, values, torch.zeros_like(values))
+        self._add(names, values)
+        return dict(zip(names, values.unbind()))
 
-    def _consistency(self, flow: "FlowView", gate: torch.Tensor) -> Optional[torch.Tensor]:
-        """Weighted :func:`flow_consistency_objects` over refined actors valid at both frames (None:
-        none, known on the host from the cached plan)."""
-        plan, col = self.plan, flow.col
-        if col >= len(plan.pair_rows) or not plan.pair_rows[col]:
+    @staticmethod
+    def _stacked(terms: dict[str, torch.Tensor]) -> tuple[tuple[str, ...], torch.Tensor]:
+        """(names, [n] vector of the scalar terms): the per-term bookkeeping (scaling, gating, sums,
+        finiteness) then costs one op for all of them."""
+        dtype = terms[next(iter(terms))].dtype
+        for v in terms.values():
+            dtype = torch.promote_types(dtype, v.dtype)
+        return tuple(terms), torch.stack([v.reshape(()).to(dtype) for v in terms.values()])
+
+    def _consistency(self) -> Optional[torch.Tensor]:
+        """Weighted :func:`flow_consistency_views` of every target scored with flow (each divided by
+        its step's target count, as its render terms are), over the refined actors valid at the
+        target's frame and the next (None without such targets). One batched call per flow shape."""
+        if not self._flows:
             return None
-        valid = self.nodes.valid
-        rows = valid[:, col] & valid[:, col + 1] & plan.refined
-        o = self.out
-        poses = _gated(o.poses, gate)
-        value = flow_consistency_objects(_gated(o.gaussians.means, gate), o.gaussians.actor, poses[:, col],
-                                         poses[:, col + 1], rows, flow.K, flow.w2c_t, flow.w2c_t1, flow.flow)
-        return self.loss.config.consistency_loss_weight * value
+        plan, o = self.plan, self.out
+        groups: dict[tuple, list[tuple[FlowView, int]]] = {}
+        for view, n in self._flows:
+            groups.setdefault(tuple(view.flow.shape), []).append((view, n))
+        total = None
+        for items in groups.values():
+            views = [v for v, _ in items]
+            cols = [v.col for v in views]
+            T = len(cols)
+            index = torch.tensor(cols + [c + 1 for c in cols], dtype=torch.long).to(self.device, non_blocking=True)
+            poses = o.poses.index_select(1, index).transpose(0, 1)  # [2T, K, 4, 4]: frames t, then t + 1
+            c = torch.tensor(cols)
+            rows = (plan.valid_host[:, c] & plan.valid_host[:, c + 1] & plan.refined_host[:, None]).T  # host [T, K]
+            stack = lambda name: torch.stack([getattr(v, name) for v in views])  # noqa: E731
+            values = flow_consistency_views(o.gaussians.means, o.gaussians.actor, poses[:T], poses[T:],
+                                            rows.contiguous().to(self.device, non_blocking=True), stack("K"),
+                                            stack("w2c_t"), stack("w2c_t1"), stack("flow"))  # [T]
+            counts = {n for _, n in items}
+            if len(counts) == 1:
+                part = values.sum() / counts.pop()
+            else:
+                part = (values / torch.tensor([float(n) for _, n in items]).to(values)).sum()
+            total = part if total is None else total + part
+        return self.loss.config.consistency_loss_weight * total
 
     def step_terms(self) -> dict[str, torch.Tensor]:
+        """The per-step terms (regularisers, smoothness) and the consistency term of the targets
+        scored with flow (weighted, in the refiner's graph)."""
         o = self.out
-        return self.loss.step_terms(o.xi, o.delta, o.poses, self.nodes.valid, o.refined, o.gaussians.actor,
-                                    self.nodes.sizes)
+        terms = self.loss.step_terms(o.xi, o.delta, o.poses, self.nodes.valid, o.refined, o.gaussians.actor,
+                                     self.nodes.sizes)
+        if (consistency := self._consistency()) is not None:
+            terms["s2_consistency"] = consistency
+        return terms
 
     def finish(self, backward: Optional[Callable[[torch.Tensor], None]],
                stage1_total: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
@@ -231,28 +268,30 @@ class Stage2Step:
         if self.nonfinite:
             self.discard()
             return {}
-        terms = self.step_terms()
-        ok = self._finite & torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in terms.values()])).all()
+        names, values = self._stacked(self.step_terms())
+        ok = self._finite & torch.isfinite(values.detach()).all()
         stage1_ok = torch.isfinite(stage1_total.detach().float()) if stage1_total is not None else torch.ones_like(ok)
-        self._add(terms)
+        self._add(names, values.detach())
         trans, rot = self._correction()
-        names = list(self._totals)
-        values = torch.stack([ok.double(), stage1_ok.double(), trans, rot,
-                              *(self._totals[k].double().reshape(()) for k in names)]).tolist()  # the one read
-        self._read = {"finite": values[0], "stage1_finite": values[1], "trans": values[2], "rot": values[3],
-                      **dict(zip(names, values[4:]))}
-        self.stage1_finite = bool(values[1])
-        if not values[0] or not self.stage1_finite:
+        keys = [k for key in self._sums for k in key]
+        read = torch.cat([torch.stack([ok.double(), stage1_ok.double(), trans.double(), rot.double()]),
+                          *(v.double() for v in self._sums.values())]).tolist()  # the one read
+        totals: dict[str, float] = {}
+        for k, v in zip(keys, read[4:]):
+            totals[k] = totals.get(k, 0.0) + v
+        self._read = {"finite": read[0], "stage1_finite": read[1], "trans": read[2], "rot": read[3], **totals}
+        self.stage1_finite = bool(read[1])
+        if not read[0] or not self.stage1_finite:
             self.discard()
             return {}
         if backward is not None:
-            backward(sum(terms.values()))
+            backward(values.sum())
             pairs = [(graph, leaf.grad) for graph, leaf in self._boundary if leaf.grad is not None]
             self._boundary = []
             if pairs:
                 torch.autograd.backward([g for g, _ in pairs], [d for _, d in pairs])
-            terms = {k: v.detach() for k, v in terms.items()}
-        return terms
+            values = values.detach()
+        return dict(zip(names, values.unbind()))
 
     def _correction(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean ‖v‖ (m) and ‖ω‖ (deg) of the applied correction relative to the boxes as given, over
@@ -285,7 +324,6 @@ class Stage2Step:
         return Stage2Report("ran", sum(totals.values()), refined, ppo, read["trans"], read["rot"], elapsed + extra,
                             refine_s, peak, totals, self.process_s)
 
-    def _add(self, terms: dict[str, torch.Tensor]) -> None:
-        for k, v in terms.items():
-            v = v.detach()
-            self._totals[k] = self._totals[k] + v if k in self._totals else v
+    def _add(self, names: tuple[str, ...], values: torch.Tensor) -> None:
+        values = values.detach()
+        self._sums[names] = self._sums[names] + values if names in self._sums else values

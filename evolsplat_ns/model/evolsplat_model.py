@@ -291,7 +291,6 @@ class EVolSplatModel(SplatfactoSurface):
         s2 = self.config.stage2
         if pc.tracks or self.stage2_processor is None or not self.config.enable_actors:
             return pc, "box tracks"
-        why = None
         obs = self.stage2_observations(key) if self.stage2_observations is not None else None
         if not s2.discover_without_boxes:
             why = "none (no box tracks; discover_without_boxes is off)"
@@ -299,7 +298,7 @@ class EVolSplatModel(SplatfactoSurface):
             why = "none (no box tracks, and no observations of this segment to discover objects from)"
         elif pc.frame_ids is None:
             why = "none (no box tracks, and the point cloud has no per-point frame ids to split)"
-        if why is None:
+        else:
             # without dataset flow/, the processor's RAFT (discovery refuses it untrusted)
             flow_model = self.stage2_processor.flow_model(self.device) if not obs.has_flow and obs.has_depth else None
             tracks, report = discover_objects(obs, s2, (pc.points, pc.frame_ids), self.device, flow_model)
@@ -307,7 +306,7 @@ class EVolSplatModel(SplatfactoSurface):
             if tracks:
                 pc = split_point_cloud(pc, tracks, s2.discovery_box_margin, s2.mask_ground_clearance)
         self._objects_from[str(key)] = why
-        return pc, "flow discovery"
+        return pc, "flow discovery"  # the label of whatever actors the split made (none: no actors)
 
     def set_context(self, key: SegmentKey, sources: Views, point_cloud: Optional[PointCloud] = None) -> SegmentContext:
         """Make segment ``key`` (with candidate ``sources``) the one rendered for bare cameras.

@@ -18,6 +18,9 @@ class SynthConfig:
     """
 
     scenes: int = field(default=1, metadata={"help": "number of scenes, written as OUT/000, OUT/001, ..."})
+    first_scene: int = field(default=0, metadata={"help": "index of the first scene: writes OUT/{first}, ..., "
+                                                          "OUT/{first+scenes-1} (scene i is the same whatever "
+                                                          "the split, so several processes can share one OUT)"})
     frames: int = field(default=40, metadata={"help": "frames per scene"})
     cameras: int = field(default=3, metadata={"help": "cameras 0..C-1 (1 to 12): up to 5 Waymo's 0 FRONT, 1 "
                                                        "FRONT_LEFT, 2 FRONT_RIGHT, 3 SIDE_LEFT, 4 SIDE_RIGHT; 6 or "
@@ -58,6 +61,7 @@ class SynthConfig:
         """Raise ``ValueError`` naming the first bad setting and its valid range."""
         rules = {
             "scenes": (self.scenes >= 1, ">= 1"),
+            "first_scene": (0 <= self.first_scene <= 999 - self.scenes + 1, "0 to 1000 - scenes (folders are 000-999)"),
             "frames": (self.frames >= 1, ">= 1"),
             "cameras": (1 <= self.cameras <= MAX_CAMERAS, f"1 to {MAX_CAMERAS}"),
             "width": (self.width >= 8, ">= 8"),

@@ -67,11 +67,12 @@ def generate_scene(cfg: SynthConfig, scene_index: int, out_dir: Path) -> Path:
 
 
 def generate_dataset(cfg: SynthConfig, out: Path) -> list[Path]:
-    """Generate ``cfg.scenes`` scenes under ``out`` (``out/000``, ...) and return their folders.
+    """Generate ``cfg.scenes`` scenes under ``out`` (``out/{first_scene:03d}``, ...) and return their folders.
 
     Every target folder is checked before anything is written, so a refused run writes nothing.
     """
     out = Path(out)
-    for i in range(cfg.scenes):
+    indices = range(cfg.first_scene, cfg.first_scene + cfg.scenes)
+    for i in indices:
         _check_target(cfg, scene_dir(out, i))
-    return [generate_scene(cfg, i, out) for i in range(cfg.scenes)]
+    return [generate_scene(cfg, i, out) for i in indices]

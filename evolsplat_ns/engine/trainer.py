@@ -33,6 +33,7 @@ trained into when resuming (``--load-dir``) or with ``--overwrite True``.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,10 @@ from evolsplat_ns.engine import checkpoints, distributed
 from evolsplat_ns.engine.skips import SkipLimit
 from evolsplat_ns.model.evolsplat_model import EmptySegmentError, SampleLoss
 from evolsplat_ns.utils.timing import phase
+
+
+TIME_LIMIT_CHECK_EVERY = 10
+"""Steps between the ranks' agreement on ``max_train_seconds`` (a broadcast each time)."""
 
 
 @dataclass
@@ -90,6 +95,12 @@ class EVolSplatTrainerConfig(TrainerConfig):
     """Seconds any rank of a data-parallel run waits for the others in a collective (gradient
     all-reduce, checkpoint gather) before the job stops with a message naming the dead or hung
     rank's operation. Must exceed the longest phase only rank 0 runs (evaluation of all images)."""
+    max_train_seconds: Optional[float] = None
+    """Stop training after this many seconds of this process's training loop (from its first step;
+    set-up excluded) and save a checkpoint of the last trained step, as at the end of training:
+    for jobs under a wall-time limit. Resume with ``--load-dir`` (nerfstudio then runs up to
+    ``max_num_iterations`` more steps). None = no limit. Under data parallelism rank 0's clock
+    decides, checked every ``TIME_LIMIT_CHECK_EVERY`` steps."""
     overwrite: bool = False
     """Train into a run folder that already holds checkpoints (they are replaced once this run
     saves its first verified checkpoint). Without it such a folder is refused unless resuming."""
@@ -169,6 +180,8 @@ class EVolSplatTrainer(Trainer):
         super().__init__(config, local_rank, world_size)
         self.skipped_steps: dict[str, int] = defaultdict(int)
         self.skip_limit = SkipLimit(config.max_skipped_fraction, config.skip_window)
+        self._clock_start: Optional[float] = None
+        self._time_limit_step: Optional[int] = None
         self.autocast_dtype = torch.bfloat16 if config.mixed_precision_dtype == "bfloat16" else torch.float16
         if self.mixed_precision and self.autocast_dtype == torch.bfloat16 and not config.use_grad_scaler:
             self.use_grad_scaler = False
@@ -217,7 +230,35 @@ class EVolSplatTrainer(Trainer):
             self.optimizers.scheduler_step_all(step)
         model.offsets.stage(result.state, result.projected_index)
         metrics = {"psnr": result.psnr, "num_gaussians": torch.tensor(float(result.projected_index.numel()))}
+        self._stop_if_out_of_time(step)
         return result.total, result.losses, metrics
+
+    def _stop_if_out_of_time(self, step: int) -> None:
+        """Ask nerfstudio's loop to stop after ``step`` once ``max_train_seconds`` have passed."""
+        limit = self.config.max_train_seconds
+        if limit is None:
+            return
+        now = time.perf_counter()
+        if self._clock_start is None:
+            self._clock_start = now
+        out_of_time = now - self._clock_start >= limit
+        if self.dist.world.parallel:
+            if step % TIME_LIMIT_CHECK_EVERY:
+                return
+            # every rank must stop after the same step, or the next all-reduce waits forever
+            out_of_time = self.dist.broadcast_object(out_of_time, f"the time-limit check of step {step}")
+        if out_of_time:
+            self.stop_training = True
+            self._time_limit_step = step
+            CONSOLE.print(f"max_train_seconds={limit:g} reached after step {step}: saving a checkpoint and "
+                          f"stopping; resume with --load-dir {self.checkpoint_dir}")
+
+    def _after_train(self) -> None:
+        # nerfstudio's loop has already advanced ``self.step`` to the step it did not run when it
+        # stops early; the checkpoint must carry the last step trained, or a resume skips one.
+        if self._time_limit_step is not None:
+            self.step = self._time_limit_step
+        super()._after_train()
 
     def _local_loss(self, sample: Sample, batch: dict, step: int
                     ) -> tuple[Optional[SampleLoss], Optional[tuple[str, str]]]:

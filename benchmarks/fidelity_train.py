@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"done: {done} steps trained; config {ckpt_dir.parent / 'config.yml'}")
         return progress
     cfg = trainer_config(args, data, out, args.steps - done, ckpt_dir if found else None)
+    cfg.save_config()  # as ns-train does: config.yml beside the checkpoints (baselines, ns-eval)
     trainer = cfg.setup(local_rank=0, world_size=1)
     trainer.setup()
     start = time.perf_counter()

@@ -84,12 +84,32 @@ def trainer_config(args: argparse.Namespace, data: Path, out: Path, remaining: i
     return cfg
 
 
+def write_slim(checkpoint: Path, dest: Path) -> Path:
+    """A copy of ``checkpoint`` with the network weights only: no per-segment caches, no optimizer
+    state (megabytes instead of hundreds). Enough to evaluate zero-shot or fine-tune elsewhere;
+    training cannot resume from it exactly. ``dest`` must not exist."""
+    from evolsplat_ns.engine import checkpoints
+
+    if dest.exists():
+        raise SystemExit(f"--slim {dest} exists: not replaced")
+    state = checkpoints.load_checkpoint(checkpoint)
+    pipeline = dict(state["pipeline"])
+    pipeline["_model._extra_state"] = {**pipeline["_model._extra_state"], "segments": {}}
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"step": state["step"], "pipeline": pipeline, "optimizers": {}, "schedulers": {},
+                "scalers": state["scalers"]}, dest)
+    print(f"wrote {dest} ({dest.stat().st_size / 2**20:.1f} MiB, weights only) from {checkpoint}")
+    return dest
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--steps", type=int, required=True, help="steps of the whole run")
     p.add_argument("--budget-seconds", type=float, default=None, help="training seconds of this call")
     p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--slim", type=Path, default=None,
+                   help="once done, write a weights-only copy of the last checkpoint here (see write_slim)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="any config field")
     g = p.add_argument_group("generated data (OUT/data, when absent)")
     g.add_argument("--scenes", type=int, default=16)
@@ -106,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     out, data = args.out, args.out / "data"
     out.mkdir(parents=True, exist_ok=True)
     progress_path = out / "progress.json"
-    settings = {k: v for k, v in vars(args).items() if k not in ("budget_seconds", "out")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("budget_seconds", "out", "slim")}
     progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {"settings": settings, "calls": []}
     if progress["settings"] != json.loads(json.dumps(settings, default=str)):
         raise SystemExit(f"{progress_path} was written with other settings: {progress['settings']}; "
@@ -120,6 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     done = found[-1][0] + 1 if found else 0
     if done >= args.steps:
         print(f"done: {done} steps trained; config {ckpt_dir.parent / 'config.yml'}")
+        if args.slim is not None:
+            write_slim(found[-1][1], args.slim)
         return progress
     cfg = trainer_config(args, data, out, args.steps - done, ckpt_dir if found else None)
     cfg.save_config()  # as ns-train does: config.yml beside the checkpoints (baselines, ns-eval)

@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="splatfacto's budget (default: ours zero-shot prediction + fine-tuning seconds)")
     parser.add_argument("--splatfacto-eval-every", type=float, default=None,
                         help="seconds between splatfacto evaluations (default: budget / 8)")
+    parser.add_argument("--eval-set", action="append", default=[], metavar="PATH=VALUE",
+                        help="set an attribute of the loaded pipeline before evaluating, e.g. "
+                             "model.config.normalize_background=False (render-time settings only)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g = parser.add_argument_group("training here (without --load-config)")
     g.add_argument("--train-steps", type=int, default=300)
@@ -207,6 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"held-out scene: {scene}")
     _, pipeline, checkpoint = load_pipeline(config, DatasetOverrides(data=scene, all_scenes_eval=True),
                                             device=args.device)
+    for flag in args.eval_set:
+        _set(pipeline, flag)
     dataset = pipeline.datamanager.dataset
     rows: dict[str, dict | None] = {}
     try:
@@ -240,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "(a) nearest source view": (rows["(a) nearest source view"]["seconds"],
                                               rows["(a) nearest source view"]["psnr"])}, out / "psnr_vs_seconds.png")
     md = table(rows)
-    report = {"config": str(config), "checkpoint": str(checkpoint), "scene": str(scene), "device": args.device,
+    report = {"config": str(config), "checkpoint": str(checkpoint), "scene": str(scene), "device": args.device, "eval_set": args.eval_set,
               "rows": rows, "curves": curves, "splatfacto_budget_s": budget}
     (out / "baselines.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     (out / "baselines.md").write_text(md + "\n")

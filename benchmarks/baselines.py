@@ -245,8 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
                   "(a) nearest source view": (rows["(a) nearest source view"]["seconds"],
                                               rows["(a) nearest source view"]["psnr"])}, out / "psnr_vs_seconds.png")
     md = table(rows)
-    report = {"config": str(config), "checkpoint": str(checkpoint), "scene": str(scene), "device": args.device, "eval_set": args.eval_set,
-              "rows": rows, "curves": curves, "splatfacto_budget_s": budget}
+    report = {"config": str(config), "checkpoint": str(checkpoint), "scene": str(scene), "device": args.device,
+              "eval_set": args.eval_set, "rows": rows, "curves": curves, "splatfacto_budget_s": budget}
     (out / "baselines.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     (out / "baselines.md").write_text(md + "\n")
     print(md)

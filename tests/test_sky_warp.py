@@ -124,12 +124,16 @@ def test_sky_masks_and_uncovered_pixels():
     sky[:, : n // 2] = True
     K = _K(6.0, n, n)[None]
     eye = _pose(np.eye(3))[None]
-    rgb, weight = warp_at_infinity(image, K, eye, eye[0], K[0], n, n, sky)
-    assert bool((weight[n // 2 + 1:] == 0).all()) and bool((rgb[n // 2 + 1:] == 0).all())  # facade: not warped
-    # The sky row next to the facade: coverage half, colour still pure sky (mask-weighted taps).
-    assert 0 < float(weight[n // 2, 3]) < 1
-    torch.testing.assert_close(rgb[: n // 2, 1:-1], image[0, : n // 2, 1:-1], atol=1e-6, rtol=0)
-    torch.testing.assert_close(rgb[n // 2, 3], image[0, 0, 0], atol=1e-6, rtol=0)
+    # Principal point half a pixel up: target row j samples source row j + 0.5, between two rows.
+    K_t = K[0].clone()
+    K_t[1, 2] -= 0.5
+    rgb, weight = warp_at_infinity(image, K, eye, eye[0], K_t, n, n, sky)
+    assert bool((weight[n // 2:] == 0).all()) and bool((rgb[n // 2:] == 0).all())  # facade: not warped
+    # The last sky row taps sky and facade half and half: coverage 1/2, colour still pure sky
+    # (mask-weighted taps: the facade does not bleed in).
+    torch.testing.assert_close(weight[n // 2 - 1, 1:-1], torch.full((n - 2,), 0.5))
+    torch.testing.assert_close(weight[: n // 2 - 1, 1:-1], torch.ones(n // 2 - 1, n - 2))
+    torch.testing.assert_close(rgb[: n // 2], image[0, :1].expand(n // 2, n, 3), atol=1e-6, rtol=0)
     # A target looking backwards sees nothing of a forward source.
     rgb, weight = warp_at_infinity(image, K, eye, _pose(_rot("y", 180)), K[0], n, n)
     assert bool((weight == 0).all()) and bool((rgb == 0).all())

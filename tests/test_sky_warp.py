@@ -202,3 +202,31 @@ def test_model_renders_the_sources_sky_and_heads_still_learn(sources_trainer):
         out = model.render(state, c2w, K, t.width, t.height)
     covered = weight == 1
     torch.testing.assert_close(out["background_rgb"][covered], rgb[covered])
+
+
+def test_finetune_renders_leave_the_views_own_image_out():
+    """Fine-tuning with ``background_source "sources"`` warps the nearest training views other than
+    the rendered one: at a training view's pose the background is another view's sky."""
+    from evolsplat_ns.data.types import SegmentKey, Views
+    from evolsplat_ns.inference.finetune import FinetuneGaussians
+    from evolsplat_ns.model.evolsplat_model import EVolSplatModel, EVolSplatModelConfig
+    from evolsplat_ns.model.node import GaussianParams
+
+    model = EVolSplatModel(EVolSplatModelConfig(renderer="reference", sh_degree=0, background_source="sources"),
+                           scene_box=None, num_train_data=1)
+    n = 6
+    g = GaussianParams(means=torch.tensor([[0.0, 0.0, 5.0]]), quats=torch.tensor([[1.0, 0, 0, 0]]),
+                       scales=torch.full((1, 3), 0.1), opacities=torch.ones(1), sh=torch.zeros(1, 1, 3))
+    gaussians = FinetuneGaussians(SegmentKey.parse("000/seg000"),
+                                  g, g, None, None)
+    poses = torch.stack([torch.eye(4), _pose(np.eye(3), (1.0, 0.0, 0.0))])
+    images = torch.stack([torch.full((n, n, 3), 0.2), torch.full((n, n, 3), 0.7)])
+    K = _K(5.0, n, n)
+    views = Views(images=images, intrinsics=K.expand(2, 3, 3), camtoworlds=poses, frame_ids=torch.arange(2),
+                  cam_ids=torch.zeros(2, dtype=torch.long))
+    assert gaussians.source_sky(model, poses[0], K, n, n) is None  # not asked for: the dome alone
+    gaussians.use_source_sky(views)
+    rgb, weight = gaussians.source_sky(model, poses[0], K, n, n)
+    torch.testing.assert_close(rgb[weight > 0], torch.full((int((weight > 0).sum()), 3), 0.7))
+    rgb, _ = gaussians.source_sky(model, poses[1], K, n, n)
+    assert float(rgb.max()) == pytest.approx(0.2)

@@ -37,7 +37,7 @@ from evolsplat_ns.model.heads import (
 from evolsplat_ns.model.node import GaussianNode, GaussianParams
 from evolsplat_ns.model.precision import full_precision, sparse_conv_precision
 from evolsplat_ns.model.projector import ProjectedFeatures, Projector
-from evolsplat_ns.model.sky_warp import warp_at_infinity
+from evolsplat_ns.model.sky_warp import warp_views
 from evolsplat_ns.model.sparse_volume import SparseCostRegNet, SparseVolume, build_volume
 from evolsplat_ns.utils.timing import phase
 
@@ -375,6 +375,4 @@ class GaussianPredictor(nn.Module):
             return None
         if views.tolist() != list(range(len(src))):
             src = src.select(views.to(src.images.device, non_blocking=True))
-        with torch.no_grad():
-            return warp_at_infinity(src.images, src.intrinsics, src.camtoworlds, target_c2w, target_K, width,
-                                    height, src.sky_masks)
+        return warp_views(src, target_c2w, target_K, width, height)

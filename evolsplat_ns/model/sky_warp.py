@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from evolsplat_ns.data.types import Views
 from evolsplat_ns.model.precision import full_precision
 from evolsplat_ns.model.projector import to_grid
 
@@ -59,6 +60,15 @@ def pixel_rays(K: torch.Tensor, c2w: torch.Tensor, width: int, height: int) -> t
     pix = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1)
     d = pix @ (c2w[:3, :3] @ pinhole_inverse(K)).T
     return d / d.norm(dim=-1, keepdim=True)
+
+
+@torch.no_grad()
+def warp_views(sources: Views, target_c2w: torch.Tensor, target_K: torch.Tensor, width: int,
+               height: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`warp_at_infinity` of ``sources`` (their sky pixels only when they carry sky masks)
+    into the target ``target_c2w`` [4, 4] (OpenCV camera-to-segment), ``target_K`` [3, 3]."""
+    return warp_at_infinity(sources.images, sources.intrinsics, sources.camtoworlds, target_c2w, target_K,
+                            width, height, sources.sky_masks)
 
 
 def warp_at_infinity(source_images: torch.Tensor, source_K: torch.Tensor, source_c2w: torch.Tensor,

@@ -76,11 +76,12 @@ class PredictorConfig:
     """Colour the dome only from the sources' sky pixels (needs ``dataset.load_sky_masks True``);
     False: from whatever the sources show in its direction, which lets the dome stand in for
     foreground the point cloud misses (building tops above the LiDAR), see docs/fidelity.md."""
-    background_source: Literal["dome", "sources"] = "dome"
-    """What is composited behind the foreground (with ``enable_background``): "dome", the dome of
-    Gaussians; "sources", the target's nearest source images warped at infinity (the sky needs no
-    depth: :mod:`evolsplat_ns.model.sky_warp`; their sky pixels only when the samples carry sky
-    masks) where they see the pixel's direction, the dome elsewhere (e.g. above their view)."""
+    background_source: Literal["dome", "sources"] = "sources"
+    """What is composited behind the foreground (with ``enable_background``): "sources", the
+    target's nearest source images warped at infinity (the sky needs no depth:
+    :mod:`evolsplat_ns.model.sky_warp`; their sky pixels only when the samples carry sky masks)
+    where they see the pixel's direction, the dome elsewhere (e.g. above their view); "dome", the
+    dome of Gaussians alone (as before this setting existed). docs/fidelity.md has the figures."""
     occlusion_tau: float = 1.0
     """Metres of occlusion cue over which a source view's weight falls by 1/e."""
     enable_actors: bool = True

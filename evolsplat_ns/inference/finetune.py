@@ -19,6 +19,9 @@ predicts for a segment become plain parameters, optimised on that segment's trai
    ``DefaultStrategy`` with splatfacto's settings, fed by the rasteriser's ``means2d`` gradient
    (gsplat's CUDA kernels and the PyTorch reference both give it); actors and the dome keep
    their count. On by default with the gsplat backend, off with the reference (cost, not ability).
+   With the model's ``background_source "sources"`` every render composites the segment's
+   training views warped at infinity behind (the rendered view's own image left out), the dome
+   where none of them sees (:mod:`evolsplat_ns.model.sky_warp`).
    **Resumable**: with a checkpoint path the whole optimisation state (parameters of any count,
    Adam moments, step, the strategy's running statistics, the view order and the strategy's own
    stream of torch's RNG, which gsplat's split draws from) is saved every ``checkpoint_every`` steps and at the end; a run
@@ -50,7 +53,9 @@ from evolsplat_ns.engine.evaluation import next_frame, summarise, view_metrics
 from evolsplat_ns.model.actors import ActorGaussians, ActorNodes, place_actors
 from evolsplat_ns.model.metrics import psnr
 from evolsplat_ns.model.node import GaussianParams, concat_gaussians
+from evolsplat_ns.model.predictor import on_host
 from evolsplat_ns.model.render import resolve_backend
+from evolsplat_ns.model.sky_warp import warp_views
 from evolsplat_ns.utils.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -199,6 +204,30 @@ class FinetuneGaussians(nn.Module):
         self.actor_nodes = actor_nodes
         if self.actors is not None:
             self.register_buffer("actor_index", actors.actor.clone())
+        self.sky_sources: Optional[Views] = None
+        self.sky_poses: Optional[torch.Tensor] = None
+
+    def use_source_sky(self, views: Views) -> None:
+        """Composite ``views`` (the segment's training views, on the model's device) warped at
+        infinity behind the foreground, the dome where they do not see, as the model does with
+        ``background_source "sources"``."""
+        self.sky_sources, self.sky_poses = views, on_host(views.camtoworlds)
+
+    def source_sky(self, model: EVolSplatModel, c2w: torch.Tensor, K: torch.Tensor, width: int,
+                   height: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """The nearest ``num_neighbour_select`` sky sources to ``c2w`` [4, 4] (OpenCV
+        camera-to-segment) warped into it (rgb [H, W, 3], weight [H, W]), leaving out a source
+        with the camera's own pose: a training view that saw its own image as the background would
+        learn to leave it uncovered. None without sky sources or a dome."""
+        if self.sky_sources is None or self.background is None:
+            return None
+        pose = on_host(c2w)
+        others = ((self.sky_poses - pose).abs().amax(dim=(1, 2)) > 1e-4).nonzero()[:, 0]  # host: no sync
+        if len(others) == 0:
+            return None
+        pick = others[model.predictor.projector.select_views(pose, self.sky_poses[others])]
+        src = self.sky_sources.select(pick.to(self.sky_sources.images.device, non_blocking=True))
+        return warp_views(src, c2w, K, width, height)
 
     def param_groups(self, cfg: FinetuneConfig, extent: float) -> list[dict]:
         groups = self.static.param_groups(cfg, extent, "")
@@ -225,7 +254,8 @@ class FinetuneGaussians(nn.Module):
         through the model's rasteriser (same backend, same compositing); ``with_meta``: also the
         rasteriser's ``meta``, whose first ``len(self.static)`` Gaussians are the static ones."""
         bg = self.background.params() if self.background is not None else None
-        return model.rasterize_gaussians(self.foreground(time), bg, c2w, K, width, height, with_meta=with_meta)
+        return model.rasterize_gaussians(self.foreground(time), bg, c2w, K, width, height, with_meta=with_meta,
+                                         sky=self.source_sky(model, c2w, K, width, height))
 
 
 def _sync(device: torch.device) -> None:
@@ -518,6 +548,8 @@ def finetune_segment(model: EVolSplatModel, dataset: MultiSceneDataset, segment_
     _sync(device)
     init_seconds = time.perf_counter() - start
     views = training_views(dataset, segment_index).to(device)
+    if model.config.background_source == "sources":
+        gaussians.use_source_sky(views)
     picks = sorted(set(np.linspace(0, len(views) - 1, min(cfg.max_train_eval_views, len(views))).round().astype(int)))
     densify = cfg.densify if cfg.densify is not None else resolve_backend(model.config.renderer, device.type == "cuda") == "gsplat"
     opt = _Optimisation(gaussians, cfg, camera_extent(views), len(views), densify)

@@ -447,16 +447,19 @@ class EVolSplatModel(SplatfactoSurface):
             params = self.predictor.predict(state, c2w, K, views)
             actors = self.predictor.predict_actors(state, time)
             background = self.predictor.predict_background(state) if self.config.enable_background else None
+            sky = self.predictor.predict_sky(state, views, c2w, K, width, height)
         foreground = concat_gaussians([params, actors]) if actors is not None and len(actors) else params
-        out = self.rasterize_gaussians(foreground, background, c2w, K, width, height)
+        out = self.rasterize_gaussians(foreground, background, c2w, K, width, height, sky=sky)
         out["gaussians"], out["actors"] = params, actors
         return out
 
     def rasterize_gaussians(self, params: GaussianParams, background: Optional[GaussianParams], c2w: torch.Tensor,
-                            K: torch.Tensor, width: int, height: int, with_meta: bool = False) -> dict[str, torch.Tensor]:
+                            K: torch.Tensor, width: int, height: int, with_meta: bool = False,
+                            sky: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
         """Rasterise existing Gaussians (segment frame; static and posed actors in one call, so
         depth order is right) for an OpenCV camera-to-segment pose, with ``background`` composited
-        behind. Returns rgb, depth, accumulation as :meth:`render`; with ``with_meta`` also the
+        behind; ``sky`` (rgb [H, W, 3], weight [H, W]: ``GaussianPredictor.predict_sky``) replaces
+        the background by that weight (fp32 like the rest). Returns rgb, depth, accumulation as :meth:`render`; with ``with_meta`` also the
         foreground's rasteriser ``meta`` (``RenderOutput.meta``: ``means2d`` [1, N, 2] whose gradient
         densification reads, ``radii`` [1, N]), N = ``len(params)`` in ``params``' order."""
         c2w, K = c2w.to(self.device, non_blocking=True), K.to(self.device, non_blocking=True)
@@ -478,6 +481,8 @@ class EVolSplatModel(SplatfactoSurface):
                 bg_rgb = bg.rgb[0]
                 if self.config.normalize_background:
                     bg_rgb = torch.where(bg.alpha[0] > 0.05, bg_rgb / bg.alpha[0].clamp(min=0.05), bg_rgb)
+                if sky is not None:  # the sources' sky where they see it, the dome elsewhere
+                    bg_rgb = torch.lerp(bg_rgb, sky[0].float(), sky[1][..., None].float())
                 rgb = rgb + (1.0 - alpha) * bg_rgb
         out = {"rgb": rgb, "depth": fg.depth[0], "accumulation": alpha, "background_rgb": bg_rgb}
         if with_meta:

@@ -18,7 +18,7 @@ Frames: node positions and Gaussians in the **segment frame**; cameras OpenCV ca
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from torch import nn
@@ -37,6 +37,7 @@ from evolsplat_ns.model.heads import (
 from evolsplat_ns.model.node import GaussianNode, GaussianParams
 from evolsplat_ns.model.precision import full_precision, sparse_conv_precision
 from evolsplat_ns.model.projector import ProjectedFeatures, Projector
+from evolsplat_ns.model.sky_warp import warp_views
 from evolsplat_ns.model.sparse_volume import SparseCostRegNet, SparseVolume, build_volume
 from evolsplat_ns.utils.timing import phase
 
@@ -75,6 +76,12 @@ class PredictorConfig:
     """Colour the dome only from the sources' sky pixels (needs ``dataset.load_sky_masks True``);
     False: from whatever the sources show in its direction, which lets the dome stand in for
     foreground the point cloud misses (building tops above the LiDAR), see docs/fidelity.md."""
+    background_source: Literal["dome", "sources"] = "sources"
+    """What is composited behind the foreground (with ``enable_background``): "sources", the
+    target's nearest source images warped at infinity (the sky needs no depth:
+    :mod:`evolsplat_ns.model.sky_warp`; their sky pixels only when the samples carry sky masks)
+    where they see the pixel's direction, the dome elsewhere (e.g. above their view); "dome", the
+    dome of Gaussians alone (as before this setting existed). docs/fidelity.md has the figures."""
     occlusion_tau: float = 1.0
     """Metres of occlusion cue over which a source view's weight falls by 1/e."""
     enable_actors: bool = True
@@ -97,6 +104,8 @@ class SharedState:
         projected: source-view features of every node Gaussian in every source view.
         source_c2w: [V, 4, 4] OpenCV camera-to-segment of the sources (host memory: view selection
             runs on the CPU, with no kernel launch and no device sync).
+        sources: the source views themselves (a reference, not a copy), for the background warped
+            from them (``background_source "sources"``); None in states built without them.
         dome: sky dome (None when the background is disabled).
         actor_nodes: the segment's moving actors (None without any).
         actors: their Gaussians in object frames, predicted from the sources (boundary leaves when split).
@@ -115,6 +124,7 @@ class SharedState:
     projected: ProjectedFeatures
     source_c2w: torch.Tensor
     dome: Optional[SkyDome] = None
+    sources: Optional[Views] = field(default=None, repr=False)
     actor_nodes: Optional[ActorNodes] = None
     actors: Optional[ActorGaussians] = None
     background: Optional[GaussianParams] = None
@@ -257,6 +267,7 @@ class GaussianPredictor(nn.Module):
             projected=projected,
             source_c2w=source_poses if source_poses is not None else on_host(source.camtoworlds),
             dome=dome,
+            sources=source,
             actor_nodes=actors if actor_gaussians is not None else None,
             actors=actor_gaussians,
             background=background,
@@ -352,3 +363,17 @@ class GaussianPredictor(nn.Module):
         backward accumulates into them and ``backward_shared`` runs the MLP's backward once.
         """
         return state.background
+
+    def predict_sky(self, state: SharedState, views: torch.Tensor, target_c2w: torch.Tensor, target_K: torch.Tensor,
+                    width: int, height: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """The sources ``views`` [S] (host indices into ``state``'s sources, those :meth:`predict`
+        used) warped at infinity into the target ``target_c2w`` [4, 4] (OpenCV camera-to-segment),
+        ``target_K`` [3, 3]: rgb [H, W, 3] and coverage weight [H, W] (:func:`warp_at_infinity`), or
+        None unless ``background_source`` is "sources" (and a background is enabled). No gradient:
+        nothing learnable is in it."""
+        src = state.sources
+        if self.config.background_source != "sources" or self.background is None or src is None:
+            return None
+        if views.tolist() != list(range(len(src))):
+            src = src.select(views.to(src.images.device, non_blocking=True))
+        return warp_views(src, target_c2w, target_K, width, height)

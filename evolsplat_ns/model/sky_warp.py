@@ -1,0 +1,125 @@
+"""The sky at infinity, warped from the source views: a background with no depth and no learning.
+
+A point at infinity in direction ``d`` (segment frame) projects into a source camera at
+``K_s R_s^T d`` (its translation drops out), so a target pixel's sky colour is the source image at
+that pixel: for each source a rotation-only homography ``K_s R_s^T R_t K_t^-1``. The nearest-source
+baseline (:mod:`evolsplat_ns.inference.reprojection`) reaches far higher sky PSNR than the dome of
+Gaussians (:mod:`evolsplat_ns.model.background`) this way; ``background_source "sources"``
+(:class:`evolsplat_ns.model.predictor.PredictorConfig`) composites it behind the foreground.
+
+Blending over sources: each source's weight is ``exp((cos - 1) / tau)``, ``cos`` the cosine between
+the target ray and the source's optical axis (+z), times its coverage (sky mask, image border
+feather). At infinity every source shows the same sky, so what differs is the camera: the source
+looking most nearly along a ray is the target's own rig camera for most of its pixels (the same
+exposure and white balance), and seams between cameras fall midway between their axes, far from
+each image's border, where sky masks and the pinhole model are least reliable. A cosine (not an
+angle) is flat near the axis: frames of one camera a few degrees apart average (their sky agrees,
+averaging lowers noise) while cameras 45 degrees apart meet in a seam a few degrees wide.
+
+Frames: cameras OpenCV camera-to-segment (x right, y down, z forward); pixel ``(i, j)`` covers
+``[i, i+1) x [j, j+1)`` (centre at +0.5), ``grid_sample(align_corners=False)``'s convention
+(:func:`evolsplat_ns.model.projector.to_grid`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from evolsplat_ns.data.types import Views
+from evolsplat_ns.model.precision import full_precision
+from evolsplat_ns.model.projector import to_grid
+
+DIRECTION_TAU = 0.02
+"""Temperature of the source weights, in cosine units: two sources 45 degrees apart blend over
+about +-3 degrees around the midway ray; sources 2 degrees apart near the axis near-equally."""
+BORDER_FEATHER = 0.02
+"""Width of the ramp (fraction of the smaller image side, at least 1 px) over which a source's
+weight falls to 0 at its image border: seams between sources are soft, not a pixel step."""
+
+
+def pinhole_inverse(K: torch.Tensor) -> torch.Tensor:
+    """Inverse [..., 3, 3] of upper-triangular pinhole intrinsics ``K`` [..., 3, 3] in closed form
+    (``torch.linalg.inv`` checks for singularity on the host: a device sync)."""
+    fx, s, cx = K[..., 0, 0], K[..., 0, 1], K[..., 0, 2]
+    fy, cy = K[..., 1, 1], K[..., 1, 2]
+    zero, one = torch.zeros_like(fx), torch.ones_like(fx)
+    rows = [
+        torch.stack([1 / fx, -s / (fx * fy), (s * cy - cx * fy) / (fx * fy)], dim=-1),
+        torch.stack([zero, 1 / fy, -cy / fy], dim=-1),
+        torch.stack([zero, zero, one], dim=-1),
+    ]
+    return torch.stack(rows, dim=-2)
+
+
+def pixel_rays(K: torch.Tensor, c2w: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """[H, W, 3] unit ray directions (segment frame) through every pixel centre of the camera
+    ``K`` [3, 3], ``c2w`` [4, 4] (OpenCV camera-to-segment)."""
+    ys, xs = torch.meshgrid(torch.arange(height, device=K.device, dtype=K.dtype) + 0.5,
+                            torch.arange(width, device=K.device, dtype=K.dtype) + 0.5, indexing="ij")
+    pix = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1)
+    d = pix @ (c2w[:3, :3] @ pinhole_inverse(K)).T
+    return d / d.norm(dim=-1, keepdim=True)
+
+
+@torch.no_grad()
+def warp_views(sources: Views, target_c2w: torch.Tensor, target_K: torch.Tensor, width: int,
+               height: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`warp_at_infinity` of ``sources`` (their sky pixels only when they carry sky masks)
+    into the target ``target_c2w`` [4, 4] (OpenCV camera-to-segment), ``target_K`` [3, 3]."""
+    return warp_at_infinity(sources.images, sources.intrinsics, sources.camtoworlds, target_c2w, target_K,
+                            width, height, sources.sky_masks)
+
+
+def warp_at_infinity(source_images: torch.Tensor, source_K: torch.Tensor, source_c2w: torch.Tensor,
+                     target_c2w: torch.Tensor, target_K: torch.Tensor, width: int, height: int,
+                     source_sky: torch.Tensor | None = None,
+                     tau: float = DIRECTION_TAU) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sources' images at infinity seen from a target camera (see the module doc).
+
+    Args:
+        source_images: [S, Hs, Ws, 3] RGB of the sources.
+        source_K: [S, 3, 3] their intrinsics (pixels of those images).
+        source_c2w: [S, 4, 4] OpenCV camera-to-segment (only the rotation is read).
+        target_c2w: [4, 4] OpenCV camera-to-segment of the target; target_K: [3, 3].
+        width, height: target image size.
+        source_sky: optional [S, Hs, Ws] bool sky masks: only sky pixels are warped, each source's
+            colour is the mask-weighted mean of its bilinear taps (a facade next to the sky does
+            not bleed into it), its coverage the bilinear mask.
+        tau: temperature of the direction weights (cosine units).
+    Returns:
+        rgb [H, W, 3] (0 where no source covers the pixel) and weight [H, W] in [0, 1]: how much
+        some source covers the pixel (1 inside a source's sky, ramping to 0 over ``BORDER_FEATHER``
+        at its image border and across its sky-mask edge; the largest over sources).
+        fp32, fully on the device (no host sync); no gradient to the images is needed or kept apart.
+    """
+    device = source_images.device
+    with full_precision(device):
+        images = source_images.float()
+        Ks, c2w_s = source_K.to(device).float(), source_c2w.to(device).float()
+        rays = pixel_rays(target_K.to(device).float(), target_c2w.to(device).float(), width, height)
+        hs, ws = images.shape[1:3]
+        # Source camera coordinates of the rays: R_s^T d, then the pixel at infinity K_s R_s^T d.
+        cam = torch.einsum("hwc,sck->shwk", rays, c2w_s[:, :3, :3])  # [S, H, W, 3]
+        z = cam[..., 2]
+        pix = cam @ Ks.transpose(-1, -2)[:, None]
+        uv = pix[..., :2] / z.clamp(min=1e-6)[..., None]
+        mask = (torch.ones_like(images[..., 0]) if source_sky is None
+                else source_sky.to(device=device, dtype=images.dtype))
+        # Premultiplied taps with zero padding: channel 3 is the coverage (mask, and 0 past the border).
+        stack = torch.cat([images * mask[..., None], mask[..., None]], dim=-1).permute(0, 3, 1, 2)
+        taps = F.grid_sample(stack, to_grid(uv, hs, ws), mode="bilinear", padding_mode="zeros",
+                             align_corners=False).permute(0, 2, 3, 1)  # [S, H, W, 4]
+        cover = taps[..., 3]
+        colour = taps[..., :3] / cover.clamp(min=1e-6)[..., None]
+        feather = max(1.0, BORDER_FEATHER * min(hs, ws))
+        edge = torch.minimum(torch.minimum(uv[..., 0], ws - uv[..., 0]), torch.minimum(uv[..., 1], hs - uv[..., 1]))
+        cover = torch.where(z > 1e-6, cover * (edge / feather).clamp(0.0, 1.0), 0.0)
+        # z is the cosine to the source's axis (unit rays, R_s a rotation). Logits shifted by their
+        # largest covered value, so a pixel only far-off-axis sources see does not underflow.
+        logit = torch.where(cover > 0, (z - 1.0) / tau, float("-inf"))
+        top = logit.max(dim=0).values
+        w = cover * torch.exp(logit - torch.where(torch.isfinite(top), top, 0.0))
+        rgb = (w[..., None] * colour).sum(dim=0) / w.sum(dim=0).clamp(min=1e-12)[..., None]
+        weight = cover.max(dim=0).values
+        return torch.where(weight[..., None] > 0, rgb, 0.0), weight

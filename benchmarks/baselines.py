@@ -34,6 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_setup import set_field  # noqa: E402
+
 ROW_KEYS = ("psnr", "ssim", "psnr_sky", "psnr_non_sky", "psnr_dynamic", "psnr_static", "depth_abs_rel")
 
 
@@ -55,7 +57,7 @@ def train_run(args: argparse.Namespace, out: Path) -> Path:
     cfg.max_num_iterations = args.train_steps
     cfg.pipeline.datamanager.dataset.pointcloud_generator = args.generator
     for flag in args.set:
-        _set(cfg, flag)
+        set_field(cfg, flag)
     trainer = cfg.setup(local_rank=0, world_size=1)
     trainer.setup()
     start = time.perf_counter()
@@ -66,24 +68,6 @@ def train_run(args: argparse.Namespace, out: Path) -> Path:
     trainer.config.save_config()
     trainer.pipeline.datamanager.dataset.close()
     return trainer.base_dir / "config.yml"
-
-
-def _set(cfg, flag: str) -> None:
-    """``--set pipeline.model.enable_background=False``: a dotted config field, value as Python literal."""
-    import ast
-
-    path, _, text = flag.partition("=")
-    *parents, name = path.split(".")
-    obj = cfg
-    for p in parents:
-        obj = getattr(obj, p)
-    if not hasattr(obj, name):
-        raise SystemExit(f"--set {flag}: {type(obj).__name__} has no field {name!r}")
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        value = text
-    setattr(obj, name, value)
 
 
 def held_out_scene(config: Path) -> Path:
@@ -211,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     _, pipeline, checkpoint = load_pipeline(config, DatasetOverrides(data=scene, all_scenes_eval=True),
                                             device=args.device)
     for flag in args.eval_set:
-        _set(pipeline, flag)
+        set_field(pipeline, flag)
     dataset = pipeline.datamanager.dataset
     rows: dict[str, dict | None] = {}
     try:

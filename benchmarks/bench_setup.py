@@ -91,3 +91,21 @@ def synth_dataset(args: argparse.Namespace) -> Path:
                                      box_noise_trans=args.box_noise_trans, box_noise_rot=args.box_noise_rot,
                                      raycaster=args.raycaster, device=args.synth_device), data)
     return data
+
+
+def set_field(cfg, flag: str) -> None:
+    """``--set pipeline.model.enable_background=False``: a dotted config field, value as Python literal."""
+    import ast
+
+    path, _, text = flag.partition("=")
+    *parents, name = path.split(".")
+    obj = cfg
+    for p in parents:
+        obj = getattr(obj, p)
+    if not hasattr(obj, name):
+        raise SystemExit(f"--set {flag}: {type(obj).__name__} has no field {name!r}")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    setattr(obj, name, value)

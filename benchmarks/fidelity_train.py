@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_setup import add_pointcloud_args, apply_pointcloud_args  # noqa: E402
+from bench_setup import add_pointcloud_args, apply_pointcloud_args, set_field  # noqa: E402
 
 RUN = ("fidelity", "evolsplat", "run")
 """experiment / method / timestamp of the run folder under ``OUT/run``."""
@@ -61,8 +61,6 @@ def generate(args: argparse.Namespace, data: Path) -> None:
 
 
 def trainer_config(args: argparse.Namespace, data: Path, out: Path, remaining: int, load_dir: Path | None):
-    from baselines import _set
-
     from evolsplat_ns.method_configs import evolsplat_config
 
     torch.manual_seed(args.seed)
@@ -80,7 +78,7 @@ def trainer_config(args: argparse.Namespace, data: Path, out: Path, remaining: i
         group["scheduler"].max_steps = args.steps  # the schedule spans the whole run, not one call
     apply_pointcloud_args(cfg, args)
     for flag in args.set:
-        _set(cfg, flag)
+        set_field(cfg, flag)
     return cfg
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench_setup import add_pointcloud_args, apply_pointcloud_args
+from bench_setup import add_pointcloud_args, apply_pointcloud_args, set_field
 from evolsplat_ns.method_configs import evolsplat_config, evolsplat_lite_config
 from evolsplat_ns.utils import timing
 
@@ -64,6 +64,8 @@ def add_trainer_args(p: argparse.ArgumentParser) -> None:
                    help="TF32 tensor cores for fp32 matrix products (the trainer's tf32_matmul; default off)")
     p.add_argument("--output-dir", default="/tmp/evolsplat_bench")
     p.add_argument("--seed", type=int, default=42, help="seeds the network initialisation")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any config field, e.g. pipeline.model.background_source=dome")
     add_pointcloud_args(p)
 
 
@@ -89,6 +91,8 @@ def build_trainer(args: argparse.Namespace):
     cfg.tf32_matmul = args.tf32 == "on"
     if args.amp is not None and hasattr(cfg, "mixed_precision_dtype"):
         cfg.mixed_precision_dtype = {"bf16": "bfloat16", "fp16": "float16"}[args.amp]
+    for flag in args.set:
+        set_field(cfg, flag)
     trainer = cfg.setup(local_rank=0, world_size=1)
     trainer.setup()
     return trainer

@@ -13,7 +13,8 @@ Rows (every one scored by ``engine.evaluation.view_metrics`` on the held-out vie
 
 Writes into a new or empty ``--out``: ``baselines.json``, ``baselines.md`` (the table),
 ``psnr_vs_seconds.png`` (held-out PSNR against seconds of optimisation/prediction for (b) and
-(c), ours zero-shot and (a) as points), ``zero_shot_grid.png``, and the run / export folders.
+(c), ours zero-shot and (a) as points), ``zero_shot_grid.png`` (and ``zero_shot_grid.jpg``, a
+JPEG copy at most 1600 px wide), and the run / export folders.
 
     # CPU check at tiny size (trains a lite model first; splatfacto skipped)
     python benchmarks/baselines.py --out /tmp/bl --train-steps 200 --width 96 --height 64 --finetune-steps 100
@@ -68,6 +69,18 @@ def train_run(args: argparse.Namespace, out: Path) -> Path:
     trainer.config.save_config()
     trainer.pipeline.datamanager.dataset.close()
     return trainer.base_dir / "config.yml"
+
+
+def _small_jpeg(png: Path, jpg: Path, max_width: int = 1600) -> Path:
+    """A JPEG copy of ``png`` at most ``max_width`` wide: full-size grids at 960x640 run to tens
+    of MB, too large to fetch from a remote GPU machine or to keep in docs."""
+    from PIL import Image
+
+    im = Image.open(png).convert("RGB")
+    if im.width > max_width:
+        im = im.resize((max_width, round(im.height * max_width / im.width)), Image.LANCZOS)
+    im.save(jpg, quality=85)
+    return jpg
 
 
 def held_out_scene(config: Path) -> Path:
@@ -201,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         zs = evaluate_zero_shot(pipeline, max_grid_rows=4, progress=False)
         save_grid(zs.grid_rows, out / "zero_shot_grid.png", zs.grid_labels)
+        _small_jpeg(out / "zero_shot_grid.png", out / "zero_shot_grid.jpg")
         t = zs.timing
         zs_seconds = sum(t[k]["mean_ms"] * t[k]["count"] for k in ("encode_ms", "render_ms")) / 1e3
         rows["ours zero-shot"] = {**zs.metrics, "seconds": zs_seconds}

@@ -79,5 +79,5 @@ def render_camera_path(model: EVolSplatModel, dataset: MultiSceneDataset, scene_
             seg_from_world = torch.linalg.inv(sample.segment_to_world.double())
             encoded_for = (seg, tuple(sources))
         c2w = (seg_from_world @ torch.from_numpy(pose.cam_to_world)).float().to(model.device)
-        rgb = model.render(state, c2w, K, width, height, time=pose.time)["rgb"]
+        rgb = model.render(state, c2w, K, width, height, time=pose.time, reuse_graphs=True)["rgb"]
         yield (rgb.clamp(0, 1) * 255).round().byte().cpu().numpy()

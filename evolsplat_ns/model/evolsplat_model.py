@@ -83,6 +83,10 @@ class EVolSplatModelConfig(ModelConfig, PredictorConfig):
     sky_opacity_weight: float = 0.0
     """Weight of the mean foreground opacity on sky-mask pixels (keeps Gaussians out of the sky;
     with ``sky_loss_weight``, needs the sky masks too)."""
+    cuda_graph_render: bool = True
+    """Replay a camera's decode (heads, sky warp) from a CUDA graph in no-grad renders on a GPU (the
+    viewer, ``ns-eval`` images, camera paths): captured per encoded state, source set and image size
+    on its second render; ~1 launch instead of hundreds (False: always eager)."""
     max_gaussians_per_segment: int = 0
     """Randomly subsample a segment's points to at most this many Gaussians (0 = all)."""
     max_points_per_actor: int = 5000
@@ -431,7 +435,7 @@ class EVolSplatModel(SplatfactoSurface):
         return segment.frozen_volume
 
     def render(self, state: SharedState, c2w: torch.Tensor, K: torch.Tensor, width: int, height: int,
-               time: Optional[float] = None) -> dict[str, torch.Tensor]:
+               time: Optional[float] = None, reuse_graphs: bool = False) -> dict[str, torch.Tensor]:
         """Predict Gaussians for an OpenCV camera-to-segment pose at ``time`` and render them.
 
         ``c2w`` [4, 4] and ``K`` [3, 3] may be on the host (preferred in loops: the nearest sources
@@ -440,18 +444,41 @@ class EVolSplatModel(SplatfactoSurface):
         static scene only. Returns rgb [H, W, 3], depth [H, W, 1] (OpenCV z, metres), accumulation
         [H, W, 1], the static params under ``gaussians`` (offset cache, export) and the posed actor
         Gaussians under ``actors`` (None without).
+
+        ``reuse_graphs`` (no-grad renders on a GPU, ``cuda_graph_render`` on): the per-camera decode
+        replays a CUDA graph captured from ``state`` (:meth:`_decode`); ``gaussians`` then holds the
+        graph's own tensors, overwritten by the next such render, so the caller must not keep them.
         """
         views = self.predictor.nearest_views(state, c2w)
         c2w, K = c2w.to(self.device, non_blocking=True), K.to(self.device, non_blocking=True)
         with phase("heads"):
-            params = self.predictor.predict(state, c2w, K, views)
+            params, sky = self._decode(state, views, c2w, K, width, height, reuse_graphs)
             actors = self.predictor.predict_actors(state, time)
             background = self.predictor.predict_background(state) if self.config.enable_background else None
-            sky = self.predictor.predict_sky(state, views, c2w, K, width, height)
         foreground = concat_gaussians([params, actors]) if actors is not None and len(actors) else params
         out = self.rasterize_gaussians(foreground, background, c2w, K, width, height, sky=sky)
         out["gaussians"], out["actors"] = params, actors
         return out
+
+    def _decode(self, state: SharedState, views: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor, width: int,
+                height: int, reuse_graphs: bool) -> tuple[GaussianParams, Optional[tuple[torch.Tensor, torch.Tensor]]]:
+        """The target's Gaussians and the sources' sky (``predict``, ``predict_sky``) for ``c2w`` [4, 4]
+        (OpenCV camera-to-segment) and ``K`` [3, 3] on the device, ``views`` [S] host indices.
+
+        Replayed from a CUDA graph when ``reuse_graphs`` allows it: a camera's decode is a few
+        hundred small kernels whose launches, not their work, bound a viewer frame
+        (docs/performance.md). Gradients, autocast and the CPU always run eagerly."""
+        def decode(c2w: torch.Tensor, K: torch.Tensor):
+            return (self.predictor.predict(state, c2w, K, views),
+                    self.predictor.predict_sky(state, views, c2w, K, width, height))
+
+        if not (reuse_graphs and self.config.cuda_graph_render and c2w.is_cuda and not torch.is_grad_enabled()
+                and not torch.is_autocast_enabled()):
+            return decode(c2w, K)
+        # What the decode caches on first use (it syncs or copies from the host) is built eagerly.
+        self.predictor.view_inputs(state, views)
+        state.selected_sources(views)
+        return state.graphs((tuple(views.tolist()), width, height), decode, (c2w, K), c2w.device)
 
     def rasterize_gaussians(self, params: GaussianParams, background: Optional[GaussianParams], c2w: torch.Tensor,
                             K: torch.Tensor, width: int, height: int, with_meta: bool = False,
@@ -646,7 +673,8 @@ class EVolSplatModel(SplatfactoSurface):
         c2w, K, W, H = camera_to_opencv(camera.to("cpu"))  # host: nearest sources chosen there
         ctx = self._require_context()
         with neighbour_count(self.predictor.projector, self.render_num_sources):
-            out = self.render(self._encode_nearest(ctx, c2w), c2w, K, W, H, time=self._render_time(ctx, camera, c2w))
+            out = self.render(self._encode_nearest(ctx, c2w), c2w, K, W, H, time=self._render_time(ctx, camera, c2w),
+                              reuse_graphs=True)
         return {k: v for k, v in out.items() if k not in ("gaussians", "actors", "background_rgb")}
 
     def _render_time(self, ctx: SegmentContext, camera: Cameras, c2w: torch.Tensor) -> float:

@@ -39,6 +39,7 @@ from evolsplat_ns.model.precision import full_precision, sparse_conv_precision
 from evolsplat_ns.model.projector import ProjectedFeatures, Projector
 from evolsplat_ns.model.sky_warp import warp_views
 from evolsplat_ns.model.sparse_volume import SparseCostRegNet, SparseVolume, build_volume
+from evolsplat_ns.utils.cuda_graphs import GraphCache
 from evolsplat_ns.utils.timing import phase
 
 
@@ -114,6 +115,8 @@ class SharedState:
         view_inputs: per set of selected source views, the target-independent inputs of the
             heads (:class:`ViewInputs`); filled on first use, so targets that select the same
             sources share one visibility test and one aggregation.
+        graphs: CUDA graphs of no-grad per-camera decodes from this state (renders replay them:
+            ``EVolSplatModel.render(..., reuse_graphs=True)``); freed with the state.
     """
 
     node: GaussianNode
@@ -129,6 +132,8 @@ class SharedState:
     actors: Optional[ActorGaussians] = None
     background: Optional[GaussianParams] = None
     view_inputs: dict[tuple[int, ...], "ViewInputs"] = field(default_factory=dict, repr=False)
+    graphs: GraphCache = field(default_factory=GraphCache, repr=False)
+    _selected: dict[tuple[int, ...], Views] = field(default_factory=dict, repr=False)
     _boundary: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
 
     def backward_shared(self) -> None:
@@ -141,6 +146,18 @@ class SharedState:
         self._boundary = []
         if pairs:
             torch.autograd.backward([g for g, _ in pairs], [d for _, d in pairs])
+
+    def selected_sources(self, views: torch.Tensor) -> Optional[Views]:
+        """``sources`` at host indices ``views`` [S] (cached: selecting copies the indices to the
+        device, which a captured render must not do), or None for a state without sources."""
+        if self.sources is None:
+            return None
+        key = tuple(int(i) for i in views)
+        if key == tuple(range(len(self.sources))):
+            return self.sources
+        if key not in self._selected:
+            self._selected[key] = self.sources.select(views.to(self.sources.images.device, non_blocking=True))
+        return self._selected[key]
 
 
 @dataclass
@@ -371,9 +388,6 @@ class GaussianPredictor(nn.Module):
         ``target_K`` [3, 3]: rgb [H, W, 3] and coverage weight [H, W] (:func:`warp_at_infinity`), or
         None unless ``background_source`` is "sources" (and a background is enabled). No gradient:
         nothing learnable is in it."""
-        src = state.sources
-        if self.config.background_source != "sources" or self.background is None or src is None:
+        if self.config.background_source != "sources" or self.background is None or state.sources is None:
             return None
-        if views.tolist() != list(range(len(src))):
-            src = src.select(views.to(src.images.device, non_blocking=True))
-        return warp_views(src, target_c2w, target_K, width, height)
+        return warp_views(state.selected_sources(views), target_c2w, target_K, width, height)

@@ -1,0 +1,118 @@
+"""Replaying no-grad GPU work from captured CUDA graphs: one launch instead of hundreds.
+
+A render of one camera re-runs the same few hundred small kernels (gathers, three MLP heads, the
+sky warp) on tensors whose shapes only depend on the encoded state and the image size, not on the
+camera pose. On a GPU each launch costs the host ~5-10 us, far more than these kernels take, so a
+frame is bound by the launches. :class:`CapturedCall` records such a function once into a
+``torch.cuda.CUDAGraph`` and replays it with new inputs copied into its static ones.
+
+Rules a captured function must keep (checked by ``tests/gpu/test_cuda_graphs_gpu.py``): no host
+sync, no host-to-device copy and no shape that depends on the inputs' values; everything it reads
+besides its inputs (weights, cached state) stays at the same address. Outputs are the graph's own
+static tensors: each call overwrites the previous call's outputs, so a caller consumes them before
+calling again (a render rasterises them at once).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter, OrderedDict
+from typing import Any, Callable, Hashable, Optional
+
+import torch
+
+WARMUP_RUNS = 2
+"""Eager runs on a side stream before capture (PyTorch's rule: lazy initialisation, e.g. cuBLAS
+workspaces, must not happen inside a capture)."""
+
+
+def _copy_into(static: Any, value: Any) -> None:
+    """Copy the tensors of ``value`` into the same-shaped tensors of ``static`` (tuples/lists nest)."""
+    if isinstance(static, torch.Tensor):
+        static.copy_(value, non_blocking=True)
+    elif isinstance(static, (tuple, list)):
+        for s, v in zip(static, value):
+            _copy_into(s, v)
+
+
+def _static_copy(value: Any, device: torch.device) -> Any:
+    """A device copy of every tensor in ``value`` (tuples/lists nest); other values are kept."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device).clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_static_copy(v, device) for v in value)
+    return value
+
+
+class CapturedCall:
+    """``fn(*inputs)`` captured into a CUDA graph; calling it replays the graph on new inputs.
+
+    Args:
+        fn: the function to capture (see the module doc for what it may do).
+        inputs: example inputs (tensors, or tuples of them, on any device); their shapes and
+            dtypes are fixed for the graph's lifetime.
+        device: the CUDA device to capture on.
+    """
+
+    def __init__(self, fn: Callable[..., Any], inputs: tuple, device: torch.device) -> None:
+        self.inputs = _static_copy(inputs, device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_RUNS):
+                fn(*self.inputs)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = fn(*self.inputs)
+
+    def __call__(self, *inputs: Any) -> Any:
+        """Replay on ``inputs`` (same shapes as at capture); returns the static outputs."""
+        _copy_into(self.inputs, inputs)
+        self.graph.replay()
+        return self.outputs
+
+
+class GraphCache:
+    """Captured calls by key, captured on the ``capture_after``-th call of a key (one-off renders
+    stay eager: a capture costs a few eager runs), at most ``capacity`` kept (least recently used
+    dropped: each graph holds its own memory pool). A capture that fails warns once and turns the
+    cache off (every later call runs eagerly), so an op that cannot be captured never breaks a render.
+    """
+
+    def __init__(self, capacity: int = 2, capture_after: int = 2) -> None:
+        if capacity < 1 or capture_after < 1:
+            raise ValueError(f"GraphCache needs capacity >= 1 and capture_after >= 1, got {capacity}, {capture_after}")
+        self.capacity, self.capture_after = capacity, capture_after
+        self._graphs: OrderedDict[Hashable, CapturedCall] = OrderedDict()
+        self._calls: Counter = Counter()
+        self.disabled: Optional[str] = None
+        self.replays = 0
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def __call__(self, key: Hashable, fn: Callable[..., Any], inputs: tuple, device: torch.device) -> Any:
+        """``fn(*inputs)``, from the graph captured under ``key`` when there is one."""
+        graph = self._graphs.get(key)
+        if graph is not None:
+            self._graphs.move_to_end(key)
+            self.replays += 1
+            return graph(*inputs)
+        self._calls[key] += 1
+        if self.disabled is not None or self._calls[key] < self.capture_after:
+            return fn(*inputs)
+        try:
+            graph = CapturedCall(fn, inputs, device)
+        except RuntimeError as err:  # an op that syncs or copies from the host inside the capture
+            self.disabled = str(err)
+            warnings.warn(f"CUDA-graph capture failed, rendering eagerly from now on: {err}")
+            return fn(*inputs)
+        self._graphs[key] = graph
+        if len(self._graphs) > self.capacity:
+            self._graphs.popitem(last=False)
+        return graph(*inputs)
+
+    def clear(self) -> None:
+        self._graphs.clear()
+        self._calls.clear()

@@ -1,0 +1,98 @@
+"""Captured renders (``utils/cuda_graphs.py``, ``EVolSplatModel.render(reuse_graphs=True)``): the
+cache's policy on the CPU (a stand-in capture), and that CPU renders stay eager. The CUDA
+capture itself is checked in ``tests/gpu/test_cuda_graphs_gpu.py``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evolsplat_ns.data.types import PointCloud, SegmentKey, Views
+from evolsplat_ns.utils import cuda_graphs
+from evolsplat_ns.utils.cuda_graphs import GraphCache
+
+W, H = 32, 24
+
+
+def render_setup(device: str = "cpu"):
+    """A tiny model (sources background) in a context of 3 OpenCV cameras at (x, 0, 0) looking
+    along segment +z at 400 points 4-7 m ahead; returns (model, encoded state, target K)."""
+    from evolsplat_ns.model.evolsplat_model import EVolSplatModel, EVolSplatModelConfig
+
+    torch.manual_seed(0)
+    model = EVolSplatModel(EVolSplatModelConfig(sh_degree=1, background_points=128, num_neighbour_select=2),
+                           scene_box=None, num_train_data=1).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    c2w = torch.eye(4).repeat(3, 1, 1)
+    c2w[:, 0, 3] = torch.tensor([-0.5, 0.0, 0.5])
+    K = torch.tensor([[20.0, 0, W / 2], [0, 20.0, H / 2], [0, 0, 1.0]])
+    sources = Views(torch.rand(3, H, W, 3, generator=g), K.repeat(3, 1, 1), c2w, torch.arange(3),
+                    torch.zeros(3, dtype=torch.long))
+    pts = torch.rand(400, 3, generator=g) * torch.tensor([4.0, 3.0, 3.0]) + torch.tensor([-2.0, -1.5, 4.0])
+    model.set_context(SegmentKey.parse("000/seg000"), sources, PointCloud(pts, torch.rand(400, 3, generator=g)))
+    with torch.no_grad():
+        state = model.encode(split_backward=False)
+    return model, state, K
+
+
+def target_pose(x: float) -> torch.Tensor:
+    c2w = torch.eye(4)
+    c2w[0, 3] = x
+    return c2w
+
+
+class _FakeCapture:
+    """Stands in for a CUDA capture: runs ``fn`` on each call, counts captures."""
+
+    made = 0
+
+    def __init__(self, fn, inputs, device) -> None:
+        type(self).made += 1
+        self.fn = fn
+
+    def __call__(self, *inputs):
+        return self.fn(*inputs)
+
+
+def test_cache_captures_on_the_second_call_keeps_capacity_and_replays(monkeypatch):
+    monkeypatch.setattr(cuda_graphs, "CapturedCall", _FakeCapture)
+    _FakeCapture.made = 0
+    cache = GraphCache(capacity=2, capture_after=2)
+    double = lambda x: 2 * x  # noqa: E731
+    x = torch.ones(3)
+    assert torch.equal(cache("a", double, (x,), torch.device("cpu")), 2 * x)
+    assert len(cache) == 0 and _FakeCapture.made == 0  # a one-off call stays eager
+    cache("a", double, (x,), torch.device("cpu"))
+    assert len(cache) == 1 and _FakeCapture.made == 1
+    cache("a", double, (x,), torch.device("cpu"))
+    assert cache.replays == 1 and _FakeCapture.made == 1
+    for key in ("b", "b", "c", "c"):
+        cache(key, double, (x,), torch.device("cpu"))
+    assert len(cache) == 2 and _FakeCapture.made == 3  # "a", least recently used, was dropped
+
+
+def test_a_failed_capture_warns_once_and_renders_eagerly(monkeypatch):
+    def refuse(fn, inputs, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cuda_graphs, "CapturedCall", refuse)
+    cache = GraphCache(capture_after=1)
+    with pytest.warns(UserWarning, match="capture failed"):
+        out = cache("a", lambda x: x + 1, (torch.zeros(2),), torch.device("cpu"))
+    assert torch.equal(out, torch.ones(2)) and cache.disabled
+    assert torch.equal(cache("b", lambda x: x + 2, (torch.zeros(2),), torch.device("cpu")), torch.full((2,), 2.0))
+
+
+def test_cache_rejects_bad_settings():
+    with pytest.raises(ValueError, match="capacity"):
+        GraphCache(capacity=0)
+
+
+def test_cpu_renders_stay_eager_and_equal():
+    model, state, K = render_setup("cpu")
+    with torch.no_grad():
+        eager = model.render(state, target_pose(0.2), K, W, H)
+        for _ in range(3):
+            reused = model.render(state, target_pose(0.2), K, W, H, reuse_graphs=True)
+    assert len(state.graphs) == 0
+    torch.testing.assert_close(reused["rgb"], eager["rgb"])

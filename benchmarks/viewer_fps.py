@@ -30,7 +30,7 @@ import torch
 from nerfstudio.cameras.cameras import Cameras, CameraType
 from nerfstudio.viewer.utils import CameraState, get_camera
 
-from bench_setup import add_pointcloud_args, apply_pointcloud_args
+from bench_setup import add_pointcloud_args, apply_pointcloud_args, set_field
 
 
 def load_pipeline(args: argparse.Namespace):
@@ -241,12 +241,16 @@ def main() -> None:
     parser.add_argument("--profile-frames", type=int, default=0,
                         help="CUDA: frames under torch.profiler (launches, syncs, GPU busy per frame)")
     parser.add_argument("--profile-table", type=Path, default=None, help="write the profiler's op table here")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a render-time setting of the loaded pipeline, e.g. model.config.cuda_graph_render=False")
     add_pointcloud_args(parser)
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
     pipeline = load_pipeline(args)
+    for flag in args.set:
+        set_field(pipeline, flag)
     if args.segment is not None:
         pipeline.show_segment(args.segment)
     result = measure(pipeline, args.frames, args.step, args.width, args.height, args.fov, args.profile_frames,

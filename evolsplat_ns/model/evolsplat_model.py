@@ -49,6 +49,7 @@ from evolsplat_ns.model.stage2.refiner import Stage2Refiner
 from evolsplat_ns.model.stage2.step import FlowView, Stage2Report, Stage2Step
 from evolsplat_ns.model.splatfacto_compat import SplatfactoSurface
 from evolsplat_ns.model.state_cache import neighbour_count
+from evolsplat_ns.utils.cuda_graphs import GraphCache
 from evolsplat_ns.utils.timing import phase
 
 
@@ -83,10 +84,11 @@ class EVolSplatModelConfig(ModelConfig, PredictorConfig):
     sky_opacity_weight: float = 0.0
     """Weight of the mean foreground opacity on sky-mask pixels (keeps Gaussians out of the sky;
     with ``sky_loss_weight``, needs the sky masks too)."""
-    cuda_graph_render: bool = True
-    """Replay a camera's decode (heads, sky warp) from a CUDA graph in no-grad renders on a GPU (the
-    viewer, ``ns-eval`` images, camera paths): captured per encoded state, source set and image size
-    on its second render; ~1 launch instead of hundreds (False: always eager)."""
+    cuda_graphs: bool = True
+    """On a GPU, replay fixed-shape work from captured CUDA graphs (one launch instead of tens to
+    hundreds; the step is launch-bound, docs/performance.md): a camera's decode (heads, sky warp)
+    in no-grad renders (viewer, ``ns-eval`` images, camera paths), and in training the sources'
+    sky warp and the photometric loss with its backward (per-target backward only). False: eager."""
     max_gaussians_per_segment: int = 0
     """Randomly subsample a segment's points to at most this many Gaussians (0 = all)."""
     max_points_per_actor: int = 5000
@@ -230,6 +232,8 @@ class EVolSplatModel(SplatfactoSurface):
         self.predictor = GaussianPredictor(PredictorConfig(
             **{f.name: getattr(self.config, f.name) for f in fields(PredictorConfig)}))
         self.rgb_loss = registry.get("losses", self.config.rgb_loss)
+        self._loss_graphs = GraphCache(capacity=4, grad=True)
+        """Captured photometric loss + backward per image shape (``cuda_graphs``, :meth:`view_loss`)."""
         self.segments = SegmentStore(self.config.segment_store_mb)
         self.context: Optional[SegmentContext] = None
         self.offsets = PendingOffsets()
@@ -445,9 +449,10 @@ class EVolSplatModel(SplatfactoSurface):
         [H, W, 1], the static params under ``gaussians`` (offset cache, export) and the posed actor
         Gaussians under ``actors`` (None without).
 
-        ``reuse_graphs`` (no-grad renders on a GPU, ``cuda_graph_render`` on): the per-camera decode
-        replays a CUDA graph captured from ``state`` (:meth:`_decode`); ``gaussians`` then holds the
-        graph's own tensors, overwritten by the next such render, so the caller must not keep them.
+        ``reuse_graphs`` (on a GPU with ``cuda_graphs``): the caller uses this render's outputs, and
+        back-propagates them if it trains, before the next render. Fixed-shape work then replays
+        CUDA graphs (:meth:`_decode`), whose output tensors the next such render overwrites:
+        ``gaussians`` (no-grad renders) and what autograd saved of the sky warp (training).
         """
         views = self.predictor.nearest_views(state, c2w)
         c2w, K = c2w.to(self.device, non_blocking=True), K.to(self.device, non_blocking=True)
@@ -465,20 +470,23 @@ class EVolSplatModel(SplatfactoSurface):
         """The target's Gaussians and the sources' sky (``predict``, ``predict_sky``) for ``c2w`` [4, 4]
         (OpenCV camera-to-segment) and ``K`` [3, 3] on the device, ``views`` [S] host indices.
 
-        Replayed from a CUDA graph when ``reuse_graphs`` allows it: a camera's decode is a few
-        hundred small kernels whose launches, not their work, bound a viewer frame
-        (docs/performance.md). Gradients, autocast and the CPU always run eagerly."""
-        def decode(c2w: torch.Tensor, K: torch.Tensor):
+        With ``reuse_graphs`` (see :meth:`render`) a no-grad decode replays a CUDA graph captured
+        from ``state``: a camera's decode is a few hundred small kernels whose launches, not their
+        work, bound a viewer frame (docs/performance.md). With gradients or autocast only the sky
+        warp (no grad) replays a graph; on the CPU everything runs eagerly."""
+        def decode(c2w: torch.Tensor, K: torch.Tensor, graphed_sky: bool):
             return (self.predictor.predict(state, c2w, K, views),
-                    self.predictor.predict_sky(state, views, c2w, K, width, height))
+                    self.predictor.predict_sky(state, views, c2w, K, width, height, graphed=graphed_sky))
 
-        if not (reuse_graphs and self.config.cuda_graph_render and c2w.is_cuda and not torch.is_grad_enabled()
-                and not torch.is_autocast_enabled()):
-            return decode(c2w, K)
+        if not (reuse_graphs and self.config.cuda_graphs and c2w.is_cuda):
+            return decode(c2w, K, False)
+        if torch.is_grad_enabled() or torch.is_autocast_enabled():  # the heads stay eager, the warp has no grad
+            return decode(c2w, K, True)
         # What the decode caches on first use (it syncs or copies from the host) is built eagerly.
         self.predictor.view_inputs(state, views)
         state.selected_sources(views)
-        return state.graphs((tuple(views.tolist()), width, height), decode, (c2w, K), c2w.device)
+        return state.graphs((tuple(views.tolist()), width, height), lambda c, k: decode(c, k, False), (c2w, K),
+                            c2w.device)
 
     def rasterize_gaussians(self, params: GaussianParams, background: Optional[GaussianParams], c2w: torch.Tensor,
                             K: torch.Tensor, width: int, height: int, with_meta: bool = False,
@@ -539,7 +547,7 @@ class EVolSplatModel(SplatfactoSurface):
         psnrs, seen, dropped = [], [], []
         for v in range(len(targets)):
             with autocast():
-                result = self.target_loss(state, targets, v, step)
+                result = self.target_loss(state, targets, v, step, graphed=backward is not None)
             if result is None:
                 dropped.append(v)
                 continue
@@ -562,17 +570,19 @@ class EVolSplatModel(SplatfactoSurface):
         mean_psnr = torch.stack(psnrs).mean() if psnrs else torch.tensor(float("nan"))
         return SampleLoss(totals, mean_psnr, _union(seen, self.device), dropped, state)
 
-    def target_loss(self, state: SharedState, targets: Views, v: int, step: int) -> Optional[TargetLoss]:
+    def target_loss(self, state: SharedState, targets: Views, v: int, step: int,
+                    graphed: bool = False) -> Optional[TargetLoss]:
         """Render target view ``v`` of ``targets`` and score it against its image (on the model's
         device; poses on the host or the device); None when it sees no Gaussian. Losses are divided
-        by ``len(targets)`` (a step's loss is the mean over targets) and computed in fp32."""
+        by ``len(targets)`` (a step's loss is the mean over targets) and computed in fp32.
+        ``graphed``: the caller back-propagates this target's loss before the next (see :meth:`view_loss`)."""
         out = self.render(state, targets.camtoworlds[v], targets.intrinsics[v], targets.width, targets.height,
-                          time=float(targets.frame_ids[v]))
+                          time=float(targets.frame_ids[v]), reuse_graphs=graphed)
         if len(out["gaussians"]) == 0:
             return None
         gt = targets.images[v]
         with full_precision(gt.device):  # SSIM's variance terms cancel catastrophically below fp32
-            terms = self.image_losses(out, gt, step, self.sky_mask(targets, v))
+            terms = self.image_losses(out, gt, step, self.sky_mask(targets, v), graphed=graphed)
             losses = {k: val / len(targets) for k, val in terms.items()}
             if self.stage2_step is not None:
                 depth = targets.depths[v] if targets.depths is not None else None
@@ -584,13 +594,13 @@ class EVolSplatModel(SplatfactoSurface):
         return TargetLoss(losses, psnr(out["rgb"].detach().float(), gt), out["gaussians"].index)
 
     def image_losses(self, outputs: dict[str, torch.Tensor], gt: torch.Tensor, step: int,
-                     sky: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+                     sky: Optional[torch.Tensor] = None, graphed: bool = False) -> dict[str, torch.Tensor]:
         """Loss terms of one rendered view against ``gt`` [H, W, 3]: :meth:`view_loss`, and with a sky
         mask ``sky`` [H, W] (:meth:`sky_mask`) the sky terms, the sky pixels then adding no
         photometric gradient (the image itself stands in for the composite there). Training and
         ``evolsplat-finetune`` both use it."""
         shown = outputs if sky is None else {**outputs, "rgb": torch.where(sky[..., None], gt, outputs["rgb"])}
-        terms = self.view_loss(shown, gt, step)
+        terms = self.view_loss(shown, gt, step, graphed)
         if sky is not None:
             terms.update(self.sky_losses(outputs, gt, sky))
         return terms
@@ -650,9 +660,20 @@ class EVolSplatModel(SplatfactoSurface):
                         to(invert_rigid(pair.view_t1.c2w)))
         return (status, view), view.flow.numel() * view.flow.element_size()
 
-    def view_loss(self, outputs: dict[str, torch.Tensor], gt: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-        """Loss of one target view: photometric (+ entropy on accumulation every N steps)."""
-        losses = {"rgb_loss": self.rgb_loss(outputs["rgb"], gt, self.config.ssim_lambda)}
+    def view_loss(self, outputs: dict[str, torch.Tensor], gt: torch.Tensor, step: int,
+                  graphed: bool = False) -> dict[str, torch.Tensor]:
+        """Loss of one target view: photometric (+ entropy on accumulation every N steps).
+
+        ``graphed`` (the caller back-propagates each view's loss before computing the next, as the
+        per-target backward does): on a GPU with ``cuda_graphs`` the photometric loss and its
+        backward replay a CUDA graph captured per image shape (SSIM is ~60 small kernels)."""
+        rgb, lam = outputs["rgb"], self.config.ssim_lambda
+        if graphed and self.config.cuda_graphs and rgb.is_cuda and rgb.requires_grad:
+            key = (self.config.rgb_loss, lam, tuple(rgb.shape), rgb.dtype, gt.dtype)
+            rgb_loss = self._loss_graphs(key, lambda p, g: self.rgb_loss(p, g, lam), (rgb, gt), rgb.device)
+        else:
+            rgb_loss = self.rgb_loss(rgb, gt, lam)
+        losses = {"rgb_loss": rgb_loss}
         if self.config.entropy_loss > 0 and step % self.config.entropy_loss_every == 0:
             losses["entropy_loss"] = self.config.entropy_loss * entropy_loss(outputs["accumulation"])
         return losses

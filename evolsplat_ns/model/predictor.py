@@ -37,7 +37,7 @@ from evolsplat_ns.model.heads import (
 from evolsplat_ns.model.node import GaussianNode, GaussianParams
 from evolsplat_ns.model.precision import full_precision, sparse_conv_precision
 from evolsplat_ns.model.projector import ProjectedFeatures, Projector
-from evolsplat_ns.model.sky_warp import warp_views
+from evolsplat_ns.model.sky_warp import warp_at_infinity, warp_views
 from evolsplat_ns.model.sparse_volume import SparseCostRegNet, SparseVolume, build_volume
 from evolsplat_ns.utils.cuda_graphs import GraphCache
 from evolsplat_ns.utils.timing import phase
@@ -217,6 +217,8 @@ class GaussianPredictor(nn.Module):
         )
         self.actor_head = (ActorHead(self.projector.window_size, c.sh_degree, c.actor_hidden)
                            if c.enable_actors else None)
+        self._warp_graphs = GraphCache(capacity=2)
+        """Captured sky warps per (sources, image) shape (:meth:`predict_sky` with ``graphed``)."""
 
     def build_volume(self, node: GaussianNode) -> SparseVolume:
         """The node's sparse feature volume at its current means (segment frame)."""
@@ -382,12 +384,23 @@ class GaussianPredictor(nn.Module):
         return state.background
 
     def predict_sky(self, state: SharedState, views: torch.Tensor, target_c2w: torch.Tensor, target_K: torch.Tensor,
-                    width: int, height: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+                    width: int, height: int, graphed: bool = False) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """The sources ``views`` [S] (host indices into ``state``'s sources, those :meth:`predict`
         used) warped at infinity into the target ``target_c2w`` [4, 4] (OpenCV camera-to-segment),
         ``target_K`` [3, 3]: rgb [H, W, 3] and coverage weight [H, W] (:func:`warp_at_infinity`), or
         None unless ``background_source`` is "sources" (and a background is enabled). No gradient:
-        nothing learnable is in it."""
+        nothing learnable is in it. ``graphed`` (CUDA): replayed from a graph captured per shape, its
+        inputs copied in (the outputs are the graph's: overwritten by the next graphed warp)."""
         if self.config.background_source != "sources" or self.background is None or state.sources is None:
             return None
-        return warp_views(state.selected_sources(views), target_c2w, target_K, width, height)
+        src = state.selected_sources(views)
+        if not (graphed and target_c2w.is_cuda):
+            return warp_views(src, target_c2w, target_K, width, height)
+        inputs = (src.images, src.intrinsics, src.camtoworlds, target_c2w, target_K)
+        inputs += (src.sky_masks,) if src.sky_masks is not None else ()
+        key = (tuple(src.images.shape), width, height, src.sky_masks is not None)
+
+        def warp(images, Ks, c2ws, c2w, K, sky=None):
+            return warp_at_infinity(images, Ks, c2ws, c2w, K, width, height, sky)
+
+        return self._warp_graphs(key, warp, inputs, target_c2w.device)

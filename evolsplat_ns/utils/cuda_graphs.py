@@ -73,17 +73,34 @@ class CapturedCall:
         return self.outputs
 
 
+class CapturedGradCall:
+    """``fn(*inputs)`` and its backward captured into CUDA graphs (``torch.cuda.make_graphed_callables``).
+
+    Calling it returns outputs that autograd back-propagates through the captured backward. The
+    graphs' saved tensors are static: each output must be back-propagated (or dropped) before the
+    next call, as a per-target backward does. Inputs keep the ``requires_grad`` of the examples.
+    """
+
+    def __init__(self, fn: Callable[..., Any], inputs: tuple, device: torch.device) -> None:
+        examples = tuple(t.detach().to(device).clone().requires_grad_(t.requires_grad) for t in inputs)
+        self.call = torch.cuda.make_graphed_callables(fn, examples, num_warmup_iters=WARMUP_RUNS + 1)
+
+    def __call__(self, *inputs: Any) -> Any:
+        return self.call(*inputs)
+
+
 class GraphCache:
     """Captured calls by key, captured on the ``capture_after``-th call of a key (one-off renders
     stay eager: a capture costs a few eager runs), at most ``capacity`` kept (least recently used
     dropped: each graph holds its own memory pool). A capture that fails warns once and turns the
     cache off (every later call runs eagerly), so an op that cannot be captured never breaks a render.
+    ``grad``: capture forward and backward (:class:`CapturedGradCall`), else forward only.
     """
 
-    def __init__(self, capacity: int = 2, capture_after: int = 2) -> None:
+    def __init__(self, capacity: int = 2, capture_after: int = 2, grad: bool = False) -> None:
         if capacity < 1 or capture_after < 1:
             raise ValueError(f"GraphCache needs capacity >= 1 and capture_after >= 1, got {capacity}, {capture_after}")
-        self.capacity, self.capture_after = capacity, capture_after
+        self.capacity, self.capture_after, self.grad = capacity, capture_after, grad
         self._graphs: OrderedDict[Hashable, CapturedCall] = OrderedDict()
         self._calls: Counter = Counter()
         self.disabled: Optional[str] = None
@@ -103,8 +120,8 @@ class GraphCache:
         if self.disabled is not None or self._calls[key] < self.capture_after:
             return fn(*inputs)
         try:
-            graph = CapturedCall(fn, inputs, device)
-        except RuntimeError as err:  # an op that syncs or copies from the host inside the capture
+            graph = (CapturedGradCall if self.grad else CapturedCall)(fn, inputs, device)
+        except (RuntimeError, AssertionError) as err:  # an op that syncs or copies from the host, autocast caching
             self.disabled = str(err)
             warnings.warn(f"CUDA-graph capture failed, rendering eagerly from now on: {err}")
             return fn(*inputs)

@@ -11,6 +11,7 @@ set -u
 OUT=${OUT:-/tmp/perf}
 DATA=${DATA:-/tmp/synth}
 EXTRA=${EXTRA:-}
+TAG=${TAG:-}  # prefix of this call's file names (e.g. before-)
 mkdir -p "$OUT"
 RUNS=${*:-tests 100k 100k-bf16 1m 1m-bf16 psnr viewer}
 P100K="--generator depth --pixel-stride 4 --max-gaussians 100000 --pc-device cuda"
@@ -24,10 +25,10 @@ fi
 
 train() {  # name, flags...
     local name=$1; shift
-    timeout 300 python benchmarks/train_throughput.py --data "$DATA" "$@" $EXTRA --json "$OUT/$name.json" \
-        > "$OUT/$name.log" 2>&1
-    echo "== $name rc=$?"
-    python - "$OUT/$name.json" <<'PY' 2>/dev/null || tail -5 "$OUT/$name.log"
+    timeout 300 python benchmarks/train_throughput.py --data "$DATA" "$@" $EXTRA --json "$OUT/$TAG$name.json" \
+        > "$OUT/$TAG$name.log" 2>&1
+    echo "== $TAG$name rc=$?"
+    python - "$OUT/$TAG$name.json" <<'PY' 2>/dev/null || tail -5 "$OUT/$TAG$name.log"
 import json, sys
 r = json.load(open(sys.argv[1]))
 p, v, h = r.get("profile") or {}, r.get("viewer") or {}, r.get("held_out") or {}
@@ -42,7 +43,7 @@ PY
 for run in $RUNS; do
     case $run in
         tests) timeout 300 python -m pytest -q tests/gpu 2>&1 | tail -15 ;;
-        100k) train 100k $P100K $SHAPE --viewer-frames 30 --profile-table "$OUT/100k-ops.txt" ;;
+        100k) train 100k $P100K $SHAPE --viewer-frames 30 --profile-table "$OUT/${TAG}100k-ops.txt" ;;
         100k-bf16) train 100k-bf16 $P100K $SHAPE --amp bf16 ;;
         1m) train 1m $P1M --warmup 4 --iters 15 --phase-iters 3 --profile-iters 2 --viewer-frames 20 ;;
         1m-bf16) train 1m-bf16 $P1M --warmup 4 --iters 15 --phase-iters 3 --profile-iters 2 --amp bf16 ;;

@@ -114,12 +114,14 @@ def warp_at_infinity(source_images: torch.Tensor, source_K: torch.Tensor, source
         colour = taps[..., :3] / cover.clamp(min=1e-6)[..., None]
         feather = max(1.0, BORDER_FEATHER * min(hs, ws))
         edge = torch.minimum(torch.minimum(uv[..., 0], ws - uv[..., 0]), torch.minimum(uv[..., 1], hs - uv[..., 1]))
-        cover = torch.where(z > 1e-6, cover * (edge / feather).clamp(0.0, 1.0), 0.0)
+        # masked_fill, not torch.where with a Python scalar: that copies the scalar to the device,
+        # which a CUDA-graph capture refuses (utils/cuda_graphs.py).
+        cover = (cover * (edge / feather).clamp(0.0, 1.0)).masked_fill(z <= 1e-6, 0.0)
         # z is the cosine to the source's axis (unit rays, R_s a rotation). Logits shifted by their
         # largest covered value, so a pixel only far-off-axis sources see does not underflow.
-        logit = torch.where(cover > 0, (z - 1.0) / tau, float("-inf"))
+        logit = ((z - 1.0) / tau).masked_fill(cover <= 0, float("-inf"))
         top = logit.max(dim=0).values
-        w = cover * torch.exp(logit - torch.where(torch.isfinite(top), top, 0.0))
+        w = cover * torch.exp(logit - top.masked_fill(~torch.isfinite(top), 0.0))
         rgb = (w[..., None] * colour).sum(dim=0) / w.sum(dim=0).clamp(min=1e-12)[..., None]
         weight = cover.max(dim=0).values
-        return torch.where(weight[..., None] > 0, rgb, 0.0), weight
+        return rgb.masked_fill(weight[..., None] <= 0, 0.0), weight

@@ -9,41 +9,17 @@ from __future__ import annotations
 
 import gc
 import weakref
-from contextlib import contextmanager
-from typing import Iterator
 
 import pytest
 import torch
-from spconv.pytorch import ops as spconv_ops
 
 from evolsplat_ns.data.types import SegmentKey
 from evolsplat_ns.model.node import GaussianNode
 from evolsplat_ns.model.predictor import GaussianPredictor, PredictorConfig
 from evolsplat_ns.model.segment_store import SegmentState, SegmentStore
 from evolsplat_ns.model.sparse_volume import SparseCostRegNet, voxelize
-from evolsplat_ns.model.volume_cache import VolumeIndexCache
+from evolsplat_ns.model.volume_cache import VolumeIndexCache, counted_pair_builds
 from test_model_parts import make_cloud, make_views
-
-
-@contextmanager
-def counted_pair_builds() -> Iterator[list[int]]:
-    """Counts spconv's index-pair constructions (both algorithms) in the block: ``count[0]``."""
-    count = [0]
-    originals = {name: getattr(spconv_ops, name) for name in ("get_indice_pairs", "get_indice_pairs_implicit_gemm")}
-
-    def counting(fn):
-        def wrapper(*args, **kwargs):
-            count[0] += 1
-            return fn(*args, **kwargs)
-        return wrapper
-
-    for name, fn in originals.items():
-        setattr(spconv_ops, name, counting(fn))
-    try:
-        yield count
-    finally:
-        for name, fn in originals.items():
-            setattr(spconv_ops, name, fn)
 
 
 def weight_grads(net: SparseCostRegNet, features: torch.Tensor, out_grad: torch.Tensor) -> list[torch.Tensor]:

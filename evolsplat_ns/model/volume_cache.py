@@ -16,10 +16,12 @@ persisted, and it goes with the segment (spilled, forgotten, moved to another de
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
+from spconv.pytorch import ops as spconv_ops
 
 from evolsplat_ns.model.sparse_volume import IndexPairs, SparseCostRegNet, SparseVolume, VoxelGrid, voxelize
 
@@ -92,3 +94,26 @@ class VolumeIndexCache:
         features, pairs = net.run(grid)
         self._entry = _Entry(tuple(sources), tuple(t._version for t in sources), settings, grid, pairs)
         return SparseVolume(grid, features)
+
+
+@contextmanager
+def counted_pair_builds() -> Iterator[list[int]]:
+    """Counts spconv's index-pair constructions (native and implicit-GEMM) in the block, in
+    ``count[0]`` (benchmarks, tests): spconv's layers call them through the ``ops`` module."""
+    count = [0]
+    names = ("get_indice_pairs", "get_indice_pairs_implicit_gemm")
+    originals = {name: getattr(spconv_ops, name) for name in names}
+
+    def counting(fn: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            count[0] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for name, fn in originals.items():
+        setattr(spconv_ops, name, counting(fn))
+    try:
+        yield count
+    finally:
+        for name, fn in originals.items():
+            setattr(spconv_ops, name, fn)

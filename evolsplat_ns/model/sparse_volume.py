@@ -206,7 +206,8 @@ class PairReusingSparseConv3d(spconv.SparseConv3d):
 
     def _forward_with(self, x: SparseConvTensor, data) -> SparseConvTensor:
         """The strided conv of ``x`` [V_in voxels] onto ``data.out_indices`` [V_out, 4], from ``data``'s pairs."""
-        if data.is_subm or data.indices.shape[0] != x.indices.shape[0] or list(data.spatial_shape) != list(x.spatial_shape):
+        same_input = data.indices.shape[0] == x.indices.shape[0] and list(data.spatial_shape) == list(x.spatial_shape)
+        if data.is_subm or not same_input:
             raise ValueError(f"cached index pairs under {self.indice_key!r} do not belong to this input "
                              f"({x.indices.shape[0]} voxels in {list(x.spatial_shape)})")
         features, n_out = x.features.contiguous(), data.out_indices.shape[0]
@@ -285,7 +286,8 @@ class SparseCostRegNet(nn.Module):
                 f"SparseCostRegNet(in_dim={self.in_dim}) got {grid.features.shape[1]}-dim voxel features"
             )
         if pairs is not None and pairs.indices.shape[0] != grid.coords.shape[0]:
-            raise ValueError(f"index pairs of {pairs.indices.shape[0]} voxels given for a grid of {grid.coords.shape[0]}")
+            raise ValueError(f"index pairs of {pairs.indices.shape[0]} voxels given for a grid of "
+                             f"{grid.coords.shape[0]}")
         with spconv_device_guard(grid.features.device, self):
             indices = pairs.indices if pairs is not None else _spconv_indices(grid.coords)
             x = spconv.SparseConvTensor(grid.features.to(self.stem[0].weight.dtype), indices, list(grid.shape),

@@ -74,18 +74,22 @@ def measure(args: argparse.Namespace, volume_from: str) -> dict:
             builds.append(count[0])
     finally:
         timing.enable(False)
+    segment = trainer.pipeline.model.context.segment
+    voxels = segment.volume_cache.grid.keys.shape[0] if segment.volume_cache.grid is not None else 0
     trainer.pipeline.datamanager.dataset.close()
-    return {"volume_from": volume_from, "volume_ms_per_step": float(np.mean(volume_ms)),
+    return {"volume_from": volume_from, "gaussians": len(segment.node), "voxels": voxels,
+            "cache_mb": segment.volume_cache.nbytes() / 2**20, "volume_ms_per_step": float(np.mean(volume_ms)),
             "volume_ms_median": float(np.median(volume_ms)), "pair_builds_per_step": float(np.mean(builds)),
             "cache_hit_steps": sum(b == 0 for b in builds), "steps": args.steps,
             "step_ms": float(np.mean(step_ms)), "volume_ms": volume_ms, "pair_builds": builds}
 
 
 def table(results: list[dict]) -> str:
-    """One row per run: volume ms (mean, median), pair builds per step, steps served by the cache."""
-    rows = [f"{'volume_from':<12}{'volume ms':>11}{'median':>9}{'pair builds':>13}{'hit steps':>11}{'step ms':>10}"]
+    """One row per run: segment size, volume ms (mean, median), pair builds per step, steps served by the cache."""
+    rows = [f"{'volume_from':<12}{'Gaussians':>10}{'voxels':>8}{'volume ms':>11}{'median':>9}{'pair builds':>13}"
+            f"{'hit steps':>11}{'step ms':>10}"]
     for r in results:
-        rows.append(f"{r['volume_from']:<12}{r['volume_ms_per_step']:>11.1f}{r['volume_ms_median']:>9.1f}"
+        rows.append(f"{r['volume_from']:<12}{r['gaussians']:>10}{r['voxels']:>8}{r['volume_ms_per_step']:>11.1f}{r['volume_ms_median']:>9.1f}"
                     f"{r['pair_builds_per_step']:>13.1f}{r['cache_hit_steps']:>6}/{r['steps']:<4}{r['step_ms']:>10.0f}")
     return "\n".join(rows)
 

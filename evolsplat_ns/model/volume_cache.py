@@ -58,6 +58,11 @@ class VolumeIndexCache:
     def __bool__(self) -> bool:
         return self._entry is not None
 
+    @property
+    def grid(self) -> Optional[VoxelGrid]:
+        """The cached voxel grid (None when empty)."""
+        return self._entry.grid if self._entry is not None else None
+
     def clear(self) -> None:
         """Drop the entry (its device tensors are freed with it)."""
         self._entry = None

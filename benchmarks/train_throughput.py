@@ -23,6 +23,7 @@ on generated data, e.g.:
         --pc-voxel-size 0.02 --max-gaussians 1000000 --pc-device cuda   # 1M Gaussians per segment
     ... --amp bf16                                              # mixed precision (heads in bf16)
     ... --tf32 on                                               # TF32 tensor cores for the fp32 matrix products
+    ... --set pipeline.model.volume_from=anchors               # sparse volume from the anchors: cached index pairs
 """
 
 from __future__ import annotations

@@ -356,7 +356,8 @@ class EVolSplatModel(SplatfactoSurface):
         poses = ctx.source_poses if sources is None else None  # else copied back once (a sync)
         sources = sources if sources is not None else ctx.sources
         state = self.predictor.encode(ctx.node, sources, self._frozen_volume(ctx.segment), split_backward,
-                                      actors=ctx.segment.actors, source_poses=poses)
+                                      actors=ctx.segment.actors, source_poses=poses,
+                                      volume_cache=ctx.segment.volume_cache)
         if self.stage2 is not None and state.actors is not None and not torch.is_grad_enabled():
             # renders without a training graph (viewer, evaluation) show the refined actors too
             out = self.stage2(state.actors, state.actor_nodes, ctx.segment.motion)

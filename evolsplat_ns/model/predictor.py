@@ -39,8 +39,13 @@ from evolsplat_ns.model.precision import full_precision, sparse_conv_precision
 from evolsplat_ns.model.projector import ProjectedFeatures, Projector
 from evolsplat_ns.model.sky_warp import warp_at_infinity, warp_views
 from evolsplat_ns.model.sparse_volume import SparseCostRegNet, SparseVolume, build_volume
+from evolsplat_ns.model.volume_cache import VolumeIndexCache
 from evolsplat_ns.utils.cuda_graphs import GraphCache
 from evolsplat_ns.utils.timing import phase
+
+
+VOLUME_FROM = ("current", "anchors")
+"""Values of :attr:`PredictorConfig.volume_from`."""
 
 
 @dataclass
@@ -59,6 +64,11 @@ class PredictorConfig:
     """Spherical-harmonics degree of the predicted Gaussian colours (0 = view-independent)."""
     voxel_size: float = 0.1
     """Sparse volume voxel edge (metres)."""
+    volume_from: Literal["current", "anchors"] = "current"
+    """Points the sparse volume is voxelised from (it is sampled at the current means either way):
+    "current", the anchors moved by the cached offsets (new voxels every step); "anchors", the
+    node's anchors, constant per segment, so the voxel grid and spconv's index pairs are cached
+    across steps (:mod:`evolsplat_ns.model.volume_cache`; docs/performance.md has the figures)."""
     enable_background: bool = True
     """Predict a sky/background dome composited behind the foreground Gaussians."""
     min_views: int = 1
@@ -201,6 +211,9 @@ class GaussianPredictor(nn.Module):
     def __init__(self, config: PredictorConfig | None = None) -> None:
         super().__init__()
         self.config = c = config or PredictorConfig()
+        if c.volume_from not in VOLUME_FROM:
+            raise ValueError(f"volume_from must be one of {VOLUME_FROM}, got {c.volume_from!r} "
+                             "(set pipeline.model.volume_from to 'current' or 'anchors')")
         self.projector = Projector(c.local_radius, c.num_neighbour_select, c.min_views)
         self.volume_net = SparseCostRegNet(in_dim=3, out_dim=c.sparseConv_outdim)
         self.color_head = ColorHead(
@@ -220,11 +233,17 @@ class GaussianPredictor(nn.Module):
         self._warp_graphs = GraphCache(capacity=2)
         """Captured sky warps per (sources, image) shape (:meth:`predict_sky` with ``graphed``)."""
 
-    def build_volume(self, node: GaussianNode) -> SparseVolume:
-        """The node's sparse feature volume at its current means (segment frame)."""
-        means = node.current_means().detach()
-        with sparse_conv_precision(means.device):
-            return build_volume(self.volume_net, means, node.rgb(), self.config.voxel_size)
+    def build_volume(self, node: GaussianNode, cache: Optional[VolumeIndexCache] = None) -> SparseVolume:
+        """The node's sparse feature volume (segment frame), voxelised from the points
+        ``volume_from`` names with the anchors' colours; ``cache`` (the segment's) keeps the voxel
+        grid and index pairs while those points are unchanged (outputs are the same either way)."""
+        anchors = self.config.volume_from == "anchors"
+        points = node.means.detach() if anchors else node.current_means().detach()
+        sources = (node.means, node.features_dc) if anchors else (node.means, node.offset, node.features_dc)
+        with sparse_conv_precision(points.device):
+            if cache is None:
+                return build_volume(self.volume_net, points, node.rgb(), self.config.voxel_size)
+            return cache.build(self.volume_net, points, node.rgb, self.config.voxel_size, sources)
 
     def select_sources(self, source: Views, target_c2w: torch.Tensor) -> Views:
         """The ``num_neighbour_select`` sources nearest to ``target_c2w`` [4, 4] (OpenCV cam-to-segment)."""
@@ -238,6 +257,7 @@ class GaussianPredictor(nn.Module):
         split_backward: bool = True,
         actors: Optional[ActorNodes] = None,
         source_poses: Optional[torch.Tensor] = None,
+        volume_cache: Optional[VolumeIndexCache] = None,
     ) -> SharedState:
         """Target-independent work of one step.
 
@@ -251,12 +271,13 @@ class GaussianPredictor(nn.Module):
                 predicted here from windows sampled at each source's own time.
             source_poses: ``source.camtoworlds`` in host memory if the caller has it (else it is
                 copied back from the device once, a sync).
+            volume_cache: the segment's voxel-grid/index-pair cache for building the volume.
         """
         if source.images.shape[0] == 0:
             raise ValueError("encode needs at least one source view")
         positions = node.current_means().detach()
         with phase("volume"):
-            volume = volume if volume is not None else self.build_volume(node)
+            volume = volume if volume is not None else self.build_volume(node, volume_cache)
             volume_feat = volume.sample(positions)
         with phase("heads"):
             offset = self.offset_head(volume_feat)

@@ -28,6 +28,7 @@ from evolsplat_ns.model.node import GaussianNode, GaussianParams
 from evolsplat_ns.model.sparse_volume import SparseVolume
 from evolsplat_ns.model.stage2.processor import ObservedMotion
 from evolsplat_ns.model.state_cache import EncodedStateCache
+from evolsplat_ns.model.volume_cache import VolumeIndexCache
 
 
 @dataclass
@@ -44,6 +45,9 @@ class SegmentState:
         encoded: encoded states of chosen sources for bare-camera renders (never persisted;
             cleared whenever the segment becomes active, so weights that changed are not served stale).
         snapshot: (model step, Gaussians) for exporters (never persisted; cleared likewise).
+        volume_cache: the sparse volume's voxel grid and spconv index pairs, reused while the points
+            it was built from are unchanged (never persisted; dropped when the node moves to another
+            device and when the segment stops being the active one).
     """
 
     node: GaussianNode
@@ -52,14 +56,19 @@ class SegmentState:
     motion: Optional[ObservedMotion] = None
     encoded: EncodedStateCache = field(default_factory=EncodedStateCache, repr=False)
     snapshot: Optional[tuple[int, GaussianParams]] = field(default=None, repr=False)
+    volume_cache: VolumeIndexCache = field(default_factory=VolumeIndexCache, repr=False)
 
     def clear_render_caches(self) -> None:
         self.encoded = EncodedStateCache(self.encoded.capacity)
         self.snapshot = None
 
     def to(self, device: torch.device | str) -> "SegmentState":
-        """Move the persisted tensors to ``device`` in place (render caches are dropped); returns self."""
+        """Move the persisted tensors to ``device`` in place (render caches are dropped, the volume
+        cache too if the node moved); returns self."""
+        means = self.node.means
         self.node.to(device)
+        if self.node.means is not means:  # moved: the cache's tensors live on the old device
+            self.volume_cache.clear()
         if self.actors is not None:
             self.actors.to(device)
         if self.frozen_volume is not None:
@@ -72,7 +81,7 @@ class SegmentState:
     def nbytes(self) -> int:
         return (self.node.nbytes() + (self.actors.nbytes() if self.actors is not None else 0)
                 + (self.frozen_volume.nbytes() if self.frozen_volume is not None else 0)
-                + (self.motion.nbytes() if self.motion is not None else 0))
+                + (self.motion.nbytes() if self.motion is not None else 0) + self.volume_cache.nbytes())
 
     def state_dict(self) -> dict:
         return {"node": self.node.state_dict(),
@@ -147,7 +156,9 @@ class SegmentStore:
         """Make ``key`` the pinned segment on ``device`` (the previous active one goes back to host
         memory); its render caches start empty. ``key`` must be stored."""
         if self.active is not None and self.active != key and self.active in self._resident:
-            self._resident[self.active].to("cpu")
+            previous = self._resident[self.active]
+            previous.volume_cache.clear()  # caches serve the active segment only (host memory on CPU runs)
+            previous.to("cpu")
         state = self.get(key)
         if state is None:
             raise KeyError(f"segment {key} is not in the store")

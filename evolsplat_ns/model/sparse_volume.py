@@ -7,6 +7,11 @@ covers ``[origin + i*voxel_size, origin + (i+1)*voxel_size)`` and its feature si
 
 The volume is never densified: occupied voxels are kept as sorted int64 linear keys, and
 trilinear sampling looks the 8 corner voxels up with ``torch.searchsorted``.
+
+spconv's index pairs (which input voxel feeds which output voxel through which kernel tap) depend
+on the voxel set alone; :meth:`SparseCostRegNet.run` returns them as :class:`IndexPairs` and takes
+them back, so a caller that knows the voxel set is unchanged (:mod:`evolsplat_ns.model.volume_cache`)
+skips their construction, the host-heavy part of the U-Net.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from torch import nn
 from evolsplat_ns.model.spconv_compat import spconv_device_guard  # first: says which spconv to install
 
 import spconv.pytorch as spconv  # noqa: E402,I001
+from spconv.pytorch import functional as spconv_functional  # noqa: E402
+from spconv.pytorch.core import IndiceData, SparseConvTensor  # noqa: E402
 
 # The 8 corners of a voxel cell, as (dx, dy, dz) in {0, 1}^3.
 _CORNERS = torch.tensor([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)], dtype=torch.long)
@@ -158,6 +165,67 @@ class SparseVolume:
                                mode="sum")
 
 
+@dataclass(frozen=True)
+class IndexPairs:
+    """spconv's index pairs of one voxel set, for every layer of :class:`SparseCostRegNet`.
+
+    Attributes:
+        indices: [V, 4] int32 input voxel indices (batch 0, x, y, z), in the grid's key order.
+        by_key: indice_key -> spconv ``IndiceData`` (native algorithm) or ``ImplicitGemmIndiceData``
+            of the SubM and strided layers; the inverse layers read their strided partner's entry.
+    """
+
+    indices: torch.Tensor
+    by_key: dict
+
+    def nbytes(self) -> int:
+        """Bytes held by the index tensors (each counted once)."""
+        seen: dict[int, torch.Tensor] = {id(self.indices): self.indices}
+        for data in self.by_key.values():
+            for value in vars(data).values():
+                for t in value if isinstance(value, (list, tuple)) else [value]:
+                    if isinstance(t, torch.Tensor):
+                        seen[id(t)] = t
+        return sum(t.numel() * t.element_size() for t in seen.values())
+
+
+class PairReusingSparseConv3d(spconv.SparseConv3d):
+    """``spconv.SparseConv3d`` that reuses the index pairs its input carries under ``indice_key``.
+
+    spconv itself reuses pairs only in SubM layers (a strided layer asserts "only support reuse
+    subm indices"), so with pairs from an earlier step this layer runs spconv's functional conv
+    on them; without, it is the plain layer (which records its pairs for the inverse layer).
+    Same parameters and state_dict keys as ``SparseConv3d``.
+    """
+
+    def forward(self, input: SparseConvTensor, add_input: Optional[SparseConvTensor] = None) -> SparseConvTensor:
+        data = input.find_indice_pair(self.indice_key)
+        if data is None or add_input is not None:
+            return super().forward(input, add_input)
+        return self._forward_with(input, data)
+
+    def _forward_with(self, x: SparseConvTensor, data) -> SparseConvTensor:
+        """The strided conv of ``x`` [V_in voxels] onto ``data.out_indices`` [V_out, 4], from ``data``'s pairs."""
+        same_input = data.indices.shape[0] == x.indices.shape[0] and list(data.spatial_shape) == list(x.spatial_shape)
+        if data.is_subm or not same_input:
+            raise ValueError(f"cached index pairs under {self.indice_key!r} do not belong to this input "
+                             f"({x.indices.shape[0]} voxels in {list(x.spatial_shape)})")
+        features, n_out = x.features.contiguous(), data.out_indices.shape[0]
+        if isinstance(data, IndiceData):
+            out = spconv_functional.indice_conv(features, self.weight, data.indice_pairs, data.indice_pair_num,
+                                                n_out, data.algo, x._timer)
+        else:
+            out = spconv_functional.implicit_gemm(
+                features, self.weight, data.pair_fwd, data.pair_bwd, data.pair_mask_fwd_splits,
+                data.pair_mask_bwd_splits, data.mask_argsort_fwd_splits, data.mask_argsort_bwd_splits, n_out,
+                data.masks, self.training, False, x._timer, self.fp32_accum)
+        if self.bias is not None:
+            out = out + self.bias
+        y = x.replace_feature(out)
+        y.indices, y.spatial_shape = data.out_indices, data.out_spatial_shape
+        return y
+
+
 def _subm_block(cin: int, cout: int, key: str) -> spconv.SparseSequential:
     return spconv.SparseSequential(
         spconv.SubMConv3d(cin, cout, 3, padding=1, bias=False, indice_key=key),
@@ -168,7 +236,7 @@ def _subm_block(cin: int, cout: int, key: str) -> spconv.SparseSequential:
 
 def _down_block(cin: int, cout: int, key: str) -> spconv.SparseSequential:
     return spconv.SparseSequential(
-        spconv.SparseConv3d(cin, cout, 3, stride=2, padding=1, bias=False, indice_key=key),
+        PairReusingSparseConv3d(cin, cout, 3, stride=2, padding=1, bias=False, indice_key=key),
         nn.BatchNorm1d(cout),
         nn.ReLU(),
     )
@@ -205,18 +273,25 @@ class SparseCostRegNet(nn.Module):
 
     def forward(self, grid: VoxelGrid) -> torch.Tensor:
         """Features [V, out_dim] of the occupied voxels of ``grid``, in ``grid.keys`` order."""
+        return self.run(grid)[0]
+
+    def run(self, grid: VoxelGrid, pairs: Optional[IndexPairs] = None) -> tuple[torch.Tensor, IndexPairs]:
+        """Features [V, out_dim] of ``grid``'s voxels (``grid.keys`` order) and the index pairs used.
+
+        ``pairs``: those :meth:`run` returned for this same voxel set (coords and shape), with the
+        net in the same train/eval mode on the same device; None builds them.
+        """
         if grid.features.shape[1] != self.in_dim:
             raise ValueError(
                 f"SparseCostRegNet(in_dim={self.in_dim}) got {grid.features.shape[1]}-dim voxel features"
             )
+        if pairs is not None and pairs.indices.shape[0] != grid.coords.shape[0]:
+            raise ValueError(f"index pairs of {pairs.indices.shape[0]} voxels given for a grid of "
+                             f"{grid.coords.shape[0]}")
         with spconv_device_guard(grid.features.device, self):
-            batch = torch.zeros_like(grid.coords[:, :1])
-            x = spconv.SparseConvTensor(
-                grid.features.to(self.stem[0].weight.dtype),
-                torch.cat([batch, grid.coords], dim=1).int(),
-                list(grid.shape),
-                batch_size=1,
-            )
+            indices = pairs.indices if pairs is not None else _spconv_indices(grid.coords)
+            x = spconv.SparseConvTensor(grid.features.to(self.stem[0].weight.dtype), indices, list(grid.shape),
+                                        batch_size=1, indice_dict=dict(pairs.by_key) if pairs is not None else None)
             l0 = self.stem(x)
             l1 = self.down1(l0)
             l2 = self.down2(l1)
@@ -224,7 +299,12 @@ class SparseCostRegNet(nn.Module):
             y = self.up3(l3)
             y = self.up2(y.replace_feature(y.features + l2.features))
             y = self.up1(y.replace_feature(y.features + l1.features))
-            return y.features + l0.features
+            return y.features + l0.features, IndexPairs(indices, dict(y.indice_dict))
+
+
+def _spconv_indices(coords: torch.Tensor) -> torch.Tensor:
+    """Voxel indices [V, 3] long -> spconv's [V, 4] int32 (batch 0, x, y, z)."""
+    return torch.cat([torch.zeros_like(coords[:, :1]), coords], dim=1).int()
 
 
 def build_volume(

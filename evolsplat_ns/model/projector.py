@@ -65,9 +65,9 @@ def window_offsets(radius: int, device: torch.device) -> torch.Tensor:
 
 def to_grid(uv: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Pixel coordinates [..., 2] (centres at +0.5) -> grid_sample coordinates (align_corners=False)."""
-    # Non-blocking: a blocking host-to-device copy of these two numbers would sync the stream.
-    scale = torch.tensor([2.0 / width, 2.0 / height], dtype=uv.dtype).to(uv.device, non_blocking=True)
-    return uv * scale - 1.0
+    # Python scalars per axis, no tensor of the two factors: its host-to-device copy would sync the
+    # stream (blocking) or break a CUDA-graph capture (non-blocking from pageable memory).
+    return torch.stack((uv[..., 0] * (2.0 / width), uv[..., 1] * (2.0 / height)), dim=-1) - 1.0
 
 
 def zbuffer_depth(

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from evolsplat_ns.geometry import invert_rigid
@@ -143,11 +144,14 @@ def _one_draw(front: GaussianParams, back: GaussianParams, c2w: Tensor, K: Tenso
               sh_degree: int, normalize: bool, sky: Optional[tuple[Tensor, Tensor]], backend: str) -> LayeredImage:
     """Both sets in one rasteriser call with the 9-channel features of the module docstring."""
     origin, axis = c2w[:3, 3], c2w[:3, 2]  # camera centre and z axis in the segment frame
-    z_front = (front.means - origin) @ axis  # [N] camera z
-    back_means, back_scales = _behind(back, origin, z_front, (back.means - origin) @ axis)
+    n = len(front)
+    dirs = torch.cat([front.means, back.means]) - origin  # [N + B, 3] camera centre -> Gaussian
+    z = dirs @ axis  # [N + B] camera z
+    back_means, back_scales = _behind(back, origin, dirs[n:], z[:n], z[n:])
     means = torch.cat([front.means, back_means])
-    rgb = evaluate_sh(sh_degree, means - origin, torch.cat([front.sh, back.sh]), backend)
-    features = torch.cat([_front_features(rgb[:len(front)], z_front), _back_features(rgb[len(front):])])
+    # The moved back Gaussians keep their directions: SH along the original ones.
+    rgb = evaluate_sh(sh_degree, dirs, torch.cat([front.sh, back.sh]), backend)
+    features = torch.cat([_front_features(rgb[:n], z[:n]), _back_features(rgb[n:])])
     out, _, _ = rasterize_features(
         means, torch.cat([front.quats, back.quats]), torch.cat([front.scales, back_scales]),
         torch.cat([front.opacities, back.opacities]), features, invert_rigid(c2w)[None], K[None],
@@ -160,16 +164,17 @@ def _one_draw(front: GaussianParams, back: GaussianParams, c2w: Tensor, K: Tenso
     return LayeredImage(rgb, fg_z / fg_alpha.clamp(min=1e-10), fg_alpha, bg, None)
 
 
-def _behind(back: GaussianParams, origin: Tensor, z_front: Tensor, z_back: Tensor) -> tuple[Tensor, Tensor]:
-    """Back means [B, 3] moved along their camera rays to camera z ``z_back + shift`` beyond every
-    front z (``z_front`` [N]) and their scales [B, 3] grown alike: the same 2D Gaussians, sorted
-    after the foreground (module docstring). Those behind the near plane stay (culled anyway)."""
+def _behind(back: GaussianParams, origin: Tensor, dirs: Tensor, z_front: Tensor, z_back: Tensor
+            ) -> tuple[Tensor, Tensor]:
+    """Back means [B, 3] (``dirs`` [B, 3] from the camera centre ``origin`` [3], camera z
+    ``z_back`` [B]) moved along their camera rays to camera z ``z_back + shift`` beyond every front
+    z (``z_front`` [N]), and their scales [B, 3] grown alike: the same 2D Gaussians, sorted after
+    the foreground (module docstring). Those before the near plane stay (culled there anyway)."""
     # +1 m and 0.1 %: a margin well above float32 rounding of the projected z.
-    shift = z_front.max().clamp(min=0.0) * 1.001 + 1.0 if len(z_front) else 1.0
-    k = torch.where(z_back >= NEAR_PLANE, (z_back + shift) / z_back.clamp(min=NEAR_PLANE), 1.0).detach()
-    return origin + k[:, None] * (back.means - origin), back.scales * k[:, None]
-
-
+    shift = z_front.detach().max().clamp(min=0.0) * 1.001 + 1.0 if len(z_front) else 1.0
+    # The unselected branch may divide by 0 (inf, no gradient: k is detached).
+    k = torch.where(z_back >= NEAR_PLANE, 1.0 + shift / z_back, 1.0).detach()[:, None]
+    return origin + k * dirs, back.scales * k
 def _front_features(rgb: Tensor, z: Tensor) -> Tensor:
     """[N, 9] rows (rgb, 0, 0, 0, 0, 1, z) of foreground Gaussians with rgb [N, 3], camera z [N]."""
     return torch.cat([rgb, rgb.new_zeros(len(rgb), 4), rgb.new_ones(len(rgb), 1), z[:, None]], dim=-1)
@@ -177,8 +182,7 @@ def _front_features(rgb: Tensor, z: Tensor) -> Tensor:
 
 def _back_features(rgb: Tensor) -> Tensor:
     """[B, 9] rows (0, 0, 0, rgb, 1, 0, 0) of background Gaussians with rgb [B, 3]."""
-    ones = rgb.new_ones(len(rgb), 1)
-    return torch.cat([rgb.new_zeros(len(rgb), 3), rgb, ones, rgb.new_zeros(len(rgb), 2)], dim=-1)
+    return F.pad(torch.cat([rgb, rgb.new_ones(len(rgb), 1)], dim=-1), (3, 2))
 
 
 def _unattenuated(dome_rgb: Tensor, dome_alpha: Tensor, trans: Tensor, normalize: bool) -> Tensor:

@@ -21,6 +21,10 @@ the first. Prints the table and the JSON (``--json FILE`` also writes it).
 
     python benchmarks/op_count.py --out /tmp/s2ops --width 96 --height 64 --lite --device cpu \\
         --presets off standard --frequency 1 --steps 2 --warmup 2
+
+``--set FIELD=VALUE`` changes a config field in every run, e.g. ``--set
+pipeline.model.single_draw_background=False`` (two rasteriser calls per target, the sky dome
+apart).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_setup import add_synth_args, synth_dataset  # noqa: E402
+from bench_setup import add_synth_args, set_field, synth_dataset  # noqa: E402
 from stage2_overhead import PRESETS, _config  # noqa: E402
 
 METADATA_OPS = ("aten.view", "aten.t.", "aten._unsafe_view", "aten.detach", "aten.alias", "aten.as_strided",
@@ -117,7 +121,10 @@ def count_run(args: argparse.Namespace, preset: str) -> dict:
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
-    trainer = _config(args, None if preset == "off" else preset, args.frequency).setup(local_rank=0, world_size=1)
+    cfg = _config(args, None if preset == "off" else preset, args.frequency)
+    for flag in args.set:
+        set_field(cfg, flag)
+    trainer = cfg.setup(local_rank=0, world_size=1)
     trainer.setup()
     if args.foreach:
         for optimizer in trainer.optimizers.optimizers.values():
@@ -202,6 +209,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--top", type=int, default=45, help="sites shown")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any config field, e.g. pipeline.model.single_draw_background=False (every run)")
     a = p.parse_args()
     a.foreach = a.foreach == "on"
     if a.threads > 0:

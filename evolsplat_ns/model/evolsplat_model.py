@@ -39,7 +39,7 @@ from evolsplat_ns.model.actors import ActorNodes
 from evolsplat_ns.model.node import GaussianNode, GaussianParams, concat_gaussians
 from evolsplat_ns.model.precision import full_precision
 from evolsplat_ns.model.predictor import GaussianPredictor, PredictorConfig, SharedState, on_host
-from evolsplat_ns.model.render import rasterize
+from evolsplat_ns.model.render.layers import rasterize_layered
 from evolsplat_ns.model.segment_store import SegmentState, SegmentStore
 from evolsplat_ns.model.stage2.config import Stage2Config
 from evolsplat_ns.model.stage2.discovery import discover_objects
@@ -76,6 +76,11 @@ class EVolSplatModelConfig(ModelConfig, PredictorConfig):
     """Divide the sky-dome render by its own accumulated opacity (where above 0.05): the dome is an
     opaque surface, and its Gaussians' falloff between centres would otherwise darken the sky and
     show the dome as a lattice of dots (False: the composite as before this setting existed)."""
+    single_draw_background: bool = True
+    """Rasterise the foreground and the background dome in one call (fewer launches and host syncs;
+    equal to two draws up to the rasteriser's early stop behind near-opaque foreground, see
+    ``model/render/layers.py``); False: two draws. Two draws anyway with ``sky_loss_weight`` > 0 or
+    when densification needs the foreground's rasteriser meta."""
     sky_loss_weight: float = 0.0
     """Sky supervision (needs ``--pipeline.datamanager.dataset.load-sky-masks True``; 0 = off): on a
     target's sky-mask pixels the photometric loss is left out and replaced by this weight times the
@@ -499,31 +504,22 @@ class EVolSplatModel(SplatfactoSurface):
         foreground's rasteriser ``meta`` (``RenderOutput.meta``: ``means2d`` [1, N, 2] whose gradient
         densification reads, ``radii`` [1, N]), N = ``len(params)`` in ``params``' order."""
         c2w, K = c2w.to(self.device, non_blocking=True), K.to(self.device, non_blocking=True)
-        # A rigid inverse: torch.linalg.inv checks for singularity on the host (a device sync).
-        viewmat = invert_rigid(c2w.float())[None]
-
-        def draw(g: GaussianParams):
-            return rasterize(g.means.float(), g.quats.float(), g.scales.float(), g.opacities.float(),
-                             g.sh.float(), viewmat, K[None].float(), width, height,
-                             sh_degree=self.config.sh_degree, backend=self.config.renderer)
-
         # Rasterisation is numerically delicate (covariance inversion, compositing): always fp32.
         with torch.autocast(device_type=c2w.device.type, enabled=False), phase("render"):
-            fg = draw(params)
-            rgb, alpha = fg.rgb[0], fg.alpha[0]
-            bg_rgb = None
-            if background is not None:
-                bg = draw(background)
-                bg_rgb = bg.rgb[0]
-                if self.config.normalize_background:
-                    bg_rgb = torch.where(bg.alpha[0] > 0.05, bg_rgb / bg.alpha[0].clamp(min=0.05), bg_rgb)
-                if sky is not None:  # the sources' sky where they see it, the dome elsewhere
-                    bg_rgb = torch.lerp(bg_rgb, sky[0].float(), sky[1][..., None].float())
-                rgb = rgb + (1.0 - alpha) * bg_rgb
-        out = {"rgb": rgb, "depth": fg.depth[0], "accumulation": alpha, "background_rgb": bg_rgb}
+            image = rasterize_layered(
+                _fp32(params), _fp32(background) if background is not None else None, c2w.float(), K.float(),
+                width, height, sh_degree=self.config.sh_degree, normalize=self.config.normalize_background,
+                sky=sky, single_draw=self._single_draw(with_meta), backend=self.config.renderer)
+        out = {"rgb": image.rgb, "depth": image.depth, "accumulation": image.alpha, "background_rgb": image.background}
         if with_meta:
-            out["meta"] = fg.meta
+            out["meta"] = image.meta
         return out
+
+    def _single_draw(self, with_meta: bool) -> bool:
+        """Foreground and dome in one rasteriser call (``single_draw_background``) unless the caller
+        needs the foreground's own meta (densification reads its ``means2d`` gradient) or the sky
+        loss reads the un-attenuated background on every sky pixel, opaque foreground included."""
+        return self.config.single_draw_background and not with_meta and self.config.sky_loss_weight <= 0
 
     # -- the training/eval route: one sample, one loss loop ----------------------------------------
 
@@ -784,6 +780,11 @@ class EVolSplatModel(SplatfactoSurface):
             state = self.encode(self.predictor.select_sources(ctx.sources, c2w), split_backward=False)
             ctx.segment.snapshot = (self.step, self.predictor.predict(state, c2w, K))
         return ctx.segment.snapshot[1]
+
+
+def _fp32(g: GaussianParams) -> GaussianParams:
+    """The rasterised fields of ``g`` in float32 (autocast may have produced half precision)."""
+    return GaussianParams(g.means.float(), g.quats.float(), g.scales.float(), g.opacities.float(), g.sh.float())
 
 
 def _union(indices: list[torch.Tensor], device: torch.device) -> torch.Tensor:

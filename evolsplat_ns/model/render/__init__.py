@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .gsplat_backend import gsplat_cuda_available, rasterize_gsplat
+from .gsplat_backend import evaluate_sh_gsplat, gsplat_cuda_available, rasterize_gsplat
+from .reference import evaluate_sh as evaluate_sh_reference
 from .reference import rasterize_reference
 from .sh import C0, num_sh_bases, rgb_to_sh0, sh0_to_rgb
 
@@ -29,8 +30,10 @@ __all__ = [
     "BACKEND_ENV_VAR",
     "C0",
     "RenderOutput",
+    "evaluate_sh",
     "num_sh_bases",
     "rasterize",
+    "rasterize_features",
     "resolve_backend",
     "rgb_to_sh0",
     "sh0_to_rgb",
@@ -92,8 +95,12 @@ def _check_inputs(
     Ks: Tensor,
     sh_degree: int | None,
     backgrounds: Tensor | None,
+    features: bool = False,
 ) -> None:
-    """Raise ValueError naming the argument whose shape or device does not fit the contract."""
+    """Raise ValueError naming the argument whose shape or device does not fit the contract.
+
+    ``features``: ``colors`` are D-channel features [N, D] / [C, N, D] (any D >= 1, no SH), as
+    :func:`rasterize_features` takes; otherwise RGB or SH as :func:`rasterize` takes."""
     N, C = means.shape[0], viewmats.shape[0]
     expected = {
         "means": (means, (N, 3)),
@@ -110,7 +117,10 @@ def _check_inputs(
             raise ValueError(f"rasterize: {name} has shape {tuple(tensor.shape)}, expected {shape}")
         if tensor.device != means.device:
             raise ValueError(f"rasterize: {name} is on {tensor.device} but means on {means.device}")
-    if sh_degree is None:
+    if features:
+        ok = colors.dim() in (2, 3) and colors.shape[:-1] in ((N,), (C, N)) and colors.shape[-1] >= 1
+        want = f"[{N}, D] or [{C}, {N}, D] features (D >= 1)"
+    elif sh_degree is None:
         ok = colors.shape in ((N, 3), (C, N, 3))
         want = f"[{N}, 3] or [{C}, {N}, 3] (RGB; pass sh_degree for SH coefficients)"
     else:
@@ -173,3 +183,51 @@ def rasterize(
         out, alpha, meta = rasterize_reference(*args, **common)
     meta.update(backend=name, visible=meta["radii"] > 0)
     return RenderOutput(rgb=out[..., :3], depth=out[..., 3:], alpha=alpha, meta=meta)
+
+
+def rasterize_features(
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    opacities: Tensor,
+    features: Tensor,
+    viewmats: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    *,
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor, dict]:
+    """Alpha-composite D-channel per-Gaussian ``features`` (``gsplat.rasterization`` with
+    ``render_mode="RGB"``, no SH, no background, no depth channel added).
+
+    Args: as :func:`rasterize`, with features [N, D] or [C, N, D] (any D >= 1: gsplat pads channel
+        counts its kernels lack, e.g. 6 -> 8, and crops them again).
+    Returns:
+        features [C, H, W, D] (alpha-weighted sums), alpha [C, H, W, 1], meta (as
+        :class:`RenderOutput`'s).
+    """
+    _check_inputs(means, quats, scales, opacities, features, viewmats, Ks, None, None, features=True)
+    name = resolve_backend(backend, means.is_cuda)
+    common = dict(near_plane=near_plane, far_plane=far_plane, render_mode="RGB")
+    args = (means, quats, scales, opacities, features, viewmats, Ks, int(width), int(height))
+    if name == "gsplat":
+        out, alpha, meta = rasterize_gsplat(*args, **common)
+    else:
+        out, alpha, meta = rasterize_reference(*args, **common)
+    meta.update(backend=name, visible=meta["radii"] > 0)
+    return out, alpha, meta
+
+
+def evaluate_sh(sh_degree: int, dirs: Tensor, coeffs: Tensor, backend: str = "auto") -> Tensor:
+    """RGB [..., 3] that :func:`rasterize` would composite for SH ``coeffs`` [..., K, 3] seen along
+    ``dirs`` [..., 3] (world frame, camera centre -> Gaussian, any length): ``max(0, SH + 0.5)``,
+    with gsplat's kernel or the reference's PyTorch evaluation (``backend`` as in :func:`rasterize`).
+    """
+    if sh_degree < 0 or coeffs.shape[-2] < num_sh_bases(sh_degree) or coeffs.shape[-1] != 3:
+        raise ValueError(f"evaluate_sh: coeffs {tuple(coeffs.shape)} do not hold SH degree {sh_degree}")
+    if resolve_backend(backend, coeffs.is_cuda) == "gsplat":
+        return evaluate_sh_gsplat(sh_degree, dirs, coeffs)
+    return evaluate_sh_reference(sh_degree, dirs, coeffs)

@@ -46,12 +46,14 @@ def rasterize_gsplat(
     near_plane: float = 0.01,
     far_plane: float = 1e10,
     packed: bool = False,
+    render_mode: str = "RGB+ED",
 ) -> tuple[Tensor, Tensor, dict]:
-    """``gsplat.rasterization(..., render_mode="RGB+ED")``; inputs as in
+    """``gsplat.rasterization(..., render_mode=render_mode)``; inputs as in
     :func:`evolsplat_ns.model.render.reference.rasterize_reference` (viewmats world-to-camera,
     OpenCV axes).
 
-    Returns colors [C, H, W, 4] (RGB + expected depth), alphas [C, H, W, 1] and gsplat's meta,
+    Returns colors [C, H, W, 4] (RGB + expected depth; [C, H, W, D] for "RGB" with D-channel
+    colours: gsplat pads unsupported channel counts itself), alphas [C, H, W, 1] and gsplat's meta,
     whose ``radii`` is made dense [C, N] even when ``packed`` (``means2d`` stays as gsplat gives it,
     [nnz, 2] when packed, so that its gradient can still be retained for densification).
     """
@@ -60,7 +62,15 @@ def rasterize_gsplat(
     out, alpha, meta = rasterization(
         means, quats, scales, opacities, colors, viewmats, Ks, width, height,
         near_plane=near_plane, far_plane=far_plane, sh_degree=sh_degree,
-        backgrounds=backgrounds, packed=packed, render_mode="RGB+ED",
+        backgrounds=backgrounds, packed=packed, render_mode=render_mode,
     )
     meta["radii"] = _dense_radii(meta, viewmats.shape[0], means.shape[0])
     return out, alpha, meta
+
+
+def evaluate_sh_gsplat(sh_degree: int, dirs: Tensor, coeffs: Tensor) -> Tensor:
+    """RGB [..., 3] of SH ``coeffs`` [..., K, 3] along ``dirs`` [..., 3] with gsplat's CUDA kernel,
+    offset by 0.5 and clamped at 0 as ``gsplat.rasterization`` does."""
+    from gsplat import spherical_harmonics
+
+    return torch.clamp_min(spherical_harmonics(sh_degree, dirs, coeffs) + 0.5, 0.0)

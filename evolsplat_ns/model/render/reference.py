@@ -263,6 +263,12 @@ def _rasterize_features(
     return image[..., :D], image[..., D:]
 
 
+def evaluate_sh(sh_degree: int, dirs: Tensor, coeffs: Tensor) -> Tensor:
+    """RGB [..., 3] of SH ``coeffs`` [..., K, 3] along ``dirs`` [..., 3] (any length, world frame,
+    camera centre -> Gaussian), offset by 0.5 and clamped at 0 as gsplat's rasterizer does."""
+    return (_spherical_harmonics(sh_degree, dirs, coeffs) + 0.5).clamp(min=0.0)
+
+
 def _evaluate_colors(
     colors: Tensor, means: Tensor, viewmats: Tensor, sh_degree: int | None
 ) -> Tensor:
@@ -276,8 +282,7 @@ def _evaluate_colors(
         return colors.expand(C, N, colors.shape[-1])
     cam_centres = torch.linalg.inv(viewmats)[:, :3, 3]
     dirs = means[None, :, :] - cam_centres[:, None, :]
-    shs = colors.expand(C, N, *colors.shape[-2:])
-    return (_spherical_harmonics(sh_degree, dirs, shs) + 0.5).clamp(min=0.0)
+    return evaluate_sh(sh_degree, dirs, colors.expand(C, N, *colors.shape[-2:]))
 
 
 def _project(
@@ -329,8 +334,9 @@ def rasterize_reference(
     near_plane: float = 0.01,
     far_plane: float = 1e10,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    render_mode: str = "RGB+ED",
 ) -> tuple[Tensor, Tensor, dict]:
-    """``gsplat.rasterization(..., render_mode="RGB+ED")`` in PyTorch; same inputs and outputs.
+    """``gsplat.rasterization(..., render_mode=render_mode)`` in PyTorch; same inputs and outputs.
 
     Args:
         means: [N, 3] world frame. quats: [N, 4] wxyz, unnormalised ok. scales: [N, 3] linear.
@@ -339,24 +345,31 @@ def rasterize_reference(
         viewmats: [C, 4, 4] world-to-camera, OpenCV axes (x right, y down, z forward).
         Ks: [C, 3, 3] pinhole intrinsics in pixels. backgrounds: [C, 3] or None.
         chunk_elems: (pixel, Gaussian) pairs composited at once; bounds memory.
+        render_mode: "RGB+ED" (colours, then depth) or "RGB" (the colours alone; with
+            ``sh_degree`` None they may have any number D of channels, [N, D] / [C, N, D]).
     Returns:
-        colors [C, H, W, 4] (RGB, then expected camera-z depth normalised by alpha),
+        colors [C, H, W, 4] (RGB, then expected camera-z depth normalised by alpha; [C, H, W, D]
+        for "RGB"),
         alphas [C, H, W, 1], and meta with radii [C, N] int32, means2d [C, N, 2], depths [C, N],
         conics [C, N, 3].
     """
     radii, means2d, depths, conics = _project(
         means, quats, scales, viewmats, Ks, width, height, near_plane, far_plane
     )
+    if render_mode not in ("RGB", "RGB+ED"):
+        raise ValueError(f"rasterize_reference: render_mode {render_mode!r}, expected 'RGB' or 'RGB+ED'")
     rgb = _evaluate_colors(colors, means, viewmats, sh_degree)
-    features = torch.cat([rgb, depths[..., None]], dim=-1)
+    with_depth = render_mode == "RGB+ED"
+    features = torch.cat([rgb, depths[..., None]], dim=-1) if with_depth else rgb
     C, N = radii.shape
     feat, alpha = _rasterize_features(
         means2d, conics, opacities.expand(C, N), features, radii, depths,
         width, height, chunk_elems,
     )
-    rgb_img, depth_acc = feat[..., :3], feat[..., 3:]
+    D = rgb.shape[-1]
+    rgb_img = feat[..., :D]
     if backgrounds is not None:
         rgb_img = rgb_img + (1.0 - alpha) * backgrounds[:, None, None, :]
-    out = torch.cat([rgb_img, depth_acc / alpha.clamp(min=1e-10)], dim=-1)
+    out = torch.cat([rgb_img, feat[..., D:] / alpha.clamp(min=1e-10)], dim=-1) if with_depth else rgb_img
     meta = {"radii": radii, "means2d": means2d, "depths": depths, "conics": conics}
     return out, alpha, meta

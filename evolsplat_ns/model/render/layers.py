@@ -1,0 +1,201 @@
+"""A foreground layer over a background layer (the sky dome), in one rasteriser call or two.
+
+The background is composited *behind* the foreground whatever its geometry, after it is divided by
+its own accumulated opacity (``normalize``: the dome is an opaque surface whose Gaussians' falloff
+would otherwise darken it) and blended with the sources' sky warp (``sky``):
+
+    bg = lerp(normalize(dome_rgb, dome_alpha), sky_rgb, sky_weight)
+    rgb = fg_rgb + (1 - fg_alpha) * bg
+
+:func:`rasterize_layered` gives that either with two draws (foreground, dome; the reference) or
+with **one** draw of both sets with 9-channel features (one projection, one tile sort, one
+compositing kernel forward and backward instead of two; SH are evaluated here instead of in the
+rasteriser):
+
+    channel   0:3      3:6        6          7       8
+    front     fg rgb   0          0          1       camera z
+    back      0        dome rgb   1          0       0
+
+Once every front Gaussian of a pixel composites before every back one, the channels are
+``fg_rgb``, ``T * dome_rgb``, ``T * dome_alpha``, ``fg_alpha`` and ``fg_alpha * fg_depth`` with
+``T = 1 - fg_alpha``, so the normalised dome is the ratio of channels 3:6 and 6 (independent of
+``T``) and the foreground's outputs are exactly the foreground-alone draw's.
+
+Order: the rasteriser sorts by camera z of the means, and a dome Gaussian off to the side can have
+a smaller z than a foreground one far ahead in the same tile (a dome of radius 2x the cloud's
+half-diagonal guarantees the order only along a single ray). So each back Gaussian in front of the
+near plane is moved along its camera ray, ``p' = o + k (p - o)``, with its scales times ``k`` and
+``k = (z + shift) / z`` (``shift`` > every front Gaussian's z): the perspective (EWA) projection of
+that Gaussian is exactly the same 2D Gaussian (mean on the same ray, ``J' = J / k``,
+``Sigma' = k^2 Sigma``; gsplat's x/z clamp is scale-free), its SH direction is the same, only its
+sort key grows, and ``z + shift`` keeps the back Gaussians' own order. ``k`` is detached: for a fixed
+``k`` the draw is the same function of (means, scales), so gradients are exact too. No host sync.
+
+Where the one draw differs (the rasteriser's early stop, T <= 1e-4, now applies to the product
+``T_fg * T_dome``): behind a nearly opaque foreground (``T_fg`` < ~0.1) dome Gaussians whose own
+alpha would take the product to <= 1e-4 are left out (near dome centres, alpha ~ 0.999), and the
+pixel stops there. The composite then differs by at most ``T_fg * |bg|`` (so < 0.1 * |bg|, and
+< 1e-3 where ``T_fg`` < 1e-3), and only on those pixels; the normalised dome colour of the pixels
+where it is kept is a weighted mean of fewer dome Gaussians. ``background`` is an estimate there
+(un-attenuated: ``T``-divided) and 0 where the foreground is opaque (``T_fg`` <= 1e-4), so the sky
+loss, which reads the background on every sky pixel, draws twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from evolsplat_ns.geometry import invert_rigid
+
+from . import evaluate_sh, rasterize, rasterize_features
+
+if TYPE_CHECKING:  # node imports render.sh: a runtime import here would be circular
+    from evolsplat_ns.model.node import GaussianParams
+
+NORMALIZE_MIN_ALPHA = 0.05
+"""Background pixels whose own opacity is above this are divided by it (below: left as they are)."""
+T_MIN = 1e-4
+"""The rasteriser's transmittance floor: compositing stops before a Gaussian would reach it."""
+NEAR_PLANE = 0.01
+"""Camera-z culling plane (metres) of both draws, ``rasterize``'s default."""
+
+
+@dataclass
+class LayeredImage:
+    """One camera's render, H x W pixels.
+
+    rgb: [H, W, 3] foreground over the background.
+    depth: [H, W, 1] the foreground's expected camera z (OpenCV, metres), ``rasterize``'s "ED".
+    alpha: [H, W, 1] the foreground's accumulated opacity.
+    background: [H, W, 3] the background alone (normalised, sky-blended), or None without one
+        (one draw: see the module docstring for where it is an estimate).
+    meta: the foreground draw's ``RenderOutput.meta`` (two draws; None for one draw).
+    """
+
+    rgb: Tensor
+    depth: Tensor
+    alpha: Tensor
+    background: Optional[Tensor]
+    meta: Optional[dict]
+
+
+def normalize_by_alpha(rgb: Tensor, alpha: Tensor) -> Tensor:
+    """``rgb`` [..., 3] / ``alpha`` [..., 1] where alpha > :data:`NORMALIZE_MIN_ALPHA`, else rgb."""
+    return torch.where(alpha > NORMALIZE_MIN_ALPHA, rgb / alpha.clamp(min=NORMALIZE_MIN_ALPHA), rgb)
+
+
+def _over(fg_rgb: Tensor, fg_alpha: Tensor, bg: Tensor, sky: Optional[tuple[Tensor, Tensor]]
+          ) -> tuple[Tensor, Tensor]:
+    """(rgb, background): ``bg`` [H, W, 3] blended with the sky warp (rgb [H, W, 3], weight
+    [H, W]) where it sees the sky, then composited behind the foreground (rgb [H, W, 3], alpha
+    [H, W, 1])."""
+    if sky is not None:  # the sources' sky where they see it, the dome elsewhere
+        bg = torch.lerp(bg, sky[0].float(), sky[1][..., None].float())
+    return fg_rgb + (1.0 - fg_alpha) * bg, bg
+
+
+def rasterize_layered(front: GaussianParams, back: Optional[GaussianParams], c2w: Tensor, K: Tensor,
+                      width: int, height: int, *, sh_degree: int, normalize: bool = True,
+                      sky: Optional[tuple[Tensor, Tensor]] = None, single_draw: bool = True,
+                      backend: str = "auto") -> LayeredImage:
+    """Render ``front`` (segment frame) with ``back`` composited behind it, for one camera.
+
+    Args:
+        front, back: Gaussians (means [N, 3] segment frame, quats [N, 4], scales [N, 3] linear,
+            opacities [N], sh [N, K, 3]); fp32. ``back`` None: the foreground alone.
+        c2w: [4, 4] OpenCV camera-to-segment pose. K: [3, 3] pixels.
+        sh_degree: SH degree of both sets.
+        normalize: divide the background by its own opacity (:func:`normalize_by_alpha`).
+        sky: (rgb [H, W, 3], weight [H, W]) blended into the background by weight.
+        single_draw: one rasteriser call for both sets (module docstring) instead of two.
+        backend: "auto", "gsplat" or "reference" (:func:`~evolsplat_ns.model.render.rasterize`).
+    """
+    if back is None or not single_draw:
+        return _two_draws(front, back, c2w, K, width, height, sh_degree, normalize, sky, backend)
+    return _one_draw(front, back, c2w, K, width, height, sh_degree, normalize, sky, backend)
+
+
+def _two_draws(front: GaussianParams, back: Optional[GaussianParams], c2w: Tensor, K: Tensor, width: int,
+               height: int, sh_degree: int, normalize: bool, sky: Optional[tuple[Tensor, Tensor]],
+               backend: str) -> LayeredImage:
+    """The reference: the foreground, then the background alone, composited here."""
+    # A rigid inverse: torch.linalg.inv checks for singularity on the host (a device sync).
+    viewmat = invert_rigid(c2w)[None]
+
+    def draw(g: GaussianParams):
+        return rasterize(g.means, g.quats, g.scales, g.opacities, g.sh, viewmat, K[None], width, height,
+                         sh_degree=sh_degree, backend=backend)
+
+    fg = draw(front)
+    rgb, alpha, bg = fg.rgb[0], fg.alpha[0], None
+    if back is not None:
+        dome = draw(back)
+        bg = normalize_by_alpha(dome.rgb[0], dome.alpha[0]) if normalize else dome.rgb[0]
+        rgb, bg = _over(rgb, alpha, bg, sky)
+    return LayeredImage(rgb, fg.depth[0], alpha, bg, fg.meta)
+
+
+def _one_draw(front: GaussianParams, back: GaussianParams, c2w: Tensor, K: Tensor, width: int, height: int,
+              sh_degree: int, normalize: bool, sky: Optional[tuple[Tensor, Tensor]], backend: str) -> LayeredImage:
+    """Both sets in one rasteriser call with the 9-channel features of the module docstring."""
+    origin, axis = c2w[:3, 3], c2w[:3, 2]  # camera centre and z axis in the segment frame
+    n = len(front)
+    dirs = torch.cat([front.means, back.means]) - origin  # [N + B, 3] camera centre -> Gaussian
+    z = dirs @ axis  # [N + B] camera z
+    back_means, back_scales = _behind(back, origin, dirs[n:], z[:n], z[n:])
+    means = torch.cat([front.means, back_means])
+    # The moved back Gaussians keep their directions: SH along the original ones.
+    rgb = evaluate_sh(sh_degree, dirs, torch.cat([front.sh, back.sh]), backend)
+    features = torch.cat([_front_features(rgb[:n], z[:n]), _back_features(rgb[n:])])
+    out, _, _ = rasterize_features(
+        means, torch.cat([front.quats, back.quats]), torch.cat([front.scales, back_scales]),
+        torch.cat([front.opacities, back.opacities]), features, invert_rigid(c2w)[None], K[None],
+        width, height, near_plane=NEAR_PLANE, backend=backend,
+    )
+    fg_rgb, dome_rgb, dome_alpha, fg_alpha, fg_z = out[0].split([3, 3, 1, 1, 1], dim=-1)
+    bg = _unattenuated(dome_rgb, dome_alpha, 1.0 - fg_alpha, normalize)
+    rgb, bg = _over(fg_rgb, fg_alpha, bg, sky)
+    # gsplat's "ED": accumulated depth over accumulated alpha.
+    return LayeredImage(rgb, fg_z / fg_alpha.clamp(min=1e-10), fg_alpha, bg, None)
+
+
+def _behind(back: GaussianParams, origin: Tensor, dirs: Tensor, z_front: Tensor, z_back: Tensor
+            ) -> tuple[Tensor, Tensor]:
+    """Back means [B, 3] (``dirs`` [B, 3] from the camera centre ``origin`` [3], camera z
+    ``z_back`` [B]) moved along their camera rays to camera z ``z_back + shift`` beyond every front
+    z (``z_front`` [N]), and their scales [B, 3] grown alike: the same 2D Gaussians, sorted after
+    the foreground (module docstring). Those before the near plane stay (culled there anyway)."""
+    # +1 m and 0.1 %: a margin well above float32 rounding of the projected z.
+    shift = z_front.detach().max().clamp(min=0.0) * 1.001 + 1.0 if len(z_front) else 1.0
+    # The unselected branch may divide by 0 (inf, no gradient: k is detached).
+    k = torch.where(z_back >= NEAR_PLANE, 1.0 + shift / z_back, 1.0).detach()[:, None]
+    return origin + k * dirs, back.scales * k
+def _front_features(rgb: Tensor, z: Tensor) -> Tensor:
+    """[N, 9] rows (rgb, 0, 0, 0, 0, 1, z) of foreground Gaussians with rgb [N, 3], camera z [N]."""
+    return torch.cat([rgb, rgb.new_zeros(len(rgb), 4), rgb.new_ones(len(rgb), 1), z[:, None]], dim=-1)
+
+
+def _back_features(rgb: Tensor) -> Tensor:
+    """[B, 9] rows (0, 0, 0, rgb, 1, 0, 0) of background Gaussians with rgb [B, 3]."""
+    return F.pad(torch.cat([rgb, rgb.new_ones(len(rgb), 1)], dim=-1), (3, 2))
+
+
+def _unattenuated(dome_rgb: Tensor, dome_alpha: Tensor, trans: Tensor, normalize: bool) -> Tensor:
+    """The background alone [H, W, 3] from its channels attenuated by the foreground's
+    transmittance ``trans`` [H, W, 1] (``T * rgb`` [H, W, 3], ``T * alpha`` [H, W, 1]).
+
+    Normalised: the ratio rgb / alpha, where the un-attenuated alpha (``dome_alpha / T``) is above
+    the threshold; there the gradients stay bounded (1 / alpha < 20) as ``T`` -> 0. Elsewhere
+    (and unnormalised) ``dome_rgb / T``, with ``T`` floored at the rasteriser's 1e-4 (below it no
+    background was composited: the result is ~0 and its composite ``T * bg`` exact).
+    """
+    divided = dome_rgb / trans.clamp(min=T_MIN)
+    if not normalize:
+        return divided
+    ratio = dome_rgb / dome_alpha.clamp(min=1e-10)
+    return torch.where(dome_alpha > NORMALIZE_MIN_ALPHA * trans, ratio, divided)

@@ -51,8 +51,12 @@ def _render(single: bool, backend: str = "gsplat"):
 def test_gsplat_one_draw_equals_two_draws():
     (one, g1), (two, g2) = _render(True), _render(False)
     assert float((1 - two.alpha).min()) > 1e-2  # no early stop in this scene
-    for name in ("rgb", "depth", "alpha", "background"):
-        torch.testing.assert_close(getattr(one, name), getattr(two, name), atol=1e-4, rtol=1e-4, msg=name)
+    # Measured on an H200: rgb differs by at most 2.8e-4 (mean 5e-6), the normalised background by
+    # 1.1e-3 (mean 2e-5): gsplat's early stop (T < 1e-4) now sees T_fg * T_dome (layers.py's doc);
+    # the one draw equals the reference's one draw to 7e-7.
+    for name, atol in (("rgb", 1e-3), ("depth", 1e-4), ("alpha", 1e-5), ("background", 3e-3)):
+        diff = (getattr(one, name) - getattr(two, name)).abs()
+        assert float(diff.max()) < atol and float(diff.mean()) < 1e-4, (name, float(diff.max()), float(diff.mean()))
     for name in g2:
         torch.testing.assert_close(g1[name], g2[name], atol=1e-3, rtol=1e-3, msg=name)
 

@@ -51,7 +51,7 @@ for run in $RUNS; do
         viewer)
             for g in True False; do
                 timeout 200 python benchmarks/viewer_fps.py --data "$DATA" $P100K --frames 60 \
-                    --set model.config.cuda_graphs=$g --json "$OUT/viewer-graphs-$g.json" \
+                    --set model.config.cuda_graph_render=$g --json "$OUT/viewer-graphs-$g.json" \
                     > "$OUT/viewer-graphs-$g.log" 2>&1
                 echo "== viewer graphs=$g rc=$?"; tail -12 "$OUT/viewer-graphs-$g.log"
             done ;;

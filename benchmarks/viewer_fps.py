@@ -242,7 +242,7 @@ def main() -> None:
                         help="CUDA: frames under torch.profiler (launches, syncs, GPU busy per frame)")
     parser.add_argument("--profile-table", type=Path, default=None, help="write the profiler's op table here")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="a render-time setting of the loaded pipeline, e.g. model.config.cuda_graphs=False")
+                        help="a render-time setting of the loaded pipeline, e.g. model.config.cuda_graph_render=True")
     add_pointcloud_args(parser)
     args = parser.parse_args()
     if args.threads > 0:

@@ -20,7 +20,8 @@ def render_setup(device: str = "cpu"):
     from evolsplat_ns.model.evolsplat_model import EVolSplatModel, EVolSplatModelConfig
 
     torch.manual_seed(0)
-    model = EVolSplatModel(EVolSplatModelConfig(sh_degree=1, background_points=128, num_neighbour_select=2),
+    model = EVolSplatModel(EVolSplatModelConfig(sh_degree=1, background_points=128, num_neighbour_select=2,
+                                                cuda_graph_render=True),
                            scene_box=None, num_train_data=1).to(device).eval()
     g = torch.Generator().manual_seed(0)
     c2w = torch.eye(4).repeat(3, 1, 1)

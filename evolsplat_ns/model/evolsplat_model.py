@@ -91,9 +91,14 @@ class EVolSplatModelConfig(ModelConfig, PredictorConfig):
     with ``sky_loss_weight``, needs the sky masks too)."""
     cuda_graphs: bool = True
     """On a GPU, replay fixed-shape work from captured CUDA graphs (one launch instead of tens to
-    hundreds; the step is launch-bound, docs/performance.md): a camera's decode (heads, sky warp)
-    in no-grad renders (viewer, ``ns-eval`` images, camera paths), and in training the sources'
-    sky warp and the photometric loss with its backward (per-target backward only). False: eager."""
+    hundreds; the step is launch-bound, docs/performance.md): the sources' sky warp (captured once
+    per image shape) and, in training with per-target backward, the photometric loss with its
+    backward. False: everything eager."""
+    cuda_graph_render: bool = False
+    """With ``cuda_graphs``, also replay a camera's whole decode (heads + warp) in no-grad renders
+    (viewer, ``ns-eval`` images, camera paths), captured per encoded state and source set. Off by
+    default: on an H200 it saved 0.3 ms of a 5.6 ms median frame but each capture (a new source set
+    while the camera moves) costs a few frames, so a fly-through's mean rate fell."""
     max_gaussians_per_segment: int = 0
     """Randomly subsample a segment's points to at most this many Gaussians (0 = all)."""
     max_points_per_actor: int = 5000
@@ -476,17 +481,18 @@ class EVolSplatModel(SplatfactoSurface):
         """The target's Gaussians and the sources' sky (``predict``, ``predict_sky``) for ``c2w`` [4, 4]
         (OpenCV camera-to-segment) and ``K`` [3, 3] on the device, ``views`` [S] host indices.
 
-        With ``reuse_graphs`` (see :meth:`render`) a no-grad decode replays a CUDA graph captured
-        from ``state``: a camera's decode is a few hundred small kernels whose launches, not their
-        work, bound a viewer frame (docs/performance.md). With gradients or autocast only the sky
-        warp (no grad) replays a graph; on the CPU everything runs eagerly."""
+        With ``reuse_graphs`` (see :meth:`render`) the sky warp (no grad) replays a graph, and with
+        ``cuda_graph_render`` a no-grad decode replays one captured from ``state`` as a whole (a
+        camera's decode is a few hundred small kernels). Gradients and autocast keep the heads
+        eager; on the CPU everything runs eagerly."""
         def decode(c2w: torch.Tensor, K: torch.Tensor, graphed_sky: bool):
             return (self.predictor.predict(state, c2w, K, views),
                     self.predictor.predict_sky(state, views, c2w, K, width, height, graphed=graphed_sky))
 
         if not (reuse_graphs and self.config.cuda_graphs and c2w.is_cuda):
             return decode(c2w, K, False)
-        if torch.is_grad_enabled() or torch.is_autocast_enabled():  # the heads stay eager, the warp has no grad
+        if not self.config.cuda_graph_render or torch.is_grad_enabled() or torch.is_autocast_enabled():
+            # the heads stay eager; the warp has no grad and no per-state input
             return decode(c2w, K, True)
         # What the decode caches on first use (it syncs or copies from the host) is built eagerly.
         self.predictor.view_inputs(state, views)

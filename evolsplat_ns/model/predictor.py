@@ -18,7 +18,7 @@ Frames: node positions and Gaussians in the **segment frame**; cameras OpenCV ca
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 import torch
 from torch import nn
@@ -44,7 +44,8 @@ from evolsplat_ns.utils.cuda_graphs import GraphCache
 from evolsplat_ns.utils.timing import phase
 
 
-VOLUME_FROM = ("current", "anchors")
+VolumeFrom = Literal["current", "anchors"]
+VOLUME_FROM = get_args(VolumeFrom)
 """Values of :attr:`PredictorConfig.volume_from`."""
 
 
@@ -64,7 +65,7 @@ class PredictorConfig:
     """Spherical-harmonics degree of the predicted Gaussian colours (0 = view-independent)."""
     voxel_size: float = 0.1
     """Sparse volume voxel edge (metres)."""
-    volume_from: Literal["current", "anchors"] = "current"
+    volume_from: VolumeFrom = "current"
     """Points the sparse volume is voxelised from (it is sampled at the current means either way):
     "current", the anchors moved by the cached offsets (new voxels every step); "anchors", the
     node's anchors, constant per segment, so the voxel grid and spconv's index pairs are cached

@@ -5,7 +5,8 @@
 #
 #   OUT=/tmp/perf DATA=/tmp/synth bash benchmarks/perf_table.sh [RUN ...]
 #
-# RUN names (default: all): tests 100k 100k-bf16 1m 1m-bf16 psnr viewer. Extra train_throughput
+# RUN names (default: all but host): tests 100k 100k-bf16 1m 1m-bf16 psnr psnr-bf16 viewer host
+# (host: 100k under cProfile, where the host's time goes). Extra train_throughput
 # flags for every training run go in $EXTRA (e.g. EXTRA="--set pipeline.model.volume_from=anchors").
 set -u
 OUT=${OUT:-/tmp/perf}
@@ -13,7 +14,8 @@ DATA=${DATA:-/tmp/synth}
 EXTRA=${EXTRA:-}
 TAG=${TAG:-}  # prefix of this call's file names (e.g. before-)
 mkdir -p "$OUT"
-RUNS=${*:-tests 100k 100k-bf16 1m 1m-bf16 psnr viewer}
+(cd /tmp && python -c "import evolsplat_ns; print('${TAG:-this }code:', evolsplat_ns.__file__)")
+RUNS=${*:-tests 100k 100k-bf16 1m 1m-bf16 psnr psnr-bf16 viewer}
 P100K="--generator depth --pixel-stride 4 --max-gaussians 100000 --pc-device cuda"
 P1M="--generator depth --pixel-stride 1 --pc-voxel-size 0.02 --max-gaussians 1000000 --pc-device cuda"
 SHAPE="--warmup 8 --iters 30 --phase-iters 5 --profile-iters 3"
@@ -43,11 +45,14 @@ PY
 for run in $RUNS; do
     case $run in
         tests) timeout 300 python -m pytest -q tests/gpu 2>&1 | tail -15 ;;
-        100k) train 100k $P100K $SHAPE --viewer-frames 30 --profile-table "$OUT/${TAG}100k-ops.txt" ;;
+        100k) train 100k $P100K $SHAPE --viewer-frames 30 --sync-iters 2 --profile-table "$OUT/${TAG}100k-ops.txt" ;;
         100k-bf16) train 100k-bf16 $P100K $SHAPE --amp bf16 ;;
         1m) train 1m $P1M --warmup 4 --iters 15 --phase-iters 3 --profile-iters 2 --viewer-frames 20 ;;
         1m-bf16) train 1m-bf16 $P1M --warmup 4 --iters 15 --phase-iters 3 --profile-iters 2 --amp bf16 ;;
         psnr) train psnr $P100K --warmup 8 --iters 300 --phase-iters 0 --profile-iters 0 --eval ;;
+        psnr-bf16) train psnr-bf16 $P100K --warmup 8 --iters 300 --phase-iters 0 --profile-iters 0 --eval --amp bf16 ;;
+        host) train host $P100K --warmup 8 --iters 20 --phase-iters 5 --profile-iters 0 --host-iters 5 \
+                  --host-stats "$OUT/${TAG}host.pstats" ;;
         viewer)
             for g in True False; do
                 timeout 200 python benchmarks/viewer_fps.py --data "$DATA" $P100K --frames 60 \

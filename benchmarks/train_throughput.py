@@ -200,6 +200,35 @@ def sync_sites(trainer, first: int, iters: int, top: int = 25) -> dict[str, floa
     return {k: v / iters for k, v in sites.most_common(top)}
 
 
+def host_profile(trainer, first: int, iters: int, top: int = 30, out: Path | None = None) -> dict[str, dict]:
+    """Where the host's time goes: ``iters`` steps under cProfile, the ``top`` functions by own
+    time (ms per step, own and cumulative, calls per step). On CUDA the kernels run asynchronously,
+    so this is the Python, dispatcher and launch cost that bounds a host-bound step."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    _sync()
+    profiler.enable()
+    timed_pass(trainer, first, iters)
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    if out is not None:
+        stats.dump_stats(str(out))
+
+    def row(key, value) -> tuple[str, dict]:
+        (filename, line, name), (_, calls, own, cumulative, _) = key, value
+        where = "/".join(Path(filename).parts[-2:]) if filename != "~" else "builtin"
+        return f"{where}:{line} {name}", {"own_ms": round(1000 * own / iters, 2),
+                                          "cum_ms": round(1000 * cumulative / iters, 2),
+                                          "calls": round(calls / iters, 1)}
+
+    items = stats.stats.items()
+    ours = [kv for kv in items if "evolsplat_ns" in kv[0][0] or "nerfstudio" in kv[0][0]]
+    return {"by_own_time": dict(row(*kv) for kv in sorted(items, key=lambda kv: -kv[1][2])[:top]),
+            "ours_by_cumulative_time": dict(row(*kv) for kv in sorted(ours, key=lambda kv: -kv[1][3])[:top])}
+
+
 def print_table(r: dict) -> None:
     rows = [("iterations/s", f"{r['iterations_per_s']:.2f}"), ("ms/iteration", f"{r['ms_per_iteration']:.1f}"),
             ("peak GPU memory (GB)", f"{r['peak_gpu_memory_gb']:.2f}" if r["peak_gpu_memory_gb"] else "-"),
@@ -226,6 +255,9 @@ def main() -> None:
     p.add_argument("--profile-table", type=Path, default=None, help="write the profiler's op tables here")
     p.add_argument("--sync-iters", type=int, default=0,
                    help="then list, per step, the call sites that synchronise the host with the GPU")
+    p.add_argument("--host-iters", type=int, default=0,
+                   help="then run this many steps under cProfile: the functions taking the host's time, per step")
+    p.add_argument("--host-stats", type=Path, default=None, help="dump those steps' cProfile stats here (pstats)")
     p.add_argument("--eval", action="store_true",
                    help="then score the held-out views (PSNR after this run's steps; compare runs of equal steps)")
     p.add_argument("--viewer-frames", type=int, default=0,
@@ -248,6 +280,8 @@ def main() -> None:
     step += args.profile_iters
     syncs = sync_sites(trainer, step, args.sync_iters) if args.sync_iters > 0 else None
     step += args.sync_iters
+    host = host_profile(trainer, step, args.host_iters, out=args.host_stats) if args.host_iters > 0 else None
+    step += args.host_iters
     held_out = viewer = None
     pipeline = trainer.pipeline
     if args.eval:
@@ -277,6 +311,7 @@ def main() -> None:
         "profile": prof,
         "gpu_busy_fraction": prof["gpu_busy_ms_per_step"] / ms if prof and cuda else None,
         "sync_sites_per_step": syncs,
+        "host_top_functions_per_step": host,
         "skipped_steps": dict(trainer.skipped_steps),
         "steps_trained": step,
         "held_out": held_out,

@@ -113,6 +113,26 @@ def test_rendered_actor_follows_its_box_and_vanishes_without_one():
     assert len(place_actors(g, nodes, 2.0)) == 0 and len(place_actors(g, nodes, 1.5)) == 0
 
 
+def test_actors_without_a_box_are_dropped_by_cached_rows_per_frame():
+    """Two actors, the second without a box at frame 1: its anchors leave the placed set there,
+    from rows cached per frame (no mask on the device); a head-independent actor index is masked."""
+    nodes, g = _one_actor([_pose(0, [0, 0, 0]), _pose(0, [1, 0, 0])], [True, True], n=10)
+    nodes.actor = g.actor = torch.tensor([0, 1] * 5)
+    nodes.poses = nodes.poses.repeat(2, 1, 1, 1)
+    nodes.valid = torch.tensor([[True, True], [True, False]])
+    assert nodes.anchors_at(0.0) is None, "every actor has a box at frame 0: nothing is dropped"
+    rows = nodes.anchors_at(1.0)
+    assert rows.tolist() == [0, 2, 4, 6, 8] and nodes.anchors_at(1.0) is rows, "cached per frame column"
+    placed = place_actors(g, nodes, 1.0)
+    torch.testing.assert_close(placed.means, g.means[rows] + torch.tensor([1.0, 0.0, 0.0]))
+    assert nodes.anchors_at(0.5).tolist() == rows.tolist(), "interpolated: valid only where both frames are"
+    other = ActorGaussians(g.means, g.quats, g.scales, g.opacities, g.sh, torch.tensor([1, 0] * 5))
+    assert place_actors(other, nodes, 1.0).means.shape[0] == 5
+    torch.testing.assert_close(place_actors(other, nodes, 1.0).means, g.means[1::2] + torch.tensor([1.0, 0, 0]))
+    nodes.valid = torch.tensor([[True, True], [True, True]])  # new tracks: the cache follows them
+    assert nodes.anchors_at(1.0) is None
+
+
 def test_model_renders_actors_with_the_scene_and_checkpoints_carry_them(tiny_dataset, tmp_path):
     trainer = lite_trainer(tiny_dataset, tmp_path / "a")
     model = trainer.pipeline.model

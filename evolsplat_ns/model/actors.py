@@ -145,8 +145,9 @@ class ActorNodes:
         out = replace(self, poses=poses)
         if quats is not None:
             out._box_quats = (poses, quats)
-        if hasattr(self, "_frames_host"):
-            out._frames_host = self._frames_host
+        for cache in ("_frames_host", "_rows_host"):  # keyed by frames / valid, which the copy shares
+            if hasattr(self, cache):
+                setattr(out, cache, getattr(self, cache))
         return out
 
     def _frame_column(self, time: float) -> Optional[int]:
@@ -156,6 +157,27 @@ class ActorNodes:
             cached = (self.frames, {float(f): i for i, f in enumerate(self.frames.tolist())})  # one sync per track set
             self._frames_host = cached
         return cached[1].get(time)
+
+    def anchors_at(self, time: float) -> Optional[torch.Tensor]:
+        """Rows [M] (long, on the anchors' device) of the anchors whose actor has a box at ``time``
+        (frame units), or None when every actor has one (nothing to drop).
+
+        Boolean masks on a device tensor read their count back to the host (a sync each); at a
+        track frame the answer comes from a host copy of ``valid`` and its rows are cached per
+        frame column, so a keyframe's targets place their actors without any device read."""
+        col = self._frame_column(float(time))
+        if col is None:  # interpolated time: validity is computed on the device (one read)
+            ok = self.pose_at(time)[3]
+            return None if bool(ok.all()) else ok[self.actor].nonzero()[:, 0]
+        cached = getattr(self, "_rows_host", None)
+        if cached is None or cached[0] is not self.valid or cached[1] is not self.actor:
+            cached = (self.valid, self.actor, self.valid.cpu(), {})  # one sync per track set
+            self._rows_host = cached
+        valid_host, rows = cached[2], cached[3]
+        if col not in rows:
+            ok = valid_host[:, col]
+            rows[col] = None if bool(ok.all()) else ok.to(self.actor.device)[self.actor].nonzero()[:, 0]
+        return rows[col]
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
@@ -269,9 +291,10 @@ def place_actors(gaussians: ActorGaussians, nodes: ActorNodes, time: float) -> G
     left out. Means ``R x + t``, rotations ``q_pose ⊗ q``."""
     R, pos, box_quats, ok = nodes.pose_at(time)
     R, pos, box_quats = R.to(gaussians.means.dtype), pos.to(gaussians.means.dtype), box_quats.to(gaussians.means.dtype)
-    keep = ok[gaussians.actor]
-    actor = gaussians.actor[keep]
-    means = (R[actor] @ gaussians.means[keep][:, :, None])[..., 0] + pos[actor]
-    quats = quat_multiply(box_quats[actor], gaussians.quats[keep])
-    return GaussianParams(means=means, quats=quats, scales=gaussians.scales[keep],
-                          opacities=gaussians.opacities[keep], sh=gaussians.sh[keep])
+    # The nodes' cached rows hold for Gaussians predicted per anchor (the head's); others are masked here.
+    rows = nodes.anchors_at(time) if gaussians.actor is nodes.actor else ok[gaussians.actor].nonzero()[:, 0]
+    g = gaussians if rows is None else ActorGaussians(*(t[rows] for t in (
+        gaussians.means, gaussians.quats, gaussians.scales, gaussians.opacities, gaussians.sh, gaussians.actor)))
+    means = (R[g.actor] @ g.means[:, :, None])[..., 0] + pos[g.actor]
+    return GaussianParams(means=means, quats=quat_multiply(box_quats[g.actor], g.quats), scales=g.scales,
+                          opacities=g.opacities, sh=g.sh)

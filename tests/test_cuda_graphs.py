@@ -97,3 +97,38 @@ def test_cpu_renders_stay_eager_and_equal():
             reused = model.render(state, target_pose(0.2), K, W, H, reuse_graphs=True)
     assert len(state.graphs) == 0
     torch.testing.assert_close(reused["rgb"], eager["rgb"])
+
+
+def test_padded_heads_give_the_unpadded_gaussians_and_gradients(monkeypatch):
+    """The training graph's route for the heads (rows padded to a bucket, outputs cut back) run
+    eagerly on the CPU: the same Gaussians and the same gradients as the unpadded heads."""
+    from evolsplat_ns.model import predictor as predictor_module
+    from evolsplat_ns.model.heads import bucket_rows
+
+    model, _, K = render_setup()
+    params = list(model.predictor._decoder[0].parameters())
+
+    def gradients(padded: bool):
+        monkeypatch.setattr(predictor_module, "_can_graph_heads", lambda *a: padded)
+        model.zero_grad(set_to_none=True)
+        state = model.encode(split_backward=True)
+        g = model.predictor.predict(state, target_pose(0.1), K, graphed=True)
+        (g.sh.square().sum() + g.scales.sum() + g.quats[:, 1:].sum() + g.opacities.sum() + g.means.sum()).backward()
+        return g, [p.grad.clone() for p in params] + [state.volume_feat.grad.clone(), state.offset.grad.clone()]
+
+    eager, eager_grads = gradients(False)
+    padded, padded_grads = gradients(True)
+    m = len(eager.index)
+    assert bucket_rows(m) > m, "the scene must need padding for this test to mean anything"
+    for name in ("means", "sh", "scales", "quats", "opacities", "index", "offset"):
+        torch.testing.assert_close(getattr(padded, name), getattr(eager, name), rtol=1e-6, atol=1e-7)
+    for a, b in zip(padded_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("rows,expected", [(1, 1), (4, 4), (9, 10), (100, 112), (65536, 65536), (65537, 81920),
+                                           (100_000, 114_688)])
+def test_bucket_rows_pads_by_at_most_a_quarter(rows, expected):
+    from evolsplat_ns.model.heads import bucket_rows
+
+    assert bucket_rows(rows) == expected and expected - rows <= rows / 4

@@ -93,7 +93,8 @@ class EVolSplatModelConfig(ModelConfig, PredictorConfig):
     """On a GPU, replay fixed-shape work from captured CUDA graphs (one launch instead of tens to
     hundreds; the step is launch-bound, docs/performance.md): the sources' sky warp (captured once
     per image shape) and, in training with per-target backward, the photometric loss with its
-    backward. False: everything eager."""
+    backward and the view-dependent heads with theirs (fp32 only, per padded row count up to
+    ``predictor.MAX_GRAPH_ROWS``). False: everything eager."""
     cuda_graph_render: bool = False
     """With ``cuda_graphs``, also replay a camera's whole decode (heads + warp) in no-grad renders
     (viewer, ``ns-eval`` images, camera paths), captured per encoded state and source set. Off by
@@ -483,16 +484,17 @@ class EVolSplatModel(SplatfactoSurface):
 
         With ``reuse_graphs`` (see :meth:`render`) the sky warp (no grad) replays a graph, and with
         ``cuda_graph_render`` a no-grad decode replays one captured from ``state`` as a whole (a
-        camera's decode is a few hundred small kernels). Gradients and autocast keep the heads
-        eager; on the CPU everything runs eagerly."""
-        def decode(c2w: torch.Tensor, K: torch.Tensor, graphed_sky: bool):
-            return (self.predictor.predict(state, c2w, K, views),
-                    self.predictor.predict_sky(state, views, c2w, K, width, height, graphed=graphed_sky))
+        camera's decode is a few hundred small kernels); in training the heads replay a forward +
+        backward graph (``GaussianPredictor.predict``), except under autocast. On the CPU
+        everything runs eagerly."""
+        def decode(c2w: torch.Tensor, K: torch.Tensor, graphed: bool):
+            return (self.predictor.predict(state, c2w, K, views, graphed=graphed),
+                    self.predictor.predict_sky(state, views, c2w, K, width, height, graphed=graphed))
 
         if not (reuse_graphs and self.config.cuda_graphs and c2w.is_cuda):
             return decode(c2w, K, False)
         if not self.config.cuda_graph_render or torch.is_grad_enabled() or torch.is_autocast_enabled():
-            # the heads stay eager; the warp has no grad and no per-state input
+            # per call: the warp (no grad, no per-state input) and, under grad, the heads
             return decode(c2w, K, True)
         # What the decode caches on first use (it syncs or copies from the host) is built eagerly.
         self.predictor.view_inputs(state, views)

@@ -138,3 +138,37 @@ class OffsetHead(nn.Module):
 
     def forward(self, volume_feat: torch.Tensor) -> torch.Tensor:
         return self.offset_max * torch.tanh(self.net(volume_feat))
+
+
+class ViewDecoder(nn.Module):
+    """The view-dependent heads of one target as one tensors-in, tensors-out module (the unit a
+    training CUDA graph captures: ``make_graphed_callables`` takes a module's parameters as the
+    graph's weights). Holds the predictor's own heads (no parameters of its own).
+
+    ``means`` [M, 3] (segment frame, detached: the geometry heads must not move Gaussians through
+    the view-direction input), ``target_c2w`` [4, 4] OpenCV camera-to-segment, ``target_K`` [3, 3];
+    per-row inputs as the heads take them. Returns SH [M, bases, 3], scales [M, 3], quats [M, 4],
+    opacities [M].
+    """
+
+    def __init__(self, color: ColorHead, scale_rotation: ScaleRotationHead, opacity: OpacityHead) -> None:
+        super().__init__()
+        self.color, self.scale_rotation, self.opacity = color, scale_rotation, opacity
+
+    def forward(self, image_feat: torch.Tensor, volume_feat: torch.Tensor, means: torch.Tensor,
+                target_c2w: torch.Tensor, target_K: torch.Tensor, anchor_dc: torch.Tensor,
+                base_log_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        view_feat = view_features(means, target_c2w, target_K)
+        sh = self.color(image_feat, volume_feat, view_feat, anchor_dc)
+        scales, quats = self.scale_rotation(volume_feat, view_feat, base_log_scale)
+        return sh, scales, quats, self.opacity(volume_feat, view_feat)
+
+
+def bucket_rows(rows: int, steps_per_octave: int = 4) -> int:
+    """The smallest size of the form ``j * 2^k`` with ``steps_per_octave <= j < 2 * steps_per_octave``
+    that holds ``rows`` (so at most ``1 / steps_per_octave`` of it is padding): the few fixed shapes
+    that padded per-target row counts fall on, one CUDA graph each."""
+    if rows <= steps_per_octave:
+        return max(rows, 1)
+    step = 1 << (rows.bit_length() - steps_per_octave.bit_length())
+    return -(-rows // step) * step

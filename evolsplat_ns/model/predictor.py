@@ -31,8 +31,9 @@ from evolsplat_ns.model.heads import (
     OffsetHead,
     OpacityHead,
     ScaleRotationHead,
+    ViewDecoder,
     aggregate_views,
-    view_features,
+    bucket_rows,
 )
 from evolsplat_ns.model.node import GaussianNode, GaussianParams
 from evolsplat_ns.model.precision import full_precision, sparse_conv_precision
@@ -187,6 +188,34 @@ class ViewInputs:
     anchors: torch.Tensor
     anchor_dc: torch.Tensor
     base_log_scale: torch.Tensor
+    _padded: dict[int, "ViewInputs"] = field(default_factory=dict, repr=False)
+
+    def padded(self, rows: int) -> "ViewInputs":
+        """These inputs with copies of their first ``rows - M`` rows appended (cached per size; at
+        most M, see ``bucket_rows``): a fixed shape for a captured graph, whose outputs for the
+        copies are cut off again (no gradient reaches them). Copies of distinct rows, not of one:
+        the gathers' backward serialises repeated indices (15k copies of one row cost 10 ms)."""
+        if rows not in self._padded:
+            extra = rows - len(self.index)
+            pad = lambda t: torch.cat([t, t[:extra]])  # noqa: E731
+            self._padded[rows] = ViewInputs(*(pad(t) for t in (self.index, self.image_feat, self.anchors,
+                                                                self.anchor_dc, self.base_log_scale)))
+        return self._padded[rows]
+
+
+HEAD_GRAPHS = 3
+"""Head graphs kept (least recently used dropped): each holds its activations and gradients at its
+row count, ~5 KB per row (0.6 GB at 115k rows)."""
+MAX_GRAPH_ROWS = 1 << 18
+"""Targets with more rows than this run their heads eagerly: there the GPU work is large enough to
+hide the launches, and a graph's memory would not be."""
+
+
+def _can_graph_heads(target_c2w: torch.Tensor, rows: int, padded: int) -> bool:
+    """Whether a target's heads may replay a training graph: on a GPU, under grad and without
+    autocast (a graph cannot hold autocast's weight cache), with rows to predict and not too many."""
+    return (target_c2w.is_cuda and torch.is_grad_enabled() and not torch.is_autocast_enabled()
+            and 0 < rows and padded <= MAX_GRAPH_ROWS)
 
 
 def on_host(t: torch.Tensor) -> torch.Tensor:
@@ -233,6 +262,10 @@ class GaussianPredictor(nn.Module):
                            if c.enable_actors else None)
         self._warp_graphs = GraphCache(capacity=2)
         """Captured sky warps per (sources, image) shape (:meth:`predict_sky` with ``graphed``)."""
+        # A tuple: the decoder holds the heads registered above, and must not register them twice.
+        self._decoder = (ViewDecoder(self.color_head, self.scale_rotation_head, self.opacity_head),)
+        self._head_graphs = GraphCache(capacity=HEAD_GRAPHS, grad=True)
+        """Captured heads + their backward per padded row count (:meth:`predict` with ``graphed``)."""
 
     def build_volume(self, node: GaussianNode, cache: Optional[VolumeIndexCache] = None) -> SparseVolume:
         """The node's sparse feature volume (segment frame), voxelised from the points
@@ -363,13 +396,15 @@ class GaussianPredictor(nn.Module):
         return state.view_inputs[key]
 
     def predict(self, state: SharedState, target_c2w: torch.Tensor, target_K: torch.Tensor,
-                views: Optional[torch.Tensor] = None) -> GaussianParams:
+                views: Optional[torch.Tensor] = None, graphed: bool = False) -> GaussianParams:
         """Gaussians for one target: ``target_c2w`` [4, 4] OpenCV camera-to-segment, ``target_K`` [3, 3]
         (host or device; moved to the state's device).
 
         Only node Gaussians seen by at least ``min_views`` of the ``num_neighbour_select`` sources
         nearest to the target (or of ``views`` [S], host indices, when given) are returned
-        (``index`` says which).
+        (``index`` says which). ``graphed`` (CUDA, training): the heads and their backward replay a
+        graph captured per padded row count (:func:`~evolsplat_ns.model.heads.bucket_rows`); the
+        caller back-propagates (or drops) the outputs before the next graphed call.
         """
         if views is None:
             views = self.nearest_views(state, target_c2w)
@@ -377,24 +412,23 @@ class GaussianPredictor(nn.Module):
         target_c2w = target_c2w.to(device, non_blocking=True)
         target_K = target_K.to(device, non_blocking=True)
         inputs = self.view_inputs(state, views)
-        index = inputs.index
-        offset = state.offset[index]
-        means = inputs.anchors + offset
-        volume_feat = state.volume_feat[index]
-        # View features from the detached position: geometry heads should not move Gaussians
-        # through the view-direction input.
-        view_feat = view_features(means.detach(), target_c2w, target_K)
-        sh = self.color_head(inputs.image_feat, volume_feat, view_feat, inputs.anchor_dc)
-        scales, quats = self.scale_rotation_head(volume_feat, view_feat, inputs.base_log_scale)
-        return GaussianParams(
-            means=means,
-            quats=quats,
-            scales=scales,
-            opacities=self.opacity_head(volume_feat, view_feat),
-            sh=sh,
-            index=index,
-            offset=offset.detach(),
-        )
+        m = len(inputs.index)
+        rows = bucket_rows(m)
+        graphed = graphed and _can_graph_heads(target_c2w, m, rows)
+        rowwise = inputs.padded(rows) if graphed else inputs
+        offset = state.offset[rowwise.index]
+        means = rowwise.anchors + offset
+        volume_feat = state.volume_feat[rowwise.index]
+        args = (rowwise.image_feat, volume_feat, means.detach(), target_c2w, target_K, rowwise.anchor_dc,
+                rowwise.base_log_scale)
+        if graphed:
+            out = self._head_graphs((rows, volume_feat.requires_grad), self._decoder[0], args, device)
+            sh, scales, quats, opacities = (t[:m] for t in out)
+            means, offset = means[:m], offset[:m]
+        else:
+            sh, scales, quats, opacities = self._decoder[0](*args)
+        return GaussianParams(means=means, quats=quats, scales=scales, opacities=opacities, sh=sh,
+                              index=inputs.index, offset=offset.detach())
 
     def predict_background(self, state: SharedState) -> Optional[GaussianParams]:
         """Sky-dome Gaussians to rasterise behind the foreground, or None without a background.

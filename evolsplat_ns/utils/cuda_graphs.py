@@ -15,6 +15,7 @@ calling again (a render rasterises them at once).
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections import Counter, OrderedDict
 from typing import Any, Callable, Hashable, Optional
@@ -79,13 +80,27 @@ class CapturedGradCall:
     Calling it returns outputs that autograd back-propagates through the captured backward. The
     graphs' saved tensors are static: each output must be back-propagated (or dropped) before the
     next call, as a per-target backward does. Inputs keep the ``requires_grad`` of the examples.
+
+    ``fn`` may be an ``nn.Module``: its parameters are the graphs' weights (updated in place by the
+    optimizer, so the graphs see every step's values) and receive their gradients.
     """
 
     def __init__(self, fn: Callable[..., Any], inputs: tuple, device: torch.device) -> None:
         examples = tuple(t.detach().to(device).clone().requires_grad_(t.requires_grad) for t in inputs)
+        if isinstance(fn, torch.nn.Module):
+            # make_graphed_callables replaces the module's forward by the graph's: a shallow copy
+            # (same submodules and parameters) takes it, so the module itself stays eager.
+            fn = copy.copy(fn)
+        self.params = [p for p in fn.parameters() if p.requires_grad] if isinstance(fn, torch.nn.Module) else []
         self.call = torch.cuda.make_graphed_callables(fn, examples, num_warmup_iters=WARMUP_RUNS + 1)
 
     def __call__(self, *inputs: Any) -> Any:
+        # The captured backward hands out its static gradient buffers, and autograd adopts an
+        # incoming gradient as a parameter's .grad when it has none: the next replay would then
+        # overwrite that .grad. With a .grad in place autograd adds into it instead.
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         return self.call(*inputs)
 
 

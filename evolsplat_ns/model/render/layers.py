@@ -8,23 +8,18 @@ would otherwise darken it) and blended with the sources' sky warp (``sky``):
     rgb = fg_rgb + (1 - fg_alpha) * bg
 
 :func:`rasterize_layered` gives that either with two draws (foreground, dome; the reference) or
-with **one** draw of both sets with 8-channel features (one projection, one tile sort, one
+with **one** draw of both sets with 9-channel features (one projection, one tile sort, one
 compositing kernel forward and backward instead of two; SH are evaluated here instead of in the
 rasteriser):
 
-    channel   0:3      3:6        6          7
-    front     fg rgb   0          1          camera z
-    back      0        dome rgb   0          0
+    channel   0:3      3:6        6          7       8
+    front     fg rgb   0          0          1       camera z
+    back      0        dome rgb   1          0       0
 
 Once every front Gaussian of a pixel composites before every back one, the channels are
-``fg_rgb``, ``T * dome_rgb``, ``fg_alpha`` and ``fg_alpha * fg_depth`` with ``T = 1 - fg_alpha``,
-so the foreground's outputs are exactly the foreground-alone draw's. ``T * dome_alpha`` needs no
-channel of its own: the draw's accumulated opacity is ``fg_alpha + T * dome_alpha`` (the sum of all
-compositing weights), so it is that minus channel 6, and the normalised dome is the ratio of
-channels 3:6 and that (independent of ``T``). The difference loses relative precision only where
-``T`` is small, where the background's weight in the composite is ``T`` as well (the foreground's
-alpha and depth keep full precision). Eight channels rather than nine: gsplat has compositing
-kernels for both, and each channel costs its share of their memory traffic.
+``fg_rgb``, ``T * dome_rgb``, ``T * dome_alpha``, ``fg_alpha`` and ``fg_alpha * fg_depth`` with
+``T = 1 - fg_alpha``, so the normalised dome is the ratio of channels 3:6 and 6 (independent of
+``T``) and the foreground's outputs are exactly the foreground-alone draw's.
 
 Order: the rasteriser sorts by camera z of the means, and a dome Gaussian off to the side can have
 a smaller z than a foreground one far ahead in the same tile (a dome of radius 2x the cloud's
@@ -147,7 +142,7 @@ def _two_draws(front: GaussianParams, back: Optional[GaussianParams], c2w: Tenso
 
 def _one_draw(front: GaussianParams, back: GaussianParams, c2w: Tensor, K: Tensor, width: int, height: int,
               sh_degree: int, normalize: bool, sky: Optional[tuple[Tensor, Tensor]], backend: str) -> LayeredImage:
-    """Both sets in one rasteriser call with the 8-channel features of the module docstring."""
+    """Both sets in one rasteriser call with the 9-channel features of the module docstring."""
     origin, axis = c2w[:3, 3], c2w[:3, 2]  # camera centre and z axis in the segment frame
     n = len(front)
     dirs = torch.cat([front.means, back.means]) - origin  # [N + B, 3] camera centre -> Gaussian
@@ -157,14 +152,12 @@ def _one_draw(front: GaussianParams, back: GaussianParams, c2w: Tensor, K: Tenso
     # The moved back Gaussians keep their directions: SH along the original ones.
     rgb = evaluate_sh(sh_degree, dirs, torch.cat([front.sh, back.sh]), backend)
     features = torch.cat([_front_features(rgb[:n], z[:n]), _back_features(rgb[n:])])
-    out, alpha, _ = rasterize_features(
+    out, _, _ = rasterize_features(
         means, torch.cat([front.quats, back.quats]), torch.cat([front.scales, back_scales]),
         torch.cat([front.opacities, back.opacities]), features, invert_rigid(c2w)[None], K[None],
         width, height, near_plane=NEAR_PLANE, backend=backend,
     )
-    fg_rgb, dome_rgb, fg_alpha, fg_z = out[0].split([3, 3, 1, 1], dim=-1)
-    # Rounding can take the difference a hair below 0 where no dome Gaussian composites.
-    dome_alpha = (alpha[0] - fg_alpha).clamp(min=0.0)
+    fg_rgb, dome_rgb, dome_alpha, fg_alpha, fg_z = out[0].split([3, 3, 1, 1, 1], dim=-1)
     bg = _unattenuated(dome_rgb, dome_alpha, 1.0 - fg_alpha, normalize)
     rgb, bg = _over(fg_rgb, fg_alpha, bg, sky)
     # gsplat's "ED": accumulated depth over accumulated alpha.
@@ -183,13 +176,13 @@ def _behind(back: GaussianParams, origin: Tensor, dirs: Tensor, z_front: Tensor,
     k = torch.where(z_back >= NEAR_PLANE, 1.0 + shift / z_back, 1.0).detach()[:, None]
     return origin + k * dirs, back.scales * k
 def _front_features(rgb: Tensor, z: Tensor) -> Tensor:
-    """[N, 8] rows (rgb, 0, 0, 0, 1, z) of foreground Gaussians with rgb [N, 3], camera z [N]."""
-    return torch.cat([rgb, rgb.new_zeros(len(rgb), 3), rgb.new_ones(len(rgb), 1), z[:, None]], dim=-1)
+    """[N, 9] rows (rgb, 0, 0, 0, 0, 1, z) of foreground Gaussians with rgb [N, 3], camera z [N]."""
+    return torch.cat([rgb, rgb.new_zeros(len(rgb), 4), rgb.new_ones(len(rgb), 1), z[:, None]], dim=-1)
 
 
 def _back_features(rgb: Tensor) -> Tensor:
-    """[B, 8] rows (0, 0, 0, rgb, 0, 0) of background Gaussians with rgb [B, 3]."""
-    return F.pad(rgb, (3, 2))
+    """[B, 9] rows (0, 0, 0, rgb, 1, 0, 0) of background Gaussians with rgb [B, 3]."""
+    return F.pad(torch.cat([rgb, rgb.new_ones(len(rgb), 1)], dim=-1), (3, 2))
 
 
 def _unattenuated(dome_rgb: Tensor, dome_alpha: Tensor, trans: Tensor, normalize: bool) -> Tensor:

@@ -204,18 +204,17 @@ class ViewInputs:
 
 
 HEAD_GRAPHS = 3
-"""Head graphs kept (least recently used dropped): each holds its activations and gradients at its
-row count, ~5 KB per row (0.6 GB at 115k rows)."""
+"""Head graphs kept per cache (least recently used dropped): each holds its static activations
+(and gradients) at its row count; training at 100k Gaussians peaked 0.23 GB higher with them."""
 MAX_GRAPH_ROWS = 1 << 18
 """Targets with more rows than this run their heads eagerly: there the GPU work is large enough to
 hide the launches, and a graph's memory would not be."""
 
 
 def _can_graph_heads(target_c2w: torch.Tensor, rows: int, padded: int) -> bool:
-    """Whether a target's heads may replay a training graph: on a GPU, under grad and without
-    autocast (a graph cannot hold autocast's weight cache), with rows to predict and not too many."""
-    return (target_c2w.is_cuda and torch.is_grad_enabled() and not torch.is_autocast_enabled()
-            and 0 < rows and padded <= MAX_GRAPH_ROWS)
+    """Whether a target's heads may replay a graph: on a GPU, without autocast (a graph cannot
+    hold autocast's weight cache), with rows to predict and not too many."""
+    return target_c2w.is_cuda and not torch.is_autocast_enabled() and 0 < rows and padded <= MAX_GRAPH_ROWS
 
 
 def on_host(t: torch.Tensor) -> torch.Tensor:
@@ -266,6 +265,9 @@ class GaussianPredictor(nn.Module):
         self._decoder = (ViewDecoder(self.color_head, self.scale_rotation_head, self.opacity_head),)
         self._head_graphs = GraphCache(capacity=HEAD_GRAPHS, grad=True)
         """Captured heads + their backward per padded row count (:meth:`predict` with ``graphed``)."""
+        self._head_render_graphs = GraphCache(capacity=HEAD_GRAPHS)
+        """The same without grad (renders), per padded row count: any state and source set of that
+        size replays it, so a moving viewer camera captures rarely."""
 
     def build_volume(self, node: GaussianNode, cache: Optional[VolumeIndexCache] = None) -> SparseVolume:
         """The node's sparse feature volume (segment frame), voxelised from the points
@@ -402,9 +404,10 @@ class GaussianPredictor(nn.Module):
 
         Only node Gaussians seen by at least ``min_views`` of the ``num_neighbour_select`` sources
         nearest to the target (or of ``views`` [S], host indices, when given) are returned
-        (``index`` says which). ``graphed`` (CUDA, training): the heads and their backward replay a
-        graph captured per padded row count (:func:`~evolsplat_ns.model.heads.bucket_rows`); the
-        caller back-propagates (or drops) the outputs before the next graphed call.
+        (``index`` says which). ``graphed`` (CUDA, fp32): the heads (and under grad their backward)
+        replay a graph captured per padded row count (:func:`~evolsplat_ns.model.heads.bucket_rows`);
+        the caller consumes (and back-propagates) the outputs before the next graphed call, which
+        overwrites them.
         """
         if views is None:
             views = self.nearest_views(state, target_c2w)
@@ -422,7 +425,8 @@ class GaussianPredictor(nn.Module):
         args = (rowwise.image_feat, volume_feat, means.detach(), target_c2w, target_K, rowwise.anchor_dc,
                 rowwise.base_log_scale)
         if graphed:
-            out = self._head_graphs((rows, volume_feat.requires_grad), self._decoder[0], args, device)
+            cache = self._head_graphs if torch.is_grad_enabled() else self._head_render_graphs
+            out = cache((rows, volume_feat.requires_grad), self._decoder[0], args, device)
             sh, scales, quats, opacities = (t[:m] for t in out)
             means, offset = means[:m], offset[:m]
         else:

@@ -100,3 +100,20 @@ def test_graphed_heads_accumulate_the_eager_gradients_target_after_target():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     heads = model.predictor._head_graphs
     assert len(heads) == 1 and heads.replays >= 4 and heads.disabled is None
+
+
+@torch.no_grad()
+def test_render_heads_replay_one_graph_per_row_count():
+    """Without the whole-decode graph, no-grad renders replay the heads' forward graph of their
+    padded row count (shared by every state and source set of that size)."""
+    model, state, K = render_setup("cuda")
+    model.config.cuda_graph_render = False
+    for x in (0.20, 0.22, 0.24, 0.26):
+        eager = model.render(state, target_pose(x), K, W, H)
+        expected = {k: getattr(eager["gaussians"], k).clone() for k in ("means", "scales", "quats", "opacities", "sh")}
+        graphed = model.render(state, target_pose(x), K, W, H, reuse_graphs=True)
+        for k, v in expected.items():
+            torch.testing.assert_close(getattr(graphed["gaussians"], k), v, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(graphed["rgb"], eager["rgb"], rtol=1e-4, atol=1e-5)
+    heads = model.predictor._head_render_graphs
+    assert len(heads) == 1 and heads.replays >= 2 and heads.disabled is None and len(state.graphs) == 0

@@ -306,11 +306,13 @@ class EVolSplatTrainer(Trainer):
     def _sample_loss(self, sample: Sample, batch: dict, step: int) -> SampleLoss:
         """The model's one loss loop with per-target backward (graphs freed between targets)."""
         device_type = self.device.split(":")[0]
+        # No weight-cast cache: each target is its own autocast region (the cache would be dropped
+        # per target anyway), and CUDA graphs of the heads cannot capture one.
         return self.pipeline.model.sample_loss(
             sample, batch.get("point_cloud"), step,
             backward=lambda loss: self.grad_scaler.scale(loss).backward(),
             autocast=lambda: torch.autocast(device_type=device_type, dtype=self.autocast_dtype,
-                                            enabled=self.mixed_precision))
+                                            enabled=self.mixed_precision, cache_enabled=False))
 
     def _count(self, reason: str, step: int, message: str) -> None:
         self.skipped_steps[reason] += 1

@@ -93,8 +93,8 @@ class EVolSplatModelConfig(ModelConfig, PredictorConfig):
     """On a GPU, replay fixed-shape work from captured CUDA graphs (one launch instead of tens to
     hundreds; the step is launch-bound, docs/performance.md): the sources' sky warp (captured once
     per image shape) and, in training with per-target backward, the photometric loss with its
-    backward and the view-dependent heads with theirs (fp32 only, per padded row count up to
-    ``predictor.MAX_GRAPH_ROWS``). False: everything eager."""
+    backward and the view-dependent heads with theirs (per padded row count up to
+    ``predictor.MAX_GRAPH_ROWS``; renders replay the heads' forward alike). False: everything eager."""
     cuda_graph_render: bool = False
     """With ``cuda_graphs``, also replay a camera's whole decode (heads + warp) in no-grad renders
     (viewer, ``ns-eval`` images, camera paths), captured per encoded state and source set. Off by
@@ -484,9 +484,9 @@ class EVolSplatModel(SplatfactoSurface):
 
         With ``reuse_graphs`` (see :meth:`render`) the sky warp (no grad) replays a graph, and with
         ``cuda_graph_render`` a no-grad decode replays one captured from ``state`` as a whole (a
-        camera's decode is a few hundred small kernels); in training the heads replay a forward +
-        backward graph (``GaussianPredictor.predict``), except under autocast. On the CPU
-        everything runs eagerly."""
+        camera's decode is a few hundred small kernels); otherwise the heads replay a graph of
+        their forward (+ backward in training) per row count (``GaussianPredictor.predict``).
+        On the CPU everything runs eagerly."""
         def decode(c2w: torch.Tensor, K: torch.Tensor, graphed: bool):
             return (self.predictor.predict(state, c2w, K, views, graphed=graphed),
                     self.predictor.predict_sky(state, views, c2w, K, width, height, graphed=graphed))

@@ -212,9 +212,16 @@ hide the launches, and a graph's memory would not be."""
 
 
 def _can_graph_heads(target_c2w: torch.Tensor, rows: int, padded: int) -> bool:
-    """Whether a target's heads may replay a graph: on a GPU, without autocast (a graph cannot
-    hold autocast's weight cache), with rows to predict and not too many."""
-    return target_c2w.is_cuda and not torch.is_autocast_enabled() and 0 < rows and padded <= MAX_GRAPH_ROWS
+    """Whether a target's heads may replay a graph: on a GPU, not under an autocast that caches
+    its weight casts (a graph cannot capture the cache; the trainer's autocast has none), with rows
+    to predict and not too many."""
+    cached_autocast = torch.is_autocast_enabled("cuda") and torch.is_autocast_cache_enabled()
+    return target_c2w.is_cuda and not cached_autocast and 0 < rows and padded <= MAX_GRAPH_ROWS
+
+
+def _autocast_dtype() -> Optional[torch.dtype]:
+    """The CUDA autocast dtype in force (None without autocast): graphs are captured per dtype."""
+    return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
 
 
 def on_host(t: torch.Tensor) -> torch.Tensor:
@@ -404,7 +411,7 @@ class GaussianPredictor(nn.Module):
 
         Only node Gaussians seen by at least ``min_views`` of the ``num_neighbour_select`` sources
         nearest to the target (or of ``views`` [S], host indices, when given) are returned
-        (``index`` says which). ``graphed`` (CUDA, fp32): the heads (and under grad their backward)
+        (``index`` says which). ``graphed`` (CUDA): the heads (and under grad their backward)
         replay a graph captured per padded row count (:func:`~evolsplat_ns.model.heads.bucket_rows`);
         the caller consumes (and back-propagates) the outputs before the next graphed call, which
         overwrites them.
@@ -426,7 +433,7 @@ class GaussianPredictor(nn.Module):
                 rowwise.base_log_scale)
         if graphed:
             cache = self._head_graphs if torch.is_grad_enabled() else self._head_render_graphs
-            out = cache((rows, volume_feat.requires_grad), self._decoder[0], args, device)
+            out = cache((rows, volume_feat.requires_grad, _autocast_dtype()), self._decoder[0], args, device)
             sh, scales, quats, opacities = (t[:m] for t in out)
             means, offset = means[:m], offset[:m]
         else:

@@ -132,3 +132,26 @@ def test_bucket_rows_pads_by_at_most_a_quarter(rows, expected):
     from evolsplat_ns.model.heads import bucket_rows
 
     assert bucket_rows(rows) == expected and expected - rows <= rows / 4
+
+
+def test_heads_graph_route_picks_the_cache_by_grad(monkeypatch):
+    """Training predictions go to the forward + backward graphs, no-grad renders to the forward
+    graphs, both keyed by padded row count (a stand-in capture on the CPU)."""
+    from evolsplat_ns.model import predictor as predictor_module
+
+    monkeypatch.setattr(cuda_graphs, "CapturedCall", _FakeCapture)
+    monkeypatch.setattr(cuda_graphs, "CapturedGradCall", _FakeCapture)
+    monkeypatch.setattr(predictor_module, "_can_graph_heads", lambda *a: True)
+    model, _, K = render_setup()
+    heads = model.predictor
+    heads._head_graphs, heads._head_render_graphs = GraphCache(grad=True), GraphCache()
+    state = model.encode(split_backward=True)
+    for _ in range(3):
+        g = heads.predict(state, target_pose(0.1), K, graphed=True)
+        g.sh.sum().backward(retain_graph=True)
+    with torch.no_grad():
+        for _ in range(3):
+            heads.predict(state, target_pose(0.1), K, graphed=True)
+    (train_key,), (render_key,) = heads._head_graphs._graphs, heads._head_render_graphs._graphs
+    assert train_key[1] is True and render_key[1] is False and train_key[0] == render_key[0]
+    assert heads._head_graphs.replays == 1 and heads._head_render_graphs.replays == 1

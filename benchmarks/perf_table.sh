@@ -8,6 +8,11 @@
 # RUN names (default: all but host): tests 100k 100k-bf16 1m 1m-bf16 psnr psnr-bf16 viewer host
 # (host: 100k under cProfile, where the host's time goes). Extra train_throughput
 # flags for every training run go in $EXTRA (e.g. EXTRA="--set pipeline.model.volume_from=anchors").
+# Older code in the same call (GPU hosts differ, so only one call's rows compare): archive it here,
+#   mkdir -p .bench_before && git archive <commit> evolsplat_ns | tar -x -C .bench_before
+# carry .bench_before (git-ignored through .git/info/exclude) and run
+#   PYTHONPATH=$PWD/.bench_before:$PYTHONPATH TAG=before- bash benchmarks/perf_table.sh 100k
+# (the first line printed names the evolsplat_ns that was imported).
 set -u
 OUT=${OUT:-/tmp/perf}
 DATA=${DATA:-/tmp/synth}

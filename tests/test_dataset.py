@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from evolsplat_ns.data import layout as L
-from evolsplat_ns.data.cache import PointCloudCache, point_cloud_nbytes
+from evolsplat_ns.data.cache import ImageCache, PointCloudCache, point_cloud_nbytes
 from evolsplat_ns.data.dataset import MultiSceneDataset, MultiSceneDatasetConfig
 from evolsplat_ns.data.scheduler import SegmentScheduler
 from evolsplat_ns.data.segments import eval_frame_mask, nearest_sources, select_train_keyframes, split_segments
@@ -218,6 +218,47 @@ def test_cache_preload_disabled_is_a_noop():
     cache = PointCloudCache(lambda k: _cloud(1), preload=False)
     cache.preload("x")
     assert cache.builds == 0 and len(cache) == 0
+
+
+def test_image_cache_is_lru_bounded_by_bytes_and_read_only():
+    loads = []
+
+    def image(key):
+        loads.append(key)
+        return np.full((4, 5, 3), key, dtype=np.uint8)  # 60 bytes
+
+    cache = ImageCache(max_bytes=130)
+    for key in (1, 2, 1, 3):  # 3 evicts 2, the least recently used
+        cache.get_or_load(key, lambda: image(key))
+    assert loads == [1, 2, 3] and len(cache) == 2 and cache.nbytes == 120
+    assert (cache.hits, cache.misses) == (1, 3)
+    a = cache.get_or_load(1, lambda: image(99))
+    assert int(a[0, 0, 0]) == 1 and not a.flags.writeable
+    cache.get_or_load(2, lambda: image(2))
+    assert loads == [1, 2, 3, 2], "2 was evicted: loaded again"
+    with pytest.raises(ValueError, match="max_bytes"):
+        ImageCache(0)
+
+
+def test_dataset_decodes_each_image_once_and_samples_are_unchanged(base_config, monkeypatch):
+    """Samples drawn with the decoded-image cache equal those without; no image is decoded twice
+    by the cached dataset; a negative bound names the setting."""
+    plain = MultiSceneDataset(replace(base_config, image_cache_mb=0.0))
+    cached = MultiSceneDataset(replace(base_config, image_cache_mb=64.0))
+    assert plain.image_cache is None and cached.scenes[0].image_cache is cached.image_cache
+    real_read = L.read_image
+    reads = []
+    monkeypatch.setattr(L, "read_image", lambda path, *a, **k: reads.append(str(path)) or real_read(path, *a, **k))
+    expected = [plain.next_train_sample() for _ in range(6)]
+    reads.clear()
+    for a in expected:
+        b = cached.next_train_sample()
+        torch.testing.assert_close(b.source.images, a.source.images, rtol=0, atol=0)
+        torch.testing.assert_close(b.target.images, a.target.images, rtol=0, atol=0)
+    assert reads and len(set(reads)) == len(reads), "each image decoded once"
+    assert cached.image_cache.hits > 0 and cached.image_cache.misses == len(reads)
+    with pytest.raises(ValueError, match="image_cache_mb"):
+        MultiSceneDataset(replace(base_config, image_cache_mb=-1.0))
 
 
 # ----------------------------------------------------------------------------- MultiSceneDataset

@@ -1,4 +1,4 @@
-"""A memory-bounded LRU cache of per-segment point clouds with background preloading.
+"""Memory-bounded LRU caches: per-segment point clouds (with background preloading) and decoded images.
 
 Building a segment's RGB point cloud (reading LiDAR, colouring, filtering) takes long enough that
 training should not wait for it on every segment switch: ``preload(key)`` builds the next segment
@@ -12,6 +12,8 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Hashable
+
+import numpy as np
 
 from evolsplat_ns.data.types import PointCloud
 
@@ -85,3 +87,48 @@ class PointCloudCache:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class ImageCache:
+    """Decoded images by key, least recently used dropped beyond ``max_bytes``; thread-safe.
+
+    A segment's training samples draw their source and target frames from the same few frames,
+    so caching the decoded arrays takes the JPEG decode (and PIL's GIL-holding array conversion)
+    off every sample after the first few. Arrays are returned read-only and shared: callers copy
+    (``np.stack``) rather than write into them.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"ImageCache needs max_bytes > 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+        self._nbytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    def get_or_load(self, key: Hashable, load: Callable[[], np.ndarray]) -> np.ndarray:
+        """The array cached under ``key``, else ``load()`` (run outside the lock, so decoder
+        threads load in parallel) cached and returned."""
+        with self._lock:
+            if key in self._entries:
+                self.hits += 1
+                self._entries.move_to_end(key)
+                return self._entries[key]
+        array = load()
+        array.setflags(write=False)
+        with self._lock:
+            self.misses += 1
+            if key not in self._entries:
+                self._entries[key] = array
+                self._nbytes += array.nbytes
+            while len(self._entries) > 1 and self._nbytes > self.max_bytes:
+                self._nbytes -= self._entries.popitem(last=False)[1].nbytes
+        return array

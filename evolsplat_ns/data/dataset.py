@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import tyro
 
-from evolsplat_ns.data.cache import PointCloudCache
+from evolsplat_ns.data.cache import ImageCache, PointCloudCache
 from evolsplat_ns.data.observations import SegmentObservations
 from evolsplat_ns.data.pointcloud.base import PointCloudGeneratorConfig, make_generator
 from evolsplat_ns.data.scene import SceneData
@@ -104,6 +104,9 @@ class MultiSceneDatasetConfig:
     config class (e.g. ``DepthPointCloudConfig(pixel_stride=1)``) also sets that generator's options."""
     cache_max_mb: float = 2048.0
     """Memory bound of the point-cloud cache (LRU); 0 = unbounded."""
+    image_cache_mb: float = 1024.0
+    """Memory bound of the decoded-image cache (uint8, LRU, all scenes); 0 = off. A segment's
+    samples revisit its frames, so most images are decoded once (960x640: 1.8 MB each)."""
     preload: bool = True
     """Build the next segment's point cloud in a background thread."""
     load_depth: bool = False
@@ -133,6 +136,10 @@ class MultiSceneDataset:
         self.config = c = config
         self.shard = shard or Shard()
         source = get_source(c.data_source)
+        if c.image_cache_mb < 0:
+            raise ValueError(f"image_cache_mb must be >= 0 (0 turns the decoded-image cache off), got {c.image_cache_mb} "
+                             "(set pipeline.datamanager.dataset.image_cache_mb)")
+        self.image_cache = ImageCache(int(c.image_cache_mb * 2**20)) if c.image_cache_mb > 0 else None
         self.scenes = [self._open(source, p) for p in source.find_scenes(Path(c.data))]
         self.eval_scene_ids = self._pick_eval_scenes()
         self.segments: list[SegmentSpec] = []
@@ -173,7 +180,9 @@ class MultiSceneDataset:
 
     def _open(self, source, path: Path) -> SceneData:
         scene = source.open_scene(path, self.config.downscale, self.config.cameras)
-        return scene if self.config.image_size is None else scene.with_image_size(self.config.image_size)
+        scene = scene if self.config.image_size is None else scene.with_image_size(self.config.image_size)
+        scene.image_cache = self.image_cache
+        return scene
 
     def _hold_out_mode(self, scene: SceneData) -> str:
         mode = self.config.eval_hold_out

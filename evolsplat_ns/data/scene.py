@@ -25,12 +25,13 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from evolsplat_ns.data import layout as L
+from evolsplat_ns.data.cache import ImageCache
 from evolsplat_ns.data.types import LidarSweep, Views
 from evolsplat_ns.geometry import OPENCV2DATASET
 
@@ -98,6 +99,9 @@ class SceneData:
         self.common_size = (int(image_size[0]), int(image_size[1]))
         self.calib = {c: self._read_calib(c, full[c]) for c in cams}
         self.ego_to_world = {t: L.read_matrix4(self.layout.ego_pose_path(t)) for t in self.frames}
+        self.image_cache: Optional[ImageCache] = None
+        """Decoded images shared with other scenes (its owner, e.g. ``MultiSceneDataset``, sets
+        it); None decodes every load."""
 
     def _read_calib(self, cam: int, full_size: tuple[int, int]) -> CameraCalib:
         intr = L.read_intrinsics(self.layout.intrinsics_path(cam))
@@ -168,8 +172,7 @@ class SceneData:
         if unknown:
             raise ValueError(f"scene {self.name}: cameras {unknown} are not loaded (cameras: {self.cameras})")
         size = self.common_size
-        imgs = np.stack(list(_decode_pool().map(
-            lambda tc: L.read_image(self.layout.image_path(*tc), size, self.calib[tc[1]].full_size), pairs)))
+        imgs = np.stack(list(_decode_pool().map(lambda tc: self._read_rgb(*tc, size), pairs)))
         c2w = np.stack([ref_from_world @ self.cam_to_world(t, c) for t, c in pairs])
         Ks = np.stack([self.calib[c].K for _, c in pairs])
         views = Views(
@@ -186,6 +189,13 @@ class SceneData:
         if dynamic and self.layout.has("dynamic_masks"):
             views.dynamic_masks = self._load_masks(pairs, size, self.layout.dynamic_mask_path)
         return views
+
+    def _read_rgb(self, t: int, cam: int, size: tuple[int, int]) -> np.ndarray:
+        """[H, W, 3] uint8 image of frame ``t``, camera ``cam`` at ``size`` (W, H), decoded or cached."""
+        path = self.layout.image_path(t, cam)
+        load = lambda: L.read_image(path, size, self.calib[cam].full_size)  # noqa: E731
+        cache = getattr(self, "image_cache", None)  # a data source's own subclass may not set it
+        return load() if cache is None else cache.get_or_load((str(path), tuple(size)), load)
 
     def _load_masks(self, pairs, size, path_fn) -> torch.Tensor:
         return torch.from_numpy(np.stack([L.read_mask(path_fn(t, c), size) for t, c in pairs]))

@@ -167,17 +167,19 @@ class ActorNodes:
         frame column, so a keyframe's targets place their actors without any device read."""
         col = self._frame_column(float(time))
         if col is None:  # interpolated time: validity is computed on the device (one read)
-            ok = self.pose_at(time)[3]
-            return None if bool(ok.all()) else ok[self.actor].nonzero()[:, 0]
+            return self._rows_where(self.pose_at(time)[3])
         cached = getattr(self, "_rows_host", None)
         if cached is None or cached[0] is not self.valid or cached[1] is not self.actor:
             cached = (self.valid, self.actor, self.valid.cpu(), {})  # one sync per track set
             self._rows_host = cached
         valid_host, rows = cached[2], cached[3]
         if col not in rows:
-            ok = valid_host[:, col]
-            rows[col] = None if bool(ok.all()) else ok.to(self.actor.device)[self.actor].nonzero()[:, 0]
+            rows[col] = self._rows_where(valid_host[:, col])
         return rows[col]
+
+    def _rows_where(self, ok: torch.Tensor) -> Optional[torch.Tensor]:
+        """Rows [M] of the anchors whose actor is ``ok`` [K] (bool), None when all are."""
+        return None if bool(ok.all()) else ok.to(self.actor.device)[self.actor].nonzero()[:, 0]
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}

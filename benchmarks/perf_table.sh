@@ -41,7 +41,7 @@ r = json.load(open(sys.argv[1]))
 p, v, h = r.get("profile") or {}, r.get("viewer") or {}, r.get("held_out") or {}
 print({"it/s": round(r["iterations_per_s"], 2), "ms": round(r["ms_per_iteration"], 1),
        "launches": p.get("kernel_launches_per_step"), "busy_ms": p.get("gpu_busy_ms_per_step"),
-       "busy": r.get("gpu_busy_fraction"), "peak_gb": r["peak_gpu_memory_gb"],
+       "busy": r.get("gpu_busy_fraction"), "idle_by_phase": p.get("gpu_idle_ms_per_step_by_phase"), "peak_gb": r["peak_gpu_memory_gb"],
        "gaussians": r["gaussians_per_segment"], "phases": r["ms_per_phase"],
        "psnr": h.get("psnr"), "steps": r["steps_trained"], "viewer": v})
 PY
@@ -50,9 +50,9 @@ PY
 for run in $RUNS; do
     case $run in
         tests) timeout 300 python -m pytest -q tests/gpu 2>&1 | tail -15 ;;
-        100k) train 100k $P100K $SHAPE --viewer-frames 30 --sync-iters 2 --profile-table "$OUT/${TAG}100k-ops.txt" ;;
+        100k) train 100k $P100K $SHAPE --viewer-frames 30 --viewer-profile-frames 10 --sync-iters 2 --profile-table "$OUT/${TAG}100k-ops.txt" ;;
         100k-bf16) train 100k-bf16 $P100K $SHAPE --amp bf16 ;;
-        1m) train 1m $P1M --warmup 4 --iters 15 --phase-iters 3 --profile-iters 2 --viewer-frames 20 ;;
+        1m) train 1m $P1M --warmup 4 --iters 15 --phase-iters 3 --profile-iters 2 --viewer-frames 20 --viewer-profile-frames 5 ;;
         1m-bf16) train 1m-bf16 $P1M --warmup 4 --iters 15 --phase-iters 3 --profile-iters 2 --amp bf16 ;;
         psnr) train psnr $P100K --warmup 8 --iters 300 --phase-iters 0 --profile-iters 0 --eval ;;
         psnr-bf16) train psnr-bf16 $P100K --warmup 8 --iters 300 --phase-iters 0 --profile-iters 0 --eval --amp bf16 ;;

@@ -29,6 +29,7 @@ on generated data, e.g.:
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import random
 import time
@@ -125,15 +126,50 @@ def phase_pass(trainer, first: int, iters: int) -> dict[str, float]:
     return dict(sorted(phases.items(), key=lambda kv: -kv[1]))
 
 
+def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of [start, end] intervals as sorted disjoint intervals."""
+    out: list[list[float]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
 def _union_us(intervals: list[tuple[float, float]]) -> float:
     """Total length of the union of [start, end] intervals."""
-    total, end = 0.0, float("-inf")
-    for a, b in sorted(intervals):
-        if a > end:
-            total, end = total + (b - a), b
-        elif b > end:
-            total, end = total + (b - end), b
-    return total
+    return sum(b - a for a, b in _merged(intervals))
+
+
+def idle_by_phase(events, iters: int, top: int = 8) -> dict[str, float]:
+    """GPU idle ms per step, by the phase (``utils.timing.phase``) the host was in meanwhile.
+
+    Idle = the gaps between the union of device intervals, from the first device event to the
+    last; each gap's time goes to the innermost ``phase:<name>`` range covering it ("(none)" for
+    host work outside any phase: the optimizer step, the trainer's bookkeeping). It says which
+    phase's host work the GPU waited on: where launches, Python or syncs are exposed.
+    """
+    from torch.autograd import DeviceType
+
+    from evolsplat_ns.utils.timing import PHASE_PREFIX
+
+    busy = _merged([(e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA])
+    gaps = [(a[1], b[0]) for a, b in zip(busy, busy[1:]) if b[0] > a[1]]
+    phases = sorted(((e.time_range.start, e.time_range.end, e.name[len(PHASE_PREFIX):]) for e in events
+                     if e.device_type == DeviceType.CPU and e.name.startswith(PHASE_PREFIX)))
+    idle: Counter = Counter()
+    starts = [p[0] for p in phases]
+    for g0, g1 in gaps:
+        # Cut the gap at every phase boundary inside it; each piece goes to the innermost phase.
+        lo = bisect.bisect_right(starts, g1)
+        near = [p for p in phases[:lo] if p[1] > g0]
+        cuts = sorted({g0, g1} | {t for p in near for t in p[:2] if g0 < t < g1})
+        for a, b in zip(cuts, cuts[1:]):
+            mid = (a + b) / 2
+            inside = [p for p in near if p[0] <= mid < p[1]]
+            idle[min(inside, key=lambda p: p[1] - p[0])[2] if inside else "(none)"] += b - a
+    return {k: round(v / 1000 / iters, 3) for k, v in idle.most_common(top)}
 
 
 def profile_pass(trainer, first: int, iters: int, table: Path | None = None) -> dict:
@@ -161,6 +197,7 @@ def profile_pass(trainer, first: int, iters: int, table: Path | None = None) -> 
         "device_ops_per_step": len(device) / iters,
         "host_syncs_per_step": {n: runtime[n] / iters for n in _SYNC_NAMES if runtime[n]},
         "gpu_busy_ms_per_step": busy_us / 1000 / iters,
+        "gpu_idle_ms_per_step_by_phase": idle_by_phase(events, iters),
         "top_kernels_ms_per_step": {k[:90]: round(v / 1000 / iters, 3) for k, v in kernels.most_common(15)},
     }
 
@@ -238,6 +275,8 @@ def print_table(r: dict) -> None:
         rows += [("kernel launches/step", f"{prof['kernel_launches_per_step']:.0f}"),
                  ("GPU busy ms/step", f"{prof['gpu_busy_ms_per_step']:.1f}"),
                  ("GPU busy fraction", f"{r['gpu_busy_fraction']:.0%}" if r["gpu_busy_fraction"] else "-"),
+                 ("GPU idle ms/step by phase", ", ".join(f"{k} {v:.1f}" for k, v in
+                                                          prof["gpu_idle_ms_per_step_by_phase"].items())),
                  ("host syncs/step", ", ".join(f"{k} {v:.0f}" for k, v in prof["host_syncs_per_step"].items()))]
     rows += [(f"  phase {k} (ms)", f"{v:.1f}") for k, v in r["ms_per_phase"].items()]
     width = max(len(k) for k, _ in rows)
@@ -262,6 +301,8 @@ def main() -> None:
                    help="then score the held-out views (PSNR after this run's steps; compare runs of equal steps)")
     p.add_argument("--viewer-frames", type=int, default=0,
                    help="then time the viewer's render on the trained pipeline (viewer_fps.py's figures)")
+    p.add_argument("--viewer-profile-frames", type=int, default=0,
+                   help="with --viewer-frames: profile this many cached-encoding frames (launches, idle by phase)")
     args = p.parse_args()
 
     trainer = build_trainer(args)
@@ -292,7 +333,8 @@ def main() -> None:
 
         pipeline.eval()
         sample = pipeline.model.context.sources
-        viewer = measure(pipeline, args.viewer_frames, 0.1, sample.width, sample.height, 60.0)
+        viewer = measure(pipeline, args.viewer_frames, 0.1, sample.width, sample.height, 60.0,
+                         profile=args.viewer_profile_frames)
     segments = trainer.pipeline.model.segments
     sample = trainer.pipeline.model.context.sources
     ms = 1000 * wall / args.iters

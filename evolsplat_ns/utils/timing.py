@@ -4,6 +4,8 @@ Phase timers cost nothing and sync no CUDA stream unless enabled.
 
 Model code marks phases with ``with phase("render"):``. ``benchmarks/train_throughput.py`` enables
 the timers, which then synchronise CUDA at phase boundaries so each phase's time is its own.
+Under ``torch.profiler`` (timers off) a phase is a ``record_function`` range named ``phase:<name>``,
+so the profile can say which phase's host work the GPU waited on (``benchmarks/train_throughput.py``'s ``idle_by_phase``).
 """
 
 from __future__ import annotations
@@ -36,10 +38,18 @@ def totals() -> dict[str, float]:
     return dict(_totals)
 
 
+PHASE_PREFIX = "phase:"
+"""Prefix of the profiler ranges :func:`phase` records while a profiler runs."""
+
+
 @contextmanager
 def phase(name: str) -> Iterator[None]:
     if not _enabled:
-        yield
+        if torch._C._autograd._profiler_enabled():
+            with torch.profiler.record_function(PHASE_PREFIX + name):
+                yield
+        else:
+            yield
         return
     sync = torch.cuda.is_available() and torch.cuda.is_initialized()
     if sync:

@@ -142,6 +142,15 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
     return sum(b - a for a, b in _merged(intervals))
 
 
+def device_events(events) -> list:
+    """The profiler's kernels and copies: device-side events less the GPU shadows of
+    ``record_function`` ranges (phases, ``Optimizer.step``), which span host time, not GPU work."""
+    from torch.autograd import DeviceType
+
+    return [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+            and not e.name.startswith(("phase:", "Optimizer."))]
+
+
 def idle_by_phase(events, iters: int, top: int = 8) -> dict[str, float]:
     """GPU idle ms per step, by the phase (``utils.timing.phase``) the host was in meanwhile.
 
@@ -154,7 +163,7 @@ def idle_by_phase(events, iters: int, top: int = 8) -> dict[str, float]:
 
     from evolsplat_ns.utils.timing import PHASE_PREFIX
 
-    busy = _merged([(e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA])
+    busy = _merged([(e.time_range.start, e.time_range.end) for e in device_events(events)])
     gaps = [(a[1], b[0]) for a, b in zip(busy, busy[1:]) if b[0] > a[1]]
     phases = sorted(((e.time_range.start, e.time_range.end, e.name[len(PHASE_PREFIX):]) for e in events
                      if e.device_type == DeviceType.CPU and e.name.startswith(PHASE_PREFIX)))
@@ -185,7 +194,7 @@ def profile_pass(trainer, first: int, iters: int, table: Path | None = None) -> 
         table.write_text(averages.table(sort_by="self_cpu_time_total", row_limit=60) + "\n"
                          + averages.table(sort_by="self_cuda_time_total", row_limit=40))
     events = prof.events()
-    device = [e for e in events if e.device_type == DeviceType.CUDA]
+    device = device_events(events)
     runtime = Counter(e.name for e in events if e.device_type == DeviceType.CPU
                       and (e.name in _LAUNCH_NAMES or e.name in _SYNC_NAMES))
     kernels: Counter = Counter()
@@ -203,9 +212,16 @@ def profile_pass(trainer, first: int, iters: int, table: Path | None = None) -> 
 
 
 def sync_sites(trainer, first: int, iters: int, top: int = 25) -> dict[str, float]:
-    """Where the step synchronises the host with the GPU: per step, how often each call site does.
+    """Where the step synchronises the host with the GPU: per step, how often each call site does
+    (:func:`sync_sites_of` ``iters`` training steps)."""
+    return sync_sites_of(lambda: timed_pass(trainer, first, iters), iters, top)
 
-    Runs ``iters`` steps under ``torch.cuda.set_sync_debug_mode("warn")``, which warns at every
+
+def sync_sites_of(run, iters: int, top: int = 25) -> dict[str, float]:
+    """Call sites synchronising the host with the GPU while ``run()`` does ``iters`` units of work
+    (steps, frames): per unit, how often each site does.
+
+    Runs ``run()`` under ``torch.cuda.set_sync_debug_mode("warn")``, which warns at every
     synchronising CUDA call; each warning is attributed to the innermost stack frame inside this
     project (else the innermost outside the standard library), as ``file:line function``.
     """
@@ -230,7 +246,7 @@ def sync_sites(trainer, first: int, iters: int, top: int = 25) -> dict[str, floa
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.showwarning = on_warning
-            timed_pass(trainer, first, iters)
+            run()
     finally:
         torch.cuda.set_sync_debug_mode("default")
         warnings.showwarning = previous

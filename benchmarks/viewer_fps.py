@@ -167,7 +167,7 @@ def profile_frames(model, camera: Cameras, frames: int, table: Path | None) -> d
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    from train_throughput import _LAUNCH_NAMES, _SYNC_NAMES, _union_us, idle_by_phase
+    from train_throughput import _LAUNCH_NAMES, _SYNC_NAMES, _union_us, device_events, idle_by_phase, sync_sites_of
 
     model.get_outputs_for_camera(camera.to(model.device))  # the encoding is cached from here
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -177,12 +177,14 @@ def profile_frames(model, camera: Cameras, frames: int, table: Path | None) -> d
     if table is not None:
         table.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=50))
     events = prof.events()
-    device = [e for e in events if e.device_type == DeviceType.CUDA]
+    device = device_events(events)
     names = [e.name for e in events if e.device_type == DeviceType.CPU]
     return {"launches_per_frame": sum(n in _LAUNCH_NAMES for n in names) / frames,
             "syncs_per_frame": sum(n in _SYNC_NAMES for n in names) / frames,
             "gpu_busy_ms_per_frame": _union_us([(e.time_range.start, e.time_range.end) for e in device]) / 1e3 / frames,
-            "gpu_idle_ms_per_frame_by_phase": idle_by_phase(events, frames)}
+            "gpu_idle_ms_per_frame_by_phase": idle_by_phase(events, frames),
+            "sync_sites_per_frame": sync_sites_of(lambda: [model.get_outputs_for_camera(camera.to(model.device))
+                                                           for _ in range(frames)], frames)}
 
 
 def measure(pipeline, frames: int, step: float, width: int, height: int, fov: float,

@@ -12,7 +12,7 @@ from torch.autograd import DeviceType
 from evolsplat_ns.utils.timing import PHASE_PREFIX, phase
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from train_throughput import _union_us, idle_by_phase  # noqa: E402
+from train_throughput import _union_us, device_events, idle_by_phase  # noqa: E402
 
 
 def _event(name: str, device: DeviceType, start: float, end: float) -> SimpleNamespace:
@@ -37,8 +37,9 @@ def test_idle_gaps_go_to_the_innermost_phase_covering_them():
         _event(PHASE_PREFIX + "heads", cpu, 15, 50),            # outer: 20-25 and 40-50 of the gaps
         _event(PHASE_PREFIX + "render", cpu, 25, 35),           # inner: 25-30 of the first gap
         _event("aten::add", cpu, 22, 23),                       # not a phase: ignored
+        _event(PHASE_PREFIX + "heads", cuda, 15, 50),           # the range's GPU shadow: not GPU work
     ]
-    assert _union_us([(e.time_range.start, e.time_range.end) for e in events if e.device_type == cuda]) == 40
+    assert _union_us([(e.time_range.start, e.time_range.end) for e in device_events(events)]) == 40
     idle = idle_by_phase(events, iters=1)
     # us -> ms; 50-60 is outside every phase
     assert idle == {"heads": 0.015, "render": 0.005, "(none)": 0.01}

@@ -77,3 +77,19 @@ def test_box_quats_follow_new_poses():
                                             torch.zeros(3)))
     assert not torch.allclose(nodes.box_quats(), before)
     assert torch.allclose(quat_to_matrix(nodes.box_quats()), nodes.poses[..., :3, :3], atol=1e-5)
+
+
+def test_camera_to_opencv_inverts_views_to_cameras():
+    from evolsplat_ns.data.cameras import camera_to_opencv, poses_to_cameras
+
+    g = torch.Generator().manual_seed(3)
+    R = quat_to_matrix(_unit_quats(1, seed=3)).float()[0]
+    c2w = torch.eye(4)
+    c2w[:3, :3], c2w[:3, 3] = R, torch.randn(3, generator=g)
+    K = torch.tensor([[500.0, 0, 320.5], [0, 510.0, 240.25], [0, 0, 1]])
+    camera = poses_to_cameras(c2w[None], K[None], 640, 480)[0:1]
+    back, K_back, W, H = camera_to_opencv(camera, "cpu")
+    assert (W, H) == (640, 480) and isinstance(W, int)
+    torch.testing.assert_close(back, c2w, atol=1e-6, rtol=0)
+    torch.testing.assert_close(K_back, K)
+    assert back.dtype == K_back.dtype == torch.float32 and back.device.type == "cpu"

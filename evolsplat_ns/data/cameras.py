@@ -8,7 +8,7 @@ frame itself is the same on both sides; only the camera axes flip (``geometry.op
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from nerfstudio.cameras.cameras import Cameras, CameraType
@@ -50,11 +50,21 @@ def views_to_cameras(views: Views, metadata: dict | None = None) -> Cameras:
     return poses_to_cameras(views.camtoworlds, views.intrinsics, views.width, views.height, metadata)
 
 
-def camera_to_opencv(camera: Cameras) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """A single nerfstudio camera -> (OpenCV camera-to-world [4, 4], K [3, 3], W, H)."""
-    c2w = torch.eye(4, device=camera.camera_to_worlds.device)
-    c2w[:3, :4] = camera.camera_to_worlds.reshape(-1, 3, 4)[0]
-    K = torch.eye(3, device=c2w.device)
-    K[0, 0], K[1, 1] = camera.fx.reshape(-1)[0], camera.fy.reshape(-1)[0]
-    K[0, 2], K[1, 2] = camera.cx.reshape(-1)[0], camera.cy.reshape(-1)[0]
-    return opengl_to_opencv(c2w), K, int(camera.width.reshape(-1)[0]), int(camera.height.reshape(-1)[0])
+def camera_to_opencv(camera: Cameras, device: Optional[torch.device | str] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """A single nerfstudio camera -> (OpenCV camera-to-world [4, 4], K [3, 3], W, H), the tensors on
+    ``device`` (default: the camera's).
+
+    The fields are read in one copy to the host (W and H are needed there): from a GPU camera one
+    device sync, where ``camera.to("cpu")`` costs one per field (about ten in a viewer frame).
+    """
+    c = camera
+    first = [t.reshape(-1)[:1].to(torch.float64) for t in (c.fx, c.fy, c.cx, c.cy, c.width, c.height)]
+    host = torch.cat([c.camera_to_worlds.reshape(-1, 12)[0].to(torch.float64)] + first).cpu()
+    c2w = torch.eye(4)
+    c2w[:3, :4] = host[:12].view(3, 4)
+    K = torch.eye(3)
+    K[[0, 1, 0, 1], [0, 1, 2, 2]] = host[12:16].float()
+    device = c.camera_to_worlds.device if device is None else torch.device(device)
+    return (opengl_to_opencv(c2w).to(device, non_blocking=True), K.to(device, non_blocking=True),
+            int(host[16]), int(host[17]))

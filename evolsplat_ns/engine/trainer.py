@@ -201,11 +201,13 @@ class EVolSplatTrainer(Trainer):
     def train_step(self, step: int):
         """One iteration as nerfstudio's training loop runs it: callbacks before, ``train_iteration``,
         callbacks after (the offset commit is one). For drivers other than ``Trainer.train``."""
-        for callback in self.callbacks:
-            callback.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
+        with phase("callbacks"):
+            for callback in self.callbacks:
+                callback.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
         out = self.train_iteration(step)
-        for callback in self.callbacks:
-            callback.run_callback_at_location(step, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
+        with phase("callbacks"):
+            for callback in self.callbacks:
+                callback.run_callback_at_location(step, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
         return out
 
     def train_iteration(self, step: int):
@@ -223,12 +225,13 @@ class EVolSplatTrainer(Trainer):
             with phase("allreduce"):
                 self.dist.average_gradients(self._trained_parameters(), model.buffers(),
                                             f"the gradient all-reduce of step {step}")
-        self.optimizers.optimizer_scaler_step_all(self.grad_scaler)  # clips (max_norm) the averaged gradients
-        scale = self.grad_scaler.get_scale()
-        self.grad_scaler.update()
-        if scale <= self.grad_scaler.get_scale():
-            self.optimizers.scheduler_step_all(step)
-        model.offsets.stage(result.state, result.projected_index)
+        with phase("optimizer"):
+            self.optimizers.optimizer_scaler_step_all(self.grad_scaler)  # clips (max_norm) the averaged gradients
+            scale = self.grad_scaler.get_scale()
+            self.grad_scaler.update()
+            if scale <= self.grad_scaler.get_scale():
+                self.optimizers.scheduler_step_all(step)
+            model.offsets.stage(result.state, result.projected_index)
         metrics = {"psnr": result.psnr, "num_gaussians": torch.tensor(float(result.projected_index.numel()))}
         self._stop_if_out_of_time(step)
         return result.total, result.losses, metrics

@@ -696,7 +696,7 @@ class EVolSplatModel(SplatfactoSurface):
         """
         if self.camera_renderer is not None and (out := self.camera_renderer(camera)) is not None:
             return out
-        c2w, K, W, H = camera_to_opencv(camera.to("cpu"))  # host: nearest sources chosen there
+        c2w, K, W, H = camera_to_opencv(camera, "cpu")  # host: nearest sources chosen there
         ctx = self._require_context()
         with neighbour_count(self.predictor.projector, self.render_num_sources):
             out = self.render(self._encode_nearest(ctx, c2w), c2w, K, W, H, time=self._render_time(ctx, camera, c2w),

@@ -295,7 +295,7 @@ def place_actors(gaussians: ActorGaussians, nodes: ActorNodes, time: float) -> G
     R, pos, box_quats = R.to(gaussians.means.dtype), pos.to(gaussians.means.dtype), box_quats.to(gaussians.means.dtype)
     # The nodes' cached rows hold for Gaussians predicted per anchor (the head's); others are masked here.
     rows = nodes.anchors_at(time) if gaussians.actor is nodes.actor else ok[gaussians.actor].nonzero()[:, 0]
-    g = gaussians if rows is None else ActorGaussians(*(t[rows] for t in (
+    g = gaussians if rows is None else ActorGaussians(*(t.index_select(0, rows) for t in (
         gaussians.means, gaussians.quats, gaussians.scales, gaussians.opacities, gaussians.sh, gaussians.actor)))
     means = (R[g.actor] @ g.means[:, :, None])[..., 0] + pos[g.actor]
     return GaussianParams(means=means, quats=quat_multiply(box_quats[g.actor], g.quats), scales=g.scales,

@@ -106,8 +106,13 @@ def test_graphed_heads_accumulate_the_eager_gradients_target_after_target(dtype)
         for a, b in zip(graphed, eager):
             if dtype is None:
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
-            else:  # padded rows change the bf16 GEMMs' tiling, hence their rounding
-                assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
+            else:
+                # Padded rows change the bf16 GEMMs' tiling, hence their rounding, which the
+                # rasteriser's backward amplifies: cosine 0.992 measured on an H200 (fallback run).
+                # A graph that kept only the last target's gradient would be a third of the norm.
+                a, b = a.float().flatten(), b.float().flatten()
+                assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.98
+                assert abs(a.norm() / b.norm() - 1) < 0.05
     heads = model.predictor._head_graphs
     if dtype is not None and heads.disabled is not None:
         # On the H200 this tiny scene's bf16 capture is refused (cudaErrorStreamCaptureInvalidated;

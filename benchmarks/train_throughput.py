@@ -161,8 +161,10 @@ def idle_by_phase(events, iters: int, top: int = 8) -> dict[str, float]:
     """
     from torch.autograd import DeviceType
 
-    from evolsplat_ns.utils.timing import PHASE_PREFIX
-
+    try:
+        from evolsplat_ns.utils.timing import PHASE_PREFIX
+    except ImportError:  # code from before phases were profiler ranges: every gap is "(none)"
+        PHASE_PREFIX = "phase:"
     busy = _merged([(e.time_range.start, e.time_range.end) for e in device_events(events)])
     gaps = [(a[1], b[0]) for a, b in zip(busy, busy[1:]) if b[0] > a[1]]
     phases = sorted(((e.time_range.start, e.time_range.end, e.name[len(PHASE_PREFIX):]) for e in events
@@ -349,8 +351,9 @@ def main() -> None:
 
         pipeline.eval()
         sample = pipeline.model.context.sources
+        table = args.profile_table.with_name(args.profile_table.stem + "-viewer.txt") if args.profile_table else None
         viewer = measure(pipeline, args.viewer_frames, 0.1, sample.width, sample.height, 60.0,
-                         profile=args.viewer_profile_frames)
+                         profile=args.viewer_profile_frames, profile_table=table)
     segments = trainer.pipeline.model.segments
     sample = trainer.pipeline.model.context.sources
     ms = 1000 * wall / args.iters

@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -179,7 +180,11 @@ def profile_frames(model, camera: Cameras, frames: int, table: Path | None) -> d
     events = prof.events()
     device = device_events(events)
     names = [e.name for e in events if e.device_type == DeviceType.CPU]
-    return {"launches_per_frame": sum(n in _LAUNCH_NAMES for n in names) / frames,
+    kernels: Counter = Counter()
+    for e in device:
+        kernels[e.name[:90]] += e.time_range.elapsed_us()
+    return {"top_kernels_ms_per_frame": {k: round(v / 1e3 / frames, 3) for k, v in kernels.most_common(12)},
+            "launches_per_frame": sum(n in _LAUNCH_NAMES for n in names) / frames,
             "syncs_per_frame": sum(n in _SYNC_NAMES for n in names) / frames,
             "gpu_busy_ms_per_frame": _union_us([(e.time_range.start, e.time_range.end) for e in device]) / 1e3 / frames,
             "gpu_idle_ms_per_frame_by_phase": idle_by_phase(events, frames),

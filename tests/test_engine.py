@@ -45,6 +45,39 @@ def test_per_target_backward_matches_single_graph(trainer):
         torch.testing.assert_close(split[name], joint[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
+def _step_gradients(trainer, sample, batch) -> tuple[dict, dict]:
+    trainer.optimizers.zero_grad_all()
+    result = trainer._sample_loss(sample, batch, step=1)
+    grads = {n: p.grad.clone() for n, p in trainer.pipeline.model.named_parameters() if p.grad is not None}
+    return grads, {k: v.detach().clone() for k, v in result.losses.items()}
+
+
+def test_batched_targets_give_the_per_target_gradients(trainer, monkeypatch):
+    """batch_targets (every target in one draw, one backward) = per-target backward, losses and
+    gradients; each target still sees only its own Gaussians (a target's rows in another's
+    camera would change both)."""
+    pipeline, model = trainer.pipeline, trainer.pipeline.model
+    model.eval()
+    sample, batch = pipeline.datamanager.next_train(0)
+    sample.target = sample.target.select([0, 1, 2])
+    per_target, per_target_losses = _step_gradients(trainer, sample, batch)
+    drawn = []
+    real = model.render_targets
+    monkeypatch.setattr(model, "render_targets", lambda *a, **k: drawn.append(real(*a, **k)) or drawn[-1])
+    monkeypatch.setattr(model.config, "batch_targets", True)
+    batched, batched_losses = _step_gradients(trainer, sample, batch)
+    model.train()
+
+    assert len(drawn) == 1, "the batched path ran"
+    assert all(len(out["actors"]) for out in drawn[0]), "moving actors are in every target's rows"
+    assert drawn[0][0]["background_rgb"] is not None
+    assert per_target.keys() == batched.keys() and len(batched) > 10
+    for k in per_target_losses:
+        torch.testing.assert_close(batched_losses[k], per_target_losses[k], rtol=1e-5, atol=1e-7, msg=k)
+    for name in per_target:
+        torch.testing.assert_close(batched[name], per_target[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
 def test_step_updates_weights_and_offset_cache(trainer):
     before = params_vector(trainer)
     loss, loss_dict, metrics = trainer.train_step(2)

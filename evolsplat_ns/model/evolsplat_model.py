@@ -39,7 +39,7 @@ from evolsplat_ns.model.actors import ActorNodes
 from evolsplat_ns.model.node import GaussianNode, GaussianParams, concat_gaussians
 from evolsplat_ns.model.precision import full_precision
 from evolsplat_ns.model.predictor import GaussianPredictor, PredictorConfig, SharedState, on_host
-from evolsplat_ns.model.render.layers import rasterize_layered
+from evolsplat_ns.model.render.layers import rasterize_layered, rasterize_layered_blocks
 from evolsplat_ns.model.segment_store import SegmentState, SegmentStore
 from evolsplat_ns.model.stage2.config import Stage2Config
 from evolsplat_ns.model.stage2.discovery import discover_objects
@@ -100,6 +100,14 @@ class EVolSplatModelConfig(ModelConfig, PredictorConfig):
     (viewer, ``ns-eval`` images, camera paths), captured per encoded state and source set. Off by
     default: on an H200 it saved 0.3 ms of a 5.6 ms median frame but each capture (a new source set
     while the camera moves) costs a few frames, so a fly-through's mean rate fell."""
+    batch_targets: bool = False
+    """Training: draw a step's target views in one rasteriser call and back-propagate them with one
+    backward (each target keeps its own view-dependent Gaussians: one call of the heads over every
+    target's rows, and a draw in which each camera sees only its own rows). Fewer kernel launches
+    and host syncs where the host bounds the step (~100k Gaussians per segment, docs/performance.md);
+    every target's graph stays alive until that backward, so activation memory grows with the number
+    of targets, which the per-target backward (False, the default) bounds to one. Per-target anyway
+    while stage 2 refines and with ``sky_loss_weight`` > 0 (two draws per target)."""
     max_gaussians_per_segment: int = 0
     """Randomly subsample a segment's points to at most this many Gaussians (0 = all)."""
     max_points_per_actor: int = 5000
@@ -477,6 +485,40 @@ class EVolSplatModel(SplatfactoSurface):
         out["gaussians"], out["actors"] = params, actors
         return out
 
+    def render_targets(self, state: SharedState, targets: Views) -> list[dict[str, torch.Tensor]]:
+        """:meth:`render` of every view of ``targets`` (OpenCV camera-to-segment poses, best on the
+        host) at its frame time, in one call of the heads and one rasteriser call
+        (``batch_targets``); always one draw of foreground and dome (``rasterize_layered_blocks``).
+        Returns one dict per target, with the keys of :meth:`render`."""
+        poses, Ks = on_host(targets.camtoworlds), on_host(targets.intrinsics)
+        views = [self.predictor.nearest_views(state, c2w) for c2w in poses]
+        c2ws, Ks = poses.to(self.device, non_blocking=True), Ks.to(self.device, non_blocking=True)
+        W, H = targets.width, targets.height
+        times = on_host(targets.frame_ids).tolist()
+        with phase("heads"):
+            params = self.predictor.predict_many(state, c2ws, Ks, views)
+            skies = [self._sky(state, v, c2ws[i], Ks[i], W, H) for i, v in enumerate(views)]
+            actors = [self.predictor.predict_actors(state, float(t)) for t in times]
+            background = self.predictor.predict_background(state) if self.config.enable_background else None
+        fronts = [concat_gaussians([p, a]) if a is not None and len(a) else p for p, a in zip(params, actors)]
+        sky = None if skies[0] is None else tuple(torch.stack(parts) for parts in zip(*skies))
+        with torch.autocast(device_type=c2ws.device.type, enabled=False), phase("render"):
+            image = rasterize_layered_blocks(
+                [_fp32(f) for f in fronts], _fp32(background) if background is not None else None, c2ws.float(),
+                Ks.float(), W, H, sh_degree=self.config.sh_degree, normalize=self.config.normalize_background,
+                sky=sky, backend=self.config.renderer)
+        return [{"rgb": image.rgb[i], "depth": image.depth[i], "accumulation": image.alpha[i],
+                 "background_rgb": image.background[i], "gaussians": params[i], "actors": actors[i]}
+                for i in range(len(params))]
+
+    def _sky(self, state: SharedState, views: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor, width: int,
+             height: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """The sources' sky warp for one of several targets rendered together: a graph's outputs
+        are copied out (the next target's replay overwrites them)."""
+        graphed = self.config.cuda_graphs and c2w.is_cuda
+        sky = self.predictor.predict_sky(state, views, c2w, K, width, height, graphed=graphed)
+        return tuple(t.clone() for t in sky) if sky is not None and graphed else sky
+
     def _decode(self, state: SharedState, views: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor, width: int,
                 height: int, reuse_graphs: bool) -> tuple[GaussianParams, Optional[tuple[torch.Tensor, torch.Tensor]]]:
         """The target's Gaussians and the sources' sky (``predict``, ``predict_sky``) for ``c2w`` [4, 4]
@@ -539,7 +581,8 @@ class EVolSplatModel(SplatfactoSurface):
         With ``backward`` (e.g. ``lambda loss: scaler.scale(loss).backward()``) each target's loss is
         back-propagated on its own and its graph freed before the next, then the shared encode part
         once (``state.backward_shared``); without it every target stays in one graph (the caller
-        back-propagates ``result.total``). Both give the same gradients (chain rule linearity).
+        back-propagates ``result.total``). Both give the same gradients (chain rule linearity); so
+        does ``batch_targets``, where the targets are drawn together and back-propagated at once.
         ``autocast`` wraps the forward passes (mixed precision); rasterisation stays fp32.
         """
         with autocast():
@@ -550,13 +593,18 @@ class EVolSplatModel(SplatfactoSurface):
         targets = replace(sample.target, images=sample.target.images.to(self.device, non_blocking=True))
         totals: dict[str, torch.Tensor] = {}
         psnrs, seen, dropped = [], [], []
+        batched = (self._batched_losses(state, targets, step, backward, autocast)
+                   if self._batch_targets(backward) else None)
         for v in range(len(targets)):
-            with autocast():
-                result = self.target_loss(state, targets, v, step, graphed=backward is not None)
+            if batched is not None:
+                result = batched[v]
+            else:
+                with autocast():
+                    result = self.target_loss(state, targets, v, step, graphed=backward is not None)
             if result is None:
                 dropped.append(v)
                 continue
-            if backward is not None:
+            if backward is not None and batched is None:
                 # A NaN/Inf loss is back-propagated like any other and caught once per step
                 # (SampleLoss.nonfinite): a check per target would sync the device per target.
                 with phase("backward"):
@@ -575,6 +623,27 @@ class EVolSplatModel(SplatfactoSurface):
         mean_psnr = torch.stack(psnrs).mean() if psnrs else torch.tensor(float("nan"))
         return SampleLoss(totals, mean_psnr, _union(seen, self.device), dropped, state)
 
+    def _batch_targets(self, backward: Optional[Callable[[torch.Tensor], None]]) -> bool:
+        """Whether this training step draws its targets together (``batch_targets``): not while
+        stage 2 refines (its terms are per target) nor with the sky loss (two draws per target)."""
+        return (self.config.batch_targets and backward is not None and self.stage2_step is None
+                and self._single_draw(with_meta=False))
+
+    def _batched_losses(self, state: SharedState, targets: Views, step: int, backward: Callable[[torch.Tensor], None],
+                        autocast: Callable[[], ContextManager]) -> list[Optional[TargetLoss]]:
+        """Every target's :class:`TargetLoss` (None for one that saw no Gaussian) from one draw
+        (:meth:`render_targets`), back-propagated together once; the losses come back detached."""
+        with autocast():
+            outs = self.render_targets(state, targets)
+            results = [self.score_target(out, targets, v, step) for v, out in enumerate(outs)]
+        kept = [r for r in results if r is not None]
+        if kept:
+            with phase("backward"):
+                backward(sum(sum(r.losses.values()) for r in kept))
+        for r in kept:
+            r.losses = {k: val.detach() for k, val in r.losses.items()}
+        return results
+
     def target_loss(self, state: SharedState, targets: Views, v: int, step: int,
                     graphed: bool = False) -> Optional[TargetLoss]:
         """Render target view ``v`` of ``targets`` and score it against its image (on the model's
@@ -583,6 +652,11 @@ class EVolSplatModel(SplatfactoSurface):
         ``graphed``: the caller back-propagates this target's loss before the next (see :meth:`view_loss`)."""
         out = self.render(state, targets.camtoworlds[v], targets.intrinsics[v], targets.width, targets.height,
                           time=float(targets.frame_ids[v]), reuse_graphs=graphed)
+        return self.score_target(out, targets, v, step, graphed)
+
+    def score_target(self, out: dict[str, torch.Tensor], targets: Views, v: int, step: int,
+                     graphed: bool = False) -> Optional[TargetLoss]:
+        """:meth:`target_loss` of a render ``out`` of target view ``v`` (None when it saw no Gaussian)."""
         if len(out["gaussians"]) == 0:
             return None
         gt = targets.images[v]

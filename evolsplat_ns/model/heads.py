@@ -35,13 +35,14 @@ def view_features(points: torch.Tensor, target_c2w: torch.Tensor, target_K: torc
     """[M, 5] target-view features of ``points`` [M, 3] (segment frame).
 
     Args:
-        target_c2w: [4, 4] OpenCV camera-to-segment of the target camera.
-        target_K: [3, 3] target pinhole intrinsics (pixels).
+        target_c2w: [4, 4] OpenCV camera-to-segment of the target camera, or [M, 4, 4]: each
+            point's own target (several targets' rows in one call).
+        target_K: [3, 3] target pinhole intrinsics (pixels), or [M, 3, 3] alike.
     """
-    ray = points - target_c2w[:3, 3]
+    ray = points - target_c2w[..., :3, 3]
     dist = ray.norm(dim=-1, keepdim=True).clamp(min=1e-6)
-    focal = 0.5 * (target_K[0, 0] + target_K[1, 1])
-    return torch.cat([ray / dist, dist.log(), (dist / focal).log()], dim=-1)
+    focal = 0.5 * (target_K[..., 0, 0] + target_K[..., 1, 1])
+    return torch.cat([ray / dist, dist.log(), (dist / focal[..., None]).log()], dim=-1)
 
 
 def aggregate_views(
@@ -146,7 +147,8 @@ class ViewDecoder(nn.Module):
     graph's weights). Holds the predictor's own heads (no parameters of its own).
 
     ``means`` [M, 3] (segment frame, detached: the geometry heads must not move Gaussians through
-    the view-direction input), ``target_c2w`` [4, 4] OpenCV camera-to-segment, ``target_K`` [3, 3];
+    the view-direction input), ``target_c2w`` [4, 4] OpenCV camera-to-segment, ``target_K`` [3, 3]
+    (or [M, 4, 4] and [M, 3, 3]: a target per row, :func:`view_features`);
     per-row inputs as the heads take them. Returns SH [M, bases, 3], scales [M, 3], quats [M, 4],
     opacities [M].
     """

@@ -18,7 +18,7 @@ Frames: node positions and Gaussians in the **segment frame**; cameras OpenCV ca
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Literal, Optional, get_args
+from typing import ClassVar, Literal, Optional, Sequence, get_args
 
 import torch
 from torch import nn
@@ -189,6 +189,8 @@ class ViewInputs:
     anchor_dc: torch.Tensor
     base_log_scale: torch.Tensor
     _padded: dict[int, "ViewInputs"] = field(default_factory=dict, repr=False)
+    ROWS: ClassVar[tuple[str, ...]] = ("index", "image_feat", "anchors", "anchor_dc", "base_log_scale")
+    """The per-row fields, in constructor order."""
 
     def padded(self, rows: int) -> "ViewInputs":
         """These inputs with copies of their first ``rows - M`` rows appended (cached per size; at
@@ -199,8 +201,7 @@ class ViewInputs:
         if rows not in self._padded:
             extra = rows - len(self.index)
             pad = lambda t: torch.cat([t, t[:extra]])  # noqa: E731
-            self._padded[rows] = ViewInputs(*(pad(t) for t in (self.index, self.image_feat, self.anchors,
-                                                                self.anchor_dc, self.base_log_scale)))
+            self._padded[rows] = ViewInputs(*(pad(getattr(self, name)) for name in self.ROWS))
         return self._padded[rows]
 
 
@@ -223,6 +224,15 @@ def _can_graph_heads(target_c2w: torch.Tensor, rows: int, padded: int) -> bool:
 def _autocast_dtype() -> Optional[torch.dtype]:
     """The CUDA autocast dtype in force (None without autocast): graphs are captured per dtype."""
     return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+
+
+def _gather_rows(state: SharedState, rows: "ViewInputs") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The offsets [M, 3], current means [M, 3] (segment frame) and volume features [M, C] of the
+    node rows ``rows.index`` [M], differentiable into the state's boundary leaves."""
+    # index_select, not x[index]: its backward is one index_add_, where advanced indexing's
+    # (index_put_ with accumulate) sorts the indices first (~0.2 ms of host time per call).
+    offset = state.offset.index_select(0, rows.index)
+    return offset, rows.anchors + offset, state.volume_feat.index_select(0, rows.index)
 
 
 def on_host(t: torch.Tensor) -> torch.Tensor:
@@ -427,11 +437,7 @@ class GaussianPredictor(nn.Module):
         rows = bucket_rows(m)
         graphed = graphed and _can_graph_heads(target_c2w, m, rows)
         rowwise = inputs.padded(rows) if graphed else inputs
-        # index_select, not x[index]: its backward is one index_add_, where advanced indexing's
-        # (index_put_ with accumulate) sorts the indices first (~0.2 ms of host time per call).
-        offset = state.offset.index_select(0, rowwise.index)
-        means = rowwise.anchors + offset
-        volume_feat = state.volume_feat.index_select(0, rowwise.index)
+        offset, means, volume_feat = _gather_rows(state, rowwise)
         args = (rowwise.image_feat, volume_feat, means.detach(), target_c2w, target_K, rowwise.anchor_dc,
                 rowwise.base_log_scale)
         if graphed:
@@ -443,6 +449,25 @@ class GaussianPredictor(nn.Module):
             sh, scales, quats, opacities = self._decoder[0](*args)
         return GaussianParams(means=means, quats=quats, scales=scales, opacities=opacities, sh=sh,
                               index=inputs.index, offset=offset.detach())
+
+    def predict_many(self, state: SharedState, target_c2ws: torch.Tensor, target_Ks: torch.Tensor,
+                     views: Sequence[torch.Tensor]) -> list[GaussianParams]:
+        """:meth:`predict` for C targets with one call of the heads (eager): ``target_c2ws``
+        [C, 4, 4] OpenCV camera-to-segment and ``target_Ks`` [C, 3, 3] on the state's device,
+        ``views`` the C targets' source indices [S] (host). Each target gets its own rows (the
+        Gaussians its sources see) with its own view features; the outputs are those of C
+        :meth:`predict` calls, one :class:`~evolsplat_ns.model.node.GaussianParams` per target."""
+        device = state.anchors.device
+        inputs = [self.view_inputs(state, v) for v in views]
+        sizes = [len(i.index) for i in inputs]
+        rows = ViewInputs(*(torch.cat([getattr(i, name) for i in inputs]) for name in ViewInputs.ROWS))
+        target = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(device, non_blocking=True)
+        offset, means, volume_feat = _gather_rows(state, rows)
+        out = self._decoder[0](rows.image_feat, volume_feat, means.detach(), target_c2ws[target], target_Ks[target],
+                               rows.anchor_dc, rows.base_log_scale)
+        parts = [t.split(sizes) for t in (means, offset.detach(), *out)]
+        return [GaussianParams(means=m, quats=q, scales=s, opacities=o, sh=sh, index=i.index, offset=d)
+                for i, m, d, sh, s, q, o in zip(inputs, *parts)]
 
     def predict_background(self, state: SharedState) -> Optional[GaussianParams]:
         """Sky-dome Gaussians to rasterise behind the foreground, or None without a background.

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .gsplat_backend import evaluate_sh_gsplat, gsplat_cuda_available, rasterize_gsplat
+import torch
+
+from .gsplat_backend import evaluate_sh_gsplat, gsplat_cuda_available, rasterize_blocks_gsplat, rasterize_gsplat
 from .reference import evaluate_sh as evaluate_sh_reference
 from .reference import rasterize_reference
 from .sh import C0, num_sh_bases, rgb_to_sh0, sh0_to_rgb
@@ -33,6 +35,7 @@ __all__ = [
     "evaluate_sh",
     "num_sh_bases",
     "rasterize",
+    "rasterize_feature_blocks",
     "rasterize_features",
     "resolve_backend",
     "rgb_to_sh0",
@@ -219,6 +222,50 @@ def rasterize_features(
         out, alpha, meta = rasterize_reference(*args, **common)
     meta.update(backend=name, visible=meta["radii"] > 0)
     return out, alpha, meta
+
+
+def rasterize_feature_blocks(
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    opacities: Tensor,
+    features: Tensor,
+    blocks: Tensor | None,
+    viewmats: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    *,
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """:func:`rasterize_features` for C cameras that each draw their own Gaussians: row ``n`` only
+    into camera ``blocks[n]`` (several targets' view-dependent Gaussians in one call).
+
+    Args: as :func:`rasterize_features` with features [N, D]; ``blocks`` [N] long camera indices
+        in [0, C), or None: every row into every camera (:func:`rasterize_features` itself).
+    Returns:
+        features [C, H, W, D] (alpha-weighted sums) and alpha [C, H, W, 1].
+    """
+    if blocks is None:
+        return rasterize_features(means, quats, scales, opacities, features, viewmats, Ks, width, height,
+                                  near_plane=near_plane, far_plane=far_plane, backend=backend)[:2]
+    _check_inputs(means, quats, scales, opacities, features, viewmats, Ks, None, None, features=True)
+    if blocks.shape != (means.shape[0],):
+        raise ValueError(f"rasterize: blocks has shape {tuple(blocks.shape)}, expected ({means.shape[0]},)")
+    if resolve_backend(backend, means.is_cuda) == "gsplat":
+        return rasterize_blocks_gsplat(means, quats, scales, opacities, features, blocks, viewmats, Ks,
+                                       int(width), int(height), near_plane=near_plane, far_plane=far_plane)
+    # The reference: one camera at a time on its own rows.
+    outs = []
+    for c in range(viewmats.shape[0]):
+        rows = (blocks == c).nonzero()[:, 0]
+        pick = lambda t: t.index_select(0, rows)  # noqa: E731
+        outs.append(rasterize_reference(pick(means), pick(quats), pick(scales), pick(opacities), pick(features),
+                                        viewmats[c:c + 1], Ks[c:c + 1], int(width), int(height),
+                                        near_plane=near_plane, far_plane=far_plane, render_mode="RGB")[:2])
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
 def evaluate_sh(sh_degree: int, dirs: Tensor, coeffs: Tensor, backend: str = "auto") -> Tensor:

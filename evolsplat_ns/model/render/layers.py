@@ -43,8 +43,8 @@ loss, which reads the background on every sky pixel, draws twice.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,7 @@ from torch import Tensor
 
 from evolsplat_ns.geometry import invert_rigid
 
-from . import evaluate_sh, rasterize, rasterize_features
+from . import evaluate_sh, rasterize, rasterize_feature_blocks
 
 if TYPE_CHECKING:  # node imports render.sh: a runtime import here would be circular
     from evolsplat_ns.model.node import GaussianParams
@@ -140,41 +140,114 @@ def _two_draws(front: GaussianParams, back: Optional[GaussianParams], c2w: Tenso
     return LayeredImage(rgb, fg.depth[0], alpha, bg, fg.meta)
 
 
+def rasterize_layered_blocks(fronts: Sequence[GaussianParams], back: Optional[GaussianParams], c2ws: Tensor,
+                             Ks: Tensor, width: int, height: int, *, sh_degree: int, normalize: bool = True,
+                             sky: Optional[tuple[Tensor, Tensor]] = None, backend: str = "auto") -> LayeredImage:
+    """:func:`rasterize_layered` (one draw) for C cameras at once, each with its own foreground.
+
+    Args:
+        fronts: C foregrounds (segment frame, fp32), ``fronts[c]`` seen by camera ``c`` only
+            (per target view-dependent Gaussians).
+        back: the background all cameras share (each draws its own copy, moved behind its own
+            foreground), or None.
+        c2ws: [C, 4, 4] OpenCV camera-to-segment poses. Ks: [C, 3, 3] pixels.
+        sky: (rgb [C, H, W, 3], weight [C, H, W]) per camera, or None.
+        sh_degree, normalize, backend: as :func:`rasterize_layered`.
+    Returns:
+        A :class:`LayeredImage` whose fields have a leading camera axis: rgb [C, H, W, 3], ...
+    """
+    if len(fronts) != c2ws.shape[0] or Ks.shape[0] != c2ws.shape[0]:
+        raise ValueError(f"rasterize_layered_blocks: {len(fronts)} foregrounds for {c2ws.shape[0]} poses and "
+                         f"{Ks.shape[0]} intrinsics")
+    return _draw(list(fronts), back, c2ws, Ks, width, height, sh_degree, normalize, sky, backend)
+
+
 def _one_draw(front: GaussianParams, back: GaussianParams, c2w: Tensor, K: Tensor, width: int, height: int,
               sh_degree: int, normalize: bool, sky: Optional[tuple[Tensor, Tensor]], backend: str) -> LayeredImage:
     """Both sets in one rasteriser call with the 9-channel features of the module docstring."""
-    origin, axis = c2w[:3, 3], c2w[:3, 2]  # camera centre and z axis in the segment frame
+    image = _draw([front], back, c2w[None], K[None], width, height, sh_degree, normalize, sky, backend)
+    return LayeredImage(image.rgb[0], image.depth[0], image.alpha[0], image.background[0], None)
+
+
+def _draw(fronts: list[GaussianParams], back: Optional[GaussianParams], c2ws: Tensor, Ks: Tensor, width: int,
+          height: int, sh_degree: int, normalize: bool, sky: Optional[tuple[Tensor, Tensor]],
+          backend: str) -> LayeredImage:
+    """C cameras' foregrounds with a copy of ``back`` each in one rasteriser call (module docstring's
+    9 channels); fields [C, H, W, ...]. With one camera no row needs its camera looked up."""
+    C, sizes = len(fronts), [len(f) for f in fronts]
+    front = fronts[0] if C == 1 else _cat(fronts)
+    if back is None:
+        back = _fields(front, lambda name, t: t[:0])
+    elif C > 1:
+        back = _fields(back, lambda name, t: t.repeat(C, *(1,) * (t.dim() - 1)))
     n = len(front)
+    blocks = None if C == 1 else _blocks(sizes + [len(back) // C] * C, c2ws.device)  # [N + C * B]
+    row = (lambda t: t[0]) if blocks is None else (lambda t: t[blocks])  # noqa: E731
+    origin, axis = row(c2ws[:, :3, 3]), row(c2ws[:, :3, 2])  # camera centre and z axis (segment frame)
     dirs = torch.cat([front.means, back.means]) - origin  # [N + B, 3] camera centre -> Gaussian
-    z = dirs @ axis  # [N + B] camera z
-    back_means, back_scales = _behind(back, origin, dirs[n:], z[:n], z[n:])
+    z = dirs @ axis if blocks is None else (dirs * axis).sum(-1)  # [N + B] camera z
+    shift = _sort_shift(z[:n], None if blocks is None else blocks[:n], C)
+    back_origin = origin if blocks is None else origin[n:]
+    back_means, back_scales = _behind(back, back_origin, dirs[n:], z[n:],
+                                      shift if blocks is None else shift[blocks[n:]])
     means = torch.cat([front.means, back_means])
     # The moved back Gaussians keep their directions: SH along the original ones.
     rgb = evaluate_sh(sh_degree, dirs, torch.cat([front.sh, back.sh]), backend)
     features = torch.cat([_front_features(rgb[:n], z[:n]), _back_features(rgb[n:])])
-    out, _, _ = rasterize_features(
+    out, _ = rasterize_feature_blocks(
         means, torch.cat([front.quats, back.quats]), torch.cat([front.scales, back_scales]),
-        torch.cat([front.opacities, back.opacities]), features, invert_rigid(c2w)[None], K[None],
+        torch.cat([front.opacities, back.opacities]), features, blocks, invert_rigid(c2ws), Ks,
         width, height, near_plane=NEAR_PLANE, backend=backend,
     )
-    fg_rgb, dome_rgb, dome_alpha, fg_alpha, fg_z = out[0].split([3, 3, 1, 1, 1], dim=-1)
+    fg_rgb, dome_rgb, dome_alpha, fg_alpha, fg_z = out.split([3, 3, 1, 1, 1], dim=-1)
     bg = _unattenuated(dome_rgb, dome_alpha, 1.0 - fg_alpha, normalize)
     rgb, bg = _over(fg_rgb, fg_alpha, bg, sky)
     # gsplat's "ED": accumulated depth over accumulated alpha.
     return LayeredImage(rgb, fg_z / fg_alpha.clamp(min=1e-10), fg_alpha, bg, None)
 
 
-def _behind(back: GaussianParams, origin: Tensor, dirs: Tensor, z_front: Tensor, z_back: Tensor
+_RASTERISED = ("means", "quats", "scales", "opacities", "sh")
+
+
+def _fields(g: GaussianParams, fn) -> GaussianParams:
+    """``g`` with ``fn(name, tensor)`` applied to its rasterised fields (no node index kept)."""
+    return replace(g, index=None, offset=None, **{name: fn(name, getattr(g, name)) for name in _RASTERISED})
+
+
+def _cat(parts: list[GaussianParams]) -> GaussianParams:
+    """The rasterised fields of ``parts`` concatenated in order."""
+    return _fields(parts[0], lambda name, _: torch.cat([getattr(p, name) for p in parts]))
+
+
+def _blocks(sizes: list[int], device: torch.device) -> Tensor:
+    """[sum(sizes)] long camera index of each row: fronts of cameras 0..C-1 (``sizes[:C]``), then
+    the backs' copies (``sizes[C:]``), built on the host (sizes are host numbers) and copied once."""
+    C = len(sizes) // 2
+    cams = torch.arange(C).repeat(2)
+    return torch.repeat_interleave(cams, torch.tensor(sizes)).to(device, non_blocking=True)
+
+
+def _sort_shift(z_front: Tensor, front_blocks: Optional[Tensor], C: int) -> Tensor | float:
+    """How far back Gaussians move in camera z so that they sort after every front one: beyond
+    the largest front z ``z_front`` [N] (per camera [C] with ``front_blocks`` [N]); +1 m and
+    0.1 %: a margin well above float32 rounding of the projected z."""
+    if front_blocks is None:
+        return z_front.detach().max().clamp(min=0.0) * 1.001 + 1.0 if len(z_front) else 1.0
+    far = z_front.new_zeros(C).scatter_reduce(0, front_blocks, z_front.detach(), "amax", include_self=True)
+    return far * 1.001 + 1.0
+
+
+def _behind(back: GaussianParams, origin: Tensor, dirs: Tensor, z_back: Tensor, shift: Tensor | float
             ) -> tuple[Tensor, Tensor]:
-    """Back means [B, 3] (``dirs`` [B, 3] from the camera centre ``origin`` [3], camera z
-    ``z_back`` [B]) moved along their camera rays to camera z ``z_back + shift`` beyond every front
-    z (``z_front`` [N]), and their scales [B, 3] grown alike: the same 2D Gaussians, sorted after
+    """Back means [B, 3] (``dirs`` [B, 3] from the camera centre ``origin`` [3] or [B, 3], camera z
+    ``z_back`` [B]) moved along their camera rays to camera z ``z_back + shift`` (scalar or [B],
+    :func:`_sort_shift`), and their scales [B, 3] grown alike: the same 2D Gaussians, sorted after
     the foreground (module docstring). Those before the near plane stay (culled there anyway)."""
-    # +1 m and 0.1 %: a margin well above float32 rounding of the projected z.
-    shift = z_front.detach().max().clamp(min=0.0) * 1.001 + 1.0 if len(z_front) else 1.0
     # The unselected branch may divide by 0 (inf, no gradient: k is detached).
     k = torch.where(z_back >= NEAR_PLANE, 1.0 + shift / z_back, 1.0).detach()[:, None]
     return origin + k * dirs, back.scales * k
+
+
 def _front_features(rgb: Tensor, z: Tensor) -> Tensor:
     """[N, 9] rows (rgb, 0, 0, 0, 0, 1, z) of foreground Gaussians with rgb [N, 3], camera z [N]."""
     return torch.cat([rgb, rgb.new_zeros(len(rgb), 4), rgb.new_ones(len(rgb), 1), z[:, None]], dim=-1)

@@ -91,7 +91,7 @@ def test_step_updates_weights_and_offset_cache(trainer):
 def test_nonfinite_loss_skips_step(trainer, monkeypatch):
     model = trainer.pipeline.model
     before = params_vector(trainer)
-    monkeypatch.setattr(model, "view_loss", lambda out, gt, step, graphed=False: {"rgb_loss": out["rgb"].sum() * float("nan")})
+    monkeypatch.setattr(model, "view_loss", lambda out, gt, step, graphed=False, **kw: {"rgb_loss": out["rgb"].sum() * float("nan")})
     loss, _, metrics = trainer.train_step(3)
     assert math.isnan(float(loss)) and metrics["skipped"] == 1
     assert trainer.skipped_steps["nonfinite"] == 1

@@ -635,7 +635,10 @@ class EVolSplatModel(SplatfactoSurface):
         (:meth:`render_targets`), back-propagated together once; the losses come back detached."""
         with autocast():
             outs = self.render_targets(state, targets)
-            results = [self.score_target(out, targets, v, step) for v, out in enumerate(outs)]
+        rgb_losses = self.batched_rgb_losses(outs, targets)
+        with autocast():
+            results = [self.score_target(out, targets, v, step, rgb_loss=None if rgb_losses is None else rgb_losses[v])
+                       for v, out in enumerate(outs)]
         kept = [r for r in results if r is not None]
         if kept:
             with phase("backward"):
@@ -643,6 +646,21 @@ class EVolSplatModel(SplatfactoSurface):
         for r in kept:
             r.losses = {k: val.detach() for k, val in r.losses.items()}
         return results
+
+    def batched_rgb_losses(self, outs: list[dict[str, torch.Tensor]], targets: Views) -> Optional[torch.Tensor]:
+        """[C] photometric losses of the C renders ``outs`` of ``targets`` (:meth:`render_targets`)
+        from one CUDA graph of all C losses and their backward, captured per image-stack shape
+        (C SSIMs are a few hundred small kernels); None, for :meth:`view_loss`'s own, on the CPU,
+        without ``cuda_graphs`` or with sky masks."""
+        rgb = torch.stack([out["rgb"] for out in outs])  # [C, H, W, 3]
+        skies = [self.sky_mask(targets, v) for v in range(len(outs))]
+        if not (self.config.cuda_graphs and rgb.is_cuda and rgb.requires_grad) or any(m is not None for m in skies):
+            return None
+        lam, gt = self.config.ssim_lambda, targets.images
+        key = ("targets", self.config.rgb_loss, lam, tuple(rgb.shape), rgb.dtype, gt.dtype)
+        with full_precision(gt.device):
+            return self._loss_graphs(key, lambda p, g: torch.stack([self.rgb_loss(a, b, lam) for a, b in zip(p, g)]),
+                                     (rgb, gt), rgb.device)
 
     def target_loss(self, state: SharedState, targets: Views, v: int, step: int,
                     graphed: bool = False) -> Optional[TargetLoss]:
@@ -655,13 +673,14 @@ class EVolSplatModel(SplatfactoSurface):
         return self.score_target(out, targets, v, step, graphed)
 
     def score_target(self, out: dict[str, torch.Tensor], targets: Views, v: int, step: int,
-                     graphed: bool = False) -> Optional[TargetLoss]:
-        """:meth:`target_loss` of a render ``out`` of target view ``v`` (None when it saw no Gaussian)."""
+                     graphed: bool = False, rgb_loss: Optional[torch.Tensor] = None) -> Optional[TargetLoss]:
+        """:meth:`target_loss` of a render ``out`` of target view ``v`` (None when it saw no
+        Gaussian); ``rgb_loss`` as :meth:`image_losses` takes it."""
         if len(out["gaussians"]) == 0:
             return None
         gt = targets.images[v]
         with full_precision(gt.device):  # SSIM's variance terms cancel catastrophically below fp32
-            terms = self.image_losses(out, gt, step, self.sky_mask(targets, v), graphed=graphed)
+            terms = self.image_losses(out, gt, step, self.sky_mask(targets, v), graphed=graphed, rgb_loss=rgb_loss)
             losses = {k: val / len(targets) for k, val in terms.items()}
             if self.stage2_step is not None:
                 depth = targets.depths[v] if targets.depths is not None else None
@@ -673,13 +692,15 @@ class EVolSplatModel(SplatfactoSurface):
         return TargetLoss(losses, psnr(out["rgb"].detach().float(), gt), out["gaussians"].index)
 
     def image_losses(self, outputs: dict[str, torch.Tensor], gt: torch.Tensor, step: int,
-                     sky: Optional[torch.Tensor] = None, graphed: bool = False) -> dict[str, torch.Tensor]:
+                     sky: Optional[torch.Tensor] = None, graphed: bool = False,
+                     rgb_loss: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """Loss terms of one rendered view against ``gt`` [H, W, 3]: :meth:`view_loss`, and with a sky
         mask ``sky`` [H, W] (:meth:`sky_mask`) the sky terms, the sky pixels then adding no
         photometric gradient (the image itself stands in for the composite there). Training and
-        ``evolsplat-finetune`` both use it."""
+        ``evolsplat-finetune`` both use it. ``rgb_loss``: the photometric term, computed already
+        (:meth:`batched_rgb_losses`; only without a sky mask)."""
         shown = outputs if sky is None else {**outputs, "rgb": torch.where(sky[..., None], gt, outputs["rgb"])}
-        terms = self.view_loss(shown, gt, step, graphed)
+        terms = self.view_loss(shown, gt, step, graphed, rgb_loss=rgb_loss)
         if sky is not None:
             terms.update(self.sky_losses(outputs, gt, sky))
         return terms
@@ -740,17 +761,18 @@ class EVolSplatModel(SplatfactoSurface):
         return (status, view), view.flow.numel() * view.flow.element_size()
 
     def view_loss(self, outputs: dict[str, torch.Tensor], gt: torch.Tensor, step: int,
-                  graphed: bool = False) -> dict[str, torch.Tensor]:
+                  graphed: bool = False, rgb_loss: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """Loss of one target view: photometric (+ entropy on accumulation every N steps).
 
         ``graphed`` (the caller back-propagates each view's loss before computing the next, as the
         per-target backward does): on a GPU with ``cuda_graphs`` the photometric loss and its
-        backward replay a CUDA graph captured per image shape (SSIM is ~60 small kernels)."""
+        backward replay a CUDA graph captured per image shape (SSIM is ~60 small kernels).
+        ``rgb_loss`` given: that photometric term (:meth:`batched_rgb_losses`) instead."""
         rgb, lam = outputs["rgb"], self.config.ssim_lambda
-        if graphed and self.config.cuda_graphs and rgb.is_cuda and rgb.requires_grad:
+        if rgb_loss is None and graphed and self.config.cuda_graphs and rgb.is_cuda and rgb.requires_grad:
             key = (self.config.rgb_loss, lam, tuple(rgb.shape), rgb.dtype, gt.dtype)
             rgb_loss = self._loss_graphs(key, lambda p, g: self.rgb_loss(p, g, lam), (rgb, gt), rgb.device)
-        else:
+        elif rgb_loss is None:
             rgb_loss = self.rgb_loss(rgb, gt, lam)
         losses = {"rgb_loss": rgb_loss}
         if self.config.entropy_loss > 0 and step % self.config.entropy_loss_every == 0:

@@ -137,3 +137,45 @@ def test_render_heads_replay_one_graph_per_row_count():
         torch.testing.assert_close(graphed["rgb"], eager["rgb"], rtol=1e-4, atol=1e-5)
     heads = model.predictor._head_render_graphs
     assert len(heads) == 1 and heads.replays >= 2 and heads.disabled is None and len(state.graphs) == 0
+
+
+def test_batched_targets_give_the_per_target_gradients():
+    """``batch_targets`` on the GPU (gsplat blocks draw, the targets' losses in one graph, captured
+    at the second step and replayed at the third) against per-target backward with its graphs."""
+    from contextlib import nullcontext
+
+    from evolsplat_ns.data.types import Views
+
+    model, _, K = render_setup("cuda")
+    g = torch.Generator().manual_seed(2)
+    poses = torch.stack([target_pose(x) for x in (0.2, 0.25, 0.3)])
+    targets = Views(torch.rand(3, H, W, 3, generator=g).cuda(), K.repeat(3, 1, 1), poses, torch.arange(3),
+                    torch.zeros(3, dtype=torch.long))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(losses_of):
+        model.zero_grad(set_to_none=True)
+        state = model.encode(split_backward=True)
+        losses = losses_of(state)
+        state.backward_shared()
+        return losses, [p.grad.clone() if p.grad is not None else None for p in params]
+
+    def per_target(state):
+        results = [model.target_loss(state, targets, v, 1, graphed=True) for v in range(3)]
+        for r in results:
+            sum(r.losses.values()).backward()
+        return [r.losses["rgb_loss"].detach() for r in results]
+
+    def batched(state):
+        results = model._batched_losses(state, targets, 1, lambda loss: loss.backward(), nullcontext)
+        return [r.losses["rgb_loss"] for r in results]
+
+    want_losses, want = grads(per_target)
+    for _ in range(3):
+        got_losses, got = grads(batched)
+        torch.testing.assert_close(torch.stack(got_losses), torch.stack(want_losses), rtol=1e-5, atol=1e-7)
+        for a, b in zip(got, want):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+    assert any(key[0] == "targets" for key in model._loss_graphs._graphs) and model._loss_graphs.replays >= 1

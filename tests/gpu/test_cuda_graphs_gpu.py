@@ -160,11 +160,13 @@ def test_batched_targets_give_the_per_target_gradients():
         state.backward_shared()
         return losses, [p.grad.clone() if p.grad is not None else None for p in params]
 
-    def per_target(state):
-        results = [model.target_loss(state, targets, v, 1, graphed=True) for v in range(3)]
-        for r in results:
-            sum(r.losses.values()).backward()
-        return [r.losses["rgb_loss"].detach() for r in results]
+    def per_target(state):  # each target back-propagated before the next (its graphs' contract)
+        losses = []
+        for v in range(3):
+            result = model.target_loss(state, targets, v, 1, graphed=True)
+            sum(result.losses.values()).backward()
+            losses.append(result.losses["rgb_loss"].detach())
+        return losses
 
     def batched(state):
         results = model._batched_losses(state, targets, 1, lambda loss: loss.backward(), nullcontext)

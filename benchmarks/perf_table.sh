@@ -5,8 +5,9 @@
 #
 #   OUT=/tmp/perf DATA=/tmp/synth bash benchmarks/perf_table.sh [RUN ...]
 #
-# RUN names (default: all but host): tests 100k 100k-bf16 1m 1m-bf16 psnr psnr-bf16 viewer host
-# (host: 100k under cProfile, where the host's time goes). Extra train_throughput
+# RUN names (default: all but host and ab): tests 100k 100k-bf16 1m 1m-bf16 psnr psnr-bf16 viewer host ab
+# (host: 100k under cProfile, where the host's time goes; ab: 100k per-target and with
+# batch_targets alternately, twice, then both in bf16 and their held-out PSNR after 308 steps). Extra train_throughput
 # flags for every training run go in $EXTRA (e.g. EXTRA="--set pipeline.model.volume_from=anchors").
 # Older code in the same call (GPU hosts differ, so only one call's rows compare): archive it here,
 #   mkdir -p .bench_before && git archive <commit> evolsplat_ns | tar -x -C .bench_before
@@ -58,6 +59,13 @@ for run in $RUNS; do
         psnr-bf16) train psnr-bf16 $P100K --warmup 8 --iters 300 --phase-iters 0 --profile-iters 0 --eval --amp bf16 ;;
         host) train host $P100K --warmup 8 --iters 20 --phase-iters 5 --profile-iters 0 --host-iters 5 \
                   --host-stats "$OUT/${TAG}host.pstats" ;;
+        ab)
+            B="--set pipeline.model.batch_targets=True"
+            AB="$P100K --warmup 8 --iters 30 --phase-iters 0 --profile-iters 3"
+            train ab-a1 $AB; train ab-b1 $AB $B; train ab-a2 $AB; train ab-b2 $AB $B
+            train ab-a-bf16 $AB --amp bf16; train ab-b-bf16 $AB $B --amp bf16
+            train ab-a-psnr $P100K --warmup 8 --iters 300 --phase-iters 0 --profile-iters 0 --eval
+            train ab-b-psnr $P100K --warmup 8 --iters 300 --phase-iters 0 --profile-iters 0 --eval $B ;;
         viewer)
             for g in True False; do
                 timeout 200 python benchmarks/viewer_fps.py --data "$DATA" $P100K --frames 60 \

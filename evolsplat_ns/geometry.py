@@ -153,12 +153,49 @@ def _matrix_to_quat_reference(R: torch.Tensor) -> torch.Tensor:
 
 
 def quat_to_matrix(q: torch.Tensor) -> torch.Tensor:
-    """Rotation matrices [..., 3, 3] of quaternions ``q`` [..., 4] (wxyz, normalised here)."""
+    """Rotation matrices [..., 3, 3] of quaternions ``q`` [..., 4] (wxyz, normalised here).
+
+    The entries are quadratic forms of the unit quaternion, so one outer product, one matrix
+    product with a constant table and one division by ``|q|^2`` (five kernels per call, for the box
+    poses of every target view) replace the formula's thirty; :func:`_quat_to_matrix_reference`
+    is the formula."""
+    table = _on(_ROTATION, q)
+    outer = (q[..., :, None] * q[..., None, :]).reshape(*q.shape[:-1], 16)
+    return ((outer @ table.T) / (q * q).sum(-1, keepdim=True)).reshape(*q.shape[:-1], 3, 3)
+
+
+def _quat_to_matrix_reference(q: torch.Tensor) -> torch.Tensor:
     w, x, y, z = (q / q.norm(dim=-1, keepdim=True)).unbind(-1)
     return torch.stack([
         1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
         2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
         2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], dim=-1).reshape(*q.shape[:-1], 3, 3)
+
+
+def _rotation_table() -> np.ndarray:
+    """[9, 16] T with R(q)_i = sum_jk T[i, 4j + k] q_j q_k for a unit quaternion q (wxyz), row-major
+    R; the diagonal's 1 is written as w^2 + x^2 + y^2 + z^2."""
+    w, x, y, z = range(4)
+    T = np.zeros((9, 4, 4))
+    terms = {0: [(w, w, 1), (x, x, 1), (y, y, -1), (z, z, -1)], 1: [(x, y, 2), (w, z, -2)],
+             2: [(x, z, 2), (w, y, 2)], 3: [(x, y, 2), (w, z, 2)], 4: [(w, w, 1), (x, x, -1), (y, y, 1), (z, z, -1)],
+             5: [(y, z, 2), (w, x, -2)], 6: [(x, z, 2), (w, y, -2)], 7: [(y, z, 2), (w, x, 2)],
+             8: [(w, w, 1), (x, x, -1), (y, y, -1), (z, z, 1)]}
+    for i, products in terms.items():
+        for j, k, c in products:
+            T[i, j, k] += c
+    return T.reshape(9, 16)
+
+
+def _on(table: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """``table`` as a tensor of ``like``'s dtype and device, copied there once."""
+    key = (id(table), like.device, like.dtype)
+    if key not in _TABLES_ON:
+        _TABLES_ON[key] = torch.as_tensor(table, dtype=like.dtype, device=like.device)
+    return _TABLES_ON[key]
+
+
+_TABLES_ON: dict[tuple, torch.Tensor] = {}
 
 
 def _hamilton_table() -> np.ndarray:
@@ -173,7 +210,7 @@ def _hamilton_table() -> np.ndarray:
 
 
 _HAMILTON = _hamilton_table()
-_HAMILTON_ON: dict[tuple, torch.Tensor] = {}
+_ROTATION = _rotation_table()
 
 
 def quat_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -181,12 +218,10 @@ def quat_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     One outer product and one matrix product (two kernels, per actor Gaussian per target view)
     instead of sixteen products and twelve sums; :func:`_quat_multiply_reference` is the formula."""
-    key = (a.device, a.dtype)
-    if key not in _HAMILTON_ON:
-        _HAMILTON_ON[key] = torch.as_tensor(_HAMILTON, dtype=a.dtype, device=a.device)
+    table = _on(_HAMILTON, a)
     a, b = torch.broadcast_tensors(a, b)
     outer = (a[..., :, None] * b[..., None, :]).reshape(*a.shape[:-1], 16)
-    return outer @ _HAMILTON_ON[key].T
+    return outer @ table.T
 
 
 def _quat_multiply_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

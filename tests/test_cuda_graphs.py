@@ -14,14 +14,15 @@ from evolsplat_ns.utils.cuda_graphs import GraphCache
 W, H = 32, 24
 
 
-def render_setup(device: str = "cpu"):
-    """A tiny model (sources background) in a context of 3 OpenCV cameras at (x, 0, 0) looking
-    along segment +z at 400 points 4-7 m ahead; returns (model, encoded state, target K)."""
+def render_setup(device: str = "cpu", **config):
+    """A tiny model (sources background; ``config`` overrides its settings) in a context of 3
+    OpenCV cameras at (x, 0, 0) looking along segment +z at 400 points 4-7 m ahead; returns
+    (model, encoded state, target K)."""
     from evolsplat_ns.model.evolsplat_model import EVolSplatModel, EVolSplatModelConfig
 
     torch.manual_seed(0)
-    model = EVolSplatModel(EVolSplatModelConfig(sh_degree=1, background_points=128, num_neighbour_select=2,
-                                                cuda_graph_render=True),
+    settings = dict(sh_degree=1, background_points=128, num_neighbour_select=2, cuda_graph_render=True)
+    model = EVolSplatModel(EVolSplatModelConfig(**{**settings, **config}),
                            scene_box=None, num_train_data=1).to(device).eval()
     g = torch.Generator().manual_seed(0)
     c2w = torch.eye(4).repeat(3, 1, 1)

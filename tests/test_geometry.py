@@ -6,8 +6,8 @@ import math
 import torch
 
 from evolsplat_ns.data.actors import poses_at
-from evolsplat_ns.geometry import (_matrix_to_quat_reference, _quat_multiply_reference, matrix_to_quat,
-                                   quat_multiply, quat_to_matrix, rigid_matrix)
+from evolsplat_ns.geometry import (_matrix_to_quat_reference, _quat_multiply_reference, _quat_to_matrix_reference,
+                                   matrix_to_quat, quat_multiply, quat_to_matrix, rigid_matrix)
 from evolsplat_ns.model.actors import ActorNodes
 
 
@@ -35,6 +35,18 @@ def test_matrix_to_quat_gradient_matches_reference():
     (g_fast,) = torch.autograd.grad((matrix_to_quat(R) * w).sum(), R)
     (g_ref,) = torch.autograd.grad((_matrix_to_quat_reference(R) * w).sum(), R)
     assert torch.allclose(g_fast, g_ref, atol=1e-9)
+
+
+def test_quat_to_matrix_matches_reference_with_its_gradient():
+    """Unnormalised quaternions of any batch shape: the same rotations and gradients."""
+    q = (_unit_quats(400, 4) * torch.rand(406, 1, dtype=torch.float64) * 3 + 0.1).reshape(2, 203, 4).requires_grad_()
+    R, ref = quat_to_matrix(q), _quat_to_matrix_reference(q)
+    assert R.shape == (2, 203, 3, 3) and torch.allclose(R, ref, atol=1e-12)
+    w = torch.randn(2, 203, 3, 3, dtype=torch.float64)
+    (g_fast,) = torch.autograd.grad((R * w).sum(), q)
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), q)
+    assert torch.allclose(g_fast, g_ref, atol=1e-10)
+    assert torch.allclose(quat_to_matrix(torch.tensor([1.0, 0, 0, 0])), torch.eye(3))
 
 
 def test_quat_multiply_matches_reference_with_broadcasting():

@@ -508,8 +508,8 @@ class EVolSplatModel(SplatfactoSurface):
                 Ks.float(), W, H, sh_degree=self.config.sh_degree, normalize=self.config.normalize_background,
                 sky=sky, backend=self.config.renderer)
         return [{"rgb": image.rgb[i], "depth": image.depth[i], "accumulation": image.alpha[i],
-                 "background_rgb": image.background[i], "gaussians": params[i], "actors": actors[i]}
-                for i in range(len(params))]
+                 "background_rgb": image.background[i] if background is not None else None,
+                 "gaussians": params[i], "actors": actors[i]} for i in range(len(params))]
 
     def _sky(self, state: SharedState, views: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor, width: int,
              height: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:

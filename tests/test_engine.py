@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,20 @@ def test_batched_targets_give_the_per_target_gradients(trainer, monkeypatch):
         torch.testing.assert_close(batched_losses[k], per_target_losses[k], rtol=1e-5, atol=1e-7, msg=k)
     for name in per_target:
         torch.testing.assert_close(batched[name], per_target[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_batched_targets_fall_back_with_the_sky_loss_and_say_so_once(trainer, monkeypatch):
+    model = trainer.pipeline.model
+    monkeypatch.setattr(model.config, "batch_targets", True)
+    assert model._batch_targets(backward=lambda loss: None)
+    assert not model._batch_targets(backward=None)  # no per-step backward: one graph anyway
+    monkeypatch.setattr(model.config, "sky_loss_weight", 1.0)
+    monkeypatch.setattr(model, "_batch_fallbacks", set())
+    with pytest.warns(UserWarning, match="sky_loss_weight"):
+        assert not model._batch_targets(backward=lambda loss: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not model._batch_targets(backward=lambda loss: None)
 
 
 def test_step_updates_weights_and_offset_cache(trainer):

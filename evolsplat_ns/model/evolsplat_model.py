@@ -256,6 +256,8 @@ class EVolSplatModel(SplatfactoSurface):
         self.segments = SegmentStore(self.config.segment_store_mb)
         self.context: Optional[SegmentContext] = None
         self.offsets = PendingOffsets()
+        self._batch_fallbacks: set[str] = set()
+        """Why ``batch_targets`` fell back to per-target (each said once)."""
         self.step = 0
         s2 = self.config.stage2
         self.stage2 = Stage2Refiner(s2) if s2.enabled else None
@@ -626,8 +628,15 @@ class EVolSplatModel(SplatfactoSurface):
     def _batch_targets(self, backward: Optional[Callable[[torch.Tensor], None]]) -> bool:
         """Whether this training step draws its targets together (``batch_targets``): not while
         stage 2 refines (its terms are per target) nor with the sky loss (two draws per target)."""
-        return (self.config.batch_targets and backward is not None and self.stage2_step is None
-                and self._single_draw(with_meta=False))
+        if not (self.config.batch_targets and backward is not None):
+            return False
+        why = ("stage 2 refines this step (its terms are per target)" if self.stage2_step is not None else
+               "sky_loss_weight > 0 (two draws per target)" if not self._single_draw(with_meta=False) else None)
+        if why is not None and why not in self._batch_fallbacks:
+            self._batch_fallbacks.add(why)
+            warnings.warn(f"pipeline.model.batch_targets is on, but {why}: these steps render their targets "
+                          "one by one with per-target backward")
+        return why is None
 
     def _batched_losses(self, state: SharedState, targets: Views, step: int, backward: Callable[[torch.Tensor], None],
                         autocast: Callable[[], ContextManager]) -> list[Optional[TargetLoss]]:

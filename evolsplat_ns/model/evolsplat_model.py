@@ -482,7 +482,7 @@ class EVolSplatModel(SplatfactoSurface):
             params, sky = self._decode(state, views, c2w, K, width, height, reuse_graphs)
             actors = self.predictor.predict_actors(state, time)
             background = self.predictor.predict_background(state) if self.config.enable_background else None
-        foreground = concat_gaussians([params, actors]) if actors is not None and len(actors) else params
+        foreground = _with_actors(params, actors)
         out = self.rasterize_gaussians(foreground, background, c2w, K, width, height, sky=sky)
         out["gaussians"], out["actors"] = params, actors
         return out
@@ -502,7 +502,7 @@ class EVolSplatModel(SplatfactoSurface):
             skies = [self._sky(state, v, c2ws[i], Ks[i], W, H) for i, v in enumerate(views)]
             actors = [self.predictor.predict_actors(state, float(t)) for t in times]
             background = self.predictor.predict_background(state) if self.config.enable_background else None
-        fronts = [concat_gaussians([p, a]) if a is not None and len(a) else p for p, a in zip(params, actors)]
+        fronts = [_with_actors(p, a) for p, a in zip(params, actors)]
         sky = None if skies[0] is None else tuple(torch.stack(parts) for parts in zip(*skies))
         with torch.autocast(device_type=c2ws.device.type, enabled=False), phase("render"):
             image = rasterize_layered_blocks(
@@ -662,8 +662,9 @@ class EVolSplatModel(SplatfactoSurface):
         (C SSIMs are a few hundred small kernels); None, for :meth:`view_loss`'s own, on the CPU,
         without ``cuda_graphs`` or with sky masks."""
         rgb = torch.stack([out["rgb"] for out in outs])  # [C, H, W, 3]
-        skies = [self.sky_mask(targets, v) for v in range(len(outs))]
-        if not (self.config.cuda_graphs and rgb.is_cuda and rgb.requires_grad) or any(m is not None for m in skies):
+        sky_masked = targets.sky_masks is not None and (self.config.sky_loss_weight > 0
+                                                        or self.config.sky_opacity_weight > 0)  # as sky_mask
+        if not (self.config.cuda_graphs and rgb.is_cuda and rgb.requires_grad) or sky_masked:
             return None
         lam, gt = self.config.ssim_lambda, targets.images
         key = ("targets", self.config.rgb_loss, lam, tuple(rgb.shape), rgb.dtype, gt.dtype)
@@ -893,6 +894,11 @@ class EVolSplatModel(SplatfactoSurface):
             state = self.encode(self.predictor.select_sources(ctx.sources, c2w), split_backward=False)
             ctx.segment.snapshot = (self.step, self.predictor.predict(state, c2w, K))
         return ctx.segment.snapshot[1]
+
+
+def _with_actors(params: GaussianParams, actors: Optional[GaussianParams]) -> GaussianParams:
+    """The static Gaussians with the posed actors after them (one draw: depth order is right)."""
+    return concat_gaussians([params, actors]) if actors is not None and len(actors) else params
 
 
 def _fp32(g: GaussianParams) -> GaussianParams:

@@ -154,5 +154,44 @@ def test_heads_graph_route_picks_the_cache_by_grad(monkeypatch):
         for _ in range(3):
             heads.predict(state, target_pose(0.1), K, graphed=True)
     (train_key,), (render_key,) = heads._head_graphs._graphs, heads._head_render_graphs._graphs
-    assert train_key[1] is True and render_key[1] is False and train_key[0] == render_key[0]
+    assert train_key[1] is True and render_key[1] == tuple(state.volume_feat.shape) and train_key[0] == render_key[0]
     assert heads._head_graphs.replays == 1 and heads._head_render_graphs.replays == 1
+
+
+def test_graphed_render_rows_equal_the_eager_prediction(monkeypatch):
+    """The no-grad route gathers the rows inside the graphed call (from the state's whole offset
+    and volume tensors) and cuts the padding off: the same Gaussians as the eager route."""
+    from evolsplat_ns.model import predictor as predictor_module
+
+    monkeypatch.setattr(cuda_graphs, "CapturedCall", _FakeCapture)
+    monkeypatch.setattr(predictor_module, "_can_graph_heads", lambda *a: True)
+    model, state, K = render_setup()
+    heads = model.predictor
+    heads._head_render_graphs = GraphCache()
+    with torch.no_grad():
+        eager = heads.predict(state, target_pose(0.2), K)
+        for _ in range(3):
+            graphed = heads.predict(state, target_pose(0.2), K, graphed=True)
+    assert heads._head_render_graphs.replays == 1
+    for name in ("means", "offset", "sh", "scales", "quats", "opacities", "index"):
+        a, b = getattr(eager, name), getattr(graphed, name)
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-6), name
+
+
+def test_input_memo_copies_only_new_or_modified_tensors():
+    from evolsplat_ns.utils.cuda_graphs import InputMemo
+
+    a, b = torch.zeros(3), torch.ones(2)
+    memo = InputMemo(2)
+    assert memo.changed(0, a) and memo.changed(1, b)  # first sight
+    assert not memo.changed(0, a) and not memo.changed(1, b)  # same objects, unmodified
+    with torch.no_grad():
+        a.add_(1)  # an in-place write bumps the version, under no_grad too
+    assert memo.changed(0, a) and not memo.changed(0, a)
+    assert memo.changed(1, b.clone())  # an equal but other tensor
+    assert memo.changed(1, (a, b)) and memo.changed(1, (a, b))  # nested: always copied
+    del a
+    assert memo.changed(0, torch.zeros(3))  # the freed tensor's weak reference is dead
+    with torch.inference_mode():
+        t = torch.zeros(2)
+    assert memo.changed(1, t) and memo.changed(1, t)  # no version counter: always copied

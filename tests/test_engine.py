@@ -182,3 +182,11 @@ def test_cpu_safe_device_defaults(monkeypatch):
     assert "\n" not in str(e.value.code)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert evolsplat_lite_config().machine.device_type == "cuda"
+
+
+def test_adam_is_fused_only_when_every_parameter_is_on_cuda():
+    from evolsplat_ns.engine.trainer import AdamConfig
+
+    opt = AdamConfig(lr=1e-3, eps=1e-15).setup([torch.nn.Parameter(torch.zeros(3))])
+    assert not opt.param_groups[0]["fused"] and opt.param_groups[0]["eps"] == 1e-15
+    assert not AdamConfig(fused=False).setup([torch.nn.Parameter(torch.zeros(3))]).param_groups[0]["fused"]

@@ -229,10 +229,17 @@ def _autocast_dtype() -> Optional[torch.dtype]:
 def _gather_rows(state: SharedState, rows: "ViewInputs") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The offsets [M, 3], current means [M, 3] (segment frame) and volume features [M, C] of the
     node rows ``rows.index`` [M], differentiable into the state's boundary leaves."""
+    return _gather(state.offset, state.volume_feat, rows.index, rows.anchors)
+
+
+def _gather(offset: torch.Tensor, volume_feat: torch.Tensor, index: torch.Tensor,
+            anchors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows ``index`` [M] of the node's ``offset`` [N, 3] and ``volume_feat`` [N, C], and the
+    current means ``anchors`` [M, 3] + offset (segment frame)."""
     # index_select, not x[index]: its backward is one index_add_, where advanced indexing's
     # (index_put_ with accumulate) sorts the indices first (~0.2 ms of host time per call).
-    offset = state.offset.index_select(0, rows.index)
-    return offset, rows.anchors + offset, state.volume_feat.index_select(0, rows.index)
+    rows_offset = offset.index_select(0, index)
+    return rows_offset, anchors + rows_offset, volume_feat.index_select(0, index)
 
 
 def on_host(t: torch.Tensor) -> torch.Tensor:
@@ -437,18 +444,40 @@ class GaussianPredictor(nn.Module):
         rows = bucket_rows(m)
         graphed = graphed and _can_graph_heads(target_c2w, m, rows)
         rowwise = inputs.padded(rows) if graphed else inputs
-        offset, means, volume_feat = _gather_rows(state, rowwise)
-        args = (rowwise.image_feat, volume_feat, means.detach(), target_c2w, target_K, rowwise.anchor_dc,
-                rowwise.base_log_scale)
-        if graphed:
-            cache = self._head_graphs if torch.is_grad_enabled() else self._head_render_graphs
-            out = cache((rows, volume_feat.requires_grad, _autocast_dtype()), self._decoder[0], args, device)
+        if graphed and not torch.is_grad_enabled():
+            # The gathers replay too, from the state's whole tensors: a moving camera then passes
+            # the same inputs every frame, and only the camera is copied into the graph.
+            args = (state.offset, state.volume_feat, rowwise.index, rowwise.image_feat, rowwise.anchors,
+                    target_c2w, target_K, rowwise.anchor_dc, rowwise.base_log_scale)
+            key = (rows, tuple(state.volume_feat.shape), _autocast_dtype())
+            out = self._head_render_graphs(key, self._decode_rows, args, device)
+            means, offset, sh, scales, quats, opacities = (t[:m] for t in out)
+        elif graphed:
+            offset, means, volume_feat = _gather_rows(state, rowwise)
+            args = (rowwise.image_feat, volume_feat, means.detach(), target_c2w, target_K, rowwise.anchor_dc,
+                    rowwise.base_log_scale)
+            out = self._head_graphs((rows, volume_feat.requires_grad, _autocast_dtype()), self._decoder[0], args,
+                                    device)
             sh, scales, quats, opacities = (t[:m] for t in out)
             means, offset = means[:m], offset[:m]
         else:
-            sh, scales, quats, opacities = self._decoder[0](*args)
+            offset, means, volume_feat = _gather_rows(state, rowwise)
+            sh, scales, quats, opacities = self._decoder[0](rowwise.image_feat, volume_feat, means.detach(),
+                                                            target_c2w, target_K, rowwise.anchor_dc,
+                                                            rowwise.base_log_scale)
         return GaussianParams(means=means, quats=quats, scales=scales, opacities=opacities, sh=sh,
                               index=inputs.index, offset=offset.detach())
+
+    def _decode_rows(self, offset: torch.Tensor, volume_feat: torch.Tensor, index: torch.Tensor,
+                     image_feat: torch.Tensor, anchors: torch.Tensor, target_c2w: torch.Tensor,
+                     target_K: torch.Tensor, anchor_dc: torch.Tensor,
+                     base_log_scale: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """No-grad decode of rows ``index`` [M] from the state's ``offset`` [N, 3] and
+        ``volume_feat`` [N, C] (the unit a render graph captures): current means [M, 3] (segment
+        frame), offsets [M, 3], then the decoder's SH, scales, quats and opacities."""
+        offset, means, volume_feat = _gather(offset, volume_feat, index, anchors)
+        return (means, offset, *self._decoder[0](image_feat, volume_feat, means, target_c2w, target_K, anchor_dc,
+                                                 base_log_scale))
 
     def predict_many(self, state: SharedState, target_c2ws: torch.Tensor, target_Ks: torch.Tensor,
                      views: Sequence[torch.Tensor]) -> list[GaussianParams]:

@@ -139,6 +139,34 @@ def test_render_heads_replay_one_graph_per_row_count():
     assert len(heads) == 1 and heads.replays >= 2 and heads.disabled is None and len(state.graphs) == 0
 
 
+@torch.no_grad()
+def test_replay_copies_only_changed_inputs_and_follows_them():
+    from evolsplat_ns.utils.cuda_graphs import CapturedCall
+
+    x, y = torch.rand(1000, device="cuda"), torch.rand(1000, device="cuda")
+    call = CapturedCall(lambda a, b: a * 2 + b, (x, y), torch.device("cuda"))
+    torch.testing.assert_close(call(x, y), x * 2 + y)
+    x.mul_(3)  # in place: copied again
+    torch.testing.assert_close(call(x, y), x * 2 + y)
+    z = torch.rand(1000, device="cuda")  # another tensor: copied
+    torch.testing.assert_close(call(x, z), x * 2 + z)
+
+
+@torch.no_grad()
+def test_render_replay_follows_an_in_place_change_of_the_state():
+    """The render heads' graph reads the state's whole offset tensor; writing it in place between
+    two frames reaches the next replay (its memo sees the new version)."""
+    model, state, K = render_setup("cuda")
+    model.config.cuda_graph_render = False
+    pose = target_pose(0.2)
+    for _ in range(3):
+        model.render(state, pose, K, W, H, reuse_graphs=True)
+    state.offset.add_(0.01)
+    expected = model.render(state, pose, K, W, H)["gaussians"].means.clone()
+    torch.testing.assert_close(model.render(state, pose, K, W, H, reuse_graphs=True)["gaussians"].means, expected)
+    assert model.predictor._head_render_graphs.replays >= 2
+
+
 def test_batched_targets_give_the_per_target_gradients():
     """``batch_targets`` on the GPU (gsplat blocks draw, the targets' losses in one graph, captured
     at the second step and replayed at the third) against per-target backward with its graphs."""

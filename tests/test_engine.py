@@ -190,3 +190,18 @@ def test_adam_is_fused_only_when_every_parameter_is_on_cuda():
     opt = AdamConfig(lr=1e-3, eps=1e-15).setup([torch.nn.Parameter(torch.zeros(3))])
     assert not opt.param_groups[0]["fused"] and opt.param_groups[0]["eps"] == 1e-15
     assert not AdamConfig(fused=False).setup([torch.nn.Parameter(torch.zeros(3))]).param_groups[0]["fused"]
+
+
+def test_sparse_conv_tf32_switch_reaches_spconv():
+    from spconv import constants
+
+    from evolsplat_ns.model.precision import allow_sparse_conv_tf32
+
+    before = constants.SPCONV_ALLOW_TF32
+    try:
+        allow_sparse_conv_tf32(True)
+        assert constants.SPCONV_ALLOW_TF32 is True
+        allow_sparse_conv_tf32(False)
+        assert constants.SPCONV_ALLOW_TF32 is False
+    finally:
+        constants.SPCONV_ALLOW_TF32 = before

@@ -105,6 +105,33 @@ def test_current_rebuilds_once_the_offsets_moved():
     assert (cache.misses, cache.hits) == (3, 1)
 
 
+def test_current_with_refresh_every_reuses_the_voxel_set_while_the_offsets_move():
+    predictor, node = predictor_and_node("current")
+    predictor.config.volume_refresh_every = 3
+    cache = VolumeIndexCache()
+    first = predictor.build_volume(node, cache)
+    for step in range(2):  # two steps on the first voxel set, no pair build
+        move_offsets(node, 0.02 * (step + 1))
+        with counted_pair_builds() as builds:
+            stale = predictor.build_volume(node, cache)
+        assert builds[0] == 0 and stale.grid is first.grid
+    assert (cache.misses, cache.hits, cache.stale_hits) == (1, 0, 2)
+    # the U-Net runs on the old set: its features are the fresh run's on that grid
+    torch.testing.assert_close(stale.features, predictor.volume_net(first.grid), rtol=1e-6, atol=1e-6)
+    move_offsets(node, 0.07)
+    third = predictor.build_volume(node, cache)  # the third move rebuilds from the moved means
+    assert (cache.misses, cache.stale_hits) == (2, 2) and third.grid is not first.grid
+    assert torch.equal(third.grid.keys, predictor.build_volume(node).grid.keys)
+    node.features_dc.add_(0.1)  # a change outside the offsets is never served stale
+    predictor.build_volume(node, cache)
+    assert cache.misses == 3
+
+
+def test_volume_refresh_every_is_validated():
+    with pytest.raises(ValueError, match="volume_refresh_every"):
+        GaussianPredictor(PredictorConfig(volume_refresh_every=0))
+
+
 def test_volume_from_is_validated():
     with pytest.raises(ValueError, match="volume_from.*'current' or 'anchors'"):
         GaussianPredictor(PredictorConfig(volume_from="means"))

@@ -51,6 +51,7 @@ from evolsplat_ns.data.types import Sample
 from evolsplat_ns.engine import checkpoints, distributed
 from evolsplat_ns.engine.skips import SkipLimit
 from evolsplat_ns.model.evolsplat_model import EmptySegmentError, SampleLoss
+from evolsplat_ns.model.precision import allow_sparse_conv_tf32
 from evolsplat_ns.utils.timing import phase
 
 
@@ -101,6 +102,10 @@ class EVolSplatTrainerConfig(TrainerConfig):
     and all geometry are unaffected. Off by default: measured on an H200 it did not speed up the
     step (1M Gaussians: 6.68 it/s on vs 6.85 off; 100k: 8.04 vs 7.93; docs/performance.md), the
     heads' products being too thin to be bound by arithmetic."""
+    tf32_sparse_conv: bool = False
+    """Let the sparse U-Net's fp32 implicit GEMMs (spconv, forward and backward) run on TF32 tensor
+    cores (spconv's ``SPCONV_ALLOW_TF32``; Ampere and newer GPUs). Process-wide like
+    ``tf32_matmul``; the heads, rasterisation and geometry are unaffected."""
     max_skipped_fraction: float = 0.3
     """Stop when more than this share of the last ``skip_window`` steps were skipped (1 = never)."""
     skip_window: int = 50
@@ -207,6 +212,7 @@ class EVolSplatTrainer(Trainer):
     def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
         # Process-wide, so set by the job that owns the process (the trainer), not by the model.
         torch.backends.cuda.matmul.allow_tf32 = self.config.tf32_matmul
+        allow_sparse_conv_tf32(self.config.tf32_sparse_conv)
         super().setup(test_mode)
         # Segments beyond the host-memory bound spill under the run folder, not a system temp dir.
         world = self.dist.world

@@ -24,6 +24,14 @@ def full_precision(device: torch.device) -> ContextManager:
     return torch.autocast(device_type=device.type, enabled=False)
 
 
+def allow_sparse_conv_tf32(allow: bool) -> None:
+    """Whether spconv's fp32 implicit GEMMs may use TF32 tensor cores (process-wide: spconv reads
+    ``spconv.constants.SPCONV_ALLOW_TF32`` at every call)."""
+    from spconv import constants
+
+    constants.SPCONV_ALLOW_TF32 = bool(allow)
+
+
 def sparse_conv_precision(device: torch.device) -> ContextManager:
     """The sparse U-Net's precision: fp16 under fp16 autocast (loss-scaled), else fp32."""
     kind = device.type

@@ -71,6 +71,11 @@ class PredictorConfig:
     "current", the anchors moved by the cached offsets (new voxels every step); "anchors", the
     node's anchors, constant per segment, so the voxel grid and spconv's index pairs are cached
     across steps (:mod:`evolsplat_ns.model.volume_cache`; docs/performance.md has the figures)."""
+    volume_refresh_every: int = 1
+    """With ``volume_from "current"``: voxelise the moved means (and rebuild spconv's index pairs,
+    the host-heavy part of the U-Net) every this many training steps; in between the U-Net runs
+    on the last voxel set while the offsets move, and the volume is sampled at the current means
+    as always. 1: every step (exact). docs/performance.md has speed and held-out PSNR."""
     enable_background: bool = True
     """Predict a sky/background dome composited behind the foreground Gaussians."""
     min_views: int = 1
@@ -265,6 +270,9 @@ class GaussianPredictor(nn.Module):
     def __init__(self, config: PredictorConfig | None = None) -> None:
         super().__init__()
         self.config = c = config or PredictorConfig()
+        if c.volume_refresh_every < 1:
+            raise ValueError(f"volume_refresh_every must be >= 1 (training steps), got {c.volume_refresh_every} "
+                             "(set pipeline.model.volume_refresh_every to 1 to rebuild the voxel set every step)")
         if c.volume_from not in VOLUME_FROM:
             raise ValueError(f"volume_from must be one of {VOLUME_FROM}, got {c.volume_from!r} "
                              "(set pipeline.model.volume_from to 'current' or 'anchors')")
@@ -304,7 +312,8 @@ class GaussianPredictor(nn.Module):
         with sparse_conv_precision(points.device):
             if cache is None:
                 return build_volume(self.volume_net, points, node.rgb(), self.config.voxel_size)
-            return cache.build(self.volume_net, points, node.rgb, self.config.voxel_size, sources)
+            return cache.build(self.volume_net, points, node.rgb, self.config.voxel_size, sources,
+                               moving=() if anchors else (1,), refresh_every=self.config.volume_refresh_every)
 
     def select_sources(self, source: Views, target_c2w: torch.Tensor) -> Views:
         """The ``num_neighbour_select`` sources nearest to ``target_c2w`` [4, 4] (OpenCV cam-to-segment)."""

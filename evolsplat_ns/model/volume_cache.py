@@ -10,6 +10,10 @@ convolutions run again.
 "Unchanged" is decided without reading the device: the same tensor objects (held by the entry, so
 their ids cannot be reused) at the same ``_version`` (bumped by every in-place write), and the same
 voxel size and train/eval mode of the net (spconv's implicit-GEMM pairs differ between the two).
+With ``refresh_every`` N > 1 (``PredictorConfig.volume_refresh_every``) an entry also serves
+builds whose offsets moved, N - 1 times in a row: the volume is then sampled at the current means
+from a voxel set up to N - 1 steps old.
+
 A segment owns one cache (:class:`evolsplat_ns.model.segment_store.SegmentState`): it is never
 persisted, and it goes with the segment (spilled, forgotten, moved to another device).
 """
@@ -36,10 +40,12 @@ class _Entry:
     grid: VoxelGrid
     pairs: IndexPairs
 
-    def matches(self, sources: Sequence[torch.Tensor], settings: tuple) -> bool:
-        """True when ``sources`` are the very tensors of this entry, unmodified, under equal settings."""
+    def matches(self, sources: Sequence[torch.Tensor], settings: tuple, moving: Sequence[int] = ()) -> bool:
+        """True when ``sources`` are the very tensors of this entry under equal settings, unmodified
+        but for those at the positions ``moving`` (written in place since, e.g. the offsets)."""
         return (settings == self.settings and len(sources) == len(self.sources)
-                and all(a is b and a._version == v for a, b, v in zip(sources, self.sources, self.versions)))
+                and all(a is b and (i in moving or a._version == v)
+                        for i, (a, b, v) in enumerate(zip(sources, self.sources, self.versions))))
 
 
 class VolumeIndexCache:
@@ -54,6 +60,9 @@ class VolumeIndexCache:
         """Builds that reused the entry (statistics, tests)."""
         self.misses = 0
         """Builds that voxelised and built the pairs afresh."""
+        self.stale_hits = 0
+        """Builds that reused the entry while a ``moving`` source had changed (``refresh_every``)."""
+        self._stale_in_a_row = 0
 
     def __bool__(self) -> bool:
         return self._entry is not None
@@ -76,7 +85,8 @@ class VolumeIndexCache:
                                                  for t in (g.origin, g.coords, g.keys, g.features))
 
     def build(self, net: SparseCostRegNet, points: torch.Tensor, colors: Callable[[], torch.Tensor],
-              voxel_size: float, sources: Sequence[torch.Tensor]) -> SparseVolume:
+              voxel_size: float, sources: Sequence[torch.Tensor], moving: Sequence[int] = (),
+              refresh_every: int = 1) -> SparseVolume:
         """The sparse volume of ``points`` [N, 3] (segment frame), reusing the entry when it is valid.
 
         Args:
@@ -86,14 +96,23 @@ class VolumeIndexCache:
             voxel_size: voxel edge (metres).
             sources: the tensors ``points`` and ``colors`` are computed from (e.g. the node's
                 means, offset and SH DC): the entry is reused only if these are unchanged.
+            moving, refresh_every: the entry is also reused, up to ``refresh_every - 1`` times in
+                a row, when only the sources at positions ``moving`` changed (written in place):
+                a voxel set up to that many builds old (1: never).
         """
         settings = (float(voxel_size), net.training)
         entry = self._entry
-        if entry is not None and entry.matches(sources, settings):
-            self.hits += 1
+        exact = entry is not None and entry.matches(sources, settings)
+        stale = (not exact and entry is not None and self._stale_in_a_row < refresh_every - 1
+                 and entry.matches(sources, settings, moving))
+        if exact or stale:
+            self.hits += exact
+            self.stale_hits += stale
+            self._stale_in_a_row += stale
             features, _ = net.run(entry.grid, entry.pairs)
             return SparseVolume(entry.grid, features)
         self.misses += 1
+        self._stale_in_a_row = 0
         self._entry = None  # the stale pairs are freed before the new ones are built (peak memory)
         grid = voxelize(points, colors(), voxel_size)
         features, pairs = net.run(grid)

@@ -151,6 +151,16 @@ def test_model_renders_actors_with_the_scene_and_checkpoints_carry_them(tiny_dat
         static = model.render(state, src.camtoworlds[0], src.intrinsics[0], src.width, src.height, time=None)
     assert out["actors"] is not None and len(out["actors"]) > 0 and static["actors"] is None
     assert not torch.equal(out["rgb"], static["rgb"]), "actors are rasterised into the image"
+    with torch.no_grad():  # no-grad renders at one time reuse the posed actors while the tracks stay
+        again = model.predictor.predict_actors(state, t)
+        assert again is out["actors"]
+        poses = state.actor_nodes.poses.clone()
+        poses[..., :3, 3] += 0.5
+        state.actor_nodes = state.actor_nodes.with_poses(poses)
+        moved = model.predictor.predict_actors(state, t)
+    assert moved is not again and torch.allclose(moved.means, again.means + 0.5)
+    with torch.enable_grad():
+        assert model.predictor.predict_actors(state, t) is not moved, "training places per call"
 
     trainer.save_checkpoint(1)
     resumed = lite_trainer(tiny_dataset, tmp_path / "b", load_dir=trainer.checkpoint_dir)

@@ -17,6 +17,7 @@ Frames: node positions and Gaussians in the **segment frame**; cameras OpenCV ca
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar, Literal, Optional, Sequence, get_args
 
@@ -151,6 +152,8 @@ class SharedState:
     view_inputs: dict[tuple[int, ...], "ViewInputs"] = field(default_factory=dict, repr=False)
     graphs: GraphCache = field(default_factory=GraphCache, repr=False)
     _selected: dict[tuple[int, ...], Views] = field(default_factory=dict, repr=False)
+    _posed: OrderedDict[float, tuple] = field(default_factory=OrderedDict, repr=False)
+    """Posed actors of no-grad renders by time: (actors, actor_nodes, GaussianParams)."""
     _boundary: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
 
     def backward_shared(self) -> None:
@@ -210,6 +213,8 @@ class ViewInputs:
         return self._padded[rows]
 
 
+POSED_TIMES = 8
+"""Times whose posed actors a state keeps for no-grad renders (least recently used dropped)."""
 HEAD_GRAPHS = 3
 """Head graphs kept per cache (least recently used dropped): each holds its static activations
 (and gradients) at its row count; training at 100k Gaussians peaked 0.23 GB higher with them."""
@@ -403,6 +408,21 @@ class GaussianPredictor(nn.Module):
         without actors or time. Recomputed per call (cheap) so each target's backward owns its graph."""
         if state.actors is None or time is None:
             return None
+        if torch.is_grad_enabled():
+            return self._place_actors(state, time)
+        # No-grad renders (a viewer moving its camera at one time) reuse the posed actors, while
+        # the state holds the same actors and tracks (stage 2 may swap in refined ones).
+        made_from = (state.actors, state.actor_nodes)
+        entry = state._posed.pop(float(time), None)
+        if entry is None or entry[0] is not made_from[0] or entry[1] is not made_from[1]:
+            entry = (*made_from, self._place_actors(state, time))
+        state._posed[float(time)] = entry
+        while len(state._posed) > POSED_TIMES:
+            state._posed.popitem(last=False)
+        return entry[2]
+
+    @staticmethod
+    def _place_actors(state: SharedState, time: float) -> GaussianParams:
         with full_precision(state.anchors.device):  # box poses applied in fp32 (see model.precision)
             return place_actors(state.actors, state.actor_nodes, time)
 

@@ -39,7 +39,7 @@ from evolsplat_ns.model.heads import (
 from evolsplat_ns.model.node import GaussianNode, GaussianParams
 from evolsplat_ns.model.precision import full_precision, sparse_conv_precision
 from evolsplat_ns.model.projector import ProjectedFeatures, Projector
-from evolsplat_ns.model.sky_warp import warp_at_infinity, warp_views
+from evolsplat_ns.model.sky_warp import source_stack, warp_stack_at_infinity
 from evolsplat_ns.model.sparse_volume import SparseCostRegNet, SparseVolume, build_volume
 from evolsplat_ns.model.volume_cache import VolumeIndexCache
 from evolsplat_ns.utils.cuda_graphs import GraphCache
@@ -152,6 +152,7 @@ class SharedState:
     view_inputs: dict[tuple[int, ...], "ViewInputs"] = field(default_factory=dict, repr=False)
     graphs: GraphCache = field(default_factory=GraphCache, repr=False)
     _selected: dict[tuple[int, ...], Views] = field(default_factory=dict, repr=False)
+    _stacks: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict, repr=False)
     _posed: OrderedDict[float, tuple] = field(default_factory=OrderedDict, repr=False)
     """Posed actors of no-grad renders by time: (actors, actor_nodes, GaussianParams)."""
     _boundary: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
@@ -178,6 +179,18 @@ class SharedState:
         if key not in self._selected:
             self._selected[key] = self.sources.select(views.to(self.sources.images.device, non_blocking=True))
         return self._selected[key]
+
+
+    def sky_stack(self, views: torch.Tensor) -> torch.Tensor:
+        """The sky warp's :func:`~evolsplat_ns.model.sky_warp.source_stack` [S, 4, H, W] of the
+        sources at host indices ``views`` [S] (cached: every target and frame that selects them
+        warps the same stack). Needs a state with sources."""
+        key = tuple(int(i) for i in views)
+        if key not in self._stacks:
+            src = self.selected_sources(views)
+            with torch.no_grad():
+                self._stacks[key] = source_stack(src.images, src.sky_masks)
+        return self._stacks[key]
 
 
 @dataclass
@@ -546,14 +559,13 @@ class GaussianPredictor(nn.Module):
         inputs copied in (the outputs are the graph's: overwritten by the next graphed warp)."""
         if self.config.background_source != "sources" or self.background is None or state.sources is None:
             return None
-        src = state.selected_sources(views)
+        src, stack = state.selected_sources(views), state.sky_stack(views)
+        inputs = (stack, src.intrinsics, src.camtoworlds, target_c2w, target_K)
+
+        def warp(stack, Ks, c2ws, c2w, K):
+            return warp_stack_at_infinity(stack, Ks, c2ws, c2w, K, width, height)
+
         if not (graphed and target_c2w.is_cuda):
-            return warp_views(src, target_c2w, target_K, width, height)
-        inputs = (src.images, src.intrinsics, src.camtoworlds, target_c2w, target_K)
-        inputs += (src.sky_masks,) if src.sky_masks is not None else ()
-        key = (tuple(src.images.shape), width, height, src.sky_masks is not None)
-
-        def warp(images, Ks, c2ws, c2w, K, sky=None):
-            return warp_at_infinity(images, Ks, c2ws, c2w, K, width, height, sky)
-
-        return self._warp_graphs(key, warp, inputs, target_c2w.device)
+            with torch.no_grad():
+                return warp(*inputs)
+        return self._warp_graphs((tuple(stack.shape), width, height), warp, inputs, target_c2w.device)

@@ -93,25 +93,41 @@ def warp_at_infinity(source_images: torch.Tensor, source_K: torch.Tensor, source
         at its image border and across its sky-mask edge; the largest over sources).
         fp32, fully on the device (no host sync); no gradient to the images is needed or kept apart.
     """
-    device = source_images.device
-    with full_precision(device):
+    return warp_stack_at_infinity(source_stack(source_images, source_sky), source_K, source_c2w, target_c2w,
+                                  target_K, width, height, tau)
+
+
+def source_stack(source_images: torch.Tensor, source_sky: torch.Tensor | None = None) -> torch.Tensor:
+    """[S, 4, Hs, Ws] fp32 (channels first, contiguous) what :func:`warp_stack_at_infinity` samples:
+    the sources' RGB [S, Hs, Ws, 3] premultiplied by their sky masks [S, Hs, Ws] (or 1), then the
+    masks (the coverage channel; zero padding makes it 0 past the border). Target-independent: a
+    caller warping the same sources into many cameras builds it once."""
+    with full_precision(source_images.device):
         images = source_images.float()
+        mask = (torch.ones_like(images[..., 0]) if source_sky is None
+                else source_sky.to(device=images.device, dtype=images.dtype))
+        return torch.cat([images * mask[..., None], mask[..., None]], dim=-1).permute(0, 3, 1, 2).contiguous()
+
+
+def warp_stack_at_infinity(stack: torch.Tensor, source_K: torch.Tensor, source_c2w: torch.Tensor,
+                           target_c2w: torch.Tensor, target_K: torch.Tensor, width: int, height: int,
+                           tau: float = DIRECTION_TAU) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`warp_at_infinity` from the sources' :func:`source_stack` ``stack`` [S, 4, Hs, Ws]."""
+    device = stack.device
+    with full_precision(device):
         Ks, c2w_s = source_K.to(device).float(), source_c2w.to(device).float()
         rays = pixel_rays(target_K.to(device).float(), target_c2w.to(device).float(), width, height)
-        hs, ws = images.shape[1:3]
+        hs, ws = stack.shape[2:]
         # Source camera coordinates of the rays: R_s^T d, then the pixel at infinity K_s R_s^T d.
         cam = torch.einsum("hwc,sck->shwk", rays, c2w_s[:, :3, :3])  # [S, H, W, 3]
         z = cam[..., 2]
         pix = cam @ Ks.transpose(-1, -2)[:, None]
         uv = pix[..., :2] / z.clamp(min=1e-6)[..., None]
-        mask = (torch.ones_like(images[..., 0]) if source_sky is None
-                else source_sky.to(device=device, dtype=images.dtype))
-        # Premultiplied taps with zero padding: channel 3 is the coverage (mask, and 0 past the border).
-        stack = torch.cat([images * mask[..., None], mask[..., None]], dim=-1).permute(0, 3, 1, 2)
+        # Channels first throughout: every per-pixel op below reads contiguous planes.
         taps = F.grid_sample(stack, to_grid(uv, hs, ws), mode="bilinear", padding_mode="zeros",
-                             align_corners=False).permute(0, 2, 3, 1)  # [S, H, W, 4]
-        cover = taps[..., 3]
-        colour = taps[..., :3] / cover.clamp(min=1e-6)[..., None]
+                             align_corners=False)  # [S, 4, H, W]
+        cover = taps[:, 3]
+        colour = taps[:, :3] / cover.clamp(min=1e-6)[:, None]
         feather = max(1.0, BORDER_FEATHER * min(hs, ws))
         edge = torch.minimum(torch.minimum(uv[..., 0], ws - uv[..., 0]), torch.minimum(uv[..., 1], hs - uv[..., 1]))
         # masked_fill, not torch.where with a Python scalar: that copies the scalar to the device,
@@ -122,6 +138,7 @@ def warp_at_infinity(source_images: torch.Tensor, source_K: torch.Tensor, source
         logit = ((z - 1.0) / tau).masked_fill(cover <= 0, float("-inf"))
         top = logit.max(dim=0).values
         w = cover * torch.exp(logit - top.masked_fill(~torch.isfinite(top), 0.0))
-        rgb = (w[..., None] * colour).sum(dim=0) / w.sum(dim=0).clamp(min=1e-12)[..., None]
+        rgb = (w[:, None] * colour).sum(dim=0) / w.sum(dim=0).clamp(min=1e-12)  # [3, H, W]
         weight = cover.max(dim=0).values
-        return rgb.masked_fill(weight[..., None] <= 0, 0.0), weight
+        rgb = rgb.masked_fill(weight <= 0, 0.0).permute(1, 2, 0).contiguous()
+        return rgb, weight

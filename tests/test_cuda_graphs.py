@@ -195,3 +195,45 @@ def test_input_memo_copies_only_new_or_modified_tensors():
     with torch.inference_mode():
         t = torch.zeros(2)
     assert memo.changed(1, t) and memo.changed(1, t)  # no version counter: always copied
+
+
+def test_gaussian_params_head_cuts_every_field():
+    from evolsplat_ns.model.node import GaussianParams
+
+    g = GaussianParams(torch.rand(5, 3), torch.rand(5, 4), torch.rand(5, 3), torch.rand(5), torch.rand(5, 4, 3),
+                       index=torch.arange(5), offset=torch.rand(5, 3))
+    h = g.head(3)
+    assert len(h) == 3 and h.index.tolist() == [0, 1, 2] and h.sh.shape == (3, 4, 3)
+    assert h.means.data_ptr() == g.means.data_ptr()  # views, not copies
+    assert GaussianParams(g.means, g.quats, g.scales, g.opacities, g.sh).head(2).offset is None
+
+
+def test_keep_rows_marks_the_real_head_rows_and_every_actor_row():
+    from evolsplat_ns.model.evolsplat_model import _keep_rows
+
+    keep = _keep_rows(3, 5, 2, torch.device("cpu"))
+    assert keep.tolist() == [True, True, True, False, False, True, True]
+    assert _keep_rows(3, 5, 2, torch.device("cpu")) is keep  # cached: a graph input copied once
+
+
+def test_graphed_draw_route_renders_the_eager_images(monkeypatch):
+    """The no-grad render route through the draw's graphs (heads rows padded to their bucket,
+    padding not drawn, the sky warp and dome composited) on the CPU reference with stand-in
+    captures: the images of the eager route, frame after frame."""
+    from evolsplat_ns.model import predictor as predictor_module
+
+    monkeypatch.setattr(cuda_graphs, "CapturedCall", _FakeCapture)
+    monkeypatch.setattr(predictor_module, "_can_graph_heads", lambda *a: True)
+    model, state, K = render_setup(cuda_graph_render=False)
+    monkeypatch.setattr(type(model), "_graph_draws", lambda self, c2w: True)
+    with torch.no_grad():
+        for x in (0.1, 0.15, 0.2):
+            eager = model.render(state, target_pose(x), K, W, H)
+            graphed = model.render(state, target_pose(x), K, W, H, reuse_graphs=True)
+            for key in ("rgb", "depth", "accumulation", "background_rgb"):
+                torch.testing.assert_close(graphed[key], eager[key], rtol=1e-5, atol=1e-6, msg=key)
+            assert torch.equal(graphed["gaussians"].index, eager["gaussians"].index)
+    m = len(eager["gaussians"])
+    from evolsplat_ns.model.heads import bucket_rows
+    assert bucket_rows(m) > m, "the scene pads its rows: the padding is what the route must leave out"
+    assert model._draw_graphs.replays >= 2

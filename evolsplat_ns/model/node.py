@@ -239,6 +239,13 @@ class GaussianParams:
     def __len__(self) -> int:
         return self.means.shape[0]
 
+    def head(self, n: int) -> "GaussianParams":
+        """The first ``n`` Gaussians (views of the same tensors; index and offset cut alike)."""
+        cut = lambda t: None if t is None else t[:n]  # noqa: E731
+        return GaussianParams(means=self.means[:n], quats=self.quats[:n], scales=self.scales[:n],
+                              opacities=self.opacities[:n], sh=self.sh[:n], index=cut(self.index),
+                              offset=cut(self.offset))
+
     @property
     def sh_degree(self) -> int:
         return int(round(self.sh.shape[1] ** 0.5)) - 1

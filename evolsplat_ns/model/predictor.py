@@ -487,14 +487,9 @@ class GaussianPredictor(nn.Module):
         graphed = graphed and _can_graph_heads(target_c2w, m, rows)
         rowwise = inputs.padded(rows) if graphed else inputs
         if graphed and not torch.is_grad_enabled():
-            # The gathers replay too, from the state's whole tensors: a moving camera then passes
-            # the same inputs every frame, and only the camera is copied into the graph.
-            args = (state.offset, state.volume_feat, rowwise.index, rowwise.image_feat, rowwise.anchors,
-                    target_c2w, target_K, rowwise.anchor_dc, rowwise.base_log_scale)
-            key = (rows, tuple(state.volume_feat.shape), _autocast_dtype())
-            out = self._head_render_graphs(key, self._decode_rows, args, device)
-            means, offset, sh, scales, quats, opacities = (t[:m] for t in out)
-        elif graphed:
+            padded = self._replay_render_heads(state, rowwise, target_c2w, target_K)
+            return replace(padded.head(m), index=inputs.index)
+        if graphed:
             offset, means, volume_feat = _gather_rows(state, rowwise)
             args = (rowwise.image_feat, volume_feat, means.detach(), target_c2w, target_K, rowwise.anchor_dc,
                     rowwise.base_log_scale)
@@ -509,6 +504,33 @@ class GaussianPredictor(nn.Module):
                                                             rowwise.base_log_scale)
         return GaussianParams(means=means, quats=quats, scales=scales, opacities=opacities, sh=sh,
                               index=inputs.index, offset=offset.detach())
+
+    def predict_padded(self, state: SharedState, target_c2w: torch.Tensor, target_K: torch.Tensor,
+                       views: torch.Tensor) -> Optional[tuple[GaussianParams, int]]:
+        """No-grad :meth:`predict` replayed from the render heads' graph, with its rows padded to
+        the graph's row count R (:func:`~evolsplat_ns.model.heads.bucket_rows`): the Gaussians
+        [R] (the first m the prediction, the rest copies of its first rows; the graph's outputs,
+        overwritten by the next call) and m; None where the heads cannot replay a graph (CPU,
+        too many rows, an autocast caching its casts). ``target_c2w`` [4, 4] OpenCV
+        camera-to-segment and ``target_K`` [3, 3] on the state's device, ``views`` [S] host."""
+        inputs = self.view_inputs(state, views)
+        m = len(inputs.index)
+        rows = bucket_rows(m)
+        if torch.is_grad_enabled() or not _can_graph_heads(target_c2w, m, rows):
+            return None
+        return self._replay_render_heads(state, inputs.padded(rows), target_c2w, target_K), m
+
+    def _replay_render_heads(self, state: SharedState, rowwise: "ViewInputs", target_c2w: torch.Tensor,
+                             target_K: torch.Tensor) -> GaussianParams:
+        """The render heads' graph on the padded rows ``rowwise``. The gathers replay too, from the
+        state's whole tensors: a moving camera then passes the same inputs every frame, and only
+        the camera is copied into the graph."""
+        args = (state.offset, state.volume_feat, rowwise.index, rowwise.image_feat, rowwise.anchors,
+                target_c2w, target_K, rowwise.anchor_dc, rowwise.base_log_scale)
+        key = (len(rowwise.index), tuple(state.volume_feat.shape), _autocast_dtype())
+        means, offset, sh, scales, quats, opacities = self._head_render_graphs(key, self._decode_rows, args,
+                                                                               state.anchors.device)
+        return GaussianParams(means=means, quats=quats, scales=scales, opacities=opacities, sh=sh, offset=offset)
 
     def _decode_rows(self, offset: torch.Tensor, volume_feat: torch.Tensor, index: torch.Tensor,
                      image_feat: torch.Tensor, anchors: torch.Tensor, target_c2w: torch.Tensor,

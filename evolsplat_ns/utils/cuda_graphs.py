@@ -19,9 +19,10 @@ import copy
 import warnings
 import weakref
 from collections import Counter, OrderedDict
-from typing import Any, Callable, Hashable, Optional
+from typing import Any, Callable, Hashable, Iterator, Optional
 
 import torch
+from torch.autograd.graph import increment_version
 
 WARMUP_RUNS = 2
 """Eager runs on a side stream before capture (PyTorch's rule: lazy initialisation, e.g. cuBLAS
@@ -35,6 +36,15 @@ def _copy_into(static: Any, value: Any) -> None:
     elif isinstance(static, (tuple, list)):
         for s, v in zip(static, value):
             _copy_into(s, v)
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors in ``value`` (tuples/lists nest)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
 
 
 def _static_copy(value: Any, device: torch.device) -> Any:
@@ -61,8 +71,9 @@ class InputMemo:
     the same encoded-state tensors every frame (the sources' images, 30 MB at 960x640, the rows the
     heads read), so only the camera is new. "The same" is decided on the host: the same object (a
     weak reference, so a freed tensor's id reused by another never matches) at the same
-    ``_version`` (bumped by every in-place write, under ``no_grad`` too). Nested tuples and
-    non-tensors always count as changed.
+    ``_version`` (bumped by every in-place write, under ``no_grad`` too, and by
+    :class:`CapturedCall` on its outputs after each replay). Nested tuples and non-tensors always
+    count as changed.
     """
 
     def __init__(self, size: int) -> None:
@@ -111,6 +122,10 @@ class CapturedCall:
             if self._memo.changed(i, value):
                 _copy_into(static, value)
         self.graph.replay()
+        # A replay rewrites the outputs without autograd's version counter seeing it; bumped here,
+        # so a graph reading them as inputs (their InputMemo) copies the new values in.
+        for t in _tensors(self.outputs):
+            increment_version(t)
         return self.outputs
 
 

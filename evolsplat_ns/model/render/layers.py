@@ -56,6 +56,7 @@ from . import evaluate_sh, rasterize, rasterize_feature_blocks
 
 if TYPE_CHECKING:  # node imports render.sh: a runtime import here would be circular
     from evolsplat_ns.model.node import GaussianParams
+    from evolsplat_ns.utils.cuda_graphs import GraphCache
 
 NORMALIZE_MIN_ALPHA = 0.05
 """Background pixels whose own opacity is above this are divided by it (below: left as they are)."""
@@ -180,8 +181,20 @@ def _draw(fronts: list[GaussianParams], back: Optional[GaussianParams], c2ws: Te
         back = _fields(front, lambda name, t: t[:0])
     elif C > 1:
         back = _fields(back, lambda name, t: t.repeat(C, *(1,) * (t.dim() - 1)))
-    n = len(front)
     blocks = None if C == 1 else _blocks(sizes + [len(back) // C] * C, c2ws.device)  # [N + C * B]
+    means, quats, scales, opacities, features = _prepare(front, back, blocks, c2ws, sh_degree, backend)
+    out, _ = rasterize_feature_blocks(means, quats, scales, opacities, features, blocks, invert_rigid(c2ws), Ks,
+                                      width, height, near_plane=NEAR_PLANE, backend=backend)
+    return _finish(out, normalize, sky)
+
+
+def _prepare(front: GaussianParams, back: GaussianParams, blocks: Optional[Tensor], c2ws: Tensor, sh_degree: int,
+             backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The one draw's rasteriser inputs for ``front`` (N rows) then ``back`` (B rows; with
+    ``blocks`` [N + B] a camera per row, else every row for the one camera ``c2ws`` [1, 4, 4]):
+    means [N + B, 3] (back ones moved behind the front, :func:`_behind`), quats, scales,
+    opacities and the 9-channel features [N + B, 9]."""
+    C, n = c2ws.shape[0], len(front)
     row = (lambda t: t[0]) if blocks is None else (lambda t: t[blocks])  # noqa: E731
     origin, axis = row(c2ws[:, :3, 3]), row(c2ws[:, :3, 2])  # camera centre and z axis (segment frame)
     dirs = torch.cat([front.means, back.means]) - origin  # [N + B, 3] camera centre -> Gaussian
@@ -190,20 +203,79 @@ def _draw(fronts: list[GaussianParams], back: Optional[GaussianParams], c2ws: Te
     back_origin = origin if blocks is None else origin[n:]
     back_means, back_scales = _behind(back, back_origin, dirs[n:], z[n:],
                                       shift if blocks is None else shift[blocks[n:]])
-    means = torch.cat([front.means, back_means])
     # The moved back Gaussians keep their directions: SH along the original ones.
     rgb = evaluate_sh(sh_degree, dirs, torch.cat([front.sh, back.sh]), backend)
     features = torch.cat([_front_features(rgb[:n], z[:n]), _back_features(rgb[n:])])
-    out, _ = rasterize_feature_blocks(
-        means, torch.cat([front.quats, back.quats]), torch.cat([front.scales, back_scales]),
-        torch.cat([front.opacities, back.opacities]), features, blocks, invert_rigid(c2ws), Ks,
-        width, height, near_plane=NEAR_PLANE, backend=backend,
-    )
+    return (torch.cat([front.means, back_means]), torch.cat([front.quats, back.quats]),
+            torch.cat([front.scales, back_scales]), torch.cat([front.opacities, back.opacities]), features)
+
+
+def _finish(out: Tensor, normalize: bool, sky: Optional[tuple[Tensor, Tensor]]) -> LayeredImage:
+    """The layered image from the draw's 9 channels ``out`` [C, H, W, 9] (module docstring) and
+    the sky warp (rgb [C, H, W, 3], weight [C, H, W]; or [H, W, ...] for one camera)."""
     fg_rgb, dome_rgb, dome_alpha, fg_alpha, fg_z = out.split([3, 3, 1, 1, 1], dim=-1)
     bg = _unattenuated(dome_rgb, dome_alpha, 1.0 - fg_alpha, normalize)
     rgb, bg = _over(fg_rgb, fg_alpha, bg, sky)
     # gsplat's "ED": accumulated depth over accumulated alpha.
     return LayeredImage(rgb, fg_z / fg_alpha.clamp(min=1e-10), fg_alpha, bg, None)
+
+
+def rasterize_layered_graphed(fronts: Sequence[GaussianParams], keep: Tensor, back: GaussianParams, c2w: Tensor,
+                              K: Tensor, width: int, height: int, graphs: "GraphCache", *, sh_degree: int,
+                              normalize: bool = True, sky: Optional[tuple[Tensor, Tensor]] = None,
+                              backend: str = "gsplat") -> LayeredImage:
+    """:func:`rasterize_layered` (one draw, no grad) for one camera, the work before and
+    after gsplat's tile intersection replayed from CUDA graphs in ``graphs``: the rows'
+    preparation, SH and projection (captured per row counts and image size), then the compositing
+    of the channels (per image size). The intersection and the compositing kernel run eagerly.
+
+    Args:
+        fronts: the foreground's parts (segment frame, fp32; e.g. the heads' rows padded to their
+            graph's size, then the posed actors), drawn as one set in this order: fixed row counts
+            let one graph serve every state and source set of those sizes.
+        keep: [sum of the parts' rows] bool, the rows to draw (padding: False; their radii are
+            set to 0, so no tile lists them).
+        back: the dome (B rows); c2w [4, 4] OpenCV camera-to-segment; K [3, 3].
+        graphs: the cache of captured calls (a capture failure falls back to eager there).
+        sky: (rgb [H, W, 3], weight [H, W]) or None.
+        backend: "gsplat" (CUDA), or "reference" (the same steps in PyTorch, for tests).
+    Returns:
+        The :class:`LayeredImage` of :func:`rasterize_layered`, its tensors the graphs' outputs
+        (overwritten by the next call).
+    """
+    from evolsplat_ns.model.node import GaussianParams as Params  # node imports render: not at module level
+
+    if backend == "gsplat":
+        from .gsplat_backend import composite_gsplat as composite, project_gsplat as project
+    else:
+        from .reference import composite_reference as composite, project_reference as project
+    parts = len(fronts)
+
+    def prepare(*inputs: Tensor) -> tuple[Tensor, ...]:
+        *fields, keep, c2w, K = inputs
+        split = [fields[i:i + 5] for i in range(0, len(fields), 5)]
+        front = Params(*(torch.cat(group) for group in zip(*split[:parts])))
+        means, quats, scales, opacities, features = _prepare(front, Params(*split[parts]), None, c2w[None],
+                                                             sh_degree, backend)
+        radii, means2d, depths, conics = project(means, quats, scales, invert_rigid(c2w)[None], K[None], width,
+                                                 height, near_plane=NEAR_PLANE)
+        drawn = torch.cat([keep, keep.new_ones(len(means) - len(keep))])
+        # masked_fill: torch.where with a Python scalar copies it to the device, which a capture refuses
+        return radii.masked_fill(~drawn, 0), means2d, depths, conics, features[None], opacities[None]
+
+    sets = [*fronts, back]
+    inputs = (*(getattr(g, name) for g in sets for name in _RASTERISED), keep, c2w, K)
+    key = ("prepare", tuple(len(g) for g in sets), width, height, sh_degree)
+    radii, means2d, depths, conics, features, opacities = graphs(key, prepare, inputs, c2w.device)
+    out, _ = composite(means2d, radii, depths, conics, features, opacities, width, height)
+
+    def finish(out: Tensor, *sky: Tensor) -> tuple[Tensor, ...]:
+        image = _finish(out[0], normalize, tuple(sky) if sky else None)
+        return image.rgb, image.depth, image.alpha, image.background
+
+    rgb, depth, alpha, bg = graphs(("finish", width, height, normalize, sky is not None), finish,
+                                   (out, *(sky or ())), c2w.device)
+    return LayeredImage(rgb, depth, alpha, bg, None)
 
 
 _RASTERISED = ("means", "quats", "scales", "opacities", "sh")

@@ -237,3 +237,37 @@ def test_graphed_draw_route_renders_the_eager_images(monkeypatch):
     from evolsplat_ns.model.heads import bucket_rows
     assert bucket_rows(m) > m, "the scene pads its rows: the padding is what the route must leave out"
     assert model._draw_graphs.replays >= 2
+
+
+def _route_gradients(graphed: bool, monkeypatch) -> dict[str, torch.Tensor]:
+    """Parameter gradients of two targets' per-target backward (then the shared part's) through
+    the graphed draw route (stand-in captures) or the eager one."""
+    from evolsplat_ns.model import predictor as predictor_module
+
+    model, _, K = render_setup(cuda_graph_render=False)
+    if graphed:
+        monkeypatch.setattr(cuda_graphs, "CapturedCall", _FakeCapture)
+        monkeypatch.setattr(cuda_graphs, "CapturedGradCall", _FakeCapture)
+        monkeypatch.setattr(predictor_module, "_can_graph_heads", lambda *a: True)
+        monkeypatch.setattr(type(model), "_graph_draws", lambda self, c2w: True)
+    model.train()
+    state = model.encode(split_backward=True)
+    weight = torch.rand(H, W, 3, generator=torch.Generator().manual_seed(1))
+    for step in range(2):  # the second step replays what the first captured
+        model.zero_grad(set_to_none=True)
+        state = model.encode(split_backward=True)
+        for x in (0.1, 0.3):
+            out = model.render(state, target_pose(x), K, W, H, reuse_graphs=True)
+            ((out["rgb"] * weight).sum() + out["accumulation"].sum() + out["depth"].mean()).backward()
+        state.backward_shared()
+    if graphed:  # the route was taken: the second step replayed the training draw's calls
+        assert model._train_draw_graphs.replays == 4 and model.predictor._head_graphs.replays >= 2
+    monkeypatch.undo()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_graphed_draw_route_gives_the_eager_gradients(monkeypatch):
+    eager, graphed = _route_gradients(False, monkeypatch), _route_gradients(True, monkeypatch)
+    assert eager.keys() == graphed.keys() and len(eager) > 10
+    for name, g in eager.items():
+        torch.testing.assert_close(graphed[name], g, rtol=1e-4, atol=1e-6, msg=name)

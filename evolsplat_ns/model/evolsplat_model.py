@@ -107,6 +107,10 @@ class EVolSplatModelConfig(ModelConfig, PredictorConfig):
     one draw's work before and after the tile intersection from graphs captured per padded row
     count and image size (:func:`~evolsplat_ns.model.render.layers.rasterize_layered_graphed`);
     False: that work runs eagerly."""
+    cuda_graph_train_draw: bool = True
+    """With ``cuda_graphs``, training renders with per-target backward replay the same work and
+    its backward from graphs (``make_graphed_callables``), except while stage 2 refines and with
+    the sky loss (two draws); False: eager."""
     batch_targets: bool = False
     """Training: draw a step's target views in one rasteriser call and back-propagate them with one
     backward (each target keeps its own view-dependent Gaussians: one call of the heads over every
@@ -261,6 +265,8 @@ class EVolSplatModel(SplatfactoSurface):
         self._loss_graphs = GraphCache(capacity=4, grad=True)
         self._draw_graphs = GraphCache(capacity=6)
         """The one draw's preparation and compositing per row count and image size (no-grad renders)."""
+        self._train_draw_graphs = GraphCache(capacity=6, grad=True)
+        """The same with their backward (training renders, per-target backward)."""
         """Captured photometric loss + backward per image shape (``cuda_graphs``, :meth:`view_loss`)."""
         self.segments = SegmentStore(self.config.segment_store_mb)
         self.context: Optional[SegmentContext] = None
@@ -501,19 +507,23 @@ class EVolSplatModel(SplatfactoSurface):
         return out
 
     def _graph_draws(self, c2w: torch.Tensor) -> bool:
-        """Whether a render may replay the draw's graphs (``cuda_graph_draw``): a no-grad,
-        full-precision render on a GPU with gsplat, one draw of foreground and dome."""
-        return (self.config.cuda_graphs and self.config.cuda_graph_draw and c2w.is_cuda
-                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cuda")
-                and self.config.enable_background and self._single_draw(with_meta=False)
-                and resolve_backend(self.config.renderer, True) == "gsplat")
+        """Whether a render may replay the draw's graphs: on a GPU with gsplat, one draw of
+        foreground and dome; no-grad full-precision renders with ``cuda_graph_draw``, training
+        renders (per-target backward) with ``cuda_graph_train_draw`` while stage 2 is not refining."""
+        if not (self.config.cuda_graphs and c2w.is_cuda and self.config.enable_background
+                and self._single_draw(with_meta=False) and resolve_backend(self.config.renderer, True) == "gsplat"):
+            return False
+        if torch.is_grad_enabled():
+            return self.config.cuda_graph_train_draw and self.stage2_step is None
+        return self.config.cuda_graph_draw and not torch.is_autocast_enabled("cuda")
 
     def _render_graphed(self, state: SharedState, views: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor,
                         width: int, height: int, time: Optional[float]) -> Optional[dict[str, torch.Tensor]]:
         """:meth:`render` from CUDA graphs up to and after gsplat's tile intersection
-        (:func:`~evolsplat_ns.model.render.layers.rasterize_layered_graphed`), the heads' rows left
-        padded to their graph's size so that one graph serves every state and source set of that
-        size; None where the heads replay no graph (the caller renders the usual way)."""
+        (:func:`~evolsplat_ns.model.render.layers.rasterize_layered_graphed`; under grad with their
+        backward), the heads' rows left padded to their graph's size so that one graph serves every
+        state and source set of that size; None where the heads replay no graph (the caller
+        renders the usual way)."""
         background = self.predictor.predict_background(state)
         if background is None or self.config.cuda_graph_render:
             return None
@@ -526,9 +536,10 @@ class EVolSplatModel(SplatfactoSurface):
             actors = self.predictor.predict_actors(state, time)
         parts = [_fp32(rows)] if actors is None or not len(actors) else [_fp32(rows), _fp32(actors)]
         keep = _keep_rows(m, len(rows), len(actors) if len(parts) > 1 else 0, c2w.device)
-        with phase("render"):
+        graphs = self._train_draw_graphs if torch.is_grad_enabled() else self._draw_graphs
+        with torch.autocast(device_type=c2w.device.type, enabled=False), phase("render"):
             image = rasterize_layered_graphed(parts, keep, _fp32(background), c2w.float(), K.float(), width, height,
-                                              self._draw_graphs, sh_degree=self.config.sh_degree,
+                                              graphs, sh_degree=self.config.sh_degree,
                                               normalize=self.config.normalize_background, sky=sky,
                                               backend=resolve_backend(self.config.renderer, c2w.is_cuda))
         params = replace(rows.head(m), index=self.predictor.view_inputs(state, views).index)

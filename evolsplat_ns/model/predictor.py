@@ -485,40 +485,43 @@ class GaussianPredictor(nn.Module):
         m = len(inputs.index)
         rows = bucket_rows(m)
         graphed = graphed and _can_graph_heads(target_c2w, m, rows)
-        rowwise = inputs.padded(rows) if graphed else inputs
-        if graphed and not torch.is_grad_enabled():
-            padded = self._replay_render_heads(state, rowwise, target_c2w, target_K)
-            return replace(padded.head(m), index=inputs.index)
         if graphed:
-            offset, means, volume_feat = _gather_rows(state, rowwise)
-            args = (rowwise.image_feat, volume_feat, means.detach(), target_c2w, target_K, rowwise.anchor_dc,
-                    rowwise.base_log_scale)
-            out = self._head_graphs((rows, volume_feat.requires_grad, _autocast_dtype()), self._decoder[0], args,
-                                    device)
-            sh, scales, quats, opacities = (t[:m] for t in out)
-            means, offset = means[:m], offset[:m]
-        else:
-            offset, means, volume_feat = _gather_rows(state, rowwise)
-            sh, scales, quats, opacities = self._decoder[0](rowwise.image_feat, volume_feat, means.detach(),
-                                                            target_c2w, target_K, rowwise.anchor_dc,
-                                                            rowwise.base_log_scale)
+            padded = self._replay_heads(state, inputs.padded(rows), target_c2w, target_K)
+            return replace(padded.head(m), index=inputs.index)
+        offset, means, volume_feat = _gather_rows(state, inputs)
+        sh, scales, quats, opacities = self._decoder[0](inputs.image_feat, volume_feat, means.detach(), target_c2w,
+                                                        target_K, inputs.anchor_dc, inputs.base_log_scale)
         return GaussianParams(means=means, quats=quats, scales=scales, opacities=opacities, sh=sh,
                               index=inputs.index, offset=offset.detach())
 
     def predict_padded(self, state: SharedState, target_c2w: torch.Tensor, target_K: torch.Tensor,
                        views: torch.Tensor) -> Optional[tuple[GaussianParams, int]]:
-        """No-grad :meth:`predict` replayed from the render heads' graph, with its rows padded to
-        the graph's row count R (:func:`~evolsplat_ns.model.heads.bucket_rows`): the Gaussians
-        [R] (the first m the prediction, the rest copies of its first rows; the graph's outputs,
-        overwritten by the next call) and m; None where the heads cannot replay a graph (CPU,
-        too many rows, an autocast caching its casts). ``target_c2w`` [4, 4] OpenCV
+        """:meth:`predict` replayed from the heads' graphs (under grad: with their backward), its
+        rows padded to the graph's row count R (:func:`~evolsplat_ns.model.heads.bucket_rows`): the
+        Gaussians [R] (the first m the prediction, the rest copies of its first rows, the graph's
+        outputs: overwritten by the next call) and m; None where the heads cannot replay a graph
+        (CPU, too many rows, an autocast caching its casts). ``target_c2w`` [4, 4] OpenCV
         camera-to-segment and ``target_K`` [3, 3] on the state's device, ``views`` [S] host."""
         inputs = self.view_inputs(state, views)
         m = len(inputs.index)
         rows = bucket_rows(m)
-        if torch.is_grad_enabled() or not _can_graph_heads(target_c2w, m, rows):
+        if not _can_graph_heads(target_c2w, m, rows):
             return None
-        return self._replay_render_heads(state, inputs.padded(rows), target_c2w, target_K), m
+        return self._replay_heads(state, inputs.padded(rows), target_c2w, target_K), m
+
+    def _replay_heads(self, state: SharedState, rowwise: "ViewInputs", target_c2w: torch.Tensor,
+                      target_K: torch.Tensor) -> GaussianParams:
+        """The heads' graph on the padded rows ``rowwise``: under grad the forward + backward graph
+        (means differentiable into the state's offsets, ``offset`` detached), else the render graph."""
+        if not torch.is_grad_enabled():
+            return self._replay_render_heads(state, rowwise, target_c2w, target_K)
+        offset, means, volume_feat = _gather_rows(state, rowwise)
+        args = (rowwise.image_feat, volume_feat, means.detach(), target_c2w, target_K, rowwise.anchor_dc,
+                rowwise.base_log_scale)
+        key = (len(rowwise.index), volume_feat.requires_grad, _autocast_dtype())
+        sh, scales, quats, opacities = self._head_graphs(key, self._decoder[0], args, state.anchors.device)
+        return GaussianParams(means=means, quats=quats, scales=scales, opacities=opacities, sh=sh,
+                              offset=offset.detach())
 
     def _replay_render_heads(self, state: SharedState, rowwise: "ViewInputs", target_c2w: torch.Tensor,
                              target_K: torch.Tensor) -> GaussianParams:

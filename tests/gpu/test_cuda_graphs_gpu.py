@@ -245,3 +245,29 @@ def test_chained_replays_pass_new_values_on():
     for scale in (1.0, 3.0):
         x.mul_(scale)
         torch.testing.assert_close(second(first(x, y)), x * 2 + y + 1)
+
+
+def _training_gradients(train_draw: bool) -> tuple[dict[str, torch.Tensor], object]:
+    """Parameter gradients after two steps of two targets' per-target backward on CUDA, the
+    training draw replayed from graphs (``cuda_graph_train_draw``) or eager."""
+    model, _, K = render_setup("cuda", cuda_graph_render=False, cuda_graph_train_draw=train_draw)
+    model.train()
+    weight = torch.rand(H, W, 3, generator=torch.Generator().manual_seed(1)).cuda()
+    for _ in range(3):  # eager, capture, replay
+        model.zero_grad(set_to_none=True)
+        state = model.encode(split_backward=True)
+        for x in (0.1, 0.3):
+            out = model.render(state, target_pose(x), K, W, H, reuse_graphs=True)
+            ((out["rgb"] * weight).sum() + out["accumulation"].sum() + out["depth"].mean()).backward()
+        state.backward_shared()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, model
+
+
+def test_training_draw_graphs_give_the_eager_gradients():
+    eager, _ = _training_gradients(False)
+    graphed, model = _training_gradients(True)
+    draws = model._train_draw_graphs
+    assert draws.disabled is None and draws.replays >= 4 and len(draws) == 2
+    assert eager.keys() == graphed.keys() and len(eager) > 10
+    for name, g in eager.items():
+        torch.testing.assert_close(graphed[name], g, rtol=1e-3, atol=1e-5, msg=name)

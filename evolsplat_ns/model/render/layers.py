@@ -224,10 +224,12 @@ def rasterize_layered_graphed(fronts: Sequence[GaussianParams], keep: Tensor, ba
                               K: Tensor, width: int, height: int, graphs: "GraphCache", *, sh_degree: int,
                               normalize: bool = True, sky: Optional[tuple[Tensor, Tensor]] = None,
                               backend: str = "gsplat") -> LayeredImage:
-    """:func:`rasterize_layered` (one draw, no grad) for one camera, the work before and
-    after gsplat's tile intersection replayed from CUDA graphs in ``graphs``: the rows'
-    preparation, SH and projection (captured per row counts and image size), then the compositing
-    of the channels (per image size). The intersection and the compositing kernel run eagerly.
+    """:func:`rasterize_layered` (one draw) for one camera, the work before and after gsplat's
+    tile intersection replayed from CUDA graphs in ``graphs``: the rows' preparation, SH and
+    projection (captured per row counts and image size), then the compositing of the channels
+    (per image size). The intersection and the compositing kernel run eagerly. With a
+    ``GraphCache(grad=True)`` the graphs hold the backward too (one call per backward: each
+    call's outputs are back-propagated before the next call).
 
     Args:
         fronts: the foreground's parts (segment frame, fp32; e.g. the heads' rows padded to their
@@ -265,7 +267,7 @@ def rasterize_layered_graphed(fronts: Sequence[GaussianParams], keep: Tensor, ba
 
     sets = [*fronts, back]
     inputs = (*(getattr(g, name) for g in sets for name in _RASTERISED), keep, c2w, K)
-    key = ("prepare", tuple(len(g) for g in sets), width, height, sh_degree)
+    key = ("prepare", tuple(len(g) for g in sets), width, height, sh_degree, tuple(t.requires_grad for t in inputs))
     radii, means2d, depths, conics, features, opacities = graphs(key, prepare, inputs, c2w.device)
     out, _ = composite(means2d, radii, depths, conics, features, opacities, width, height)
 
@@ -273,7 +275,7 @@ def rasterize_layered_graphed(fronts: Sequence[GaussianParams], keep: Tensor, ba
         image = _finish(out[0], normalize, tuple(sky) if sky else None)
         return image.rgb, image.depth, image.alpha, image.background
 
-    rgb, depth, alpha, bg = graphs(("finish", width, height, normalize, sky is not None), finish,
+    rgb, depth, alpha, bg = graphs(("finish", width, height, normalize, sky is not None, out.requires_grad), finish,
                                    (out, *(sky or ())), c2w.device)
     return LayeredImage(rgb, depth, alpha, bg, None)
 

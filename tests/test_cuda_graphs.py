@@ -211,9 +211,9 @@ def test_gaussian_params_head_cuts_every_field():
 def test_keep_rows_marks_the_real_head_rows_and_every_actor_row():
     from evolsplat_ns.model.evolsplat_model import _keep_rows
 
-    keep = _keep_rows(3, 5, 2, torch.device("cpu"))
-    assert keep.tolist() == [True, True, True, False, False, True, True]
-    assert _keep_rows(3, 5, 2, torch.device("cpu")) is keep  # cached: a graph input copied once
+    keep = _keep_rows(3, 5, 2, 3, torch.device("cpu"))
+    assert keep.tolist() == [True, True, True, False, False, True, True, False]
+    assert _keep_rows(3, 5, 2, 3, torch.device("cpu")) is keep  # cached: a graph input copied once
 
 
 def test_graphed_draw_route_renders_the_eager_images(monkeypatch):

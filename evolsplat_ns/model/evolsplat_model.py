@@ -37,6 +37,7 @@ from evolsplat_ns.geometry import invert_rigid
 from evolsplat_ns.model.losses import entropy_loss
 from evolsplat_ns.model.metrics import image_metrics, psnr
 from evolsplat_ns.model.actors import ActorNodes
+from evolsplat_ns.model.heads import bucket_rows
 from evolsplat_ns.model.node import GaussianNode, GaussianParams, concat_gaussians
 from evolsplat_ns.model.precision import full_precision
 from evolsplat_ns.model.predictor import GaussianPredictor, PredictorConfig, SharedState, on_host
@@ -534,8 +535,10 @@ class EVolSplatModel(SplatfactoSurface):
             rows, m = padded
             sky = self.predictor.predict_sky(state, views, c2w, K, width, height, graphed=True)
             actors = self.predictor.predict_actors(state, time)
-        parts = [_fp32(rows)] if actors is None or not len(actors) else [_fp32(rows), _fp32(actors)]
-        keep = _keep_rows(m, len(rows), len(actors) if len(parts) > 1 else 0, c2w.device)
+        a = 0 if actors is None else len(actors)
+        # The actors' rows are padded too (their count moves with the time's boxes): a few graphs.
+        parts = [_fp32(rows)] + ([_fp32(_padded(actors, bucket_rows(a)))] if a else [])
+        keep = _keep_rows(m, len(rows), a, len(parts[1]) if a else 0, c2w.device)
         graphs = self._train_draw_graphs if torch.is_grad_enabled() else self._draw_graphs
         with torch.autocast(device_type=c2w.device.type, enabled=False), phase("render"):
             image = rasterize_layered_graphed(parts, keep, _fp32(background), c2w.float(), K.float(), width, height,
@@ -955,13 +958,24 @@ class EVolSplatModel(SplatfactoSurface):
         return ctx.segment.snapshot[1]
 
 
-@functools.lru_cache(maxsize=16)
-def _keep_rows(m: int, rows: int, actors: int, device: torch.device) -> torch.Tensor:
-    """[rows + actors] bool: the first ``m`` of ``rows`` padded head rows, then every actor row
-    (cached: a graph's input that stays the same object is not copied again)."""
-    keep = torch.arange(rows + actors) < m
-    keep[rows:] = True
+@functools.lru_cache(maxsize=32)
+def _keep_rows(m: int, rows: int, a: int, actor_rows: int, device: torch.device) -> torch.Tensor:
+    """[rows + actor_rows] bool: the first ``m`` of ``rows`` padded head rows, then the first
+    ``a`` of ``actor_rows`` padded actor rows (cached: a graph's input that stays the same object
+    is not copied again)."""
+    index = torch.arange(rows + actor_rows)
+    keep = (index < m) | ((index >= rows) & (index < rows + a))
     return keep.to(device, non_blocking=True)
+
+
+def _padded(g: GaussianParams, rows: int) -> GaussianParams:
+    """``g``'s rasterised fields with copies of its first ``rows - len(g)`` rows appended (at most
+    ``len(g)``, :func:`bucket_rows`); a draw leaves them out (``keep``), so they get no gradient."""
+    extra = rows - len(g)
+    if extra == 0:
+        return g
+    pad = lambda t: torch.cat([t, t[:extra]])  # noqa: E731
+    return GaussianParams(pad(g.means), pad(g.quats), pad(g.scales), pad(g.opacities), pad(g.sh))
 
 
 def _with_actors(params: GaussianParams, actors: Optional[GaussianParams]) -> GaussianParams:

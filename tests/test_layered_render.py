@@ -237,27 +237,3 @@ def test_blocks_draw_each_camera_with_its_own_foreground():
     assert not torch.allclose(blocks.rgb[0], blocks.rgb[1])
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
-
-
-def test_graphed_draw_of_padded_parts_equals_the_one_draw(monkeypatch):
-    """``rasterize_layered_graphed`` (the no-grad render's draw, here on the PyTorch reference with
-    a stand-in capture): the padding rows marked not kept are left out, the parts are drawn as one
-    foreground, and the images equal the one draw of the kept rows."""
-    from evolsplat_ns.utils import cuda_graphs
-    from evolsplat_ns.utils.cuda_graphs import GraphCache
-    from test_cuda_graphs import _FakeCapture
-
-    monkeypatch.setattr(cuda_graphs, "CapturedCall", _FakeCapture)
-    front, back = _scene()
-    static, actors = front.head(30), GaussianParams(*(getattr(front, n)[30:] for n in layers._RASTERISED))
-    junk = _gaussians(6, (1.0, 3.0), 2.0, 0.5, (0.9, 0.95), seed=5)  # opaque, near: would show if drawn
-    padded = layers._cat([static, junk])
-    keep = torch.cat([torch.ones(30, dtype=torch.bool), torch.zeros(6, dtype=torch.bool), torch.ones(10, dtype=torch.bool)])
-    sky = (torch.rand(H, W, 3), torch.rand(H, W))
-    expected = _render(front, back, True, sky=sky)
-    graphs = GraphCache()
-    for _ in range(3):
-        got = layers.rasterize_layered_graphed([padded, actors], keep, back, C2W, K, W, H, graphs, sh_degree=1,
-                                               sky=sky, backend="reference")
-        _assert_same(got, expected)
-    assert graphs.replays == 2 and len(graphs) == 2

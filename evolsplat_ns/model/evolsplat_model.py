@@ -13,7 +13,6 @@ here is OpenCV camera-to-segment and the segment frame.
 
 from __future__ import annotations
 
-import functools
 import warnings
 import zlib
 from contextlib import nullcontext
@@ -37,12 +36,10 @@ from evolsplat_ns.geometry import invert_rigid
 from evolsplat_ns.model.losses import entropy_loss
 from evolsplat_ns.model.metrics import image_metrics, psnr
 from evolsplat_ns.model.actors import ActorNodes
-from evolsplat_ns.model.heads import bucket_rows
 from evolsplat_ns.model.node import GaussianNode, GaussianParams, concat_gaussians
 from evolsplat_ns.model.precision import full_precision
 from evolsplat_ns.model.predictor import GaussianPredictor, PredictorConfig, SharedState, on_host
-from evolsplat_ns.model.render import resolve_backend
-from evolsplat_ns.model.render.layers import rasterize_layered, rasterize_layered_blocks, rasterize_layered_graphed
+from evolsplat_ns.model.render.layers import rasterize_layered, rasterize_layered_blocks
 from evolsplat_ns.model.segment_store import SegmentState, SegmentStore
 from evolsplat_ns.model.stage2.config import Stage2Config
 from evolsplat_ns.model.stage2.discovery import discover_objects
@@ -103,15 +100,6 @@ class EVolSplatModelConfig(ModelConfig, PredictorConfig):
     (viewer, ``ns-eval`` images, camera paths), captured per encoded state and source set. Off by
     default: on an H200 it saved 0.3 ms of a 5.6 ms median frame but each capture (a new source set
     while the camera moves) costs a few frames, so a fly-through's mean rate fell."""
-    cuda_graph_draw: bool = True
-    """With ``cuda_graphs``, no-grad renders on gsplat (viewer, ``ns-eval`` images) replay the
-    one draw's work before and after the tile intersection from graphs captured per padded row
-    count and image size (:func:`~evolsplat_ns.model.render.layers.rasterize_layered_graphed`);
-    False: that work runs eagerly."""
-    cuda_graph_train_draw: bool = True
-    """With ``cuda_graphs``, training renders with per-target backward replay the same work and
-    its backward from graphs (``make_graphed_callables``), except while stage 2 refines and with
-    the sky loss (two draws); False: eager."""
     batch_targets: bool = False
     """Training: draw a step's target views in one rasteriser call and back-propagate them with one
     backward (each target keeps its own view-dependent Gaussians: one call of the heads over every
@@ -264,10 +252,6 @@ class EVolSplatModel(SplatfactoSurface):
             **{f.name: getattr(self.config, f.name) for f in fields(PredictorConfig)}))
         self.rgb_loss = registry.get("losses", self.config.rgb_loss)
         self._loss_graphs = GraphCache(capacity=4, grad=True)
-        self._draw_graphs = GraphCache(capacity=6)
-        """The one draw's preparation and compositing per row count and image size (no-grad renders)."""
-        self._train_draw_graphs = GraphCache(capacity=6, grad=True)
-        """The same with their backward (training renders, per-target backward)."""
         """Captured photometric loss + backward per image shape (``cuda_graphs``, :meth:`view_loss`)."""
         self.segments = SegmentStore(self.config.segment_store_mb)
         self.context: Optional[SegmentContext] = None
@@ -494,10 +478,6 @@ class EVolSplatModel(SplatfactoSurface):
         """
         views = self.predictor.nearest_views(state, c2w)
         c2w, K = c2w.to(self.device, non_blocking=True), K.to(self.device, non_blocking=True)
-        if reuse_graphs and self._graph_draws(c2w):
-            out = self._render_graphed(state, views, c2w, K, width, height, time)
-            if out is not None:
-                return out
         with phase("heads"):
             params, sky = self._decode(state, views, c2w, K, width, height, reuse_graphs)
             actors = self.predictor.predict_actors(state, time)
@@ -506,48 +486,6 @@ class EVolSplatModel(SplatfactoSurface):
         out = self.rasterize_gaussians(foreground, background, c2w, K, width, height, sky=sky)
         out["gaussians"], out["actors"] = params, actors
         return out
-
-    def _graph_draws(self, c2w: torch.Tensor) -> bool:
-        """Whether a render may replay the draw's graphs: on a GPU with gsplat, one draw of
-        foreground and dome; no-grad full-precision renders with ``cuda_graph_draw``, training
-        renders (per-target backward) with ``cuda_graph_train_draw`` while stage 2 is not refining."""
-        if not (self.config.cuda_graphs and c2w.is_cuda and self.config.enable_background
-                and self._single_draw(with_meta=False) and resolve_backend(self.config.renderer, True) == "gsplat"):
-            return False
-        if torch.is_grad_enabled():
-            return self.config.cuda_graph_train_draw and self.stage2_step is None
-        return self.config.cuda_graph_draw and not torch.is_autocast_enabled("cuda")
-
-    def _render_graphed(self, state: SharedState, views: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor,
-                        width: int, height: int, time: Optional[float]) -> Optional[dict[str, torch.Tensor]]:
-        """:meth:`render` from CUDA graphs up to and after gsplat's tile intersection
-        (:func:`~evolsplat_ns.model.render.layers.rasterize_layered_graphed`; under grad with their
-        backward), the heads' rows left padded to their graph's size so that one graph serves every
-        state and source set of that size; None where the heads replay no graph (the caller
-        renders the usual way)."""
-        background = self.predictor.predict_background(state)
-        if background is None or self.config.cuda_graph_render:
-            return None
-        with phase("heads"):
-            padded = self.predictor.predict_padded(state, c2w, K, views)
-            if padded is None:
-                return None
-            rows, m = padded
-            sky = self.predictor.predict_sky(state, views, c2w, K, width, height, graphed=True)
-            actors = self.predictor.predict_actors(state, time)
-        a = 0 if actors is None else len(actors)
-        # The actors' rows are padded too (their count moves with the time's boxes): a few graphs.
-        parts = [_fp32(rows)] + ([_fp32(_padded(actors, bucket_rows(a)))] if a else [])
-        keep = _keep_rows(m, len(rows), a, len(parts[1]) if a else 0, c2w.device)
-        graphs = self._train_draw_graphs if torch.is_grad_enabled() else self._draw_graphs
-        with torch.autocast(device_type=c2w.device.type, enabled=False), phase("render"):
-            image = rasterize_layered_graphed(parts, keep, _fp32(background), c2w.float(), K.float(), width, height,
-                                              graphs, sh_degree=self.config.sh_degree,
-                                              normalize=self.config.normalize_background, sky=sky,
-                                              backend=resolve_backend(self.config.renderer, c2w.is_cuda))
-        params = replace(rows.head(m), index=self.predictor.view_inputs(state, views).index)
-        return {"rgb": image.rgb, "depth": image.depth, "accumulation": image.alpha,
-                "background_rgb": image.background, "gaussians": params, "actors": actors}
 
     def render_targets(self, state: SharedState, targets: Views) -> list[dict[str, torch.Tensor]]:
         """:meth:`render` of every view of ``targets`` (OpenCV camera-to-segment poses, best on the
@@ -956,26 +894,6 @@ class EVolSplatModel(SplatfactoSurface):
             state = self.encode(self.predictor.select_sources(ctx.sources, c2w), split_backward=False)
             ctx.segment.snapshot = (self.step, self.predictor.predict(state, c2w, K))
         return ctx.segment.snapshot[1]
-
-
-@functools.lru_cache(maxsize=32)
-def _keep_rows(m: int, rows: int, a: int, actor_rows: int, device: torch.device) -> torch.Tensor:
-    """[rows + actor_rows] bool: the first ``m`` of ``rows`` padded head rows, then the first
-    ``a`` of ``actor_rows`` padded actor rows (cached: a graph's input that stays the same object
-    is not copied again)."""
-    index = torch.arange(rows + actor_rows)
-    keep = (index < m) | ((index >= rows) & (index < rows + a))
-    return keep.to(device, non_blocking=True)
-
-
-def _padded(g: GaussianParams, rows: int) -> GaussianParams:
-    """``g``'s rasterised fields with copies of its first ``rows - len(g)`` rows appended (at most
-    ``len(g)``, :func:`bucket_rows`); a draw leaves them out (``keep``), so they get no gradient."""
-    extra = rows - len(g)
-    if extra == 0:
-        return g
-    pad = lambda t: torch.cat([t, t[:extra]])  # noqa: E731
-    return GaussianParams(pad(g.means), pad(g.quats), pad(g.scales), pad(g.opacities), pad(g.sh))
 
 
 def _with_actors(params: GaussianParams, actors: Optional[GaussianParams]) -> GaussianParams:

@@ -494,21 +494,6 @@ class GaussianPredictor(nn.Module):
         return GaussianParams(means=means, quats=quats, scales=scales, opacities=opacities, sh=sh,
                               index=inputs.index, offset=offset.detach())
 
-    def predict_padded(self, state: SharedState, target_c2w: torch.Tensor, target_K: torch.Tensor,
-                       views: torch.Tensor) -> Optional[tuple[GaussianParams, int]]:
-        """:meth:`predict` replayed from the heads' graphs (under grad: with their backward), its
-        rows padded to the graph's row count R (:func:`~evolsplat_ns.model.heads.bucket_rows`): the
-        Gaussians [R] (the first m the prediction, the rest copies of its first rows, the graph's
-        outputs: overwritten by the next call) and m; None where the heads cannot replay a graph
-        (CPU, too many rows, an autocast caching its casts). ``target_c2w`` [4, 4] OpenCV
-        camera-to-segment and ``target_K`` [3, 3] on the state's device, ``views`` [S] host."""
-        inputs = self.view_inputs(state, views)
-        m = len(inputs.index)
-        rows = bucket_rows(m)
-        if not _can_graph_heads(target_c2w, m, rows):
-            return None
-        return self._replay_heads(state, inputs.padded(rows), target_c2w, target_K), m
-
     def _replay_heads(self, state: SharedState, rowwise: "ViewInputs", target_c2w: torch.Tensor,
                       target_K: torch.Tensor) -> GaussianParams:
         """The heads' graph on the padded rows ``rowwise``: under grad the forward + backward graph

@@ -56,7 +56,6 @@ from . import evaluate_sh, rasterize, rasterize_feature_blocks
 
 if TYPE_CHECKING:  # node imports render.sh: a runtime import here would be circular
     from evolsplat_ns.model.node import GaussianParams
-    from evolsplat_ns.utils.cuda_graphs import GraphCache
 
 NORMALIZE_MIN_ALPHA = 0.05
 """Background pixels whose own opacity is above this are divided by it (below: left as they are)."""
@@ -218,66 +217,6 @@ def _finish(out: Tensor, normalize: bool, sky: Optional[tuple[Tensor, Tensor]]) 
     rgb, bg = _over(fg_rgb, fg_alpha, bg, sky)
     # gsplat's "ED": accumulated depth over accumulated alpha.
     return LayeredImage(rgb, fg_z / fg_alpha.clamp(min=1e-10), fg_alpha, bg, None)
-
-
-def rasterize_layered_graphed(fronts: Sequence[GaussianParams], keep: Tensor, back: GaussianParams, c2w: Tensor,
-                              K: Tensor, width: int, height: int, graphs: "GraphCache", *, sh_degree: int,
-                              normalize: bool = True, sky: Optional[tuple[Tensor, Tensor]] = None,
-                              backend: str = "gsplat") -> LayeredImage:
-    """:func:`rasterize_layered` (one draw) for one camera, the work before and after gsplat's
-    tile intersection replayed from CUDA graphs in ``graphs``: the rows' preparation, SH and
-    projection (captured per row counts and image size), then the compositing of the channels
-    (per image size). The intersection and the compositing kernel run eagerly. With a
-    ``GraphCache(grad=True)`` the graphs hold the backward too (one call per backward: each
-    call's outputs are back-propagated before the next call).
-
-    Args:
-        fronts: the foreground's parts (segment frame, fp32; e.g. the heads' rows padded to their
-            graph's size, then the posed actors), drawn as one set in this order: fixed row counts
-            let one graph serve every state and source set of those sizes.
-        keep: [sum of the parts' rows] bool, the rows to draw (padding: False; their radii are
-            set to 0, so no tile lists them).
-        back: the dome (B rows); c2w [4, 4] OpenCV camera-to-segment; K [3, 3].
-        graphs: the cache of captured calls (a capture failure falls back to eager there).
-        sky: (rgb [H, W, 3], weight [H, W]) or None.
-        backend: "gsplat" (CUDA), or "reference" (the same steps in PyTorch, for tests).
-    Returns:
-        The :class:`LayeredImage` of :func:`rasterize_layered`, its tensors the graphs' outputs
-        (overwritten by the next call).
-    """
-    from evolsplat_ns.model.node import GaussianParams as Params  # node imports render: not at module level
-
-    if backend == "gsplat":
-        from .gsplat_backend import composite_gsplat as composite, project_gsplat as project
-    else:
-        from .reference import composite_reference as composite, project_reference as project
-    parts = len(fronts)
-
-    def prepare(*inputs: Tensor) -> tuple[Tensor, ...]:
-        *fields, keep, c2w, K = inputs
-        split = [fields[i:i + 5] for i in range(0, len(fields), 5)]
-        front = Params(*(torch.cat(group) for group in zip(*split[:parts])))
-        means, quats, scales, opacities, features = _prepare(front, Params(*split[parts]), None, c2w[None],
-                                                             sh_degree, backend)
-        radii, means2d, depths, conics = project(means, quats, scales, invert_rigid(c2w)[None], K[None], width,
-                                                 height, near_plane=NEAR_PLANE)
-        drawn = torch.cat([keep, keep.new_ones(len(means) - len(keep))])
-        # masked_fill: torch.where with a Python scalar copies it to the device, which a capture refuses
-        return radii.masked_fill(~drawn, 0), means2d, depths, conics, features[None], opacities[None]
-
-    sets = [*fronts, back]
-    inputs = (*(getattr(g, name) for g in sets for name in _RASTERISED), keep, c2w, K)
-    key = ("prepare", tuple(len(g) for g in sets), width, height, sh_degree, tuple(t.requires_grad for t in inputs))
-    radii, means2d, depths, conics, features, opacities = graphs(key, prepare, inputs, c2w.device)
-    out, _ = composite(means2d, radii, depths, conics, features, opacities, width, height)
-
-    def finish(out: Tensor, *sky: Tensor) -> tuple[Tensor, ...]:
-        image = _finish(out[0], normalize, tuple(sky) if sky else None)
-        return image.rgb, image.depth, image.alpha, image.background
-
-    rgb, depth, alpha, bg = graphs(("finish", width, height, normalize, sky is not None, out.requires_grad), finish,
-                                   (out, *(sky or ())), c2w.device)
-    return LayeredImage(rgb, depth, alpha, bg, None)
 
 
 _RASTERISED = ("means", "quats", "scales", "opacities", "sh")

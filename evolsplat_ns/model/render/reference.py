@@ -318,22 +318,6 @@ def _project(
     return tuple(torch.cat(parts) for parts in zip(*per_camera))
 
 
-def project_reference(means: Tensor, quats: Tensor, scales: Tensor, viewmats: Tensor, Ks: Tensor, width: int,
-                      height: int, *, near_plane: float = 0.01, far_plane: float = 1e10
-                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`~evolsplat_ns.model.render.gsplat_backend.project_gsplat` in PyTorch: radii [C, N],
-    means2d [C, N, 2], depths [C, N], conics [C, N, 3]."""
-    return _project(means, quats, scales, viewmats, Ks, width, height, near_plane, far_plane)
-
-
-def composite_reference(means2d: Tensor, radii: Tensor, depths: Tensor, conics: Tensor, features: Tensor,
-                        opacities: Tensor, width: int, height: int, *,
-                        chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> tuple[Tensor, Tensor]:
-    """:func:`~evolsplat_ns.model.render.gsplat_backend.composite_gsplat` in PyTorch: features
-    [C, H, W, D] and alphas [C, H, W, 1] of the projected Gaussians (radii 0: left out)."""
-    return _rasterize_features(means2d, conics, opacities, features, radii, depths, width, height, chunk_elems)
-
-
 def rasterize_reference(
     means: Tensor,
     quats: Tensor,

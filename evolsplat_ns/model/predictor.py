@@ -180,7 +180,6 @@ class SharedState:
             self._selected[key] = self.sources.select(views.to(self.sources.images.device, non_blocking=True))
         return self._selected[key]
 
-
     def sky_stack(self, views: torch.Tensor) -> torch.Tensor:
         """The sky warp's :func:`~evolsplat_ns.model.sky_warp.source_stack` [S, 4, H, W] of the
         sources at host indices ``views`` [S] (cached: every target and frame that selects them

@@ -98,43 +98,20 @@ def rasterize_blocks_gsplat(
         viewmats [C, 4, 4] world-to-camera (OpenCV axes), Ks [C, 3, 3].
     Returns: features [C, H, W, D] and alphas [C, H, W, 1].
     """
+    from gsplat import fully_fused_projection, isect_offset_encode, isect_tiles, rasterize_to_pixels
+
     C = viewmats.shape[0]
-    radii, means2d, depths, conics = project_gsplat(means, quats, scales, viewmats, Ks, width, height,
-                                                    near_plane=near_plane, far_plane=far_plane)
-    own = blocks[None, :] == torch.arange(C, device=blocks.device)[:, None]  # [C, N]
-    # Per camera the same rows; those of other cameras are in no tile list, so never read.
-    return composite_gsplat(means2d, torch.where(own, radii, 0), depths, conics, features.expand(C, -1, -1),
-                            opacities.expand(C, -1), width, height, tile_size=tile_size)
-
-
-def project_gsplat(means: Tensor, quats: Tensor, scales: Tensor, viewmats: Tensor, Ks: Tensor, width: int,
-                   height: int, *, near_plane: float = 0.01, far_plane: float = 1e10
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """gsplat's projection of N Gaussians (segment frame) into C cameras (viewmats [C, 4, 4]
-    world-to-camera, OpenCV axes; Ks [C, 3, 3]): radii [C, N] int (0 = culled), means2d [C, N, 2]
-    pixels, depths [C, N] camera z, conics [C, N, 3]. Fixed shapes and no host sync (a CUDA graph
-    may capture it); :func:`composite_gsplat` draws its output."""
-    from gsplat import fully_fused_projection
-
     radii, means2d, depths, conics, _ = fully_fused_projection(
         means, None, quats, scales, viewmats, Ks, width, height, near_plane=near_plane, far_plane=far_plane)
-    return radii, means2d, depths, conics
-
-
-def composite_gsplat(means2d: Tensor, radii: Tensor, depths: Tensor, conics: Tensor, features: Tensor,
-                     opacities: Tensor, width: int, height: int, *, tile_size: int = 16) -> tuple[Tensor, Tensor]:
-    """Tile intersection and alpha compositing of :func:`project_gsplat`'s output (radii 0: left
-    out) with ``features`` [C, N, D] and ``opacities`` [C, N]: features [C, H, W, D] and alphas
-    [C, H, W, 1]. The intersection count is read back to the host (one sync): not capturable."""
-    from gsplat import isect_offset_encode, isect_tiles, rasterize_to_pixels
-
-    C = means2d.shape[0]
+    own = blocks[None, :] == torch.arange(C, device=blocks.device)[:, None]  # [C, N]
+    radii = torch.where(own, radii, 0)
     tile_width, tile_height = math.ceil(width / tile_size), math.ceil(height / tile_size)
     _, isect_ids, flatten_ids = isect_tiles(means2d, radii, depths, tile_size, tile_width, tile_height,
                                             n_cameras=C)
     isect_offsets = isect_offset_encode(isect_ids, C, tile_width, tile_height)
-    return rasterize_to_pixels(means2d, conics, features, opacities, width, height, tile_size, isect_offsets,
-                               flatten_ids)
+    # Per camera the same rows; those of other cameras are in no tile list, so never read.
+    return rasterize_to_pixels(means2d, conics, features.expand(C, -1, -1), opacities.expand(C, -1), width,
+                               height, tile_size, isect_offsets, flatten_ids)
 
 
 def evaluate_sh_gsplat(sh_degree: int, dirs: Tensor, coeffs: Tensor) -> Tensor:

@@ -256,9 +256,8 @@ def _behind(back: GaussianParams, origin: Tensor, dirs: Tensor, z_back: Tensor, 
     ``z_back`` [B]) moved along their camera rays to camera z ``z_back + shift`` (scalar or [B],
     :func:`_sort_shift`), and their scales [B, 3] grown alike: the same 2D Gaussians, sorted after
     the foreground (module docstring). Those before the near plane stay (culled there anyway)."""
-    # The masked branch may divide by 0 (inf, no gradient: k is detached). masked_fill, not
-    # torch.where with a Python scalar, so that a CUDA graph may capture it (utils/cuda_graphs.py).
-    k = (1.0 + shift / z_back).masked_fill(z_back < NEAR_PLANE, 1.0).detach()[:, None]
+    # The unselected branch may divide by 0 (inf, no gradient: k is detached).
+    k = torch.where(z_back >= NEAR_PLANE, 1.0 + shift / z_back, 1.0).detach()[:, None]
     return origin + k * dirs, back.scales * k
 
 

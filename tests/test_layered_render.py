@@ -66,7 +66,7 @@ def test_dome_in_front_of_the_foreground_still_composites_behind():
     assert bool((z_back < z_front.max()).any())  # the case exists in the scene
     unmoved = layers._behind
     try:
-        layers._behind = lambda b, origin, dirs, zf, zb: (b.means, b.scales)
+        layers._behind = lambda scales, origin, dirs, z, shift: (origin + dirs, scales)
         naive = _render(front, back, True)
     finally:
         layers._behind = unmoved

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from evolsplat_ns.geometry import invert_rigid
+from evolsplat_ns.utils.fusion import Backend, Fusable
 
 from . import evaluate_sh, rasterize, rasterize_feature_blocks
 
@@ -102,7 +103,7 @@ def _over(fg_rgb: Tensor, fg_alpha: Tensor, bg: Tensor, sky: Optional[tuple[Tens
 def rasterize_layered(front: GaussianParams, back: Optional[GaussianParams], c2w: Tensor, K: Tensor,
                       width: int, height: int, *, sh_degree: int, normalize: bool = True,
                       sky: Optional[tuple[Tensor, Tensor]] = None, single_draw: bool = True,
-                      backend: str = "auto") -> LayeredImage:
+                      backend: str = "auto", compile_backend: Optional[Backend] = None) -> LayeredImage:
     """Render ``front`` (segment frame) with ``back`` composited behind it, for one camera.
 
     Args:
@@ -114,10 +115,13 @@ def rasterize_layered(front: GaussianParams, back: Optional[GaussianParams], c2w
         sky: (rgb [H, W, 3], weight [H, W]) blended into the background by weight.
         single_draw: one rasteriser call for both sets (module docstring) instead of two.
         backend: "auto", "gsplat" or "reference" (:func:`~evolsplat_ns.model.render.rasterize`).
+        compile_backend: the one draw's work around the rasteriser compiled with this
+            ``torch.compile`` backend ("inductor": fused kernels, :mod:`evolsplat_ns.utils.fusion`;
+            the same function, its SH evaluated in PyTorch), or eager (None; two draws always are).
     """
     if back is None or not single_draw:
         return _two_draws(front, back, c2w, K, width, height, sh_degree, normalize, sky, backend)
-    return _one_draw(front, back, c2w, K, width, height, sh_degree, normalize, sky, backend)
+    return _one_draw(front, back, c2w, K, width, height, sh_degree, normalize, sky, backend, compile_backend)
 
 
 def _two_draws(front: GaussianParams, back: Optional[GaussianParams], c2w: Tensor, K: Tensor, width: int,
@@ -142,7 +146,8 @@ def _two_draws(front: GaussianParams, back: Optional[GaussianParams], c2w: Tenso
 
 def rasterize_layered_blocks(fronts: Sequence[GaussianParams], back: Optional[GaussianParams], c2ws: Tensor,
                              Ks: Tensor, width: int, height: int, *, sh_degree: int, normalize: bool = True,
-                             sky: Optional[tuple[Tensor, Tensor]] = None, backend: str = "auto") -> LayeredImage:
+                             sky: Optional[tuple[Tensor, Tensor]] = None, backend: str = "auto",
+                             compile_backend: Optional[Backend] = None) -> LayeredImage:
     """:func:`rasterize_layered` (one draw) for C cameras at once, each with its own foreground.
 
     Args:
@@ -152,28 +157,32 @@ def rasterize_layered_blocks(fronts: Sequence[GaussianParams], back: Optional[Ga
             foreground), or None.
         c2ws: [C, 4, 4] OpenCV camera-to-segment poses. Ks: [C, 3, 3] pixels.
         sky: (rgb [C, H, W, 3], weight [C, H, W]) per camera, or None.
-        sh_degree, normalize, backend: as :func:`rasterize_layered`.
+        sh_degree, normalize, backend, compile_backend: as :func:`rasterize_layered`.
     Returns:
         A :class:`LayeredImage` whose fields have a leading camera axis: rgb [C, H, W, 3], ...
     """
     if len(fronts) != c2ws.shape[0] or Ks.shape[0] != c2ws.shape[0]:
         raise ValueError(f"rasterize_layered_blocks: {len(fronts)} foregrounds for {c2ws.shape[0]} poses and "
                          f"{Ks.shape[0]} intrinsics")
-    return _draw(list(fronts), back, c2ws, Ks, width, height, sh_degree, normalize, sky, backend)
+    return _draw(list(fronts), back, c2ws, Ks, width, height, sh_degree, normalize, sky, backend, compile_backend)
 
 
 def _one_draw(front: GaussianParams, back: GaussianParams, c2w: Tensor, K: Tensor, width: int, height: int,
-              sh_degree: int, normalize: bool, sky: Optional[tuple[Tensor, Tensor]], backend: str) -> LayeredImage:
+              sh_degree: int, normalize: bool, sky: Optional[tuple[Tensor, Tensor]], backend: str,
+              compile_backend: Optional[Backend]) -> LayeredImage:
     """Both sets in one rasteriser call with the 9-channel features of the module docstring."""
-    image = _draw([front], back, c2w[None], K[None], width, height, sh_degree, normalize, sky, backend)
+    image = _draw([front], back, c2w[None], K[None], width, height, sh_degree, normalize, sky, backend,
+                  compile_backend)
     return LayeredImage(image.rgb[0], image.depth[0], image.alpha[0], image.background[0], None)
 
 
 def _draw(fronts: list[GaussianParams], back: Optional[GaussianParams], c2ws: Tensor, Ks: Tensor, width: int,
           height: int, sh_degree: int, normalize: bool, sky: Optional[tuple[Tensor, Tensor]],
-          backend: str) -> LayeredImage:
+          backend: str, compile_backend: Optional[Backend] = None) -> LayeredImage:
     """C cameras' foregrounds with a copy of ``back`` each in one rasteriser call (module docstring's
-    9 channels); fields [C, H, W, ...]. With one camera no row needs its camera looked up."""
+    9 channels); fields [C, H, W, ...]. With one camera no row needs its camera looked up. The work
+    before and after the rasteriser runs compiled with ``compile_backend`` (``utils.fusion``;
+    SH then evaluated in PyTorch, which the compiler fuses) or eagerly (None)."""
     C, sizes = len(fronts), [len(f) for f in fronts]
     front = fronts[0] if C == 1 else _cat(fronts)
     if back is None:
@@ -181,45 +190,65 @@ def _draw(fronts: list[GaussianParams], back: Optional[GaussianParams], c2ws: Te
     elif C > 1:
         back = _fields(back, lambda name, t: t.repeat(C, *(1,) * (t.dim() - 1)))
     blocks = None if C == 1 else _blocks(sizes + [len(back) // C] * C, c2ws.device)  # [N + C * B]
-    means, quats, scales, opacities, features = _prepare(front, back, blocks, c2ws, sh_degree, backend)
+    sh_backend = backend if compile_backend is None else "reference"
+    means, quats, scales, opacities, features = PREPARE(
+        _rasterised(front), _rasterised(back), blocks, c2ws, backend=compile_backend, sh_degree=sh_degree,
+        sh_backend=sh_backend)
     out, _ = rasterize_feature_blocks(means, quats, scales, opacities, features, blocks, invert_rigid(c2ws), Ks,
                                       width, height, near_plane=NEAR_PLANE, backend=backend)
-    return _finish(out, normalize, sky)
+    return LayeredImage(*FINISH(out, sky, backend=compile_backend, normalize=normalize), None)
 
 
-def _prepare(front: GaussianParams, back: GaussianParams, blocks: Optional[Tensor], c2ws: Tensor, sh_degree: int,
-             backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+Fields = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+"""A set of Gaussians' rasterised fields: means [N, 3], quats [N, 4], scales [N, 3], opacities [N],
+sh [N, K, 3] (:data:`_RASTERISED` order)."""
+
+
+def _prepare(front: Fields, back: Fields, blocks: Optional[Tensor], c2ws: Tensor, *, sh_degree: int,
+             sh_backend: str) -> Fields:
     """The one draw's rasteriser inputs for ``front`` (N rows) then ``back`` (B rows; with
-    ``blocks`` [N + B] a camera per row, else every row for the one camera ``c2ws`` [1, 4, 4]):
-    means [N + B, 3] (back ones moved behind the front, :func:`_behind`), quats, scales,
-    opacities and the 9-channel features [N + B, 9]."""
-    C, n = c2ws.shape[0], len(front)
+    ``blocks`` [N + B] a camera per row, else every row for the one camera ``c2ws`` [1, 4, 4],
+    OpenCV camera-to-segment): means [N + B, 3] (segment frame; back ones moved behind the front,
+    :func:`_behind`), quats, scales, opacities and the 9-channel features [N + B, 9]."""
+    (f_means, f_quats, f_scales, f_opacities, f_sh), (b_means, b_quats, b_scales, b_opacities, b_sh) = front, back
+    C, n = c2ws.shape[0], f_means.shape[0]
     row = (lambda t: t[0]) if blocks is None else (lambda t: t[blocks])  # noqa: E731
     origin, axis = row(c2ws[:, :3, 3]), row(c2ws[:, :3, 2])  # camera centre and z axis (segment frame)
-    dirs = torch.cat([front.means, back.means]) - origin  # [N + B, 3] camera centre -> Gaussian
+    dirs = torch.cat([f_means, b_means]) - origin  # [N + B, 3] camera centre -> Gaussian
     z = dirs @ axis if blocks is None else (dirs * axis).sum(-1)  # [N + B] camera z
     shift = _sort_shift(z[:n], None if blocks is None else blocks[:n], C)
     back_origin = origin if blocks is None else origin[n:]
-    back_means, back_scales = _behind(back, back_origin, dirs[n:], z[n:],
+    back_means, back_scales = _behind(b_scales, back_origin, dirs[n:], z[n:],
                                       shift if blocks is None else shift[blocks[n:]])
     # The moved back Gaussians keep their directions: SH along the original ones.
-    rgb = evaluate_sh(sh_degree, dirs, torch.cat([front.sh, back.sh]), backend)
+    rgb = evaluate_sh(sh_degree, dirs, torch.cat([f_sh, b_sh]), sh_backend)
     features = torch.cat([_front_features(rgb[:n], z[:n]), _back_features(rgb[n:])])
-    return (torch.cat([front.means, back_means]), torch.cat([front.quats, back.quats]),
-            torch.cat([front.scales, back_scales]), torch.cat([front.opacities, back.opacities]), features)
+    return (torch.cat([f_means, back_means]), torch.cat([f_quats, b_quats]),
+            torch.cat([f_scales, back_scales]), torch.cat([f_opacities, b_opacities]), features)
 
 
-def _finish(out: Tensor, normalize: bool, sky: Optional[tuple[Tensor, Tensor]]) -> LayeredImage:
-    """The layered image from the draw's 9 channels ``out`` [C, H, W, 9] (module docstring) and
-    the sky warp (rgb [C, H, W, 3], weight [C, H, W]; or [H, W, ...] for one camera)."""
+def _finish(out: Tensor, sky: Optional[tuple[Tensor, Tensor]], *, normalize: bool
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """rgb, depth, alpha and background (:class:`LayeredImage`'s fields) from the draw's 9 channels
+    ``out`` [C, H, W, 9] (module docstring) and the sky warp (rgb [C, H, W, 3], weight [C, H, W];
+    or [H, W, ...] for one camera)."""
     fg_rgb, dome_rgb, dome_alpha, fg_alpha, fg_z = out.split([3, 3, 1, 1, 1], dim=-1)
     bg = _unattenuated(dome_rgb, dome_alpha, 1.0 - fg_alpha, normalize)
     rgb, bg = _over(fg_rgb, fg_alpha, bg, sky)
     # gsplat's "ED": accumulated depth over accumulated alpha.
-    return LayeredImage(rgb, fg_z / fg_alpha.clamp(min=1e-10), fg_alpha, bg, None)
+    return rgb, fg_z / fg_alpha.clamp(min=1e-10), fg_alpha, bg
+
+
+PREPARE, FINISH = Fusable(_prepare), Fusable(_finish)
+""":func:`_prepare` and :func:`_finish`, eager or compiled (``backend=``; :class:`Fusable`)."""
 
 
 _RASTERISED = ("means", "quats", "scales", "opacities", "sh")
+
+
+def _rasterised(g: GaussianParams) -> Fields:
+    """``g``'s rasterised fields as a tuple."""
+    return tuple(getattr(g, name) for name in _RASTERISED)
 
 
 def _fields(g: GaussianParams, fn) -> GaussianParams:
@@ -250,15 +279,15 @@ def _sort_shift(z_front: Tensor, front_blocks: Optional[Tensor], C: int) -> Tens
     return far * 1.001 + 1.0
 
 
-def _behind(back: GaussianParams, origin: Tensor, dirs: Tensor, z_back: Tensor, shift: Tensor | float
+def _behind(back_scales: Tensor, origin: Tensor, dirs: Tensor, z_back: Tensor, shift: Tensor | float
             ) -> tuple[Tensor, Tensor]:
     """Back means [B, 3] (``dirs`` [B, 3] from the camera centre ``origin`` [3] or [B, 3], camera z
     ``z_back`` [B]) moved along their camera rays to camera z ``z_back + shift`` (scalar or [B],
-    :func:`_sort_shift`), and their scales [B, 3] grown alike: the same 2D Gaussians, sorted after
+    :func:`_sort_shift`), and their scales ``back_scales`` [B, 3] grown alike: the same 2D Gaussians, sorted after
     the foreground (module docstring). Those before the near plane stay (culled there anyway)."""
     # The unselected branch may divide by 0 (inf, no gradient: k is detached).
     k = torch.where(z_back >= NEAR_PLANE, 1.0 + shift / z_back, 1.0).detach()[:, None]
-    return origin + k * dirs, back.scales * k
+    return origin + k * dirs, back_scales * k
 
 
 def _front_features(rgb: Tensor, z: Tensor) -> Tensor:

@@ -101,6 +101,15 @@ def test_compiled_one_draw_equals_eager_with_gradients(sky: bool):
     assert compiles[1] == compiles[2] <= 3
 
 
+def test_compiled_draw_of_parts_equals_eager():
+    front, back = _scene()
+    actors = _gaussians(9, (3.0, 6.0), 2.0, 0.3, (0.4, 0.8), seed=5)
+    images = [rasterize_layered([front, actors], back, C2W, K, W, H, sh_degree=1, backend="reference",
+                                compile_backend=b) for b in (None, CountingBackend())]
+    for name in OUTPUTS:
+        torch.testing.assert_close(getattr(images[1], name), getattr(images[0], name), atol=1e-5, rtol=1e-5)
+
+
 def test_compiled_blocks_draw_equals_eager():
     fronts = [_gaussians(n, (2.0, 8.0), 6.0, 0.4, (0.2, 0.7), seed=n) for n in (30, 45)]
     back = _scene()[1]

@@ -237,3 +237,22 @@ def test_blocks_draw_each_camera_with_its_own_foreground():
     assert not torch.allclose(blocks.rgb[0], blocks.rgb[1])
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("single", [True, False])
+def test_a_foreground_in_parts_draws_as_the_joined_set(single: bool):
+    """The static scene and the posed actors are passed as parts (joined inside the draw): the
+    same images and gradients as their concatenation; an empty part is left out."""
+    from evolsplat_ns.model.node import concat_gaussians
+
+    front, back = _scene()
+    actors = _gaussians(12, (3.0, 6.0), 2.0, 0.3, (0.4, 0.8), seed=5)
+    empty = _gaussians(0, (3.0, 6.0), 2.0, 0.3, (0.4, 0.8), seed=6)
+    for g in (front, actors):
+        g.means.requires_grad_(True)
+    joined = _render(concat_gaussians([front, actors]), back, single)
+    grads = torch.autograd.grad(joined.rgb.sum() + joined.depth.sum(), [front.means, actors.means])
+    parts = _render([front, empty, actors], back, single)
+    _assert_same(parts, joined)
+    for a, b in zip(torch.autograd.grad(parts.rgb.sum() + parts.depth.sum(), [front.means, actors.means]), grads):
+        torch.testing.assert_close(a, b)

@@ -36,10 +36,10 @@ from evolsplat_ns.geometry import invert_rigid
 from evolsplat_ns.model.losses import entropy_loss
 from evolsplat_ns.model.metrics import image_metrics, psnr
 from evolsplat_ns.model.actors import ActorNodes
-from evolsplat_ns.model.node import GaussianNode, GaussianParams, concat_gaussians
+from evolsplat_ns.model.node import GaussianNode, GaussianParams
 from evolsplat_ns.model.precision import full_precision
 from evolsplat_ns.model.predictor import GaussianPredictor, PredictorConfig, SharedState, on_host
-from evolsplat_ns.model.render.layers import rasterize_layered, rasterize_layered_blocks
+from evolsplat_ns.model.render.layers import Front, rasterize_layered, rasterize_layered_blocks
 from evolsplat_ns.model.segment_store import SegmentState, SegmentStore
 from evolsplat_ns.model.stage2.config import Stage2Config
 from evolsplat_ns.model.stage2.discovery import discover_objects
@@ -490,7 +490,7 @@ class EVolSplatModel(SplatfactoSurface):
             params, sky = self._decode(state, views, c2w, K, width, height, reuse_graphs)
             actors = self.predictor.predict_actors(state, time)
             background = self.predictor.predict_background(state) if self.config.enable_background else None
-        foreground = _with_actors(params, actors)
+        foreground = [params, actors] if actors is not None else params  # joined inside the draw
         out = self.rasterize_gaussians(foreground, background, c2w, K, width, height, sky=sky)
         out["gaussians"], out["actors"] = params, actors
         return out
@@ -510,7 +510,7 @@ class EVolSplatModel(SplatfactoSurface):
             skies = [self._sky(state, v, c2ws[i], Ks[i], W, H) for i, v in enumerate(views)]
             actors = [self.predictor.predict_actors(state, float(t)) for t in times]
             background = self.predictor.predict_background(state) if self.config.enable_background else None
-        fronts = [_with_actors(p, a) for p, a in zip(params, actors)]
+        fronts = [[p, a] if a is not None else p for p, a in zip(params, actors)]
         sky = None if skies[0] is None else tuple(torch.stack(parts) for parts in zip(*skies))
         with torch.autocast(device_type=c2ws.device.type, enabled=False), phase("render"):
             image = rasterize_layered_blocks(
@@ -554,15 +554,15 @@ class EVolSplatModel(SplatfactoSurface):
         return state.graphs((tuple(views.tolist()), width, height), lambda c, k: decode(c, k, False), (c2w, K),
                             c2w.device)
 
-    def rasterize_gaussians(self, params: GaussianParams, background: Optional[GaussianParams], c2w: torch.Tensor,
+    def rasterize_gaussians(self, params: Front, background: Optional[GaussianParams], c2w: torch.Tensor,
                             K: torch.Tensor, width: int, height: int, with_meta: bool = False,
                             sky: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
-        """Rasterise existing Gaussians (segment frame; static and posed actors in one call, so
-        depth order is right) for an OpenCV camera-to-segment pose, with ``background`` composited
+        """Rasterise existing Gaussians (segment frame; one set, or parts drawn as one such as the
+        static scene and the posed actors, in one call so that depth order is right) for an OpenCV camera-to-segment pose, with ``background`` composited
         behind; ``sky`` (rgb [H, W, 3], weight [H, W]: ``GaussianPredictor.predict_sky``) replaces
         the background by that weight (fp32 like the rest). Returns rgb, depth, accumulation as :meth:`render`; with ``with_meta`` also the
         foreground's rasteriser ``meta`` (``RenderOutput.meta``: ``means2d`` [1, N, 2] whose gradient
-        densification reads, ``radii`` [1, N]), N = ``len(params)`` in ``params``' order."""
+        densification reads, ``radii`` [1, N]), N rows in ``params``' (parts') order."""
         c2w, K = c2w.to(self.device, non_blocking=True), K.to(self.device, non_blocking=True)
         # Rasterisation is numerically delicate (covariance inversion, compositing): always fp32.
         with torch.autocast(device_type=c2w.device.type, enabled=False), phase("render"):
@@ -910,13 +910,11 @@ class EVolSplatModel(SplatfactoSurface):
         return ctx.segment.snapshot[1]
 
 
-def _with_actors(params: GaussianParams, actors: Optional[GaussianParams]) -> GaussianParams:
-    """The static Gaussians with the posed actors after them (one draw: depth order is right)."""
-    return concat_gaussians([params, actors]) if actors is not None and len(actors) else params
-
-
-def _fp32(g: GaussianParams) -> GaussianParams:
-    """The rasterised fields of ``g`` in float32 (autocast may have produced half precision)."""
+def _fp32(g: Front) -> Front:
+    """The rasterised fields of ``g`` (or of each of its parts) in float32 (autocast may have
+    produced half precision)."""
+    if isinstance(g, (list, tuple)):
+        return [_fp32(p) for p in g]
     return GaussianParams(g.means.float(), g.quats.float(), g.scales.float(), g.opacities.float(), g.sh.float())
 
 

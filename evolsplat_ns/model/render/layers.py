@@ -44,7 +44,7 @@ loss, which reads the background on every sky pixel, draws twice.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,8 @@ from . import evaluate_sh, rasterize, rasterize_feature_blocks
 if TYPE_CHECKING:  # node imports render.sh: a runtime import here would be circular
     from evolsplat_ns.model.node import GaussianParams
 
+Front = Union["GaussianParams", Sequence["GaussianParams"]]
+"""A foreground: one set of Gaussians, or parts drawn as one set in order."""
 NORMALIZE_MIN_ALPHA = 0.05
 """Background pixels whose own opacity is above this are divided by it (below: left as they are)."""
 T_MIN = 1e-4
@@ -100,7 +102,7 @@ def _over(fg_rgb: Tensor, fg_alpha: Tensor, bg: Tensor, sky: Optional[tuple[Tens
     return fg_rgb + (1.0 - fg_alpha) * bg, bg
 
 
-def rasterize_layered(front: GaussianParams, back: Optional[GaussianParams], c2w: Tensor, K: Tensor,
+def rasterize_layered(front: Front, back: Optional[GaussianParams], c2w: Tensor, K: Tensor,
                       width: int, height: int, *, sh_degree: int, normalize: bool = True,
                       sky: Optional[tuple[Tensor, Tensor]] = None, single_draw: bool = True,
                       backend: str = "auto", compile_backend: Optional[Backend] = None) -> LayeredImage:
@@ -108,7 +110,9 @@ def rasterize_layered(front: GaussianParams, back: Optional[GaussianParams], c2w
 
     Args:
         front, back: Gaussians (means [N, 3] segment frame, quats [N, 4], scales [N, 3] linear,
-            opacities [N], sh [N, K, 3]); fp32. ``back`` None: the foreground alone.
+            opacities [N], sh [N, K, 3]); fp32. ``front`` may be a sequence of parts drawn as
+            one set (e.g. the static scene and the posed actors; joined inside the draw).
+            ``back`` None: the foreground alone.
         c2w: [4, 4] OpenCV camera-to-segment pose. K: [3, 3] pixels.
         sh_degree: SH degree of both sets.
         normalize: divide the background by its own opacity (:func:`normalize_by_alpha`).
@@ -120,6 +124,8 @@ def rasterize_layered(front: GaussianParams, back: Optional[GaussianParams], c2w
             the same function, its SH evaluated in PyTorch), or eager (None; two draws always are).
     """
     if back is None or not single_draw:
+        parts = _parts(front)
+        front = parts[0] if len(parts) == 1 else _cat(parts)
         return _two_draws(front, back, c2w, K, width, height, sh_degree, normalize, sky, backend)
     return _one_draw(front, back, c2w, K, width, height, sh_degree, normalize, sky, backend, compile_backend)
 
@@ -144,7 +150,7 @@ def _two_draws(front: GaussianParams, back: Optional[GaussianParams], c2w: Tenso
     return LayeredImage(rgb, fg.depth[0], alpha, bg, fg.meta)
 
 
-def rasterize_layered_blocks(fronts: Sequence[GaussianParams], back: Optional[GaussianParams], c2ws: Tensor,
+def rasterize_layered_blocks(fronts: Sequence[Front], back: Optional[GaussianParams], c2ws: Tensor,
                              Ks: Tensor, width: int, height: int, *, sh_degree: int, normalize: bool = True,
                              sky: Optional[tuple[Tensor, Tensor]] = None, backend: str = "auto",
                              compile_backend: Optional[Backend] = None) -> LayeredImage:
@@ -152,7 +158,8 @@ def rasterize_layered_blocks(fronts: Sequence[GaussianParams], back: Optional[Ga
 
     Args:
         fronts: C foregrounds (segment frame, fp32), ``fronts[c]`` seen by camera ``c`` only
-            (per target view-dependent Gaussians).
+            (per target view-dependent Gaussians); each one set or parts, as in
+            :func:`rasterize_layered`.
         back: the background all cameras share (each draws its own copy, moved behind its own
             foreground), or None.
         c2ws: [C, 4, 4] OpenCV camera-to-segment poses. Ks: [C, 3, 3] pixels.
@@ -167,7 +174,7 @@ def rasterize_layered_blocks(fronts: Sequence[GaussianParams], back: Optional[Ga
     return _draw(list(fronts), back, c2ws, Ks, width, height, sh_degree, normalize, sky, backend, compile_backend)
 
 
-def _one_draw(front: GaussianParams, back: GaussianParams, c2w: Tensor, K: Tensor, width: int, height: int,
+def _one_draw(front: Front, back: GaussianParams, c2w: Tensor, K: Tensor, width: int, height: int,
               sh_degree: int, normalize: bool, sky: Optional[tuple[Tensor, Tensor]], backend: str,
               compile_backend: Optional[Backend]) -> LayeredImage:
     """Both sets in one rasteriser call with the 9-channel features of the module docstring."""
@@ -176,23 +183,24 @@ def _one_draw(front: GaussianParams, back: GaussianParams, c2w: Tensor, K: Tenso
     return LayeredImage(image.rgb[0], image.depth[0], image.alpha[0], image.background[0], None)
 
 
-def _draw(fronts: list[GaussianParams], back: Optional[GaussianParams], c2ws: Tensor, Ks: Tensor, width: int,
+def _draw(fronts: list[Front], back: Optional[GaussianParams], c2ws: Tensor, Ks: Tensor, width: int,
           height: int, sh_degree: int, normalize: bool, sky: Optional[tuple[Tensor, Tensor]],
           backend: str, compile_backend: Optional[Backend] = None) -> LayeredImage:
     """C cameras' foregrounds with a copy of ``back`` each in one rasteriser call (module docstring's
     9 channels); fields [C, H, W, ...]. With one camera no row needs its camera looked up. The work
     before and after the rasteriser runs compiled with ``compile_backend`` (``utils.fusion``;
     SH then evaluated in PyTorch, which the compiler fuses) or eagerly (None)."""
-    C, sizes = len(fronts), [len(f) for f in fronts]
-    front = fronts[0] if C == 1 else _cat(fronts)
+    C, sizes = len(fronts), [sum(len(p) for p in _parts(f)) for f in fronts]
+    # One camera: its parts are joined inside PREPARE (one copy of each field, fused when compiled).
+    front = _parts(fronts[0]) if C == 1 else [_cat([p for f in fronts for p in _parts(f)])]
     if back is None:
-        back = _fields(front, lambda name, t: t[:0])
+        back = _fields(front[0], lambda name, t: t[:0])
     elif C > 1:
         back = _fields(back, lambda name, t: t.repeat(C, *(1,) * (t.dim() - 1)))
     blocks = None if C == 1 else _blocks(sizes + [len(back) // C] * C, c2ws.device)  # [N + C * B]
     sh_backend = backend if compile_backend is None else "reference"
     means, quats, scales, opacities, features = PREPARE(
-        _rasterised(front), _rasterised(back), blocks, c2ws, backend=compile_backend, sh_degree=sh_degree,
+        tuple(_rasterised(p) for p in front), _rasterised(back), blocks, c2ws, backend=compile_backend, sh_degree=sh_degree,
         sh_backend=sh_backend)
     out, _ = rasterize_feature_blocks(means, quats, scales, opacities, features, blocks, invert_rigid(c2ws), Ks,
                                       width, height, near_plane=NEAR_PLANE, backend=backend)
@@ -204,27 +212,29 @@ Fields = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 sh [N, K, 3] (:data:`_RASTERISED` order)."""
 
 
-def _prepare(front: Fields, back: Fields, blocks: Optional[Tensor], c2ws: Tensor, *, sh_degree: int,
+def _prepare(front: tuple[Fields, ...], back: Fields, blocks: Optional[Tensor], c2ws: Tensor, *, sh_degree: int,
              sh_backend: str) -> Fields:
-    """The one draw's rasteriser inputs for ``front`` (N rows) then ``back`` (B rows; with
+    """The one draw's rasteriser inputs for ``front`` (parts drawn as one set of N rows, in order)
+    then ``back`` (B rows; with
     ``blocks`` [N + B] a camera per row, else every row for the one camera ``c2ws`` [1, 4, 4],
     OpenCV camera-to-segment): means [N + B, 3] (segment frame; back ones moved behind the front,
     :func:`_behind`), quats, scales, opacities and the 9-channel features [N + B, 9]."""
-    (f_means, f_quats, f_scales, f_opacities, f_sh), (b_means, b_quats, b_scales, b_opacities, b_sh) = front, back
-    C, n = c2ws.shape[0], f_means.shape[0]
+    f_means, f_quats, f_scales, f_opacities, f_sh = zip(*front)  # per field, the parts' tensors
+    b_means, b_quats, b_scales, b_opacities, b_sh = back
+    C, n = c2ws.shape[0], sum(m.shape[0] for m in f_means)
     row = (lambda t: t[0]) if blocks is None else (lambda t: t[blocks])  # noqa: E731
     origin, axis = row(c2ws[:, :3, 3]), row(c2ws[:, :3, 2])  # camera centre and z axis (segment frame)
-    dirs = torch.cat([f_means, b_means]) - origin  # [N + B, 3] camera centre -> Gaussian
+    dirs = torch.cat([*f_means, b_means]) - origin  # [N + B, 3] camera centre -> Gaussian
     z = dirs @ axis if blocks is None else (dirs * axis).sum(-1)  # [N + B] camera z
     shift = _sort_shift(z[:n], None if blocks is None else blocks[:n], C)
     back_origin = origin if blocks is None else origin[n:]
     back_means, back_scales = _behind(b_scales, back_origin, dirs[n:], z[n:],
                                       shift if blocks is None else shift[blocks[n:]])
     # The moved back Gaussians keep their directions: SH along the original ones.
-    rgb = evaluate_sh(sh_degree, dirs, torch.cat([f_sh, b_sh]), sh_backend)
+    rgb = evaluate_sh(sh_degree, dirs, torch.cat([*f_sh, b_sh]), sh_backend)
     features = torch.cat([_front_features(rgb[:n], z[:n]), _back_features(rgb[n:])])
-    return (torch.cat([f_means, back_means]), torch.cat([f_quats, b_quats]),
-            torch.cat([f_scales, back_scales]), torch.cat([f_opacities, b_opacities]), features)
+    return (torch.cat([*f_means, back_means]), torch.cat([*f_quats, b_quats]),
+            torch.cat([*f_scales, back_scales]), torch.cat([*f_opacities, b_opacities]), features)
 
 
 def _finish(out: Tensor, sky: Optional[tuple[Tensor, Tensor]], *, normalize: bool
@@ -244,6 +254,14 @@ PREPARE, FINISH = Fusable(_prepare), Fusable(_finish)
 
 
 _RASTERISED = ("means", "quats", "scales", "opacities", "sh")
+
+
+def _parts(front: Front) -> list[GaussianParams]:
+    """The non-empty parts of a foreground given as one set or as parts (at least one part)."""
+    if not isinstance(front, (list, tuple)):
+        return [front]
+    parts = [p for p in front if len(p)]
+    return parts or [front[0]]
 
 
 def _rasterised(g: GaussianParams) -> Fields:

@@ -89,6 +89,7 @@ def test_anchors_hit_the_cache_on_the_second_step():
 
 def test_current_rebuilds_once_the_offsets_moved():
     predictor, node = predictor_and_node("current")
+    predictor.config.volume_refresh_every = 1  # exact: every step (the default; N > 1 lags, below)
     cache = VolumeIndexCache()
     predictor.build_volume(node, cache)
     move_offsets(node)

@@ -101,13 +101,13 @@ class EVolSplatModelConfig(ModelConfig, PredictorConfig):
     (viewer, ``ns-eval`` images, camera paths), captured per encoded state and source set. Off by
     default: on an H200 it saved 0.3 ms of a 5.6 ms median frame but each capture (a new source set
     while the camera moves) costs a few frames, so a fly-through's mean rate fell."""
-    fuse_draw: bool = True
-    """On a GPU with Triton: the one draw's elementwise work before and after the rasteriser
-    (camera depths, the dome moved behind the foreground, SH colours, 9-channel features; the
-    background's normalisation and sky blend) compiled with ``torch.compile`` into a few fused
-    kernels forward and backward (``utils/fusion.py``; ~90 ops per camera eagerly, and the step is
-    launch-bound, docs/performance.md). The first draws of a run compile (tens of seconds, once per
-    process and grad mode); a failure warns and runs eagerly. False: always eager."""
+    fuse_draw: bool = False
+    """Training on a GPU with Triton: the one draw's elementwise work before and after the
+    rasteriser (camera depths, the dome moved behind the foreground, SH colours, 9-channel
+    features; the background's normalisation and sky blend) compiled with ``torch.compile``
+    (inductor, C++ wrapper) into a few fused kernels forward and backward (``utils/fusion.py``):
+    260 launches per step fewer at 100k. The first steps compile (seconds); a failure warns and
+    runs eagerly. docs/performance.md has what it gained and cost on an H200."""
     batch_targets: bool = False
     """Training: draw a step's target views in one rasteriser call and back-propagate them with one
     backward (each target keeps its own view-dependent Gaussians: one call of the heads over every
@@ -578,8 +578,11 @@ class EVolSplatModel(SplatfactoSurface):
 
     def _compile_backend(self, device: torch.device) -> Optional[str]:
         """The ``torch.compile`` backend of the one draw's work around the rasteriser (``fuse_draw``
-        where inductor can fuse on ``device``), or None: eager."""
-        return "inductor" if self.config.fuse_draw and fusion_available(device) else None
+        in training, where inductor can fuse on ``device``), or None: eager. Renders without grad
+        stay eager: there the compiled draw was no faster on an H200 and its compilation would
+        delay a viewer's first frame by seconds."""
+        use = self.config.fuse_draw and torch.is_grad_enabled() and fusion_available(device)
+        return "inductor" if use else None
 
     def _single_draw(self, with_meta: bool) -> bool:
         """Foreground and dome in one rasteriser call (``single_draw_background``) unless the caller

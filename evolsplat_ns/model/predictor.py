@@ -75,8 +75,12 @@ class PredictorConfig:
     volume_refresh_every: int = 1
     """With ``volume_from "current"``: voxelise the moved means (and rebuild spconv's index pairs,
     the host-heavy part of the U-Net) every this many training steps; in between the U-Net runs
-    on the last voxel set while the offsets move, and the volume is sampled at the current means
-    as always. 1: every step (exact). docs/performance.md has speed and held-out PSNR."""
+    on the last voxel set while the offsets move (at most ``offset_max`` per axis), and the volume
+    is sampled at the current means as always. Renders in eval mode always rebuild. 1: every step
+    (exact). With N > 1 a resumed run rebuilds at its first step where the uninterrupted one would
+    not (the voxel set is not checkpointed), so resuming is no longer bit-exact; that is why 4
+    (held-out PSNR within +-0.07 dB of 1 in two pairs on an H200, ~124 launches per step fewer) is
+    not the default. docs/performance.md has the figures."""
     enable_background: bool = True
     """Predict a sky/background dome composited behind the foreground Gaussians."""
     min_views: int = 1

@@ -81,7 +81,10 @@ class Fusable:
             return fn(*tensors, **static)
 
         bound.__name__ = bound.__qualname__ = fn.__name__
-        return torch.compile(bound, backend=backend, fullgraph=True)
+        # Inductor's C++ wrapper launches the kernels from C++: its Python wrapper cost more host
+        # time per call than the eager ops it replaced (docs/performance.md, eleventh session).
+        options = {"cpp_wrapper": True} if backend == "inductor" else None
+        return torch.compile(bound, backend=backend, fullgraph=True, options=options)
 
 
 def _is_compile_error(error: Exception) -> bool:

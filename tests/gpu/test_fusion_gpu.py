@@ -39,9 +39,11 @@ def test_inductor_one_draw_equals_eager():
     for rows in (2000, 2345, 1777):
         (eager, ge), (fused, gf) = _render(rows, None), _render(rows, "inductor")
         for name in ("rgb", "depth", "alpha", "background"):
-            torch.testing.assert_close(getattr(fused, name), getattr(eager, name), atol=2e-5, rtol=1e-4, msg=name)
-        for a, b in zip(gf, ge):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+            diff = (getattr(fused, name) - getattr(eager, name)).abs()
+            assert float(diff.max()) < 1e-4, f"{name}: max diff {float(diff.max()):.3g}, mean {float(diff.mean()):.3g}"
+        for i, (a, b) in enumerate(zip(gf, ge)):
+            err = float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+            assert err < 1e-3, f"gradient {i}: max diff {err:.3g} of its largest value"
         frames.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     assert frames[1] == frames[2]  # the third row count reuses the symbolic compile
     assert not layers.PREPARE._failed and not layers.FINISH._failed

@@ -50,7 +50,6 @@ from evolsplat_ns.model.stage2.step import FlowView, Stage2Report, Stage2Step
 from evolsplat_ns.model.splatfacto_compat import SplatfactoSurface
 from evolsplat_ns.model.state_cache import neighbour_count
 from evolsplat_ns.utils.cuda_graphs import GraphCache
-from evolsplat_ns.utils.fusion import fusion_available
 from evolsplat_ns.utils.timing import phase
 
 
@@ -101,13 +100,6 @@ class EVolSplatModelConfig(ModelConfig, PredictorConfig):
     (viewer, ``ns-eval`` images, camera paths), captured per encoded state and source set. Off by
     default: on an H200 it saved 0.3 ms of a 5.6 ms median frame but each capture (a new source set
     while the camera moves) costs a few frames, so a fly-through's mean rate fell."""
-    fuse_draw: bool = False
-    """Training on a GPU with Triton: the one draw's elementwise work before and after the
-    rasteriser (camera depths, the dome moved behind the foreground, SH colours, 9-channel
-    features; the background's normalisation and sky blend) compiled with ``torch.compile``
-    (inductor, C++ wrapper) into a few fused kernels forward and backward (``utils/fusion.py``):
-    260 launches per step fewer at 100k. The first steps compile (seconds); a failure warns and
-    runs eagerly. docs/performance.md has what it gained and cost on an H200."""
     batch_targets: bool = False
     """Training: draw a step's target views in one rasteriser call and back-propagate them with one
     backward (each target keeps its own view-dependent Gaussians: one call of the heads over every
@@ -516,7 +508,7 @@ class EVolSplatModel(SplatfactoSurface):
             image = rasterize_layered_blocks(
                 [_fp32(f) for f in fronts], _fp32(background) if background is not None else None, c2ws.float(),
                 Ks.float(), W, H, sh_degree=self.config.sh_degree, normalize=self.config.normalize_background,
-                sky=sky, backend=self.config.renderer, compile_backend=self._compile_backend(c2ws.device))
+                sky=sky, backend=self.config.renderer)
         return [{"rgb": image.rgb[i], "depth": image.depth[i], "accumulation": image.alpha[i],
                  "background_rgb": image.background[i] if background is not None else None,
                  "gaussians": params[i], "actors": actors[i]} for i in range(len(params))]
@@ -569,20 +561,11 @@ class EVolSplatModel(SplatfactoSurface):
             image = rasterize_layered(
                 _fp32(params), _fp32(background) if background is not None else None, c2w.float(), K.float(),
                 width, height, sh_degree=self.config.sh_degree, normalize=self.config.normalize_background,
-                sky=sky, single_draw=self._single_draw(with_meta), backend=self.config.renderer,
-                compile_backend=self._compile_backend(c2w.device))
+                sky=sky, single_draw=self._single_draw(with_meta), backend=self.config.renderer)
         out = {"rgb": image.rgb, "depth": image.depth, "accumulation": image.alpha, "background_rgb": image.background}
         if with_meta:
             out["meta"] = image.meta
         return out
-
-    def _compile_backend(self, device: torch.device) -> Optional[str]:
-        """The ``torch.compile`` backend of the one draw's work around the rasteriser (``fuse_draw``
-        in training, where inductor can fuse on ``device``), or None: eager. Renders without grad
-        stay eager: there the compiled draw was no faster on an H200 and its compilation would
-        delay a viewer's first frame by seconds."""
-        use = self.config.fuse_draw and torch.is_grad_enabled() and fusion_available(device)
-        return "inductor" if use else None
 
     def _single_draw(self, with_meta: bool) -> bool:
         """Foreground and dome in one rasteriser call (``single_draw_background``) unless the caller

@@ -51,7 +51,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from evolsplat_ns.geometry import invert_rigid
-from evolsplat_ns.utils.fusion import Backend, Fusable
 
 from . import evaluate_sh, rasterize, rasterize_feature_blocks
 
@@ -105,7 +104,7 @@ def _over(fg_rgb: Tensor, fg_alpha: Tensor, bg: Tensor, sky: Optional[tuple[Tens
 def rasterize_layered(front: Front, back: Optional[GaussianParams], c2w: Tensor, K: Tensor,
                       width: int, height: int, *, sh_degree: int, normalize: bool = True,
                       sky: Optional[tuple[Tensor, Tensor]] = None, single_draw: bool = True,
-                      backend: str = "auto", compile_backend: Optional[Backend] = None) -> LayeredImage:
+                      backend: str = "auto") -> LayeredImage:
     """Render ``front`` (segment frame) with ``back`` composited behind it, for one camera.
 
     Args:
@@ -119,15 +118,12 @@ def rasterize_layered(front: Front, back: Optional[GaussianParams], c2w: Tensor,
         sky: (rgb [H, W, 3], weight [H, W]) blended into the background by weight.
         single_draw: one rasteriser call for both sets (module docstring) instead of two.
         backend: "auto", "gsplat" or "reference" (:func:`~evolsplat_ns.model.render.rasterize`).
-        compile_backend: the one draw's work around the rasteriser compiled with this
-            ``torch.compile`` backend ("inductor": fused kernels, :mod:`evolsplat_ns.utils.fusion`;
-            the same function, its SH evaluated in PyTorch), or eager (None; two draws always are).
     """
     if back is None or not single_draw:
         parts = _parts(front)
         front = parts[0] if len(parts) == 1 else _cat(parts)
         return _two_draws(front, back, c2w, K, width, height, sh_degree, normalize, sky, backend)
-    return _one_draw(front, back, c2w, K, width, height, sh_degree, normalize, sky, backend, compile_backend)
+    return _one_draw(front, back, c2w, K, width, height, sh_degree, normalize, sky, backend)
 
 
 def _two_draws(front: GaussianParams, back: Optional[GaussianParams], c2w: Tensor, K: Tensor, width: int,
@@ -152,8 +148,7 @@ def _two_draws(front: GaussianParams, back: Optional[GaussianParams], c2w: Tenso
 
 def rasterize_layered_blocks(fronts: Sequence[Front], back: Optional[GaussianParams], c2ws: Tensor,
                              Ks: Tensor, width: int, height: int, *, sh_degree: int, normalize: bool = True,
-                             sky: Optional[tuple[Tensor, Tensor]] = None, backend: str = "auto",
-                             compile_backend: Optional[Backend] = None) -> LayeredImage:
+                             sky: Optional[tuple[Tensor, Tensor]] = None, backend: str = "auto") -> LayeredImage:
     """:func:`rasterize_layered` (one draw) for C cameras at once, each with its own foreground.
 
     Args:
@@ -164,47 +159,41 @@ def rasterize_layered_blocks(fronts: Sequence[Front], back: Optional[GaussianPar
             foreground), or None.
         c2ws: [C, 4, 4] OpenCV camera-to-segment poses. Ks: [C, 3, 3] pixels.
         sky: (rgb [C, H, W, 3], weight [C, H, W]) per camera, or None.
-        sh_degree, normalize, backend, compile_backend: as :func:`rasterize_layered`.
+        sh_degree, normalize, backend: as :func:`rasterize_layered`.
     Returns:
         A :class:`LayeredImage` whose fields have a leading camera axis: rgb [C, H, W, 3], ...
     """
     if len(fronts) != c2ws.shape[0] or Ks.shape[0] != c2ws.shape[0]:
         raise ValueError(f"rasterize_layered_blocks: {len(fronts)} foregrounds for {c2ws.shape[0]} poses and "
                          f"{Ks.shape[0]} intrinsics")
-    return _draw(list(fronts), back, c2ws, Ks, width, height, sh_degree, normalize, sky, backend, compile_backend)
+    return _draw(list(fronts), back, c2ws, Ks, width, height, sh_degree, normalize, sky, backend)
 
 
 def _one_draw(front: Front, back: GaussianParams, c2w: Tensor, K: Tensor, width: int, height: int,
-              sh_degree: int, normalize: bool, sky: Optional[tuple[Tensor, Tensor]], backend: str,
-              compile_backend: Optional[Backend]) -> LayeredImage:
+              sh_degree: int, normalize: bool, sky: Optional[tuple[Tensor, Tensor]], backend: str) -> LayeredImage:
     """Both sets in one rasteriser call with the 9-channel features of the module docstring."""
-    image = _draw([front], back, c2w[None], K[None], width, height, sh_degree, normalize, sky, backend,
-                  compile_backend)
+    image = _draw([front], back, c2w[None], K[None], width, height, sh_degree, normalize, sky, backend)
     return LayeredImage(image.rgb[0], image.depth[0], image.alpha[0], image.background[0], None)
 
 
 def _draw(fronts: list[Front], back: Optional[GaussianParams], c2ws: Tensor, Ks: Tensor, width: int,
           height: int, sh_degree: int, normalize: bool, sky: Optional[tuple[Tensor, Tensor]],
-          backend: str, compile_backend: Optional[Backend] = None) -> LayeredImage:
+          backend: str) -> LayeredImage:
     """C cameras' foregrounds with a copy of ``back`` each in one rasteriser call (module docstring's
-    9 channels); fields [C, H, W, ...]. With one camera no row needs its camera looked up. The work
-    before and after the rasteriser runs compiled with ``compile_backend`` (``utils.fusion``;
-    SH then evaluated in PyTorch, which the compiler fuses) or eagerly (None)."""
+    9 channels); fields [C, H, W, ...]. With one camera no row needs its camera looked up."""
     C, sizes = len(fronts), [sum(len(p) for p in _parts(f)) for f in fronts]
-    # One camera: its parts are joined inside PREPARE (one copy of each field, fused when compiled).
+    # One camera: its parts are joined inside _prepare (one copy of each field, not two).
     front = _parts(fronts[0]) if C == 1 else [_cat([p for f in fronts for p in _parts(f)])]
     if back is None:
         back = _fields(front[0], lambda name, t: t[:0])
     elif C > 1:
         back = _fields(back, lambda name, t: t.repeat(C, *(1,) * (t.dim() - 1)))
     blocks = None if C == 1 else _blocks(sizes + [len(back) // C] * C, c2ws.device)  # [N + C * B]
-    sh_backend = backend if compile_backend is None else "reference"
-    means, quats, scales, opacities, features = PREPARE(
-        tuple(_rasterised(p) for p in front), _rasterised(back), blocks, c2ws, backend=compile_backend, sh_degree=sh_degree,
-        sh_backend=sh_backend)
+    means, quats, scales, opacities, features = _prepare(
+        tuple(_rasterised(p) for p in front), _rasterised(back), blocks, c2ws, sh_degree, backend)
     out, _ = rasterize_feature_blocks(means, quats, scales, opacities, features, blocks, invert_rigid(c2ws), Ks,
                                       width, height, near_plane=NEAR_PLANE, backend=backend)
-    return LayeredImage(*FINISH(out, sky, backend=compile_backend, normalize=normalize), None)
+    return LayeredImage(*_finish(out, sky, normalize), None)
 
 
 Fields = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
@@ -212,8 +201,8 @@ Fields = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 sh [N, K, 3] (:data:`_RASTERISED` order)."""
 
 
-def _prepare(front: tuple[Fields, ...], back: Fields, blocks: Optional[Tensor], c2ws: Tensor, *, sh_degree: int,
-             sh_backend: str) -> Fields:
+def _prepare(front: tuple[Fields, ...], back: Fields, blocks: Optional[Tensor], c2ws: Tensor, sh_degree: int,
+             backend: str) -> Fields:
     """The one draw's rasteriser inputs for ``front`` (parts drawn as one set of N rows, in order)
     then ``back`` (B rows; with
     ``blocks`` [N + B] a camera per row, else every row for the one camera ``c2ws`` [1, 4, 4],
@@ -231,13 +220,13 @@ def _prepare(front: tuple[Fields, ...], back: Fields, blocks: Optional[Tensor], 
     back_means, back_scales = _behind(b_scales, back_origin, dirs[n:], z[n:],
                                       shift if blocks is None else shift[blocks[n:]])
     # The moved back Gaussians keep their directions: SH along the original ones.
-    rgb = evaluate_sh(sh_degree, dirs, torch.cat([*f_sh, b_sh]), sh_backend)
+    rgb = evaluate_sh(sh_degree, dirs, torch.cat([*f_sh, b_sh]), backend)
     features = torch.cat([_front_features(rgb[:n], z[:n]), _back_features(rgb[n:])])
     return (torch.cat([*f_means, back_means]), torch.cat([*f_quats, b_quats]),
             torch.cat([*f_scales, back_scales]), torch.cat([*f_opacities, b_opacities]), features)
 
 
-def _finish(out: Tensor, sky: Optional[tuple[Tensor, Tensor]], *, normalize: bool
+def _finish(out: Tensor, sky: Optional[tuple[Tensor, Tensor]], normalize: bool
             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """rgb, depth, alpha and background (:class:`LayeredImage`'s fields) from the draw's 9 channels
     ``out`` [C, H, W, 9] (module docstring) and the sky warp (rgb [C, H, W, 3], weight [C, H, W];
@@ -247,10 +236,6 @@ def _finish(out: Tensor, sky: Optional[tuple[Tensor, Tensor]], *, normalize: boo
     rgb, bg = _over(fg_rgb, fg_alpha, bg, sky)
     # gsplat's "ED": accumulated depth over accumulated alpha.
     return rgb, fg_z / fg_alpha.clamp(min=1e-10), fg_alpha, bg
-
-
-PREPARE, FINISH = Fusable(_prepare), Fusable(_finish)
-""":func:`_prepare` and :func:`_finish`, eager or compiled (``backend=``; :class:`Fusable`)."""
 
 
 _RASTERISED = ("means", "quats", "scales", "opacities", "sh")

@@ -189,53 +189,46 @@ def _draw(fronts: list[Front], back: Optional[GaussianParams], c2ws: Tensor, Ks:
     elif C > 1:
         back = _fields(back, lambda name, t: t.repeat(C, *(1,) * (t.dim() - 1)))
     blocks = None if C == 1 else _blocks(sizes + [len(back) // C] * C, c2ws.device)  # [N + C * B]
-    means, quats, scales, opacities, features = _prepare(
-        tuple(_rasterised(p) for p in front), _rasterised(back), blocks, c2ws, sh_degree, backend)
+    means, quats, scales, opacities, features = _prepare(front, back, blocks, c2ws, sh_degree, backend)
     out, _ = rasterize_feature_blocks(means, quats, scales, opacities, features, blocks, invert_rigid(c2ws), Ks,
                                       width, height, near_plane=NEAR_PLANE, backend=backend)
-    return LayeredImage(*_finish(out, sky, normalize), None)
+    return _finish(out, normalize, sky)
 
 
-Fields = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
-"""A set of Gaussians' rasterised fields: means [N, 3], quats [N, 4], scales [N, 3], opacities [N],
-sh [N, K, 3] (:data:`_RASTERISED` order)."""
-
-
-def _prepare(front: tuple[Fields, ...], back: Fields, blocks: Optional[Tensor], c2ws: Tensor, sh_degree: int,
-             backend: str) -> Fields:
+def _prepare(front: list[GaussianParams], back: GaussianParams, blocks: Optional[Tensor], c2ws: Tensor,
+             sh_degree: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The one draw's rasteriser inputs for ``front`` (parts drawn as one set of N rows, in order)
-    then ``back`` (B rows; with
-    ``blocks`` [N + B] a camera per row, else every row for the one camera ``c2ws`` [1, 4, 4],
-    OpenCV camera-to-segment): means [N + B, 3] (segment frame; back ones moved behind the front,
-    :func:`_behind`), quats, scales, opacities and the 9-channel features [N + B, 9]."""
-    f_means, f_quats, f_scales, f_opacities, f_sh = zip(*front)  # per field, the parts' tensors
-    b_means, b_quats, b_scales, b_opacities, b_sh = back
-    C, n = c2ws.shape[0], sum(m.shape[0] for m in f_means)
+    then ``back`` (B rows; with ``blocks`` [N + B] a camera per row, else every row for the one
+    camera ``c2ws`` [1, 4, 4], OpenCV camera-to-segment): means [N + B, 3] (segment frame; back
+    ones moved behind the front, :func:`_behind`), quats, scales, opacities and the 9-channel
+    features [N + B, 9]."""
+    def joined(name: str, last: Tensor) -> Tensor:  # the parts' field, then ``last``: one copy
+        return torch.cat([*(getattr(p, name) for p in front), last])
+
+    C, n = c2ws.shape[0], sum(len(p) for p in front)
     row = (lambda t: t[0]) if blocks is None else (lambda t: t[blocks])  # noqa: E731
     origin, axis = row(c2ws[:, :3, 3]), row(c2ws[:, :3, 2])  # camera centre and z axis (segment frame)
-    dirs = torch.cat([*f_means, b_means]) - origin  # [N + B, 3] camera centre -> Gaussian
+    dirs = joined("means", back.means) - origin  # [N + B, 3] camera centre -> Gaussian
     z = dirs @ axis if blocks is None else (dirs * axis).sum(-1)  # [N + B] camera z
     shift = _sort_shift(z[:n], None if blocks is None else blocks[:n], C)
     back_origin = origin if blocks is None else origin[n:]
-    back_means, back_scales = _behind(b_scales, back_origin, dirs[n:], z[n:],
+    back_means, back_scales = _behind(back.scales, back_origin, dirs[n:], z[n:],
                                       shift if blocks is None else shift[blocks[n:]])
     # The moved back Gaussians keep their directions: SH along the original ones.
-    rgb = evaluate_sh(sh_degree, dirs, torch.cat([*f_sh, b_sh]), backend)
+    rgb = evaluate_sh(sh_degree, dirs, joined("sh", back.sh), backend)
     features = torch.cat([_front_features(rgb[:n], z[:n]), _back_features(rgb[n:])])
-    return (torch.cat([*f_means, back_means]), torch.cat([*f_quats, b_quats]),
-            torch.cat([*f_scales, back_scales]), torch.cat([*f_opacities, b_opacities]), features)
+    return (joined("means", back_means), joined("quats", back.quats), joined("scales", back_scales),
+            joined("opacities", back.opacities), features)
 
 
-def _finish(out: Tensor, sky: Optional[tuple[Tensor, Tensor]], normalize: bool
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """rgb, depth, alpha and background (:class:`LayeredImage`'s fields) from the draw's 9 channels
-    ``out`` [C, H, W, 9] (module docstring) and the sky warp (rgb [C, H, W, 3], weight [C, H, W];
-    or [H, W, ...] for one camera)."""
+def _finish(out: Tensor, normalize: bool, sky: Optional[tuple[Tensor, Tensor]]) -> LayeredImage:
+    """The layered image from the draw's 9 channels ``out`` [C, H, W, 9] (module docstring) and
+    the sky warp (rgb [C, H, W, 3], weight [C, H, W]; or [H, W, ...] for one camera)."""
     fg_rgb, dome_rgb, dome_alpha, fg_alpha, fg_z = out.split([3, 3, 1, 1, 1], dim=-1)
     bg = _unattenuated(dome_rgb, dome_alpha, 1.0 - fg_alpha, normalize)
     rgb, bg = _over(fg_rgb, fg_alpha, bg, sky)
     # gsplat's "ED": accumulated depth over accumulated alpha.
-    return rgb, fg_z / fg_alpha.clamp(min=1e-10), fg_alpha, bg
+    return LayeredImage(rgb, fg_z / fg_alpha.clamp(min=1e-10), fg_alpha, bg, None)
 
 
 _RASTERISED = ("means", "quats", "scales", "opacities", "sh")
@@ -247,11 +240,6 @@ def _parts(front: Front) -> list[GaussianParams]:
         return [front]
     parts = [p for p in front if len(p)]
     return parts or [front[0]]
-
-
-def _rasterised(g: GaussianParams) -> Fields:
-    """``g``'s rasterised fields as a tuple."""
-    return tuple(getattr(g, name) for name in _RASTERISED)
 
 
 def _fields(g: GaussianParams, fn) -> GaussianParams:
@@ -286,8 +274,8 @@ def _behind(back_scales: Tensor, origin: Tensor, dirs: Tensor, z_back: Tensor, s
             ) -> tuple[Tensor, Tensor]:
     """Back means [B, 3] (``dirs`` [B, 3] from the camera centre ``origin`` [3] or [B, 3], camera z
     ``z_back`` [B]) moved along their camera rays to camera z ``z_back + shift`` (scalar or [B],
-    :func:`_sort_shift`), and their scales ``back_scales`` [B, 3] grown alike: the same 2D Gaussians, sorted after
-    the foreground (module docstring). Those before the near plane stay (culled there anyway)."""
+    :func:`_sort_shift`), and their scales ``back_scales`` [B, 3] grown alike: the same 2D
+    Gaussians, sorted after the foreground (module docstring). Those before the near plane stay (culled there anyway)."""
     # The unselected branch may divide by 0 (inf, no gradient: k is detached).
     k = torch.where(z_back >= NEAR_PLANE, 1.0 + shift / z_back, 1.0).detach()[:, None]
     return origin + k * dirs, back_scales * k

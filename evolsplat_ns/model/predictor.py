@@ -421,7 +421,8 @@ class GaussianPredictor(nn.Module):
 
     def predict_actors(self, state: SharedState, time: Optional[float]) -> Optional[GaussianParams]:
         """The actors' Gaussians posed in the segment frame at ``time`` (scene frame units), or None
-        without actors or time. Recomputed per call (cheap) so each target's backward owns its graph."""
+        without actors or time. Under grad recomputed per call (cheap) so each target's backward owns its
+        graph; no-grad renders reuse the last ``POSED_TIMES`` times' placements."""
         if state.actors is None or time is None:
             return None
         if torch.is_grad_enabled():

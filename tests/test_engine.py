@@ -190,23 +190,33 @@ def test_empty_segment_is_skipped_with_message(trainer, monkeypatch, capsys):
     assert "point cloud is empty" in capsys.readouterr().out
 
 
-def test_resume_gives_identical_next_loss(tiny_dataset, tmp_path):
-    """Stop at step k, resume with --load-dir: step k+1 has the uninterrupted run's loss."""
+@pytest.mark.parametrize("refresh_every", [1, 4])
+def test_resume_gives_identical_next_loss(tiny_dataset, tmp_path, refresh_every):
+    """Stop at step k, resume with --load-dir: steps k+1 and k+2 have the uninterrupted run's
+    losses. With volume_refresh_every 4, step k+1 reuses the voxel set built at step 0 (the
+    checkpoint's); k+2 starts the next segment."""
     k = 2
-    straight = make_trainer(tiny_dataset, tmp_path / "a")
-    losses = [float(straight.train_step(s)[0]) for s in range(k + 2)]
 
-    first = make_trainer(tiny_dataset, tmp_path / "b")
+    def configure(cfg):
+        cfg.pipeline.model.volume_refresh_every = refresh_every
+
+    straight = make_trainer(tiny_dataset, tmp_path / "a", configure=configure)
+    losses = [float(straight.train_step(s)[0]) for s in range(k + 3)]
+
+    first = make_trainer(tiny_dataset, tmp_path / "b", configure=configure)
     for s in range(k + 1):
         first.train_step(s)
     first.save_checkpoint(k)
     ckpt_dir = first.checkpoint_dir
     assert (ckpt_dir / f"step-{k:09d}.ckpt").is_file()
 
-    resumed = make_trainer(tiny_dataset, tmp_path / "c", load_dir=ckpt_dir)
+    resumed = make_trainer(tiny_dataset, tmp_path / "c", load_dir=ckpt_dir, configure=configure)
     assert resumed._start_step == k + 1
     assert len(resumed.pipeline.model.segments) > 0, "segment nodes (offset caches) travel in the checkpoint"
     assert float(resumed.train_step(k + 1)[0]) == pytest.approx(losses[k + 1], rel=1e-5)
+    cache = resumed.pipeline.model.context.segment.volume_cache  # steps 0-3 share a segment
+    assert (cache.misses, cache.stale_hits) == ((0, 1) if refresh_every == 4 else (1, 0))
+    assert float(resumed.train_step(k + 2)[0]) == pytest.approx(losses[k + 2], rel=1e-5)
 
 
 def test_model_only_checkpoint_loads_for_inference(trainer, tmp_path):

@@ -147,27 +147,57 @@ def cached_state(seed: int = 0) -> SegmentState:
     return state
 
 
-def test_volume_cache_is_never_persisted_but_counted():
+def test_volume_cache_is_persisted_unbound_and_counted():
     state = cached_state()
     assert state.volume_cache.nbytes() > 0
     assert state.nbytes() == state.node.nbytes() + state.volume_cache.nbytes()
-    assert set(state.state_dict()) == {"node", "actors", "frozen_volume", "motion"}
-    assert not SegmentState.from_state_dict(state.state_dict()).volume_cache
-    state.to("cpu")  # where it is already: kept (set_context activates the segment every step)
-    assert state.volume_cache
-    state.to("meta")  # another device: its tensors would be stale there
-    assert not state.volume_cache
+    assert set(state.state_dict()) == {"node", "actors", "frozen_volume", "motion", "volume_cache"}
+    loaded = SegmentState.from_state_dict(state.state_dict())
+    assert torch.equal(loaded.volume_cache.grid.keys, state.volume_cache.grid.keys)
+    older = state.state_dict()
+    del older["volume_cache"]  # a checkpoint of an earlier version
+    assert not SegmentState.from_state_dict(older).volume_cache
+    grid = state.volume_cache.grid
+    state.to("cpu")  # where it is already: kept as is (set_context activates the segment every step)
+    assert state.volume_cache.grid is grid
+    state.to("meta")  # another device: the voxel set moves with the node
+    assert state.volume_cache.grid.coords.device.type == "meta"
+
+
+def test_a_resumed_voxel_set_makes_the_uninterrupted_choices():
+    """refresh_every 3: a checkpoint after one stale build; the resumed cache (new node tensors)
+    serves the second stale build from the saved set without voxelising, then rebuilds where the
+    uninterrupted cache does, with the same features at every build."""
+    def run(resume_after: int | None) -> list[tuple[torch.Tensor, tuple[int, int, int]]]:
+        predictor, node = predictor_and_node("current")
+        predictor.config.volume_refresh_every = 3
+        state = SegmentState(node)
+        out = []
+        for step in range(5):
+            if step == resume_after:
+                state = SegmentState.from_state_dict(state.state_dict())  # as a checkpoint round trip
+            c = state.volume_cache
+            out.append((predictor.build_volume(state.node, c).features, (c.misses, c.hits, c.stale_hits)))
+            move_offsets(state.node, 0.01 * (step + 1))
+        return out
+
+    straight, resumed = run(None), run(2)
+    assert [n for _, n in straight] == [(1, 0, 0), (1, 0, 1), (1, 0, 2), (2, 0, 2), (2, 0, 3)]
+    assert [n for _, n in resumed][2:] == [(0, 0, 1), (1, 0, 1), (1, 0, 2)]  # counters restart, choices do not
+    for (a, _), (b, _) in zip(straight, resumed):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
 
 
 def test_volume_cache_goes_with_a_spilled_segment(tmp_path):
     a, state = SegmentKey("s", 0), cached_state()
+    keys = state.volume_cache.grid.keys.clone()
     ref = weakref.ref(state.volume_cache)
     store = SegmentStore(max_resident_mb=1e-6, spill_dir=tmp_path)  # every inactive segment spills
     store.put(a, state)
     del state
     gc.collect()
     assert store.spills == 1 and ref() is None
-    assert not store.get(a).volume_cache  # read back without one
+    assert torch.equal(store.get(a).volume_cache.grid.keys, keys)  # read back with its voxel set
 
 
 def test_volume_cache_is_dropped_when_its_segment_is_left_or_forgotten(tmp_path):

@@ -72,15 +72,14 @@ class PredictorConfig:
     "current", the anchors moved by the cached offsets (new voxels every step); "anchors", the
     node's anchors, constant per segment, so the voxel grid and spconv's index pairs are cached
     across steps (:mod:`evolsplat_ns.model.volume_cache`; docs/performance.md has the figures)."""
-    volume_refresh_every: int = 1
+    volume_refresh_every: int = 4
     """With ``volume_from "current"``: voxelise the moved means (and rebuild spconv's index pairs,
     the host-heavy part of the U-Net) every this many training steps; in between the U-Net runs
     on the last voxel set while the offsets move (at most ``offset_max`` per axis), and the volume
     is sampled at the current means as always. Renders in eval mode always rebuild. 1: every step
-    (exact). With N > 1 a resumed run rebuilds at its first step where the uninterrupted one would
-    not (the voxel set is not checkpointed), so resuming is no longer bit-exact; that is why 4
-    (held-out PSNR within +-0.07 dB of 1 in two pairs on an H200, ~124 launches per step fewer) is
-    not the default. docs/performance.md has the figures."""
+    (exact). 4: held-out PSNR within +-0.07 dB of 1 in two pairs on an H200, ~124 launches per
+    step fewer. The voxel set travels in checkpoints, so a resumed run rebuilds where the
+    uninterrupted one does. docs/performance.md has the figures."""
     enable_background: bool = True
     """Predict a sky/background dome composited behind the foreground Gaussians."""
     min_views: int = 1

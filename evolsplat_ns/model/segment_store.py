@@ -46,8 +46,9 @@ class SegmentState:
             cleared whenever the segment becomes active, so weights that changed are not served stale).
         snapshot: (model step, Gaussians) for exporters (never persisted; cleared likewise).
         volume_cache: the sparse volume's voxel grid and spconv index pairs, reused while the points
-            it was built from are unchanged (never persisted; dropped when the node moves to another
-            device and when the segment stops being the active one).
+            it was built from are unchanged (the voxel set is persisted and moves with the node, so
+            a resumed run reuses what the uninterrupted one would; dropped when the segment stops
+            being the active one).
     """
 
     node: GaussianNode
@@ -67,8 +68,8 @@ class SegmentState:
         cache too if the node moved); returns self."""
         means = self.node.means
         self.node.to(device)
-        if self.node.means is not means:  # moved: the cache's tensors live on the old device
-            self.volume_cache.clear()
+        if self.node.means is not means:  # moved: the cache's sources are the old device's tensors
+            self.volume_cache.to(device)
         if self.actors is not None:
             self.actors.to(device)
         if self.frozen_volume is not None:
@@ -87,15 +88,18 @@ class SegmentState:
         return {"node": self.node.state_dict(),
                 "actors": self.actors.state_dict() if self.actors is not None else None,
                 "frozen_volume": self.frozen_volume.state_dict() if self.frozen_volume is not None else None,
-                "motion": self.motion.state_dict() if self.motion is not None else None}
+                "motion": self.motion.state_dict() if self.motion is not None else None,
+                "volume_cache": self.volume_cache.state_dict()}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "SegmentState":
         volume, actors, motion = state.get("frozen_volume"), state.get("actors"), state.get("motion")
-        return cls(GaussianNode.from_state_dict(state["node"]),
-                   ActorNodes.from_state_dict(actors) if actors is not None else None,
-                   SparseVolume.from_state_dict(volume) if volume is not None else None,
-                   ObservedMotion.from_state_dict(motion) if motion is not None else None)
+        segment = cls(GaussianNode.from_state_dict(state["node"]),
+                      ActorNodes.from_state_dict(actors) if actors is not None else None,
+                      SparseVolume.from_state_dict(volume) if volume is not None else None,
+                      ObservedMotion.from_state_dict(motion) if motion is not None else None)
+        segment.volume_cache.load_state_dict(state.get("volume_cache"))  # absent in older checkpoints
+        return segment
 
 
 class SegmentStore:

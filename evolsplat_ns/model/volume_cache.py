@@ -14,14 +14,20 @@ With ``refresh_every`` N > 1 (``PredictorConfig.volume_refresh_every``) an entry
 builds whose offsets moved, N - 1 times in a row: the volume is then sampled at the current means
 from a voxel set up to N - 1 steps old.
 
-A segment owns one cache (:class:`evolsplat_ns.model.segment_store.SegmentState`): it is never
-persisted, and it goes with the segment (spilled, forgotten, moved to another device).
+A segment owns one cache (:class:`evolsplat_ns.model.segment_store.SegmentState`) and it goes
+with the segment. Its voxel set travels in checkpoints and to another device
+(:meth:`VolumeIndexCache.state_dict`, :meth:`VolumeIndexCache.to`): with ``refresh_every`` > 1
+which builds reuse a stale set depends on that set and on how many builds in a row did, so a
+resumed run makes the uninterrupted run's choices only if it starts from the same set. Such an
+entry comes back *unbound*: the grid and the count, with which of its sources had moved since it
+was built; the next build binds it to the tensors it is given and rebuilds the index pairs from
+the grid (deterministic), without voxelising again.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -38,7 +44,8 @@ class _Entry:
     versions: tuple[int, ...]
     settings: tuple
     grid: VoxelGrid
-    pairs: IndexPairs
+    pairs: Optional[IndexPairs]
+    """None until the first build after the entry was bound (rebuilt from ``grid``)."""
 
     def matches(self, sources: Sequence[torch.Tensor], settings: tuple, moving: Sequence[int] = ()) -> bool:
         """True when ``sources`` are the very tensors of this entry under equal settings, unmodified
@@ -56,6 +63,8 @@ class VolumeIndexCache:
 
     def __init__(self) -> None:
         self._entry: Optional[_Entry] = None
+        self._unbound: Optional[_Unbound] = None
+        """A voxel set loaded or moved without its sources (bound by the next :meth:`build`)."""
         self.hits = 0
         """Builds that reused the entry (statistics, tests)."""
         self.misses = 0
@@ -65,24 +74,73 @@ class VolumeIndexCache:
         self._stale_in_a_row = 0
 
     def __bool__(self) -> bool:
-        return self._entry is not None
+        return self._entry is not None or self._unbound is not None
 
     @property
     def grid(self) -> Optional[VoxelGrid]:
         """The cached voxel grid (None when empty)."""
+        if self._unbound is not None:
+            return self._unbound.grid
         return self._entry.grid if self._entry is not None else None
 
     def clear(self) -> None:
         """Drop the entry (its device tensors are freed with it)."""
-        self._entry = None
+        self._entry = self._unbound = None
+        self._stale_in_a_row = 0
 
     def nbytes(self) -> int:
         """Bytes held by the cached grid and index pairs."""
-        if self._entry is None:
+        grid = self.grid
+        if grid is None:
             return 0
-        g = self._entry.grid
-        return self._entry.pairs.nbytes() + sum(t.numel() * t.element_size()
-                                                 for t in (g.origin, g.coords, g.keys, g.features))
+        pairs = self._entry.pairs if self._entry is not None and self._entry.pairs is not None else None
+        return (pairs.nbytes() if pairs is not None else 0) + sum(
+            t.numel() * t.element_size() for t in (grid.origin, grid.coords, grid.keys, grid.features))
+
+    def state_dict(self) -> Optional[dict]:
+        """The voxel set, its settings, which sources had moved since it was built and the stale
+        builds in a row (plain tensors and numbers; checkpoints), or None when empty."""
+        unbound = self._unbind()
+        if unbound is None:
+            return None
+        g = unbound.grid
+        return {"origin": g.origin, "voxel_size": g.voxel_size, "shape": list(g.shape), "coords": g.coords,
+                "keys": g.keys, "features": g.features.detach(), "settings": list(unbound.settings),
+                "moved": sorted(unbound.moved), "num_sources": unbound.num_sources,
+                "stale_in_a_row": self._stale_in_a_row}
+
+    def load_state_dict(self, state: Optional[dict], device: torch.device | str = "cpu") -> None:
+        """Hold the voxel set of a :meth:`state_dict` on ``device``, unbound (None: empty)."""
+        self.clear()
+        if state is None:
+            return
+        grid = VoxelGrid(state["origin"].to(device), float(state["voxel_size"]), tuple(int(d) for d in state["shape"]),
+                         state["coords"].to(device), state["keys"].to(device), state["features"].to(device))
+        self._unbound = _Unbound(grid, tuple(state["settings"]), frozenset(state["moved"]), int(state["num_sources"]))
+        self._stale_in_a_row = int(state["stale_in_a_row"])
+
+    def to(self, device: torch.device | str) -> None:
+        """Move the voxel set to ``device``, unbound (the sources it was built from move with the
+        segment as new tensors; the index pairs are rebuilt there on the next build)."""
+        unbound = self._unbind()
+        self._entry = None
+        self._unbound = None if unbound is None else replace(unbound, grid=_grid_to(unbound.grid, device))
+
+    def _unbind(self) -> Optional["_Unbound"]:
+        """The entry without its sources (which of them had moved since it was built kept)."""
+        if self._unbound is not None or self._entry is None:
+            return self._unbound
+        e = self._entry
+        moved = frozenset(i for i, (t, v) in enumerate(zip(e.sources, e.versions)) if t._version != v)
+        return _Unbound(e.grid, e.settings, moved, len(e.sources))
+
+    def _bind(self, sources: Sequence[torch.Tensor]) -> None:
+        """Bind an unbound voxel set to ``sources``: unchanged since, but for those that had moved."""
+        u, self._unbound = self._unbound, None
+        if u is None or len(sources) != u.num_sources:
+            return
+        versions = tuple(-1 if i in u.moved else t._version for i, t in enumerate(sources))
+        self._entry = _Entry(tuple(sources), versions, u.settings, u.grid, None)
 
     def build(self, net: SparseCostRegNet, points: torch.Tensor, colors: Callable[[], torch.Tensor],
               voxel_size: float, sources: Sequence[torch.Tensor], moving: Sequence[int] = (),
@@ -101,6 +159,8 @@ class VolumeIndexCache:
                 a voxel set up to that many builds old (1: never).
         """
         settings = (float(voxel_size), net.training)
+        if self._unbound is not None:
+            self._bind(sources)
         entry = self._entry
         exact = entry is not None and entry.matches(sources, settings)
         stale = (not exact and entry is not None and self._stale_in_a_row < refresh_every - 1
@@ -109,7 +169,9 @@ class VolumeIndexCache:
             self.hits += exact
             self.stale_hits += stale
             self._stale_in_a_row += stale
-            features, _ = net.run(entry.grid, entry.pairs)
+            features, pairs = net.run(entry.grid, entry.pairs)
+            if entry.pairs is None:  # bound after a load or a move: the pairs were built just now
+                self._entry = replace(entry, pairs=pairs)
             return SparseVolume(entry.grid, features)
         self.misses += 1
         self._stale_in_a_row = 0
@@ -118,6 +180,22 @@ class VolumeIndexCache:
         features, pairs = net.run(grid)
         self._entry = _Entry(tuple(sources), tuple(t._version for t in sources), settings, grid, pairs)
         return SparseVolume(grid, features)
+
+
+@dataclass(frozen=True)
+class _Unbound:
+    """A voxel set without the tensors it was built from: after a load or a move."""
+
+    grid: VoxelGrid
+    settings: tuple
+    moved: frozenset[int]
+    """Positions of the sources written in place between the build and the unbinding."""
+    num_sources: int
+
+
+def _grid_to(g: VoxelGrid, device: torch.device | str) -> VoxelGrid:
+    return VoxelGrid(g.origin.to(device), g.voxel_size, g.shape, g.coords.to(device), g.keys.to(device),
+                     g.features.to(device))
 
 
 @contextmanager

@@ -47,8 +47,8 @@ class SegmentState:
         snapshot: (model step, Gaussians) for exporters (never persisted; cleared likewise).
         volume_cache: the sparse volume's voxel grid and spconv index pairs, reused while the points
             it was built from are unchanged (the voxel set is persisted and moves with the node, so
-            a resumed run reuses what the uninterrupted one would; dropped when the segment stops
-            being the active one).
+            a resumed run, or one visiting segments in another order, reuses what the uninterrupted
+            one would).
     """
 
     node: GaussianNode
@@ -161,8 +161,7 @@ class SegmentStore:
         memory); its render caches start empty. ``key`` must be stored."""
         if self.active is not None and self.active != key and self.active in self._resident:
             previous = self._resident[self.active]
-            previous.volume_cache.clear()  # caches serve the active segment only (host memory on CPU runs)
-            previous.to("cpu")
+            previous.to("cpu")  # its voxel set too: a segment's refreshes do not depend on what ran between
         state = self.get(key)
         if state is None:
             raise KeyError(f"segment {key} is not in the store")

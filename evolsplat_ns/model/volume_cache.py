@@ -65,6 +65,9 @@ class VolumeIndexCache:
         self._entry: Optional[_Entry] = None
         self._unbound: Optional[_Unbound] = None
         """A voxel set loaded or moved without its sources (bound by the next :meth:`build`)."""
+        self._eval: Optional[_Entry] = None
+        """The eval-mode net's own entry (exact reuse only, never persisted): renders between
+        training steps leave the training entry, and so its refresh schedule, alone."""
         self.hits = 0
         """Builds that reused the entry (statistics, tests)."""
         self.misses = 0
@@ -85,7 +88,7 @@ class VolumeIndexCache:
 
     def clear(self) -> None:
         """Drop the entry (its device tensors are freed with it)."""
-        self._entry = self._unbound = None
+        self._entry = self._unbound = self._eval = None
         self._stale_in_a_row = 0
 
     def nbytes(self) -> int:
@@ -94,8 +97,8 @@ class VolumeIndexCache:
         if grid is None:
             return 0
         pairs = self._entry.pairs if self._entry is not None and self._entry.pairs is not None else None
-        return (pairs.nbytes() if pairs is not None else 0) + sum(
-            t.numel() * t.element_size() for t in (grid.origin, grid.coords, grid.keys, grid.features))
+        return (pairs.nbytes() if pairs is not None else 0) + _grid_bytes(grid) + (
+            self._eval.pairs.nbytes() + _grid_bytes(self._eval.grid) if self._eval is not None else 0)
 
     def state_dict(self) -> Optional[dict]:
         """The voxel set, its settings, which sources had moved since it was built and the stale
@@ -123,7 +126,7 @@ class VolumeIndexCache:
         """Move the voxel set to ``device``, unbound (the sources it was built from move with the
         segment as new tensors; the index pairs are rebuilt there on the next build)."""
         unbound = self._unbind()
-        self._entry = None
+        self._entry = self._eval = None
         self._unbound = None if unbound is None else replace(unbound, grid=_grid_to(unbound.grid, device))
 
     def _unbind(self) -> Optional["_Unbound"]:
@@ -159,6 +162,8 @@ class VolumeIndexCache:
                 a voxel set up to that many builds old (1: never).
         """
         settings = (float(voxel_size), net.training)
+        if not net.training:
+            return self._build_eval(net, points, colors, voxel_size, sources, settings)
         if self._unbound is not None:
             self._bind(sources)
         entry = self._entry
@@ -176,10 +181,33 @@ class VolumeIndexCache:
         self.misses += 1
         self._stale_in_a_row = 0
         self._entry = None  # the stale pairs are freed before the new ones are built (peak memory)
-        grid = voxelize(points, colors(), voxel_size)
-        features, pairs = net.run(grid)
-        self._entry = _Entry(tuple(sources), tuple(t._version for t in sources), settings, grid, pairs)
-        return SparseVolume(grid, features)
+        self._entry, volume = _fresh(net, points, colors, voxel_size, sources, settings)
+        return volume
+
+    def _build_eval(self, net: SparseCostRegNet, points: torch.Tensor, colors: Callable[[], torch.Tensor],
+                    voxel_size: float, sources: Sequence[torch.Tensor], settings: tuple) -> SparseVolume:
+        """:meth:`build` for the eval-mode net, from its own entry, reused only while unchanged."""
+        entry = self._eval
+        if entry is not None and entry.matches(sources, settings):
+            self.hits += 1
+            features, _ = net.run(entry.grid, entry.pairs)
+            return SparseVolume(entry.grid, features)
+        self.misses += 1
+        self._eval = None
+        self._eval, volume = _fresh(net, points, colors, voxel_size, sources, settings)
+        return volume
+
+
+def _fresh(net: SparseCostRegNet, points: torch.Tensor, colors: Callable[[], torch.Tensor], voxel_size: float,
+           sources: Sequence[torch.Tensor], settings: tuple) -> tuple[_Entry, SparseVolume]:
+    """Voxelise ``points`` and run ``net`` building the index pairs: the entry and the volume."""
+    grid = voxelize(points, colors(), voxel_size)
+    features, pairs = net.run(grid)
+    return _Entry(tuple(sources), tuple(t._version for t in sources), settings, grid, pairs), SparseVolume(grid, features)
+
+
+def _grid_bytes(g: VoxelGrid) -> int:
+    return sum(t.numel() * t.element_size() for t in (g.origin, g.coords, g.keys, g.features))
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from pathlib import Path
 
@@ -78,61 +77,6 @@ def test_batched_targets_give_the_per_target_gradients(trainer, monkeypatch):
         torch.testing.assert_close(batched_losses[k], per_target_losses[k], rtol=1e-5, atol=1e-7, msg=k)
     for name in per_target:
         torch.testing.assert_close(batched[name], per_target[name], rtol=1e-4, atol=1e-7, msg=name)
-
-
-def test_overlapped_backward_gives_the_same_gradients_from_the_worker_thread(trainer, monkeypatch):
-    """overlap_backward: each target's backward on the worker while the next is drawn, bit for bit
-    the sequential gradients (same accumulation order), and never two backwards at once."""
-    import threading
-
-    pipeline, model = trainer.pipeline, trainer.pipeline.model
-    model.eval()
-    sample, batch = pipeline.datamanager.next_train(0)
-    sample.target = sample.target.select([0, 1, 2])
-    sequential, sequential_losses = _step_gradients(trainer, sample, batch)
-    threads, running, overlapping = [], [0], []
-    real = model.target_loss
-
-    def target_loss(*a, **k):
-        overlapping.append(running[0])  # a backward in flight while this target is drawn?
-        return real(*a, **k)
-
-    def backward(loss):
-        running[0] += 1
-        threads.append(threading.current_thread().name)
-        assert running[0] == 1, "one backward at a time"
-        time.sleep(0.05)  # long enough for the next target's forward to start beside it
-        trainer.grad_scaler.scale(loss).backward()
-        running[0] -= 1
-
-    monkeypatch.setattr(model, "target_loss", target_loss)
-    monkeypatch.setattr(model.config, "overlap_backward", True)
-    trainer.optimizers.zero_grad_all()
-    result = model.sample_loss(sample, batch.get("point_cloud"), 1, backward=backward)
-    overlapped = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.train()
-
-    assert len(threads) == 3 and all(t.startswith("evolsplat-backward") for t in threads)
-    assert overlapping[0] == 0 and any(overlapping[1:]), "the next target was drawn beside a backward"
-    assert overlapped.keys() == sequential.keys() and len(overlapped) > 10
-    for k in sequential_losses:
-        torch.testing.assert_close(result.losses[k], sequential_losses[k], rtol=0, atol=0, msg=k)
-    for name in sequential:
-        torch.testing.assert_close(overlapped[name], sequential[name], rtol=0, atol=0, msg=name)
-
-
-def test_an_overlapped_backward_error_reaches_the_step(trainer, monkeypatch):
-    model = trainer.pipeline.model
-    sample, batch = trainer.pipeline.datamanager.next_train(0)
-    monkeypatch.setattr(model.config, "overlap_backward", True)
-
-    def backward(loss):
-        raise FloatingPointError("from the worker")
-
-    with pytest.raises(FloatingPointError, match="from the worker"):
-        model.sample_loss(sample, batch.get("point_cloud"), 1, backward=backward)
-    trainer.optimizers.zero_grad_all()
-    model.sample_loss(sample, batch.get("point_cloud"), 1, backward=lambda loss: loss.backward())  # usable after
 
 
 def test_batched_targets_fall_back_with_the_sky_loss_and_say_so_once(trainer, monkeypatch):

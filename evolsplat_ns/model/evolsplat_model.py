@@ -49,8 +49,7 @@ from evolsplat_ns.model.stage2.refiner import Stage2Refiner
 from evolsplat_ns.model.stage2.step import FlowView, Stage2Report, Stage2Step
 from evolsplat_ns.model.splatfacto_compat import SplatfactoSurface
 from evolsplat_ns.model.state_cache import neighbour_count
-from evolsplat_ns.utils.cuda_graphs import GraphCache, graph_slot
-from evolsplat_ns.utils.overlap import BackwardLane
+from evolsplat_ns.utils.cuda_graphs import GraphCache
 from evolsplat_ns.utils.timing import phase
 
 
@@ -109,12 +108,6 @@ class EVolSplatModelConfig(ModelConfig, PredictorConfig):
     every target's graph stays alive until that backward, so activation memory grows with the number
     of targets, which the per-target backward (False, the default) bounds to one. Per-target anyway
     while stage 2 refines and with ``sky_loss_weight`` > 0 (two draws per target)."""
-    overlap_backward: bool = False
-    """Training with per-target backward: back-propagate each target on a worker thread while the
-    next target is drawn (``utils.overlap.BackwardLane``), so that the host's launches of the two
-    overlap where the host bounds the step. The same gradients, bit for bit (the backwards still
-    run one at a time, in order); at most two targets' graphs alive instead of one. The step's CUDA
-    graphs then alternate between two slots (twice their memory)."""
     max_gaussians_per_segment: int = 0
     """Randomly subsample a segment's points to at most this many Gaussians (0 = all)."""
     max_points_per_actor: int = 5000
@@ -604,32 +597,26 @@ class EVolSplatModel(SplatfactoSurface):
         psnrs, seen, dropped = [], [], []
         batched = (self._batched_losses(state, targets, step, backward, autocast)
                    if self._batch_targets(backward) else None)
-        lane = BackwardLane(backward) if self.config.overlap_backward and backward and batched is None else None
-        with lane or nullcontext():
-            for v in range(len(targets)):
-                if batched is not None:
-                    result = batched[v]
-                else:
-                    # Beside a backward in flight, this target's graphs replay into other buffers.
-                    with autocast(), graph_slot(v % 2 if lane else 0):
-                        result = self.target_loss(state, targets, v, step, graphed=backward is not None)
-                if result is None:
-                    dropped.append(v)
-                    continue
-                if backward is not None and batched is None:
-                    # A NaN/Inf loss is back-propagated like any other and caught once per step
-                    # (SampleLoss.nonfinite): a check per target would sync the device per target.
-                    with phase("backward"):
-                        (lane.submit if lane else backward)(sum(result.losses.values()))
-                    result.losses = {k: val.detach() for k, val in result.losses.items()}
-                for k, val in result.losses.items():
-                    totals[k] = totals[k] + val if k in totals else val
-                psnrs.append(result.psnr)
-                seen.append(result.index)
-                del result  # free this target's graph before the next (or once its backward is done)
-            if lane is not None:
+        for v in range(len(targets)):
+            if batched is not None:
+                result = batched[v]
+            else:
+                with autocast():
+                    result = self.target_loss(state, targets, v, step, graphed=backward is not None)
+            if result is None:
+                dropped.append(v)
+                continue
+            if backward is not None and batched is None:
+                # A NaN/Inf loss is back-propagated like any other and caught once per step
+                # (SampleLoss.nonfinite): a check per target would sync the device per target.
                 with phase("backward"):
-                    lane.wait()
+                    backward(sum(result.losses.values()))
+                result.losses = {k: val.detach() for k, val in result.losses.items()}
+            for k, val in result.losses.items():
+                totals[k] = totals[k] + val if k in totals else val
+            psnrs.append(result.psnr)
+            seen.append(result.index)
+            del result  # free this target's graph before the next
         with phase("backward"):
             self._finish_stage2(step2, backward, totals)
         if backward is not None and seen:

@@ -10,43 +10,23 @@ Rules a captured function must keep (checked by ``tests/gpu/test_cuda_graphs_gpu
 sync, no host-to-device copy and no shape that depends on the inputs' values; everything it reads
 besides its inputs (weights, cached state) stays at the same address. Outputs are the graph's own
 static tensors: each call overwrites the previous call's outputs, so a caller consumes them before
-calling again (a render rasterises them at once). A caller that uses two calls' outputs at once
-(a target's backward running beside the next target's forward, ``utils.overlap``) makes them in
-different slots (:func:`graph_slot`): each slot has its own graphs, hence its own buffers.
+calling again (a render rasterises them at once).
 """
 
 from __future__ import annotations
 
-import contextvars
 import copy
 import warnings
 import weakref
 from collections import Counter, OrderedDict
-from contextlib import contextmanager
 from typing import Any, Callable, Hashable, Iterator, Optional
 
 import torch
 from torch.autograd.graph import increment_version
 
-from evolsplat_ns.utils.overlap import quiesce
-
 WARMUP_RUNS = 2
 """Eager runs on a side stream before capture (PyTorch's rule: lazy initialisation, e.g. cuBLAS
 workspaces, must not happen inside a capture)."""
-
-
-_slot: contextvars.ContextVar[int] = contextvars.ContextVar("graph_slot", default=0)
-
-
-@contextmanager
-def graph_slot(slot: int) -> Iterator[None]:
-    """Make :class:`GraphCache` calls inside use (and capture) the graphs of ``slot``: outputs of
-    two slots never share buffers, so a caller may hold both at once (slot 0 outside)."""
-    token = _slot.set(slot)
-    try:
-        yield
-    finally:
-        _slot.reset(token)
 
 
 def _copy_into(static: Any, value: Any) -> None:
@@ -173,18 +153,16 @@ class CapturedGradCall:
         # The captured backward hands out its static gradient buffers, and autograd adopts an
         # incoming gradient as a parameter's .grad when it has none: the next replay would then
         # overwrite that .grad. With a .grad in place autograd adds into it instead.
-        if any(p.grad is None for p in self.params):
-            quiesce()  # a backward in flight may be about to give them their .grad
-            for p in self.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         return self.call(*inputs)
 
 
 class GraphCache:
     """Captured calls by key, captured on the ``capture_after``-th call of a key (one-off renders
-    stay eager: a capture costs a few eager runs), at most ``capacity`` kept per slot
-    (:func:`graph_slot`; least recently used dropped: each graph holds its own memory pool). A capture that fails warns once and turns the
+    stay eager: a capture costs a few eager runs), at most ``capacity`` kept (least recently used
+    dropped: each graph holds its own memory pool). A capture that fails warns once and turns the
     cache off (every later call runs eagerly), so an op that cannot be captured never breaks a render.
     ``grad``: capture forward and backward (:class:`CapturedGradCall`), else forward only.
     """
@@ -202,9 +180,7 @@ class GraphCache:
         return len(self._graphs)
 
     def __call__(self, key: Hashable, fn: Callable[..., Any], inputs: tuple, device: torch.device) -> Any:
-        """``fn(*inputs)``, from the graph captured under ``key`` (in the current slot) when there is one."""
-        slot = _slot.get()
-        key = (slot, key)
+        """``fn(*inputs)``, from the graph captured under ``key`` when there is one."""
         graph = self._graphs.get(key)
         if graph is not None:
             self._graphs.move_to_end(key)
@@ -213,7 +189,6 @@ class GraphCache:
         self._calls[key] += 1
         if self.disabled is not None or self._calls[key] < self.capture_after:
             return fn(*inputs)
-        quiesce()  # a capture must not see another thread's kernels
         try:
             graph = (CapturedGradCall if self.grad else CapturedCall)(fn, inputs, device)
         except (RuntimeError, AssertionError) as err:  # an op that syncs or copies from the host, autocast caching
@@ -221,9 +196,8 @@ class GraphCache:
             warnings.warn(f"CUDA-graph capture failed, rendering eagerly from now on: {err}")
             return fn(*inputs)
         self._graphs[key] = graph
-        in_slot = [k for k in self._graphs if k[0] == slot]
-        if len(in_slot) > self.capacity:
-            del self._graphs[in_slot[0]]
+        if len(self._graphs) > self.capacity:
+            self._graphs.popitem(last=False)
         return graph(*inputs)
 
     def clear(self) -> None:

@@ -123,39 +123,6 @@ def test_graphed_heads_accumulate_the_eager_gradients_target_after_target(dtype)
 
 
 @torch.no_grad()
-def test_overlapped_backward_with_graphs_gives_the_sequential_gradients():
-    """Each target back-propagated on the worker thread while the next is drawn: consecutive
-    targets replay graphs of two slots, so the backward in flight keeps its buffers, and a capture
-    waits for it; the gradients are those of the sequential eager loop."""
-    from evolsplat_ns.utils.cuda_graphs import graph_slot
-    from evolsplat_ns.utils.overlap import BackwardLane
-
-    model, _, K = render_setup("cuda")
-    model.train()
-    params = list(model.predictor._decoder[0].parameters())
-
-    def step(reuse: bool, overlap: bool):
-        model.zero_grad(set_to_none=True)
-        state = model.encode(split_backward=True)
-        with BackwardLane(lambda loss: loss.backward()) as lane:
-            for v, x in enumerate((0.20, 0.22, 0.24, 0.26)):
-                with graph_slot(v % 2 if overlap else 0):
-                    out = model.render(state, target_pose(x), K, W, H, reuse_graphs=reuse)
-                loss = out["rgb"].square().mean()
-                lane.submit(loss) if overlap else loss.backward()
-                del out, loss
-        state.backward_shared()
-        return [p.grad.clone() for p in params] + [p.grad.clone() for p in model.predictor.volume_net.parameters()
-                                                   if p.grad is not None]
-
-    eager = step(False, False)
-    for _ in range(3):  # capture (per slot), then replays
-        for a, b in zip(step(True, True), eager):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
-    heads = model.predictor._head_graphs
-    assert heads.disabled is None and len(heads) == 2 and heads.replays > 0, "one graph per slot, replayed"
-
-
 def test_render_heads_replay_one_graph_per_row_count():
     """Without the whole-decode graph, no-grad renders replay the heads' forward graph of their
     padded row count (shared by every state and source set of that size)."""

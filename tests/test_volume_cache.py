@@ -153,7 +153,9 @@ def test_volume_cache_is_persisted_unbound_and_counted():
     assert state.nbytes() == state.node.nbytes() + state.volume_cache.nbytes()
     assert set(state.state_dict()) == {"node", "actors", "frozen_volume", "motion", "volume_cache"}
     loaded = SegmentState.from_state_dict(state.state_dict())
-    assert torch.equal(loaded.volume_cache.grid.keys, state.volume_cache.grid.keys)
+    for name in ("coords", "keys", "features", "origin"):
+        a, b = getattr(loaded.volume_cache.grid, name), getattr(state.volume_cache.grid, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
     older = state.state_dict()
     del older["volume_cache"]  # a checkpoint of an earlier version
     assert not SegmentState.from_state_dict(older).volume_cache

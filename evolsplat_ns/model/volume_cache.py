@@ -33,7 +33,8 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from spconv.pytorch import ops as spconv_ops
 
-from evolsplat_ns.model.sparse_volume import IndexPairs, SparseCostRegNet, SparseVolume, VoxelGrid, voxelize
+from evolsplat_ns.model.sparse_volume import (IndexPairs, SparseCostRegNet, SparseVolume, VoxelGrid, linear_keys,
+                                              voxelize)
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,8 +108,9 @@ class VolumeIndexCache:
         if unbound is None:
             return None
         g = unbound.grid
-        return {"origin": g.origin, "voxel_size": g.voxel_size, "shape": list(g.shape), "coords": g.coords,
-                "keys": g.keys, "features": g.features.detach(), "settings": list(unbound.settings),
+        # int32 voxel indices, keys recomputed on load: 24 of the grid's 44 bytes per voxel.
+        return {"origin": g.origin, "voxel_size": g.voxel_size, "shape": list(g.shape),
+                "coords": g.coords.to(torch.int32), "features": g.features.detach(), "settings": list(unbound.settings),
                 "moved": sorted(unbound.moved), "num_sources": unbound.num_sources,
                 "stale_in_a_row": self._stale_in_a_row}
 
@@ -117,8 +119,10 @@ class VolumeIndexCache:
         self.clear()
         if state is None:
             return
-        grid = VoxelGrid(state["origin"].to(device), float(state["voxel_size"]), tuple(int(d) for d in state["shape"]),
-                         state["coords"].to(device), state["keys"].to(device), state["features"].to(device))
+        shape = tuple(int(d) for d in state["shape"])
+        coords = state["coords"].to(device=device, dtype=torch.long)
+        grid = VoxelGrid(state["origin"].to(device), float(state["voxel_size"]), shape, coords,
+                         linear_keys(coords, shape), state["features"].to(device))
         self._unbound = _Unbound(grid, tuple(state["settings"]), frozenset(state["moved"]), int(state["num_sources"]))
         self._stale_in_a_row = int(state["stale_in_a_row"])
 

@@ -74,11 +74,11 @@ class PredictorConfig:
     across steps (:mod:`evolsplat_ns.model.volume_cache`; docs/performance.md has the figures)."""
     volume_refresh_every: int = 4
     """With ``volume_from "current"``: voxelise the moved means (and rebuild spconv's index pairs,
-    the host-heavy part of the U-Net) every this many training steps; in between the U-Net runs
-    on the last voxel set while the offsets move (at most ``offset_max`` per axis), and the volume
-    is sampled at the current means as always. Renders in eval mode always rebuild. 1: every step
-    (exact). 4: held-out PSNR within +-0.07 dB of 1 in two pairs on an H200, ~124 launches per
-    step fewer. The voxel set travels in checkpoints, so a resumed run rebuilds where the
+    the host-heavy part of the U-Net) every this many training steps of a segment; in between the
+    U-Net runs on the segment's last voxel set while the offsets move (at most ``offset_max`` per
+    axis), and the volume is sampled at the current means as always. Renders in eval mode keep a
+    voxel set of their own, rebuilt whenever the means moved. 1: every step (exact). 4: held-out
+    PSNR within +-0.07 dB of 1 in two pairs on an H200, 124-186 launches per step fewer. The voxel set travels in checkpoints, so a resumed run rebuilds where the
     uninterrupted one does. docs/performance.md has the figures."""
     enable_background: bool = True
     """Predict a sky/background dome composited behind the foreground Gaussians."""

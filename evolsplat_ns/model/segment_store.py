@@ -64,8 +64,8 @@ class SegmentState:
         self.snapshot = None
 
     def to(self, device: torch.device | str) -> "SegmentState":
-        """Move the persisted tensors to ``device`` in place (render caches are dropped, the volume
-        cache too if the node moved); returns self."""
+        """Move the persisted tensors to ``device`` in place (render caches are dropped; if the node
+        moved, the volume cache's voxel set moves with it, unbound); returns self."""
         means = self.node.means
         self.node.to(device)
         if self.node.means is not means:  # moved: the cache's sources are the old device's tensors

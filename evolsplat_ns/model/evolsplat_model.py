@@ -551,10 +551,12 @@ class EVolSplatModel(SplatfactoSurface):
                             sky: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
         """Rasterise existing Gaussians (segment frame; one set, or parts drawn as one such as the
         static scene and the posed actors, in one call so that depth order is right) for an OpenCV
-        camera-to-segment pose, with ``background`` composited behind; ``sky`` (rgb [H, W, 3], weight [H, W]: ``GaussianPredictor.predict_sky``) replaces
-        the background by that weight (fp32 like the rest). Returns rgb, depth, accumulation as :meth:`render`; with ``with_meta`` also the
-        foreground's rasteriser ``meta`` (``RenderOutput.meta``: ``means2d`` [1, N, 2] whose gradient
-        densification reads, ``radii`` [1, N]), N rows in ``params``' (parts') order."""
+        camera-to-segment pose, with ``background`` composited behind; ``sky`` (rgb [H, W, 3],
+        weight [H, W]: ``GaussianPredictor.predict_sky``) replaces the background by that weight
+        (fp32 like the rest). Returns rgb, depth, accumulation as :meth:`render`; with
+        ``with_meta`` also the foreground's rasteriser ``meta`` (``RenderOutput.meta``:
+        ``means2d`` [1, N, 2] whose gradient densification reads, ``radii`` [1, N]), N rows in
+        ``params``' (parts') order."""
         c2w, K = c2w.to(self.device, non_blocking=True), K.to(self.device, non_blocking=True)
         # Rasterisation is numerically delicate (covariance inversion, compositing): always fp32.
         with torch.autocast(device_type=c2w.device.type, enabled=False), phase("render"):

@@ -78,8 +78,9 @@ class PredictorConfig:
     U-Net runs on the segment's last voxel set while the offsets move (at most ``offset_max`` per
     axis), and the volume is sampled at the current means as always. Renders in eval mode keep a
     voxel set of their own, rebuilt whenever the means moved. 1: every step (exact). 4: held-out
-    PSNR within +-0.07 dB of 1 in two pairs on an H200, 124-186 launches per step fewer. The voxel set travels in checkpoints, so a resumed run rebuilds where the
-    uninterrupted one does. docs/performance.md has the figures."""
+    PSNR within +-0.07 dB of 1 in two pairs on an H200, 124-186 launches per step fewer. The voxel
+    set travels in checkpoints, so a resumed run rebuilds where the uninterrupted one does.
+    docs/performance.md has the figures."""
     enable_background: bool = True
     """Predict a sky/background dome composited behind the foreground Gaussians."""
     min_views: int = 1

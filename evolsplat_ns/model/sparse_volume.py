@@ -65,6 +65,29 @@ class VoxelGrid:
     keys: torch.Tensor
     features: torch.Tensor
 
+    def to(self, device: torch.device | str) -> "VoxelGrid":
+        """A copy on ``device`` (the same grid where it already is)."""
+        return VoxelGrid(self.origin.to(device), self.voxel_size, self.shape, self.coords.to(device),
+                         self.keys.to(device), self.features.to(device))
+
+    def nbytes(self) -> int:
+        """Bytes held by the grid's tensors."""
+        return sum(t.numel() * t.element_size() for t in (self.origin, self.coords, self.keys, self.features))
+
+    def state_dict(self) -> dict:
+        """Plain tensors/numbers: int32 voxel indices, no keys (recomputed by :meth:`from_state_dict`),
+        24 of the grid's 44 bytes per voxel."""
+        return {"origin": self.origin, "voxel_size": self.voxel_size, "shape": list(self.shape),
+                "coords": self.coords.to(torch.int32), "features": self.features.detach()}
+
+    @classmethod
+    def from_state_dict(cls, s: dict, device: torch.device | str = "cpu") -> "VoxelGrid":
+        """The grid of a :meth:`state_dict`, on ``device``."""
+        shape = tuple(int(d) for d in s["shape"])
+        coords = s["coords"].to(device=device, dtype=torch.long)
+        return cls(s["origin"].to(device), float(s["voxel_size"]), shape, coords, linear_keys(coords, shape),
+                   s["features"].to(device))
+
 
 def linear_keys(coords: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     """Voxel indices [..., 3] (x, y, z) -> int64 linear keys [...] in a grid of ``shape``."""
@@ -126,12 +149,11 @@ class SparseVolume:
 
     def to(self, device: torch.device | str) -> "SparseVolume":
         """A copy on ``device``."""
-        return SparseVolume.from_state_dict(self.state_dict(), device)
+        return SparseVolume(self.grid.to(device), self.features.to(device))
 
     def nbytes(self) -> int:
         """Bytes held by the volume's tensors."""
-        g = self.grid
-        return sum(t.numel() * t.element_size() for t in (g.origin, g.coords, g.keys, g.features, self.features))
+        return self.grid.nbytes() + self.features.numel() * self.features.element_size()
 
     def sample(self, xyz: torch.Tensor) -> torch.Tensor:
         """Trilinearly interpolate voxel features at positions ``xyz`` [M, 3] (segment frame).

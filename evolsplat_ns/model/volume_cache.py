@@ -33,8 +33,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from spconv.pytorch import ops as spconv_ops
 
-from evolsplat_ns.model.sparse_volume import (IndexPairs, SparseCostRegNet, SparseVolume, VoxelGrid, linear_keys,
-                                              voxelize)
+from evolsplat_ns.model.sparse_volume import IndexPairs, SparseCostRegNet, SparseVolume, VoxelGrid, voxelize
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,6 +53,17 @@ class _Entry:
         return (settings == self.settings and len(sources) == len(self.sources)
                 and all(a is b and (i in moving or a._version == v)
                         for i, (a, b, v) in enumerate(zip(sources, self.sources, self.versions))))
+
+
+@dataclass(frozen=True)
+class _Unbound:
+    """A voxel set without the tensors it was built from: after a load or a move."""
+
+    grid: VoxelGrid
+    settings: tuple
+    moved: frozenset[int]
+    """Positions of the sources written in place between the build and the unbinding."""
+    num_sources: int
 
 
 class VolumeIndexCache:
@@ -94,12 +104,9 @@ class VolumeIndexCache:
 
     def nbytes(self) -> int:
         """Bytes held by the cached grid and index pairs."""
-        grid = self.grid
-        if grid is None:
-            return 0
-        pairs = self._entry.pairs if self._entry is not None and self._entry.pairs is not None else None
-        return (pairs.nbytes() if pairs is not None else 0) + _grid_bytes(grid) + (
-            self._eval.pairs.nbytes() + _grid_bytes(self._eval.grid) if self._eval is not None else 0)
+        entries = [e for e in (self._entry, self._eval) if e is not None]
+        grids = [e.grid for e in entries] + ([self._unbound.grid] if self._unbound is not None else [])
+        return sum(g.nbytes() for g in grids) + sum(e.pairs.nbytes() for e in entries if e.pairs is not None)
 
     def state_dict(self) -> Optional[dict]:
         """The voxel set, its settings, which sources had moved since it was built and the stale
@@ -107,10 +114,7 @@ class VolumeIndexCache:
         unbound = self._unbind()
         if unbound is None:
             return None
-        g = unbound.grid
-        # int32 voxel indices, keys recomputed on load: 24 of the grid's 44 bytes per voxel.
-        return {"origin": g.origin, "voxel_size": g.voxel_size, "shape": list(g.shape),
-                "coords": g.coords.to(torch.int32), "features": g.features.detach(), "settings": list(unbound.settings),
+        return {"grid": unbound.grid.state_dict(), "settings": list(unbound.settings),
                 "moved": sorted(unbound.moved), "num_sources": unbound.num_sources,
                 "stale_in_a_row": self._stale_in_a_row}
 
@@ -119,11 +123,8 @@ class VolumeIndexCache:
         self.clear()
         if state is None:
             return
-        shape = tuple(int(d) for d in state["shape"])
-        coords = state["coords"].to(device=device, dtype=torch.long)
-        grid = VoxelGrid(state["origin"].to(device), float(state["voxel_size"]), shape, coords,
-                         linear_keys(coords, shape), state["features"].to(device))
-        self._unbound = _Unbound(grid, tuple(state["settings"]), frozenset(state["moved"]), int(state["num_sources"]))
+        self._unbound = _Unbound(VoxelGrid.from_state_dict(state["grid"], device), tuple(state["settings"]),
+                                 frozenset(state["moved"]), int(state["num_sources"]))
         self._stale_in_a_row = int(state["stale_in_a_row"])
 
     def to(self, device: torch.device | str) -> None:
@@ -131,9 +132,9 @@ class VolumeIndexCache:
         segment as new tensors; the index pairs are rebuilt there on the next build)."""
         unbound = self._unbind()
         self._entry = self._eval = None
-        self._unbound = None if unbound is None else replace(unbound, grid=_grid_to(unbound.grid, device))
+        self._unbound = None if unbound is None else replace(unbound, grid=unbound.grid.to(device))
 
-    def _unbind(self) -> Optional["_Unbound"]:
+    def _unbind(self) -> Optional[_Unbound]:
         """The entry without its sources (which of them had moved since it was built kept)."""
         if self._unbound is not None or self._entry is None:
             return self._unbound
@@ -208,26 +209,6 @@ def _fresh(net: SparseCostRegNet, points: torch.Tensor, colors: Callable[[], tor
     grid = voxelize(points, colors(), voxel_size)
     features, pairs = net.run(grid)
     return _Entry(tuple(sources), tuple(t._version for t in sources), settings, grid, pairs), SparseVolume(grid, features)
-
-
-def _grid_bytes(g: VoxelGrid) -> int:
-    return sum(t.numel() * t.element_size() for t in (g.origin, g.coords, g.keys, g.features))
-
-
-@dataclass(frozen=True)
-class _Unbound:
-    """A voxel set without the tensors it was built from: after a load or a move."""
-
-    grid: VoxelGrid
-    settings: tuple
-    moved: frozenset[int]
-    """Positions of the sources written in place between the build and the unbinding."""
-    num_sources: int
-
-
-def _grid_to(g: VoxelGrid, device: torch.device | str) -> VoxelGrid:
-    return VoxelGrid(g.origin.to(device), g.voxel_size, g.shape, g.coords.to(device), g.keys.to(device),
-                     g.features.to(device))
 
 
 @contextmanager

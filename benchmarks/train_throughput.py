@@ -183,8 +183,10 @@ def idle_by_phase(events, iters: int, top: int = 8) -> dict[str, float]:
     return {k: round(v / 1000 / iters, 3) for k, v in idle.most_common(top)}
 
 
-def profile_pass(trainer, first: int, iters: int, table: Path | None = None) -> dict:
-    """Per step: kernel launches, syncs, GPU busy ms (union of device intervals), top kernels."""
+def profile_pass(trainer, first: int, iters: int, table: Path | None = None, trace: Path | None = None) -> dict:
+    """Per step: kernel launches, syncs, GPU busy ms (union of device intervals), top kernels.
+    ``trace``: also write the profiler's Chrome trace there (gzipped when it ends in ``.gz``; open
+    it in Perfetto or chrome://tracing to see, per phase, the host's ops and the GPU's gaps)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -195,6 +197,8 @@ def profile_pass(trainer, first: int, iters: int, table: Path | None = None) -> 
         averages = prof.key_averages()
         table.write_text(averages.table(sort_by="self_cpu_time_total", row_limit=60) + "\n"
                          + averages.table(sort_by="self_cuda_time_total", row_limit=40))
+    if trace is not None:
+        write_trace(prof, trace)
     events = prof.events()
     device = device_events(events)
     runtime = Counter(e.name for e in events if e.device_type == DeviceType.CPU
@@ -211,6 +215,22 @@ def profile_pass(trainer, first: int, iters: int, table: Path | None = None) -> 
         "gpu_idle_ms_per_step_by_phase": idle_by_phase(events, iters),
         "top_kernels_ms_per_step": {k[:90]: round(v / 1000 / iters, 3) for k, v in kernels.most_common(15)},
     }
+
+
+def write_trace(prof, path: Path) -> None:
+    """The profile's Chrome trace at ``path`` (gzip-compressed when the name ends in ``.gz``)."""
+    if path.suffix != ".gz":
+        prof.export_chrome_trace(str(path))
+        return
+    import gzip
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(raw))
+        with raw.open("rb") as src, gzip.open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst)
 
 
 def sync_sites(trainer, first: int, iters: int, top: int = 25) -> dict[str, float]:
@@ -310,6 +330,8 @@ def main() -> None:
     p.add_argument("--profile-iters", type=int, default=5, help="steps under torch.profiler (0 = skip)")
     p.add_argument("--json", default=None, help="also write the figures here")
     p.add_argument("--profile-table", type=Path, default=None, help="write the profiler's op tables here")
+    p.add_argument("--profile-trace", type=Path, default=None,
+                   help="write the profiled steps' Chrome trace here (.json, or .json.gz compressed)")
     p.add_argument("--sync-iters", type=int, default=0,
                    help="then list, per step, the call sites that synchronise the host with the GPU")
     p.add_argument("--host-iters", type=int, default=0,
@@ -335,7 +357,8 @@ def main() -> None:
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     phases = phase_pass(trainer, step, args.phase_iters) if args.phase_iters > 0 else {}
     step += args.phase_iters
-    prof = profile_pass(trainer, step, args.profile_iters, args.profile_table) if args.profile_iters > 0 else None
+    prof = (profile_pass(trainer, step, args.profile_iters, args.profile_table, args.profile_trace)
+            if args.profile_iters > 0 else None)
     step += args.profile_iters
     syncs = sync_sites(trainer, step, args.sync_iters) if args.sync_iters > 0 else None
     step += args.sync_iters

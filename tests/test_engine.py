@@ -113,6 +113,30 @@ def test_nonfinite_loss_skips_step(trainer, monkeypatch):
     assert torch.equal(before, params_vector(trainer)), "no optimizer step on a NaN loss"
 
 
+@pytest.mark.parametrize("bad_target", [0, -1])
+def test_one_nonfinite_target_skips_the_step(trainer, monkeypatch, bad_target):
+    """A NaN in the first or the last target's loss alone (each target back-propagated on its
+    own) still skips the whole step."""
+    model = trainer.pipeline.model
+    real, calls = model.view_loss, []
+    targets = len(trainer.pipeline.datamanager.next_train(3)[0].target)
+
+    def view_loss(out, gt, step, graphed=False, **kw):
+        terms = real(out, gt, step, graphed=graphed, **kw)
+        calls.append(1)
+        if len(calls) - 1 == bad_target % targets:
+            terms = {k: v * float("nan") for k, v in terms.items()}
+        return terms
+
+    monkeypatch.setattr(model, "view_loss", view_loss)
+    before, skipped = params_vector(trainer), trainer.skipped_steps["nonfinite"]
+    loss, _, metrics = trainer.train_step(3)
+    assert len(calls) == targets > 1
+    assert math.isnan(float(loss)) and metrics["skipped"] == 1
+    assert trainer.skipped_steps["nonfinite"] == skipped + 1
+    assert torch.equal(before, params_vector(trainer)), "no optimizer step when one target's loss is NaN"
+
+
 def test_oom_on_a_segment_skips_step(trainer, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")

@@ -97,11 +97,13 @@ class EVolSplatTrainerConfig(TrainerConfig):
     """Autocast dtype. bfloat16 has fp32's range, so it needs no GradScaler (no loss scaling, no
     per-step host read of the scale); float16 runs the sparse U-Net in fp16 too, behind a GradScaler."""
     tf32_matmul: bool = False
-    """Let fp32 matrix products (the MLP heads, their backward) run on TF32 tensor cores (Ampere and
-    newer GPUs; no effect on CPU). Rasterisation (gsplat's own kernels), the sparse U-Net (spconv)
-    and all geometry are unaffected. Off by default: measured on an H200 it did not speed up the
-    step (1M Gaussians: 6.68 it/s on vs 6.85 off; 100k: 8.04 vs 7.93; docs/performance.md), the
-    heads' products being too thin to be bound by arithmetic."""
+    """Let fp32 matrix products run on TF32 tensor cores (Ampere and newer GPUs; no effect on CPU).
+    Process-wide (``torch.backends.cuda.matmul.allow_tf32``): besides the MLP heads and their
+    backward it covers every fp32 ``matmul`` on CUDA, the geometry's too (point projections into
+    the sources, box poses, the sky warp's rays: ~5e-4 relative rounding of their inputs).
+    gsplat's own kernels and the sparse U-Net (spconv, see ``tf32_sparse_conv``) are unaffected.
+    Off by default: measured on an H200 it did not speed up the step (1M Gaussians: 6.68 it/s on
+    vs 6.85 off; 100k: 8.04 vs 7.93; docs/performance.md)."""
     tf32_sparse_conv: bool = False
     """Let the sparse U-Net's fp32 implicit GEMMs (spconv, forward and backward) run on TF32 tensor
     cores (spconv's ``SPCONV_ALLOW_TF32``; Ampere and newer GPUs). Process-wide like

@@ -50,7 +50,6 @@ from evolsplat_ns.model.stage2.step import FlowView, Stage2Report, Stage2Step
 from evolsplat_ns.model.splatfacto_compat import SplatfactoSurface
 from evolsplat_ns.model.state_cache import neighbour_count
 from evolsplat_ns.utils.cuda_graphs import GraphCache
-from evolsplat_ns.utils.device_flags import FiniteFlags
 from evolsplat_ns.utils.timing import phase
 
 
@@ -189,9 +188,6 @@ class SampleLoss:
         projected_index: [M] unique node indices seen by any target (the offsets to commit).
         dropped_targets: target indices that saw no Gaussian (left out of the loss).
         state: the encoded shared state of the step.
-        finite: each target's loss noted before its backward was launched (per-target backward
-            without stage 2), so :attr:`nonfinite` need not wait for the queued backward; None
-            reads ``total`` instead.
     """
 
     losses: dict[str, torch.Tensor]
@@ -199,7 +195,6 @@ class SampleLoss:
     projected_index: torch.Tensor
     dropped_targets: list[int]
     state: SharedState
-    finite: Optional[FiniteFlags] = None
 
     @property
     def total(self) -> torch.Tensor:
@@ -208,11 +203,7 @@ class SampleLoss:
     @property
     def nonfinite(self) -> bool:
         """Some target's loss was NaN/Inf: the step's gradients are unusable (the trainer drops
-        them). Read once per step: it is the step's one host read of a loss value. With
-        ``finite`` it waits for the last target's loss only, while the device works through the
-        backward queued after it (the host goes on to the optimizer and the next step)."""
-        if self.finite is not None:
-            return not self.finite.all_finite()
+        them). Read once per step: it is the step's one host read of a loss value."""
         return not bool(torch.isfinite(self.total))
 
 
@@ -606,9 +597,7 @@ class EVolSplatModel(SplatfactoSurface):
         targets = replace(sample.target, images=sample.target.images.to(self.device, non_blocking=True))
         totals: dict[str, torch.Tensor] = {}
         psnrs, seen, dropped = [], [], []
-        # Stage 2 reads its own and the stage-1 finiteness in its one device read (_finish_stage2).
-        finite = FiniteFlags() if backward is not None and step2 is None else None
-        batched = (self._batched_losses(state, targets, step, backward, autocast, finite)
+        batched = (self._batched_losses(state, targets, step, backward, autocast)
                    if self._batch_targets(backward) else None)
         for v in range(len(targets)):
             if batched is not None:
@@ -622,11 +611,8 @@ class EVolSplatModel(SplatfactoSurface):
             if backward is not None and batched is None:
                 # A NaN/Inf loss is back-propagated like any other and caught once per step
                 # (SampleLoss.nonfinite): a check per target would sync the device per target.
-                loss = sum(result.losses.values())
-                if finite is not None:
-                    finite.note(loss)
                 with phase("backward"):
-                    backward(loss)
+                    backward(sum(result.losses.values()))
                 result.losses = {k: val.detach() for k, val in result.losses.items()}
             for k, val in result.losses.items():
                 totals[k] = totals[k] + val if k in totals else val
@@ -639,7 +625,7 @@ class EVolSplatModel(SplatfactoSurface):
             with phase("backward"):
                 state.backward_shared()
         mean_psnr = torch.stack(psnrs).mean() if psnrs else torch.tensor(float("nan"))
-        return SampleLoss(totals, mean_psnr, _union(seen, self.device), dropped, state, finite)
+        return SampleLoss(totals, mean_psnr, _union(seen, self.device), dropped, state)
 
     def _batch_targets(self, backward: Optional[Callable[[torch.Tensor], None]]) -> bool:
         """Whether this training step draws its targets together (``batch_targets``): not while
@@ -655,11 +641,9 @@ class EVolSplatModel(SplatfactoSurface):
         return why is None
 
     def _batched_losses(self, state: SharedState, targets: Views, step: int, backward: Callable[[torch.Tensor], None],
-                        autocast: Callable[[], ContextManager],
-                        finite: Optional[FiniteFlags] = None) -> list[Optional[TargetLoss]]:
+                        autocast: Callable[[], ContextManager]) -> list[Optional[TargetLoss]]:
         """Every target's :class:`TargetLoss` (None for one that saw no Gaussian) from one draw
-        (:meth:`render_targets`), back-propagated together once; the losses come back detached.
-        Their sum is noted in ``finite`` before the backward is launched."""
+        (:meth:`render_targets`), back-propagated together once; the losses come back detached."""
         with autocast():
             outs = self.render_targets(state, targets)
         rgb_losses = self.batched_rgb_losses(outs, targets)
@@ -668,11 +652,8 @@ class EVolSplatModel(SplatfactoSurface):
                        for v, out in enumerate(outs)]
         kept = [r for r in results if r is not None]
         if kept:
-            loss = sum(sum(r.losses.values()) for r in kept)
-            if finite is not None:
-                finite.note(loss)
             with phase("backward"):
-                backward(loss)
+                backward(sum(sum(r.losses.values()) for r in kept))
         for r in kept:
             r.losses = {k: val.detach() for k, val in r.losses.items()}
         return results

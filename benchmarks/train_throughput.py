@@ -198,7 +198,7 @@ def profile_pass(trainer, first: int, iters: int, table: Path | None = None, tra
         table.write_text(averages.table(sort_by="self_cpu_time_total", row_limit=60) + "\n"
                          + averages.table(sort_by="self_cuda_time_total", row_limit=40))
     if trace is not None:
-        write_trace(prof, trace)
+        prof.export_chrome_trace(str(trace))  # torch gzips a ".gz" path itself
     events = prof.events()
     device = device_events(events)
     runtime = Counter(e.name for e in events if e.device_type == DeviceType.CPU
@@ -215,22 +215,6 @@ def profile_pass(trainer, first: int, iters: int, table: Path | None = None, tra
         "gpu_idle_ms_per_step_by_phase": idle_by_phase(events, iters),
         "top_kernels_ms_per_step": {k[:90]: round(v / 1000 / iters, 3) for k, v in kernels.most_common(15)},
     }
-
-
-def write_trace(prof, path: Path) -> None:
-    """The profile's Chrome trace at ``path`` (gzip-compressed when the name ends in ``.gz``)."""
-    if path.suffix != ".gz":
-        prof.export_chrome_trace(str(path))
-        return
-    import gzip
-    import shutil
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(raw))
-        with raw.open("rb") as src, gzip.open(path, "wb") as dst:
-            shutil.copyfileobj(src, dst)
 
 
 def sync_sites(trainer, first: int, iters: int, top: int = 25) -> dict[str, float]:

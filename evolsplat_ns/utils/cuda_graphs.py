@@ -11,14 +11,21 @@ sync, no host-to-device copy and no shape that depends on the inputs' values; ev
 besides its inputs (weights, cached state) stays at the same address. Outputs are the graph's own
 static tensors: each call overwrites the previous call's outputs, so a caller consumes them before
 calling again (a render rasterises them at once).
+
+Captures run in CUDA's ``thread_local`` capture mode: the default ``global`` mode lets a CUDA call
+from any other thread (the prefetcher pinning the next sample, nerfstudio's viewer thread) break a
+capture, which then fails with "operation failed due to a previous error during capture".
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import warnings
 import weakref
 from collections import Counter, OrderedDict
+from contextlib import contextmanager
 from typing import Any, Callable, Hashable, Iterator, Optional
 
 import torch
@@ -27,6 +34,28 @@ from torch.autograd.graph import increment_version
 WARMUP_RUNS = 2
 """Eager runs on a side stream before capture (PyTorch's rule: lazy initialisation, e.g. cuBLAS
 workspaces, must not happen inside a capture)."""
+
+
+CAPTURE_MODE = "thread_local"
+"""cudaStreamCaptureMode of every capture here: only the capturing thread is restricted, other
+threads' CUDA calls run as usual and stay out of the graph."""
+
+
+@contextmanager
+def _graphed_callables_capture_mode() -> Iterator[dict]:
+    """The keyword arguments that make ``torch.cuda.make_graphed_callables`` capture in
+    :data:`CAPTURE_MODE`. Torch releases whose ``make_graphed_callables`` takes no
+    ``capture_error_mode`` (2.13 and before) capture through ``torch.cuda.graph``; for those the
+    name is bound to one with the mode preset for the duration (captures run one at a time)."""
+    if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters:
+        yield {"capture_error_mode": CAPTURE_MODE}
+        return
+    original = torch.cuda.graph
+    torch.cuda.graph = functools.partial(original, capture_error_mode=CAPTURE_MODE)
+    try:
+        yield {}
+    finally:
+        torch.cuda.graph = original
 
 
 def _copy_into(static: Any, value: Any) -> None:
@@ -113,7 +142,7 @@ class CapturedCall:
                 fn(*self.inputs)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, capture_error_mode=CAPTURE_MODE):
             self.outputs = fn(*self.inputs)
 
     def __call__(self, *inputs: Any) -> Any:
@@ -147,7 +176,8 @@ class CapturedGradCall:
             # (same submodules and parameters) takes it, so the module itself stays eager.
             fn = copy.copy(fn)
         self.params = [p for p in fn.parameters() if p.requires_grad] if isinstance(fn, torch.nn.Module) else []
-        self.call = torch.cuda.make_graphed_callables(fn, examples, num_warmup_iters=WARMUP_RUNS + 1)
+        with _graphed_callables_capture_mode() as mode:
+            self.call = torch.cuda.make_graphed_callables(fn, examples, num_warmup_iters=WARMUP_RUNS + 1, **mode)
 
     def __call__(self, *inputs: Any) -> Any:
         # The captured backward hands out its static gradient buffers, and autograd adopts an

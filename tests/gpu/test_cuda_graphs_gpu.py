@@ -222,3 +222,40 @@ def test_chained_replays_pass_new_values_on():
     for scale in (1.0, 3.0):
         x.mul_(scale)
         torch.testing.assert_close(second(first(x, y)), x * 2 + y + 1)
+
+
+def test_captures_survive_another_thread_pinning_memory():
+    """A capture in CUDA's default global mode fails when another thread pins host memory (the
+    training prefetcher pins every next sample); captures here run in thread_local mode."""
+    import threading
+
+    from evolsplat_ns.utils.cuda_graphs import GraphCache
+
+    stop, errors = threading.Event(), []
+
+    def pin_forever() -> None:
+        n = 0
+        while not stop.is_set():
+            try:
+                torch.empty(1024 << (n % 12)).pin_memory()  # new sizes: fresh cudaHostAlloc calls
+            except Exception as err:  # noqa: BLE001 - reported by the assertion below
+                errors.append(err)
+                return
+            n += 1
+
+    head = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).cuda()
+    caches = (GraphCache(capacity=2, capture_after=1), GraphCache(capacity=2, capture_after=1, grad=True))
+    pinner = threading.Thread(target=pin_forever, daemon=True)
+    pinner.start()
+    try:
+        for key in range(12):  # a new key captures at its first call
+            x = torch.randn(100 + key, 32, device="cuda")
+            with torch.no_grad():
+                out = caches[0](key, head, (x,), x.device)
+                torch.testing.assert_close(out, head(x), rtol=1e-5, atol=1e-6)
+            graded = caches[1](key, head, (x,), x.device)
+            graded.sum().backward()
+    finally:
+        stop.set()
+        pinner.join()
+    assert errors == [] and all(c.disabled is None for c in caches), (errors, [c.disabled for c in caches])

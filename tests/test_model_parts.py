@@ -281,3 +281,30 @@ def test_frozen_volume_cache_reused_and_checkpointed():
     restored = other.get(key).frozen_volume
     assert torch.equal(restored.features, first.volume.features)
     assert torch.equal(restored.sample(node.means), first.volume.sample(node.means))
+
+
+def test_geometry_heads_side_by_side_give_each_heads_own_outputs_and_gradients():
+    """ViewDecoder evaluates the scale/rotation and opacity heads as one MLP (stacked first layers,
+    block-diagonal second layers): the same outputs and parameter gradients as each head alone."""
+    from evolsplat_ns.model.heads import ColorHead, OpacityHead, ScaleRotationHead, ViewDecoder, view_features
+
+    torch.manual_seed(0)
+    C, M = 12, 50
+    decoder = ViewDecoder(ColorHead(window_size=4, volume_dim=C), ScaleRotationHead(C, hidden=16),
+                          OpacityHead(C, hidden=16)).double()
+    image_feat, volume_feat = torch.randn(M, 2 * (3 * 4 + 1)).double(), torch.randn(M, C).double()
+    means, anchor_dc, base_log_scale = torch.randn(M, 3).double() * 5, torch.rand(M, 3).double(), -torch.rand(M, 3).double()
+    c2w, K = torch.eye(4).double(), torch.tensor([[50.0, 0, 32], [0, 50.0, 24], [0, 0, 1]]).double()
+    sh, scales, quats, opacities = decoder(image_feat, volume_feat, means, c2w, K, anchor_dc, base_log_scale)
+    view_feat = view_features(means, c2w, K)
+    ref_scales, ref_quats = decoder.scale_rotation(volume_feat, view_feat, base_log_scale)
+    ref_opacities = decoder.opacity(volume_feat, view_feat)
+    for got, ref in ((scales, ref_scales), (quats, ref_quats), (opacities, ref_opacities)):
+        torch.testing.assert_close(got, ref)
+    params = list(decoder.scale_rotation.parameters()) + list(decoder.opacity.parameters())
+    weights = torch.randn(M, 3).double(), torch.randn(M, 4).double(), torch.randn(M).double()
+    fused = torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, (scales, quats, opacities))), params)
+    alone = torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, (ref_scales, ref_quats, ref_opacities))), params)
+    for got, ref in zip(fused, alone):
+        torch.testing.assert_close(got, ref)
+    assert all(g.abs().sum() > 0 for g in fused)

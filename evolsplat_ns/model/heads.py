@@ -8,6 +8,7 @@ pixel footprint ``distance / focal`` (1, metres per target pixel at that depth).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from evolsplat_ns.model.render.sh import num_sh_bases
@@ -110,7 +111,10 @@ class ScaleRotationHead(nn.Module):
         self, volume_feat: torch.Tensor, view_feat: torch.Tensor, base_log_scale: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """[M, C] volume, [M, 5] view, [M, 3] node log scale -> scales [M, 3], quats [M, 4]."""
-        out = self.net(torch.cat([volume_feat, view_feat], dim=-1))
+        return self.finish(self.net(torch.cat([volume_feat, view_feat], dim=-1)), base_log_scale)
+
+    def finish(self, out: torch.Tensor, base_log_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The net's raw [M, 7] output and [M, 3] node log scale -> scales [M, 3], quats [M, 4]."""
         # Bounded residual: an unbounded exp() blows single Gaussians up to cover the image.
         log_scale = base_log_scale + self.max_log_residual * torch.tanh(out[:, :3] / self.max_log_residual)
         # Bias towards identity so near-zero outputs don't normalise to arbitrary rotations.
@@ -126,7 +130,12 @@ class OpacityHead(nn.Module):
         self.net = mlp(volume_dim + VIEW_FEATURE_DIM, hidden, 1, num_layers=2)
 
     def forward(self, volume_feat: torch.Tensor, view_feat: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.net(torch.cat([volume_feat, view_feat], dim=-1)))[:, 0]
+        return self.finish(self.net(torch.cat([volume_feat, view_feat], dim=-1)))
+
+    @staticmethod
+    def finish(out: torch.Tensor) -> torch.Tensor:
+        """The net's raw [M, 1] output -> opacity [M]."""
+        return torch.sigmoid(out)[:, 0]
 
 
 class OffsetHead(nn.Module):
@@ -139,6 +148,32 @@ class OffsetHead(nn.Module):
 
     def forward(self, volume_feat: torch.Tensor) -> torch.Tensor:
         return self.offset_max * torch.tanh(self.net(volume_feat))
+
+
+def side_by_side(nets: tuple[nn.Sequential, ...]) -> bool:
+    """Whether ``nets`` are two-layer MLPs (Linear, activation, Linear) with one input width and one
+    activation type, so :func:`mlps_side_by_side` can evaluate them as one."""
+    for net in nets:
+        if len(net) != 3 or not isinstance(net[0], nn.Linear) or not isinstance(net[2], nn.Linear):
+            return False
+    first = nets[0]
+    return all(net[0].in_features == first[0].in_features and type(net[1]) is type(first[1]) for net in nets)
+
+
+def mlps_side_by_side(x: torch.Tensor, nets: tuple[nn.Sequential, ...]) -> list[torch.Tensor]:
+    """``[net(x) for net in nets]`` as one MLP: the first layers' weights stacked ([sum H, D]), the
+    second layers' block-diagonal ([sum O, sum H]); two GEMMs instead of two per net. The
+    parameters stay the nets' own (their gradients arrive through the stacking).
+
+    Args:
+        x: [M, D] input of every net; nets: two-layer MLPs (:func:`side_by_side`).
+    Returns:
+        each net's [M, O_i] output.
+    """
+    hidden = F.linear(x, torch.cat([n[0].weight for n in nets]), torch.cat([n[0].bias for n in nets]))
+    hidden = nets[0][1](hidden)  # the shared activation, elementwise
+    out = F.linear(hidden, torch.block_diag(*(n[2].weight for n in nets)), torch.cat([n[2].bias for n in nets]))
+    return list(out.split([n[2].out_features for n in nets], dim=-1))
 
 
 class ViewDecoder(nn.Module):
@@ -162,8 +197,15 @@ class ViewDecoder(nn.Module):
                 base_log_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         view_feat = view_features(means, target_c2w, target_K)
         sh = self.color(image_feat, volume_feat, view_feat, anchor_dc)
-        scales, quats = self.scale_rotation(volume_feat, view_feat, base_log_scale)
-        return sh, scales, quats, self.opacity(volume_feat, view_feat)
+        nets = (self.scale_rotation.net, self.opacity.net)
+        if not side_by_side(nets):
+            scales, quats = self.scale_rotation(volume_feat, view_feat, base_log_scale)
+            return sh, scales, quats, self.opacity(volume_feat, view_feat)
+        # The geometry heads read the same rows: one input, one wider MLP (at 1M rows a second
+        # [M, C+5] concatenation and its backward cost more than the heads' small GEMMs).
+        sr_out, opacity_out = mlps_side_by_side(torch.cat([volume_feat, view_feat], dim=-1), nets)
+        scales, quats = self.scale_rotation.finish(sr_out, base_log_scale)
+        return sh, scales, quats, self.opacity.finish(opacity_out)
 
 
 def bucket_rows(rows: int, steps_per_octave: int = 4) -> int:

@@ -206,3 +206,21 @@ def test_gaussian_params_head_cuts_every_field():
     assert len(h) == 3 and h.index.tolist() == [0, 1, 2] and h.sh.shape == (3, 4, 3)
     assert h.means.data_ptr() == g.means.data_ptr()  # views, not copies
     assert GaussianParams(g.means, g.quats, g.scales, g.opacities, g.sh).head(2).offset is None
+
+
+def test_training_captures_ask_for_thread_local_mode_and_restore_torch():
+    """make_graphed_callables takes no capture mode on this torch: while a training graph is
+    captured, torch.cuda.graph presets thread_local (else another thread's CUDA call, the
+    prefetcher's pin_memory, breaks the capture), and torch's own graph is back afterwards."""
+    import inspect
+
+    from evolsplat_ns.utils import cuda_graphs
+
+    original = torch.cuda.graph
+    with cuda_graphs._graphed_callables_capture_mode() as kwargs:
+        if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters:
+            assert kwargs == {"capture_error_mode": "thread_local"}
+        else:
+            assert kwargs == {} and torch.cuda.graph.keywords == {"capture_error_mode": "thread_local"}
+            assert torch.cuda.graph.func is original
+    assert torch.cuda.graph is original

@@ -201,8 +201,8 @@ class ViewDecoder(nn.Module):
         if not side_by_side(nets):
             scales, quats = self.scale_rotation(volume_feat, view_feat, base_log_scale)
             return sh, scales, quats, self.opacity(volume_feat, view_feat)
-        # The geometry heads read the same rows: one input, one wider MLP (at 1M rows a second
-        # [M, C+5] concatenation and its backward cost more than the heads' small GEMMs).
+        # The geometry heads read the same rows: one input and one wider MLP, so at 1M rows a
+        # second [M, C+5] concatenation (and its backward) and two of four small GEMMs go.
         sr_out, opacity_out = mlps_side_by_side(torch.cat([volume_feat, view_feat], dim=-1), nets)
         scales, quats = self.scale_rotation.finish(sr_out, base_log_scale)
         return sh, scales, quats, self.opacity.finish(opacity_out)

@@ -5,8 +5,9 @@
 #
 #   OUT=/tmp/perf DATA=/tmp/synth bash benchmarks/perf_table.sh [RUN ...]
 #
-# RUN names (default: all but host and ab): tests 100k 100k-bf16 1m 1m-bf16 psnr psnr-bf16 viewer host ab
-# (host: 100k under cProfile, where the host's time goes; ab: 100k per-target and with
+# RUN names (default: all but host and ab): tests 100k 100k-bf16 1m 1m-bf16 psnr psnr-bf16 viewer host ab data
+# (data: only generate $DATA, which every run does first when it is missing;
+# host: 100k under cProfile, where the host's time goes; ab: 100k per-target and with
 # batch_targets alternately, twice, then both in bf16 and their held-out PSNR after 308 steps). Extra train_throughput
 # flags for every training run go in $EXTRA (e.g. EXTRA="--set pipeline.model.volume_from=anchors").
 # Older code in the same call (GPU hosts differ, so only one call's rows compare): archive it here,
@@ -73,6 +74,7 @@ for run in $RUNS; do
                     > "$OUT/viewer-graphs-$g.log" 2>&1
                 echo "== viewer graphs=$g rc=$?"; tail -12 "$OUT/viewer-graphs-$g.log"
             done ;;
+        data) ;;  # generated above
         *) echo "unknown run $run" ;;
     esac
 done

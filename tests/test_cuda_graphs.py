@@ -224,3 +224,29 @@ def test_training_captures_ask_for_thread_local_mode_and_restore_torch():
             assert kwargs == {} and torch.cuda.graph.keywords == {"capture_error_mode": "thread_local"}
             assert torch.cuda.graph.func is original
     assert torch.cuda.graph is original
+
+
+def test_training_captures_hold_the_capture_lock():
+    """One capture at a time in the process: a training capture (here its mode context) holds the
+    lock that every capture takes, so another thread's capture waits for it."""
+    import threading
+
+    from evolsplat_ns.utils import cuda_graphs
+
+    inside, release, other_got_it = threading.Event(), threading.Event(), []
+
+    def capture() -> None:
+        with cuda_graphs._graphed_callables_capture_mode():
+            inside.set()
+            release.wait(5)
+
+    worker = threading.Thread(target=capture)
+    worker.start()
+    assert inside.wait(5)
+    other_got_it.append(cuda_graphs.CAPTURE_LOCK.acquire(blocking=False))
+    release.set()
+    worker.join(5)
+    assert other_got_it == [False], "another thread took the capture lock during a capture"
+    assert cuda_graphs.CAPTURE_LOCK.acquire(blocking=False)
+    cuda_graphs.CAPTURE_LOCK.release()
+

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import threading
 import warnings
 import weakref
 from collections import Counter, OrderedDict
@@ -41,21 +42,29 @@ CAPTURE_MODE = "thread_local"
 threads' CUDA calls run as usual and stay out of the graph."""
 
 
+CAPTURE_LOCK = threading.RLock()
+"""Held by every capture here, warm-up included: one capture at a time in the process (CUDA's and
+torch's rule; ``torch.cuda.graph`` captures on one shared side stream), whichever thread starts it
+(nerfstudio's viewer thread and the training loop both capture)."""
+
+
 @contextmanager
 def _graphed_callables_capture_mode() -> Iterator[dict]:
     """The keyword arguments that make ``torch.cuda.make_graphed_callables`` capture in
-    :data:`CAPTURE_MODE`. Torch releases whose ``make_graphed_callables`` takes no
-    ``capture_error_mode`` (2.13 and before) capture through ``torch.cuda.graph``; for those the
-    name is bound to one with the mode preset for the duration (captures run one at a time)."""
-    if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters:
-        yield {"capture_error_mode": CAPTURE_MODE}
-        return
-    original = torch.cuda.graph
-    torch.cuda.graph = functools.partial(original, capture_error_mode=CAPTURE_MODE)
-    try:
-        yield {}
-    finally:
-        torch.cuda.graph = original
+    :data:`CAPTURE_MODE`, under :data:`CAPTURE_LOCK`. Torch releases whose
+    ``make_graphed_callables`` takes no ``capture_error_mode`` (2.13 and before) capture through
+    ``torch.cuda.graph``; for those the name is bound to one with the mode preset for the duration
+    (the lock keeps two threads from binding and restoring it out of order)."""
+    with CAPTURE_LOCK:
+        if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters:
+            yield {"capture_error_mode": CAPTURE_MODE}
+            return
+        original = torch.cuda.graph
+        torch.cuda.graph = functools.partial(original, capture_error_mode=CAPTURE_MODE)
+        try:
+            yield {}
+        finally:
+            torch.cuda.graph = original
 
 
 def _copy_into(static: Any, value: Any) -> None:
@@ -135,15 +144,16 @@ class CapturedCall:
         self._memo = InputMemo(len(inputs))
         for i, value in enumerate(inputs):
             self._memo.changed(i, value)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_RUNS):
-                fn(*self.inputs)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, capture_error_mode=CAPTURE_MODE):
-            self.outputs = fn(*self.inputs)
+        with CAPTURE_LOCK:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_RUNS):
+                    fn(*self.inputs)
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, capture_error_mode=CAPTURE_MODE):
+                self.outputs = fn(*self.inputs)
 
     def __call__(self, *inputs: Any) -> Any:
         """Replay on ``inputs`` (same shapes as at capture); returns the static outputs."""

@@ -249,4 +249,3 @@ def test_training_captures_hold_the_capture_lock():
     assert other_got_it == [False], "another thread took the capture lock during a capture"
     assert cuda_graphs.CAPTURE_LOCK.acquire(blocking=False)
     cuda_graphs.CAPTURE_LOCK.release()
-

@@ -34,13 +34,17 @@ pytestmark = [
 ]
 
 
+MIN_CORRELATION, MAX_COLOUR_DIFFERENCE = 0.7, 0.1
+"""How closely the viewport must agree with the model's render (coarse-grid correlation, mean colour)."""
+
+
 def assert_shows_render(after: np.ndarray, before: np.ndarray, model_rgb: np.ndarray) -> None:
     """The viewport ``after`` shows the model render ``model_rgb``, not the placeholder ``before``."""
     a = agreement(after, model_rgb)
     assert a["std"] > 0.05, "the viewport is flat: no rendered image"
     assert np.abs(after - before).mean() > 0.05, "the viewport did not change when the render arrived"
-    assert a["correlation"] > 0.7, f"the viewport does not look like the model's render (correlation {a['correlation']:.2f})"
-    assert a["mean_colour_difference"] < 0.1, "mean colour differs from the render"
+    assert a["correlation"] > MIN_CORRELATION, f"the viewport does not look like the model's render (correlation {a['correlation']:.2f})"
+    assert a["mean_colour_difference"] < MAX_COLOUR_DIFFERENCE, "mean colour differs from the render"
 
 
 def painted_render(page, box, renders: list[np.ndarray], tries: int = 10) -> tuple[np.ndarray, np.ndarray]:
@@ -57,7 +61,7 @@ def painted_render(page, box, renders: list[np.ndarray], tries: int = 10) -> tup
         after = screenshot(page, box)
         model_rgb = max(renders, key=lambda rgb: agreement(after, rgb)["correlation"])
         a = agreement(after, model_rgb)
-        if a["correlation"] > 0.7 and a["mean_colour_difference"] < 0.1:
+        if a["correlation"] > MIN_CORRELATION and a["mean_colour_difference"] < MAX_COLOUR_DIFFERENCE:
             break
     return after, model_rgb
 

@@ -191,19 +191,20 @@ class ViewDecoder(nn.Module):
     def __init__(self, color: ColorHead, scale_rotation: ScaleRotationHead, opacity: OpacityHead) -> None:
         super().__init__()
         self.color, self.scale_rotation, self.opacity = color, scale_rotation, opacity
+        self._side_by_side = side_by_side((scale_rotation.net, opacity.net))  # fixed at construction
 
     def forward(self, image_feat: torch.Tensor, volume_feat: torch.Tensor, means: torch.Tensor,
                 target_c2w: torch.Tensor, target_K: torch.Tensor, anchor_dc: torch.Tensor,
                 base_log_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         view_feat = view_features(means, target_c2w, target_K)
         sh = self.color(image_feat, volume_feat, view_feat, anchor_dc)
-        nets = (self.scale_rotation.net, self.opacity.net)
-        if not side_by_side(nets):
+        if not self._side_by_side:
             scales, quats = self.scale_rotation(volume_feat, view_feat, base_log_scale)
             return sh, scales, quats, self.opacity(volume_feat, view_feat)
         # The geometry heads read the same rows: one input and one wider MLP, so at 1M rows a
         # second [M, C+5] concatenation (and its backward) and two of four small GEMMs go.
-        sr_out, opacity_out = mlps_side_by_side(torch.cat([volume_feat, view_feat], dim=-1), nets)
+        sr_out, opacity_out = mlps_side_by_side(torch.cat([volume_feat, view_feat], dim=-1),
+                                                (self.scale_rotation.net, self.opacity.net))
         scales, quats = self.scale_rotation.finish(sr_out, base_log_scale)
         return sh, scales, quats, self.opacity.finish(opacity_out)
 

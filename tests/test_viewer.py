@@ -209,3 +209,31 @@ def test_time_control_places_actors(pipeline):
     controls._on_time(controls.follow_camera)
     assert model.render_time is None
 
+
+
+@pytest.mark.parametrize("hw, aspect", [((50, 71), 1.046), ((30, 31), 1.046), ((40, 30), 2.0), ((30, 31), 1.2)])
+def test_as_sent_letterboxes_renders_as_nerfstudios_viewer_sends_them(hw, aspect):
+    """``as_sent`` against nerfstudio's own ``_send_output_to_viewer``, run on a stand-in state
+    machine whose client records the image it would send the page."""
+    from types import SimpleNamespace
+
+    from nerfstudio.utils.colormaps import ColormapOptions
+    from nerfstudio.viewer.render_state_machine import RenderStateMachine
+
+    from evolsplat_ns.viewer.screenshot import as_sent
+
+    rgb = torch.rand(*hw, 3, generator=torch.Generator().manual_seed(0)).clamp(1 / 255, 1)
+    sent = {}
+    control = SimpleNamespace(output_render="rgb", colormap_options=ColormapOptions(), split=False,
+                              update_output_options=lambda keys: None)
+    viewer = SimpleNamespace(control_panel=control, update_colormap_options=lambda **kw: None,
+                             config=SimpleNamespace(jpeg_quality=75, image_format="jpeg"),
+                             render_tab_state=SimpleNamespace(preview_render=False),
+                             stats_markdown=SimpleNamespace(content=""), make_stats_markdown=lambda *a: "")
+    scene = SimpleNamespace(set_background_image=lambda image, **kw: sent.setdefault("image", image))
+    machine = SimpleNamespace(output_keys=None, viewer=viewer, viser_scale_ratio=0.1,
+                              client=SimpleNamespace(camera=SimpleNamespace(aspect=aspect), scene=scene))
+    RenderStateMachine._send_output_to_viewer(machine, {"rgb": rgb})
+    ours = as_sent(rgb.numpy(), aspect)
+    assert ours.shape == sent["image"].shape
+    np.testing.assert_array_equal((ours * 255).astype(np.uint8), sent["image"])

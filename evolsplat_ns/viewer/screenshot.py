@@ -115,6 +115,18 @@ def agreement(shown: np.ndarray, model_rgb: np.ndarray) -> dict[str, float]:
             "std": float(shown.std())}
 
 
+def as_sent(rgb: np.ndarray, aspect: float) -> np.ndarray:
+    """The image nerfstudio's viewer sends the page for a render ``rgb`` [H, W, 3] when the client's
+    camera has ``aspect`` (W / H): black bars pad it to that aspect once they would be over 5 px
+    (``render_state_machine._send_output_to_viewer``). A render made for an older aspect (the first
+    one, before the control panel has slid in) reaches the page letterboxed like this."""
+    h, w = rgb.shape[:2]
+    pad_w, pad_h = int(max(0, (aspect * h - w) // 2)), int(max(0, (w / aspect - h) // 2))
+    if pad_w <= 5 and pad_h <= 5:
+        return rgb
+    return np.pad(rgb, ((pad_h, pad_h), (pad_w, pad_w), (0, 0)), mode="constant", constant_values=0)
+
+
 def browser_executable(chromium: Optional[Path] = None) -> Optional[str]:
     """The Chromium for playwright to launch: ``chromium`` if given, else ``/usr/bin/chromium``, else
     None for playwright's own downloaded Chromium. BrowserUnavailable (naming the install command)

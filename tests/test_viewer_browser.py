@@ -14,6 +14,7 @@ ones ``evolsplat-screenshot`` uses (``tests/test_screenshot.py`` tests the tool)
 from __future__ import annotations
 
 import importlib.util
+import threading
 import time
 from pathlib import Path
 
@@ -108,3 +109,25 @@ def test_viewer_page_shows_the_model_render(session):
             browser.close()
     print(f"viewer screenshots in {ARTIFACTS} (render reached the page {time.time() - t0:.1f} s after start)")
     assert_shows_render(after, before, model_rgb)
+
+
+def test_closing_a_session_waits_for_its_render_threads(tiny_dataset, tmp_path_factory):
+    """After ``close`` no render thread of the viewer is alive, a disconnected client's included
+    (nerfstudio stops and drops its machine without waiting): one still rendering when the
+    interpreter exits aborts the process after the tests passed (exit 134)."""
+    from nerfstudio.viewer.render_state_machine import RenderStateMachine
+    from playwright.sync_api import sync_playwright
+
+    session = ViewerSession(tiny_checkpoint(tiny_dataset, tmp_path_factory))
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                browser.new_page().goto(session.url)
+                wait_for(lambda: len(session.renders) > 0, "the first render")
+            finally:
+                browser.close()
+    finally:
+        session.close()
+    alive = [t for t in threading.enumerate() if isinstance(t, RenderStateMachine) and t.viewer is session.viewer]
+    assert not alive, f"{len(alive)} render thread(s) still running after close()"

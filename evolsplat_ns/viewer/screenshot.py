@@ -213,8 +213,18 @@ class ViewerSession:
         return self.pipeline.datamanager.train_dataset.cameras
 
     def close(self) -> None:
-        for machine in self.viewer.render_statemachines.values():
+        """Stop the render threads and wait for them, then the server. A daemon render thread
+        still inside torch when the interpreter exits is killed there, and the unwinding through
+        torch's C++ aborts the process ("terminate called without an active exception", exit
+        134, after every test passed). That includes the threads of clients that disconnected:
+        nerfstudio drops their machines from ``render_statemachines`` without waiting for them."""
+        from nerfstudio.viewer.render_state_machine import RenderStateMachine
+
+        machines = [t for t in threading.enumerate() if isinstance(t, RenderStateMachine) and t.viewer is self.viewer]
+        for machine in machines:
             machine.running = False
+        for machine in machines:
+            machine.join(timeout=TIMEOUT_S)
         self.viewer.viser_server.stop()
 
     def __enter__(self) -> "ViewerSession":
@@ -331,7 +341,8 @@ def capture_views(session: ViewerSession, views: list[tuple[str, Optional[int]]]
                 with session.lock:  # freeze renders: the page keeps showing the one recorded
                     shown = _shown_on_page(page, box, placeholder, timeout)
                     render = session.renders[-1]
-                    shots.append(ViewShot(name, shown, render, page.screenshot(), agreement(shown, render.rgb), index))
+                    sent = as_sent(render.rgb, box["width"] / box["height"])
+                    shots.append(ViewShot(name, shown, render, page.screenshot(), agreement(shown, sent), index))
         finally:
             browser.close()
     return shots

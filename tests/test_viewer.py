@@ -210,7 +210,6 @@ def test_time_control_places_actors(pipeline):
     assert model.render_time is None
 
 
-
 @pytest.mark.parametrize("hw, aspect", [((50, 71), 1.046), ((30, 31), 1.046), ((40, 30), 2.0), ((30, 31), 1.2)])
 def test_as_sent_letterboxes_renders_as_nerfstudios_viewer_sends_them(hw, aspect):
     """``as_sent`` against nerfstudio's own ``_send_output_to_viewer``, run on a stand-in state

@@ -54,8 +54,8 @@ def painted_render(page, box, renders: list[np.ndarray], tries: int = 10) -> tup
     The page shows one of the frames rendered so far: a frame rendered between the stats update and
     the render lock (another size, or the client's camera arriving) may be newer than the painted
     one. The first render is made for the page's aspect before the control panel slides in; when
-    the lock is taken before a render at the settled aspect follows (twice in 15 sessions' full
-    suites: correlation 0.52-0.53 with every bare render), the page shows it letterboxed, so each
+    the lock is taken before a render at the settled aspect follows (twice so far, once in CI:
+    correlation 0.52-0.53 with every bare render), the page shows it letterboxed, so each
     render is also compared as sent at the viewport's aspect (:func:`as_sent`). Transfer and paint
     take ~1 s, so the viewport is read every 0.5 s, up to ``tries`` times, until it agrees with a
     render; the last reading is returned either way.

@@ -14,7 +14,6 @@ ones ``evolsplat-screenshot`` uses (``tests/test_screenshot.py`` tests the tool)
 from __future__ import annotations
 
 import importlib.util
-import threading
 import time
 from pathlib import Path
 
@@ -115,7 +114,6 @@ def test_closing_a_session_waits_for_its_render_threads(tiny_dataset, tmp_path_f
     """After ``close`` no render thread of the viewer is alive, a disconnected client's included
     (nerfstudio stops and drops its machine without waiting): one still rendering when the
     interpreter exits aborts the process after the tests passed (exit 134)."""
-    from nerfstudio.viewer.render_state_machine import RenderStateMachine
     from playwright.sync_api import sync_playwright
 
     session = ViewerSession(tiny_checkpoint(tiny_dataset, tmp_path_factory))
@@ -129,5 +127,5 @@ def test_closing_a_session_waits_for_its_render_threads(tiny_dataset, tmp_path_f
                 browser.close()
     finally:
         session.close()
-    alive = [t for t in threading.enumerate() if isinstance(t, RenderStateMachine) and t.viewer is session.viewer]
+    alive = session.render_threads()
     assert not alive, f"{len(alive)} render thread(s) still running after close()"

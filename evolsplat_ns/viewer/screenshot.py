@@ -218,14 +218,19 @@ class ViewerSession:
         torch's C++ aborts the process ("terminate called without an active exception", exit
         134, after every test passed). That includes the threads of clients that disconnected:
         nerfstudio drops their machines from ``render_statemachines`` without waiting for them."""
-        from nerfstudio.viewer.render_state_machine import RenderStateMachine
-
-        machines = [t for t in threading.enumerate() if isinstance(t, RenderStateMachine) and t.viewer is self.viewer]
+        machines = self.render_threads()
         for machine in machines:
             machine.running = False
         for machine in machines:
             machine.join(timeout=TIMEOUT_S)
         self.viewer.viser_server.stop()
+
+    def render_threads(self) -> list[threading.Thread]:
+        """The live render threads (nerfstudio ``RenderStateMachine``) of this viewer, those of
+        disconnected clients included."""
+        from nerfstudio.viewer.render_state_machine import RenderStateMachine
+
+        return [t for t in threading.enumerate() if isinstance(t, RenderStateMachine) and t.viewer is self.viewer]
 
     def __enter__(self) -> "ViewerSession":
         return self

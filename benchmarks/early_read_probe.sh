@@ -24,7 +24,7 @@ set -u
 if [ "${1:-}" = prepare ]; then
     rm -rf .bench_flags && mkdir -p .bench_flags
     git archive HEAD evolsplat_ns benchmarks tests pyproject.toml | tar -x -C .bench_flags
-    (cd .bench_flags && git apply ../benchmarks/patches/early_read.patch) \
+    git apply --directory=.bench_flags benchmarks/patches/early_read.patch \
         || { echo "benchmarks/patches/early_read.patch no longer applies to HEAD: refresh it (git diff of the read against main)"; exit 1; }
     echo "patched tree in .bench_flags"; exit 0
 fi

@@ -473,3 +473,23 @@ def test_too_short_segments_fail_at_start_up(tiny_dataset):
                                   num_source_keyframes=3, num_target_keyframes=2, preload=False)
     with pytest.raises(ValueError, match=r"fewer keyframes than num_source_keyframes \+ num_target_keyframes = 5"):
         MultiSceneDataset(cfg)
+
+
+def test_uint8_samples_hold_the_decoded_bytes_and_move_as_the_float_ones(base_config):
+    """A training sample drawn with ``uint8_rgb`` (the datamanager's, pinned on a GPU host) holds
+    the decoded bytes; moved (Views.to) its images are bit-identical to the float sample's."""
+    plain, packed = MultiSceneDataset(replace(base_config, seed=3)), MultiSceneDataset(replace(base_config, seed=3))
+    try:
+        for _ in range(3):
+            f, u = plain.next_train_sample(), packed.next_train_sample(uint8_rgb=True)
+            assert f.key == u.key
+            for fv, uv in ((f.source, u.source), (f.target, u.target)):
+                assert uv.images.dtype == torch.uint8 and fv.images.dtype == torch.float32
+                assert torch.equal((fv.images * 255).round().byte(), uv.images)
+                moved = uv.to("cpu")
+                assert moved.images.dtype == torch.float32 and torch.equal(moved.images, fv.images)
+                assert torch.equal(moved.camtoworlds, fv.camtoworlds) and torch.equal(moved.depths, fv.depths)
+                assert uv.images.dtype == torch.uint8, "moving leaves the sample itself as it was"
+    finally:
+        plain.close()
+        packed.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 import warnings
 from pathlib import Path
 
@@ -44,6 +45,27 @@ def test_per_target_backward_matches_single_graph(trainer):
     assert any(k.startswith("predictor.volume_net") for k in split)
     for name in split:
         torch.testing.assert_close(split[name], joint[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_training_samples_travel_as_uint8_and_train_as_their_float_images(trainer):
+    """The datamanager's training samples hold uint8 images (a quarter of the bytes to pin and copy);
+    the model turns them into float32 on its device, so a step on them gives the float step's
+    losses and gradients exactly."""
+    pipeline, model = trainer.pipeline, trainer.pipeline.model
+    model.eval()
+    sample, batch = pipeline.datamanager.next_train(0)
+    assert sample.source.images.dtype == torch.uint8 and sample.target.images.dtype == torch.uint8
+    sample.target = sample.target.select([0, 1])
+    as_float = replace(sample, source=replace(sample.source, images=sample.source.images.float() / 255),
+                       target=replace(sample.target, images=sample.target.images.float() / 255))
+    packed_grads, packed_losses = _step_gradients(trainer, sample, batch)
+    float_grads, float_losses = _step_gradients(trainer, as_float, batch)
+    model.train()
+    assert packed_losses.keys() == float_losses.keys() and packed_grads.keys() == float_grads.keys()
+    for k in packed_losses:
+        assert torch.equal(packed_losses[k], float_losses[k]), k
+    for name in packed_grads:
+        assert torch.equal(packed_grads[name], float_grads[name]), name
 
 
 def _step_gradients(trainer, sample, batch) -> tuple[dict, dict]:

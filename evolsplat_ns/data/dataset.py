@@ -360,8 +360,10 @@ class MultiSceneDataset:
 
     # -- samples -------------------------------------------------------------------------------
 
-    def next_train_sample(self) -> Sample:
-        """The next training sample under the scheduler; preloads the following segment."""
+    def next_train_sample(self, uint8_rgb: bool = False) -> Sample:
+        """The next training sample under the scheduler; preloads the following segment.
+        ``uint8_rgb``: images as decoded (uint8), for a sample whose images :meth:`Views.to`
+        turns into float32 on the device."""
         step = self.scheduler.next()
         seg_id = self.train_segment_ids[step.segment]
         kf = self.keyframes(seg_id)
@@ -373,7 +375,7 @@ class MultiSceneDataset:
             nxt = self.scheduler.peek_next_segment()
             if nxt is not None:
                 self.cache.preload(self.train_segment_ids[nxt])
-        return self.load_sample(seg_id, src, tgt, is_new_segment=step.is_new_segment)
+        return self.load_sample(seg_id, src, tgt, is_new_segment=step.is_new_segment, uint8_rgb=uint8_rgb)
 
     def eval_sample(self, i: int) -> Sample:
         """Eval item ``i``: its held-out frame is the target; sources are the nearest keyframes.
@@ -392,16 +394,18 @@ class MultiSceneDataset:
         return self.load_sample(seg_id, sources, [(t, seg.held_out_camera)], target_masks=True)
 
     def load_sample(self, seg_id: int, source: list[int] | list[ViewPair], target: list[int] | list[ViewPair],
-                    *, is_new_segment: bool = False, lidar: bool = False, target_masks: bool = False) -> Sample:
+                    *, is_new_segment: bool = False, lidar: bool = False, target_masks: bool = False,
+                    uint8_rgb: bool = False) -> Sample:
         """Sample of segment ``seg_id``: ``source``/``target`` are frames (every camera each) or
         (frame, camera) pairs. ``target_masks`` loads the targets' dynamic masks where the scene
-        has them, and their sky masks (the dynamic/static and sky/rest region metrics)."""
+        has them, and their sky masks (the dynamic/static and sky/rest region metrics).
+        ``uint8_rgb``: images as decoded (uint8, :class:`Views`)."""
         c = self.config
         seg = self.segments[seg_id]
         scene = self.scenes[seg.scene_index]
         seg_to_world = scene.ego_to_world[seg.frames[0]]
         seg_from_world = np.linalg.inv(seg_to_world)
-        opts = dict(depth=c.load_depth, sky=c.load_sky_masks, dynamic=c.load_dynamic_masks)
+        opts = dict(depth=c.load_depth, sky=c.load_sky_masks, dynamic=c.load_dynamic_masks, uint8_rgb=uint8_rgb)
 
         def views(spec, **extra):
             kw = {**opts, **extra}

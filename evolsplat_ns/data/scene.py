@@ -32,7 +32,7 @@ import torch
 
 from evolsplat_ns.data import layout as L
 from evolsplat_ns.data.cache import ImageCache
-from evolsplat_ns.data.types import LidarSweep, Views
+from evolsplat_ns.data.types import LidarSweep, Views, rgb_float
 from evolsplat_ns.geometry import OPENCV2DATASET
 
 MIN_LIDAR_RANGE = 0.05
@@ -151,12 +151,13 @@ class SceneData:
         depth: bool = False,
         sky: bool = False,
         dynamic: bool = False,
+        uint8_rgb: bool = False,
     ) -> Views:
         """Views of ``frames`` x ``cameras`` (frame-major), poses OpenCV camera-to-ref, at the
-        scene's common image size."""
+        scene's common image size; images float32 in [0, 1], or as decoded (uint8) with ``uint8_rgb``."""
         cams = list(cameras) if cameras is not None else self.cameras
         return self.load_view_pairs([(t, c) for t in frames for c in cams], ref_from_world,
-                                    depth=depth, sky=sky, dynamic=dynamic)
+                                    depth=depth, sky=sky, dynamic=dynamic, uint8_rgb=uint8_rgb)
 
     def load_view_pairs(
         self,
@@ -165,6 +166,7 @@ class SceneData:
         depth: bool = False,
         sky: bool = False,
         dynamic: bool = False,
+        uint8_rgb: bool = False,
     ) -> Views:
         """Views of the (frame, camera) ``pairs`` in that order; see :meth:`load_views`."""
         pairs = [(int(t), int(c)) for t, c in pairs]
@@ -176,7 +178,7 @@ class SceneData:
         c2w = np.stack([ref_from_world @ self.cam_to_world(t, c) for t, c in pairs])
         Ks = np.stack([self.calib[c].K for _, c in pairs])
         views = Views(
-            images=torch.from_numpy(imgs).float().div_(255.0),
+            images=torch.from_numpy(imgs) if uint8_rgb else rgb_float(torch.from_numpy(imgs)),
             intrinsics=torch.from_numpy(Ks).float(),
             camtoworlds=torch.from_numpy(c2w).float(),
             frame_ids=torch.tensor([t for t, _ in pairs]),

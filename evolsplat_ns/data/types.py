@@ -17,6 +17,12 @@ def _map_tensors(obj, fn):
     return replace(obj, **{f.name: fn(v) for f in fields(obj) if isinstance(v := getattr(obj, f.name), torch.Tensor)})
 
 
+def rgb_float(images: torch.Tensor) -> torch.Tensor:
+    """RGB images [..., 3] as float32 in [0, 1]: uint8 (0-255) ones divided by 255 where they are
+    (on the device after a copy: the host never holds the 4x larger float copy), float ones as they are."""
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images
+
+
 @dataclass
 class SegmentKey:
     """Identifies a segment: a scene name and the segment's index within that scene."""
@@ -44,7 +50,9 @@ class Views:
     """A batch of V posed camera images of one segment.
 
     Attributes:
-        images: [V, H, W, 3] float32 RGB in [0, 1].
+        images: [V, H, W, 3] float32 RGB in [0, 1]; uint8 (0-255) in a training sample on its way
+            to the device (``MultiSceneDataset.next_train_sample(uint8_rgb=True)``: a quarter of
+            the host memory to pin and of the bytes to copy). :meth:`to` gives float32 either way.
         intrinsics: [V, 3, 3] pinhole K in pixels of these (downscaled) images.
         camtoworlds: [V, 4, 4] OpenCV camera-to-segment-frame.
         frame_ids: [V] long, scene frame index t.
@@ -78,9 +86,11 @@ class Views:
         return _map_tensors(self, fn)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Views":
-        """The views on ``device``. ``non_blocking`` copies host-to-device asynchronously (from
-        pinned memory the copy overlaps GPU work; from pageable memory it is staged at once)."""
-        return self.to_device_fn(lambda t: t.to(device, non_blocking=non_blocking))
+        """The views on ``device``, images float32 in [0, 1] (:func:`rgb_float` after the copy).
+        ``non_blocking`` copies host-to-device asynchronously (from pinned memory the copy
+        overlaps GPU work; from pageable memory it is staged at once)."""
+        moved = self.to_device_fn(lambda t: t.to(device, non_blocking=non_blocking))
+        return replace(moved, images=rgb_float(moved.images))
 
     def pin_memory(self) -> "Views":
         """The views in page-locked host memory (so a ``to(..., non_blocking=True)`` overlaps)."""

@@ -31,7 +31,7 @@ from evolsplat_ns import registry
 from evolsplat_ns.data.actors import split_point_cloud
 from evolsplat_ns.data.cameras import camera_to_opencv, reference_view
 from evolsplat_ns.data.observations import FlowCache, SegmentObservations
-from evolsplat_ns.data.types import PointCloud, Sample, SegmentKey, Views
+from evolsplat_ns.data.types import PointCloud, Sample, SegmentKey, Views, rgb_float
 from evolsplat_ns.geometry import invert_rigid
 from evolsplat_ns.model.losses import entropy_loss
 from evolsplat_ns.model.metrics import image_metrics, psnr
@@ -594,7 +594,7 @@ class EVolSplatModel(SplatfactoSurface):
             state = self.encode(split_backward=backward is not None)
             step2 = self._start_stage2(state, split_backward=backward is not None)
         # Poses stay on the host (view selection there); images go to the device without blocking.
-        targets = replace(sample.target, images=sample.target.images.to(self.device, non_blocking=True))
+        targets = replace(sample.target, images=rgb_float(sample.target.images.to(self.device, non_blocking=True)))
         totals: dict[str, torch.Tensor] = {}
         psnrs, seen, dropped = [], [], []
         batched = (self._batched_losses(state, targets, step, backward, autocast)

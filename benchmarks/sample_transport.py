@@ -64,9 +64,11 @@ def _one(ds: MultiSceneDataset, uint8: bool, device: torch.device) -> dict:
     return {"draw": (t1 - t0) * 1e3, "pin": (t2 - t1) * 1e3, "to_device": (t3 - t2) * 1e3, "host_mb": host / 1e6}
 
 
-def measure(data: Path, device: torch.device, samples: int, warmup: int, seed: int) -> dict:
-    """Median ms per part and host MB per sample, per route."""
-    config = MultiSceneDatasetConfig(data=data, seed=seed, preload=False)
+def measure(data: Path, device: torch.device, samples: int, warmup: int, seed: int, sources: int = 3,
+            targets: int = 4) -> dict:
+    """Median ms per part and host MB per sample, per route (``sources`` + ``targets`` keyframes)."""
+    config = MultiSceneDatasetConfig(data=data, seed=seed, preload=False, num_source_keyframes=sources,
+                                     num_target_keyframes=targets)
     sets = {name: MultiSceneDataset(config) for name in ROUTES}
     rows: dict[str, list[dict]] = {name: [] for name in ROUTES}
     try:
@@ -90,6 +92,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=None, help="a dataset folder (default: the generated OUT/data)")
     add_synth_args(p, width=960, height=640, moving_cars=0, device="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sources", type=int, default=3, help="source keyframes (x cameras = source views)")
+    p.add_argument("--targets", type=int, default=4, help="target keyframes (x cameras = target views)")
     p.add_argument("--samples", type=int, default=20)
     p.add_argument("--warmup", type=int, default=4, help="untimed samples per route (fill the image cache)")
     p.add_argument("--seed", type=int, default=0)
@@ -102,10 +106,12 @@ def main() -> None:
     data = args.data if args.data is not None else synth_dataset(args)
     result = {"data": str(data), "device": str(device), "torch_threads": torch.get_num_threads(),
               "pin": "pin_memory" if device.type == "cuda" else "clone (stand-in: no CUDA)",
-              "samples": args.samples, "routes": measure(data, device, args.samples, args.warmup, args.seed)}
+              "samples": args.samples, "routes": measure(data, device, args.samples, args.warmup, args.seed,
+                                                                 args.sources, args.targets)}
     text = json.dumps(result, indent=2)
     print(text)
     if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(text)
     print(f"\n{'route':8} {'draw ms':>8} {'pin ms':>7} {'to dev ms':>9} {'total ms':>9} {'host MB':>8}")
     for name, r in result["routes"].items():

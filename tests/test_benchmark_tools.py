@@ -44,3 +44,15 @@ def test_idle_gaps_go_to_the_innermost_phase_covering_them():
     # us -> ms; 50-60 is outside every phase
     assert idle == {"heads": 0.015, "render": 0.005, "(none)": 0.01}
     assert idle_by_phase(events, iters=5)["heads"] == 0.003  # per step
+
+
+def test_sample_transport_times_both_routes_on_the_same_samples(tiny_dataset):
+    """benchmarks/sample_transport.py: both routes run, and a uint8 sample holds a quarter of the
+    float32 one's image bytes (3 source + 1 target keyframes x 3 cameras at 64x48)."""
+    from sample_transport import measure
+
+    routes = measure(tiny_dataset, torch.device("cpu"), samples=2, warmup=1, seed=0, sources=3, targets=1)
+    views = (3 + 1) * 3
+    assert routes["float32"]["host_mb"] == round(views * 64 * 48 * 3 * 4 / 1e6, 2)
+    assert routes["uint8"]["host_mb"] == round(views * 64 * 48 * 3 / 1e6, 2)
+    assert all(r["total"] > 0 for r in routes.values())

@@ -22,10 +22,17 @@
 # $BASE overrides the benchmark's flags (a CPU smoke run: BASE="--downscale 8 --warmup 1 --iters 2 ...").
 set -u
 if [ "${1:-}" = prepare ]; then
+    # Applied in a throw-away worktree of HEAD, three-way: main's edits since the patch was made merge in.
+    patch_file=$PWD/benchmarks/patches/early_read.patch tree=$(mktemp -d)
+    git worktree add -q --detach "$tree" HEAD || exit 1
+    if ! (cd "$tree" && git apply --3way "$patch_file"); then
+        echo "benchmarks/patches/early_read.patch conflicts with HEAD in $tree: resolve it there, then"
+        echo "  (cd $tree && git diff --cached -- evolsplat_ns tests) > benchmarks/patches/early_read.patch"
+        exit 1
+    fi
     rm -rf .bench_flags && mkdir -p .bench_flags
-    git archive HEAD evolsplat_ns benchmarks tests pyproject.toml | tar -x -C .bench_flags
-    git apply --directory=.bench_flags benchmarks/patches/early_read.patch \
-        || { echo "benchmarks/patches/early_read.patch no longer applies to HEAD: refresh it (git diff of the read against main)"; exit 1; }
+    cp -r "$tree"/evolsplat_ns "$tree"/benchmarks "$tree"/tests "$tree"/pyproject.toml .bench_flags/
+    git worktree remove --force "$tree"
     echo "patched tree in .bench_flags"; exit 0
 fi
 python -c "import evolsplat_ns.utils.device_flags" 2>/dev/null \

@@ -5,8 +5,9 @@
 #
 #   OUT=/tmp/perf DATA=/tmp/synth bash benchmarks/perf_table.sh [RUN ...]
 #
-# RUN names (default: all but host and ab): tests 100k 100k-bf16 1m 1m-bf16 psnr psnr-bf16 viewer host ab data
-# (data: only generate $DATA, which every run does first when it is missing;
+# RUN names (default: all but host and ab): tests 100k 100k-bf16 1m 1m-bf16 psnr psnr-bf16 viewer transport host ab data
+# (data: only generate $DATA, which every run does first when it is missing; transport: a training
+# sample's host work and copy, float32 vs uint8 images, benchmarks/sample_transport.py;
 # host: 100k under cProfile, where the host's time goes; ab: 100k per-target and with
 # batch_targets alternately, twice, then both in bf16 and their held-out PSNR after 308 steps). Extra train_throughput
 # flags for every training run go in $EXTRA (e.g. EXTRA="--set pipeline.model.volume_from=anchors").
@@ -22,7 +23,7 @@ EXTRA=${EXTRA:-}
 TAG=${TAG:-}  # prefix of this call's file names (e.g. before-)
 mkdir -p "$OUT"
 (cd /tmp && python -c "import evolsplat_ns; print('${TAG:-this }code:', evolsplat_ns.__file__)")
-RUNS=${*:-tests 100k 100k-bf16 1m 1m-bf16 psnr psnr-bf16 viewer}
+RUNS=${*:-tests 100k 100k-bf16 1m 1m-bf16 psnr psnr-bf16 viewer transport}
 P100K="--generator depth --pixel-stride 4 --max-gaussians 100000 --pc-device cuda"
 P1M="--generator depth --pixel-stride 1 --pc-voxel-size 0.02 --max-gaussians 1000000 --pc-device cuda"
 SHAPE="--warmup 8 --iters 30 --phase-iters 5 --profile-iters 3"
@@ -74,6 +75,10 @@ for run in $RUNS; do
                     > "$OUT/viewer-graphs-$g.log" 2>&1
                 echo "== viewer graphs=$g rc=$?"; tail -12 "$OUT/viewer-graphs-$g.log"
             done ;;
+        transport)
+            timeout 120 python benchmarks/sample_transport.py --out "$OUT" --data "$DATA" --samples 30 \
+                --json "$OUT/${TAG}transport.json" > "$OUT/${TAG}transport.log" 2>&1
+            echo "== ${TAG}transport rc=$?"; tail -3 "$OUT/${TAG}transport.log" ;;
         data) ;;  # generated above
         *) echo "unknown run $run" ;;
     esac

@@ -240,12 +240,14 @@ def test_cpu_safe_device_defaults(monkeypatch):
     assert evolsplat_lite_config().machine.device_type == "cuda"
 
 
-def test_adam_is_fused_only_when_every_parameter_is_on_cuda():
+def test_adam_is_fused_only_when_every_parameter_is_on_one_kind_of_device():
     from evolsplat_ns.engine.trainer import AdamConfig
 
     opt = AdamConfig(lr=1e-3, eps=1e-15).setup([torch.nn.Parameter(torch.zeros(3))])
-    assert not opt.param_groups[0]["fused"] and opt.param_groups[0]["eps"] == 1e-15
+    assert opt.param_groups[0]["fused"] and opt.param_groups[0]["eps"] == 1e-15  # torch's CPU kernel
     assert not AdamConfig(fused=False).setup([torch.nn.Parameter(torch.zeros(3))]).param_groups[0]["fused"]
+    mixed = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3, device="meta"))]
+    assert not AdamConfig().setup(mixed).param_groups[0]["fused"]
 
 
 def test_sparse_conv_tf32_switch_reaches_spconv():

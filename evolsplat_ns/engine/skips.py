@@ -8,6 +8,9 @@ share of its steps is broken (bad data, bad settings) and must not exit 0 as if 
 from __future__ import annotations
 
 from collections import deque
+from typing import Optional
+
+import torch
 
 from evolsplat_ns.utils.errors import UserError
 
@@ -45,3 +48,35 @@ class SkipLimit:
                 f"stopping at step {step}: {len(self._recent)} of the last {self.window} steps were skipped "
                 f"({counts}), more than max_skipped_fraction={self.max_fraction:g}; check the data "
                 f"(evolsplat-data inspect --full) or raise --max-skipped-fraction (1 = no limit)")
+
+
+class DeferredNonfinite:
+    """A step's non-finite-loss skip taken on the device, and read on the host one step later.
+
+    Reading ``isfinite(loss)`` right after the step's backward waits for the whole backward queue;
+    the device then idles while the host starts the next step. Instead :meth:`flag` gives the
+    device flag (float32 [], 1 = skip) that fused Adam reads (``optimizer.found_inf``: parameters,
+    moments and step count untouched) and that keeps the cached offsets, and :meth:`take` reads it
+    during the next step, after the device has long passed it.
+    """
+
+    def __init__(self) -> None:
+        self._pending: Optional[tuple[int, str, torch.Tensor, torch.Tensor]] = None
+
+    def flag(self, step: int, segment: str, loss: torch.Tensor) -> torch.Tensor:
+        """The skip flag of ``step`` from its total ``loss`` (a device scalar); noted for :meth:`take`."""
+        loss = loss.detach()
+        bad = (~torch.isfinite(loss)).float()
+        self._pending = (step, segment, loss, bad)
+        return bad
+
+    def take(self) -> Optional[tuple[int, str]]:
+        """(step, message) of the noted step if its loss was non-finite, else None; forgets it.
+        A host read of the flag (cheap once the device has passed that step)."""
+        if self._pending is None:
+            return None
+        step, segment, loss, bad = self._pending
+        self._pending = None
+        if not bool(bad):
+            return None
+        return step, f"non-finite loss {float(loss)} on segment {segment}; its optimizer step was skipped on the device"

@@ -14,7 +14,8 @@ the logs and ``trainer.skipped_steps``) and skipped:
 - ``empty_segment``: the segment's point cloud has no points -> the step is skipped.
 - ``no_visible``: a target view sees none of the Gaussians -> that target is left out of the step
   (the step is skipped if no target remains).
-- ``nonfinite``: NaN/Inf in the loss -> no optimizer step, gradients dropped.
+- ``nonfinite``: NaN/Inf in the loss -> no optimizer step, gradients dropped (``nonfinite_check``:
+  read on the host after the backward, or skipped on the device and counted one step later).
 - ``oom``: CUDA out of memory on a segment -> step skipped, CUDA cache emptied.
 
 More than ``max_skipped_fraction`` of the last ``skip_window`` steps skipped stops the run
@@ -49,7 +50,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 
 from evolsplat_ns.data.types import Sample
 from evolsplat_ns.engine import checkpoints, distributed
-from evolsplat_ns.engine.skips import SkipLimit
+from evolsplat_ns.engine.skips import DeferredNonfinite, SkipLimit
 from evolsplat_ns.model.evolsplat_model import EmptySegmentError, SampleLoss
 from evolsplat_ns.model.precision import allow_sparse_conv_tf32
 from evolsplat_ns.utils.timing import phase
@@ -66,21 +67,23 @@ class AdamConfig(AdamOptimizerConfig):
     max_norm: tyro.conf.Suppress[Optional[float]] = None
     fused: bool = True
     """Adam's fused kernel (``torch.optim.Adam(fused=True)``: one launch per step for all
-    parameters instead of a dozen for-each launches) when every parameter is on CUDA; the
-    for-each implementation otherwise. Same update either way."""
+    parameters instead of a dozen for-each launches; torch has one for CUDA and one for the CPU)
+    when every parameter is on one kind of device; the for-each implementation otherwise. Same
+    update either way. ``nonfinite_check="deferred"`` needs it (the fused kernel skips a step on
+    the device)."""
 
     def setup(self, params) -> torch.optim.Optimizer:
         params = list(params)
         kwargs = {k: v for k, v in vars(self).items() if k not in ("_target", "max_norm", "fused")}
-        if self.fused and _all_on_cuda(params):
+        if self.fused and _one_device_type(params):
             kwargs["fused"] = True
         return self._target(params, **kwargs)
 
 
-def _all_on_cuda(params: list) -> bool:
-    """Whether ``params`` (tensors, or param-group dicts holding them) are all CUDA tensors."""
+def _one_device_type(params: list) -> bool:
+    """Whether ``params`` (tensors, or param-group dicts holding them) are all CUDA or all CPU tensors."""
     tensors = [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
-    return bool(tensors) and all(p.is_cuda for p in tensors)
+    return bool(tensors) and len({p.device.type for p in tensors}) == 1 and tensors[0].device.type in ("cuda", "cpu")
 
 
 @dataclass
@@ -112,6 +115,14 @@ class EVolSplatTrainerConfig(TrainerConfig):
     """Stop when more than this share of the last ``skip_window`` steps were skipped (1 = never)."""
     skip_window: int = 50
     """Steps over which ``max_skipped_fraction`` is measured."""
+    nonfinite_check: Literal["sync", "deferred"] = "sync"
+    """How a step whose loss is NaN/Inf is skipped. "sync": the host reads the loss after the
+    step's backward (the step's one device sync: it waits for the whole backward) and drops the
+    step. "deferred": nothing waits; fused Adam skips its update on the device from a device flag
+    (parameters and moments untouched), the offset cache keeps its values, and the flag is read
+    during the next step to count and report the skip (one step late; the learning-rate schedule
+    still advances on that step). Needs fused Adam and one process without a GradScaler (float16);
+    otherwise "sync" is used, said once."""
     deterministic: bool = False
     """Bit-exact repeatable runs and resume: one CPU thread and torch's deterministic algorithms
     (slower). Without it, CPU runs with more than one thread may differ in the last bits."""
@@ -204,6 +215,8 @@ class EVolSplatTrainer(Trainer):
         super().__init__(config, local_rank, world_size)
         self.skipped_steps: dict[str, int] = defaultdict(int)
         self.skip_limit = SkipLimit(config.max_skipped_fraction, config.skip_window)
+        self.deferred_skip = DeferredNonfinite()
+        self._sync_check_why: Optional[str] = None  # why "deferred" fell back to "sync" (said once)
         self._clock_start: Optional[float] = None
         self._time_limit_step: Optional[int] = None
         self.autocast_dtype = torch.bfloat16 if config.mixed_precision_dtype == "bfloat16" else torch.float16
@@ -243,20 +256,26 @@ class EVolSplatTrainer(Trainer):
             sample, batch = self.pipeline.datamanager.next_train(step)
         model.step = step
         result, skip = self._local_loss(sample, batch, step)
-        skip = self._agree_on_skip(result, skip, step, sample)
-        if skip is not None:
-            return self._skip(step, *skip)
+        # The previous step's deferred flag: this step's renders have synchronised past it.
+        self._report_deferred_skip()
+        found_inf = None
+        if skip is None and self._defers_nonfinite_check():
+            found_inf = self.deferred_skip.flag(step, str(sample.key), result.total)
+        else:
+            skip = self._agree_on_skip(result, skip, step, sample)
+            if skip is not None:
+                return self._skip(step, *skip)
         if self.dist.world.parallel:
             with phase("allreduce"):
                 self.dist.average_gradients(self._trained_parameters(), model.buffers(),
                                             f"the gradient all-reduce of step {step}")
         with phase("optimizer"):
-            self.optimizers.optimizer_scaler_step_all(self.grad_scaler)  # clips (max_norm) the averaged gradients
+            self._step_optimizers(found_inf)  # clips (max_norm) the averaged gradients
             scale = self.grad_scaler.get_scale()
             self.grad_scaler.update()
             if scale <= self.grad_scaler.get_scale():
                 self.optimizers.scheduler_step_all(step)
-            model.offsets.stage(result.state, result.projected_index)
+            model.offsets.stage(result.state, result.projected_index, keep=None if found_inf is None else found_inf > 0)
         metrics = {"psnr": result.psnr, "num_gaussians": torch.tensor(float(result.projected_index.numel()))}
         self._stop_if_out_of_time(step)
         return result.total, result.losses, metrics
@@ -286,7 +305,43 @@ class EVolSplatTrainer(Trainer):
         # stops early; the checkpoint must carry the last step trained, or a resume skips one.
         if self._time_limit_step is not None:
             self.step = self._time_limit_step
+        self._report_deferred_skip()
         super()._after_train()
+
+    def _defers_nonfinite_check(self) -> bool:
+        """Whether this step's non-finite check is deferred (``nonfinite_check``), saying once why not."""
+        if self.config.nonfinite_check != "deferred":
+            return False
+        if self._sync_check_why is None:
+            unfused = [name for name, opt in self.optimizers.optimizers.items() if not opt.defaults.get("fused")]
+            self._sync_check_why = (
+                "a data-parallel run agrees on skips across ranks" if self.dist.world.parallel else
+                "the float16 GradScaler reads its scale each step" if self.grad_scaler.is_enabled() else
+                f"the optimizer(s) {unfused} are not fused Adam (optimizers.*.optimizer.fused)" if unfused else "")
+            if self._sync_check_why:
+                CONSOLE.print(f"[yellow]nonfinite_check=deferred needs one process, fused Adam and no GradScaler: "
+                              f"{self._sync_check_why}, so non-finite steps are checked on the host (sync)")
+        return not self._sync_check_why
+
+    def _step_optimizers(self, found_inf: Optional[torch.Tensor]) -> None:
+        """Clip and step every optimizer; with ``found_inf`` (float32 [], 1 = skip) fused Adam
+        skips its update on the device (torch's GradScaler hands fused optimizers the same flag)."""
+        opts = list(self.optimizers.optimizers.values()) if found_inf is not None else []
+        for opt in opts:
+            opt.found_inf = found_inf
+        try:
+            self.optimizers.optimizer_scaler_step_all(self.grad_scaler)
+        finally:
+            for opt in opts:
+                del opt.found_inf
+
+    def _report_deferred_skip(self) -> None:
+        """Count and report the deferred step whose loss was non-finite (if the last one was)."""
+        taken = self.deferred_skip.take()
+        if taken is not None:
+            step, message = taken
+            self._count("nonfinite", step, message)
+            self.skip_limit.record(step, "nonfinite")
 
     def _local_loss(self, sample: Sample, batch: dict, step: int
                     ) -> tuple[Optional[SampleLoss], Optional[tuple[str, str]]]:

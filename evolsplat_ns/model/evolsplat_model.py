@@ -212,17 +212,22 @@ class PendingOffsets:
     ``TrainingCallback`` (so the per-step extra lives in nerfstudio's callback list, not the trainer)."""
 
     def __init__(self) -> None:
-        self._pending: Optional[tuple[SharedState, torch.Tensor]] = None
+        self._pending: Optional[tuple[SharedState, torch.Tensor, Optional[torch.Tensor]]] = None
 
-    def stage(self, state: SharedState, index: torch.Tensor) -> None:
-        """Offsets of node Gaussians ``index`` [M] in ``state`` become the next commit."""
-        self._pending = (state, index)
+    def stage(self, state: SharedState, index: torch.Tensor, keep: Optional[torch.Tensor] = None) -> None:
+        """Offsets of node Gaussians ``index`` [M] in ``state`` become the next commit. ``keep``
+        (bool [] on the device): True keeps the cached offsets, for a step skipped on the device."""
+        self._pending = (state, index, keep)
 
     def commit(self, step: int) -> None:
         """Write the staged offsets into the node's cache (recursive refinement); no-op if none."""
         if self._pending is not None:
-            state, index = self._pending
-            state.node.update_offset(index, state.offset.detach()[index])
+            state, index, keep = self._pending
+            offsets = state.offset.detach()[index]
+            if keep is not None:
+                cached = state.node.offset[index.to(state.node.offset.device)].to(offsets)
+                offsets = torch.where(keep.to(offsets.device), cached, offsets)
+            state.node.update_offset(index, offsets)
             self._pending = None
 
     def discard(self) -> None:

@@ -361,6 +361,7 @@ def main() -> None:
         table = args.profile_table.with_name(args.profile_table.stem + "-viewer.txt") if args.profile_table else None
         viewer = measure(pipeline, args.viewer_frames, 0.1, sample.width, sample.height, 60.0,
                          profile=args.viewer_profile_frames, profile_table=table)
+    trainer.report_deferred_skip()  # the last step's, under nonfinite_check=deferred
     segments = trainer.pipeline.model.segments
     sample = trainer.pipeline.model.context.sources
     ms = 1000 * wall / args.iters

@@ -257,7 +257,7 @@ class EVolSplatTrainer(Trainer):
         model.step = step
         result, skip = self._local_loss(sample, batch, step)
         # The previous step's deferred flag: this step's renders have synchronised past it.
-        self._report_deferred_skip()
+        self.report_deferred_skip()
         found_inf = None
         if skip is None and self._defers_nonfinite_check():
             found_inf = self.deferred_skip.flag(step, str(sample.key), result.total)
@@ -305,7 +305,7 @@ class EVolSplatTrainer(Trainer):
         # stops early; the checkpoint must carry the last step trained, or a resume skips one.
         if self._time_limit_step is not None:
             self.step = self._time_limit_step
-        self._report_deferred_skip()
+        self.report_deferred_skip()
         super()._after_train()
 
     def _defers_nonfinite_check(self) -> bool:
@@ -335,8 +335,10 @@ class EVolSplatTrainer(Trainer):
             for opt in opts:
                 del opt.found_inf
 
-    def _report_deferred_skip(self) -> None:
-        """Count and report the deferred step whose loss was non-finite (if the last one was)."""
+    def report_deferred_skip(self) -> None:
+        """Count and report the deferred step whose loss was non-finite (if the last one was).
+        Each step calls it for the step before, and training's end for the last; drivers of
+        :meth:`train_step` other than ``Trainer.train`` call it after their last step."""
         taken = self.deferred_skip.take()
         if taken is not None:
             step, message = taken

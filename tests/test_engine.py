@@ -13,10 +13,7 @@ import torch
 from evolsplat_ns.data.types import PointCloud
 from evolsplat_ns.method_configs import evolsplat_lite_config
 from tiny_run import lite_trainer as make_trainer
-
-
-def params_vector(trainer) -> torch.Tensor:
-    return torch.cat([p.detach().flatten() for p in trainer.pipeline.model.parameters()])
+from tiny_run import params_vector
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,11 @@ def lite_trainer(data: Path, out: Path, load_dir: Path | None = None, experiment
     return trainer
 
 
+def params_vector(trainer) -> torch.Tensor:
+    """Every model parameter of ``trainer``, flattened into one vector (to compare steps)."""
+    return torch.cat([p.detach().flatten() for p in trainer.pipeline.model.parameters()])
+
+
 def tiny_checkpoint(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``config.yml`` of an evolsplat-lite run trained ``TRAIN_STEPS`` steps on ``data`` (CPU)."""
     out = tmp_path_factory.getbasetemp() / "viewer_run"

@@ -55,9 +55,9 @@ class DeferredNonfinite:
 
     Reading ``isfinite(loss)`` right after the step's backward waits for the whole backward queue;
     the device then idles while the host starts the next step. Instead :meth:`flag` gives the
-    device flag (float32 [], 1 = skip) that fused Adam reads (``optimizer.found_inf``: parameters,
-    moments and step count untouched) and that keeps the cached offsets, and :meth:`take` reads it
-    during the next step, after the device has long passed it.
+    device flag (bool [], True = skip) from which fused Adam skips its update (``found_inf``:
+    parameters, moments and step count untouched) and the cached offsets are kept, and
+    :meth:`take` reads it during the next step, after the device has long passed it.
     """
 
     def __init__(self) -> None:
@@ -66,7 +66,7 @@ class DeferredNonfinite:
     def flag(self, step: int, segment: str, loss: torch.Tensor) -> torch.Tensor:
         """The skip flag of ``step`` from its total ``loss`` (a device scalar); noted for :meth:`take`."""
         loss = loss.detach()
-        bad = (~torch.isfinite(loss)).float()
+        bad = ~torch.isfinite(loss)
         self._pending = (step, segment, loss, bad)
         return bad
 

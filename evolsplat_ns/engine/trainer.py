@@ -258,9 +258,9 @@ class EVolSplatTrainer(Trainer):
         result, skip = self._local_loss(sample, batch, step)
         # The previous step's deferred flag: this step's renders have synchronised past it.
         self.report_deferred_skip()
-        found_inf = None
+        bad = None
         if skip is None and self._defers_nonfinite_check():
-            found_inf = self.deferred_skip.flag(step, str(sample.key), result.total)
+            bad = self.deferred_skip.flag(step, str(sample.key), result.total)
         else:
             skip = self._agree_on_skip(result, skip, step, sample)
             if skip is not None:
@@ -270,12 +270,12 @@ class EVolSplatTrainer(Trainer):
                 self.dist.average_gradients(self._trained_parameters(), model.buffers(),
                                             f"the gradient all-reduce of step {step}")
         with phase("optimizer"):
-            self._step_optimizers(found_inf)  # clips (max_norm) the averaged gradients
+            self._step_optimizers(bad)  # clips (max_norm) the averaged gradients
             scale = self.grad_scaler.get_scale()
             self.grad_scaler.update()
             if scale <= self.grad_scaler.get_scale():
                 self.optimizers.scheduler_step_all(step)
-            model.offsets.stage(result.state, result.projected_index, keep=None if found_inf is None else found_inf > 0)
+            model.offsets.stage(result.state, result.projected_index, keep=bad)
         metrics = {"psnr": result.psnr, "num_gaussians": torch.tensor(float(result.projected_index.numel()))}
         self._stop_if_out_of_time(step)
         return result.total, result.losses, metrics
@@ -323,10 +323,12 @@ class EVolSplatTrainer(Trainer):
                               f"{self._sync_check_why}, so non-finite steps are checked on the host (sync)")
         return not self._sync_check_why
 
-    def _step_optimizers(self, found_inf: Optional[torch.Tensor]) -> None:
-        """Clip and step every optimizer; with ``found_inf`` (float32 [], 1 = skip) fused Adam
-        skips its update on the device (torch's GradScaler hands fused optimizers the same flag)."""
-        opts = list(self.optimizers.optimizers.values()) if found_inf is not None else []
+    def _step_optimizers(self, skip: Optional[torch.Tensor]) -> None:
+        """Clip and step every optimizer; with ``skip`` (device bool [], True = skip) fused Adam
+        skips its update on the device (as float32 ``found_inf``, the flag torch's GradScaler
+        hands fused optimizers)."""
+        opts = list(self.optimizers.optimizers.values()) if skip is not None else []
+        found_inf = skip.float() if skip is not None else None
         for opt in opts:
             opt.found_inf = found_inf
         try:
